@@ -1,0 +1,16 @@
+"""catdog: a cat-vs-dog classifier, trained with Accelerate and shared on the Hugging Face Hub."""
+
+from .images import ImageError, open_image, preprocess, to_rgb
+from .model import CatDogClassifier
+from .predictor import ModelLoadError, Predictor, load_predictor
+
+__all__ = [
+    "CatDogClassifier",
+    "ImageError",
+    "ModelLoadError",
+    "Predictor",
+    "load_predictor",
+    "open_image",
+    "preprocess",
+    "to_rgb",
+]

@@ -1,0 +1,119 @@
+"""The model card (README.md with Hub metadata) that the training script writes next to the weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+__all__ = ["make_model_card"]
+
+_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ model_name }}
+
+A cat-vs-dog image classifier: a timm `{{ backbone }}` backbone with a small head
+(Flatten → Linear {{ hidden_size }} + ReLU → Dropout {{ dropout }} → Linear 1 + sigmoid),
+fine-tuned with 🤗 Accelerate by `train_accelerate.py` of the catdog project.
+The sigmoid output is P({{ labels[1] }}); label order is {{ labels | join(", ") }}.
+
+## Use it
+
+```python
+from catdog_model import load_predictor
+from PIL import Image
+print(load_predictor("{{ repo_id }}").predict([Image.open("pet.jpg")]))  # [{'cat': ..., 'dog': ...}]
+```
+
+## Results
+
+Held-out **test split** ({{ test_samples }} images, never used for training or model selection):
+
+| metric | value |
+|---|---|
+| test accuracy | {{ "%.4f" | format(test_accuracy) }} |
+| test loss (BCE) | {{ "%.4f" | format(test_loss) }} |
+
+Per epoch (the weights kept are from epoch {{ best_epoch }}, the best validation accuracy):
+
+| epoch | train loss | train acc | val loss | val acc |
+|---|---|---|---|---|
+{% for row in history -%}
+| {{ row.epoch }} | {{ "%.4f" | format(row.train_loss) }} | {{ "%.4f" | format(row.train_accuracy) }} | {{ "%.4f" | format(row.val_loss) }} | {{ "%.4f" | format(row.val_accuracy) }} |
+{% endfor %}
+
+## Training set-up
+
+- Dataset: `{{ dataset }}` (revision `{{ dataset_revision }}`), {{ skipped }} rows skipped because their image could not be decoded.
+- Split (seed {{ seed }}, stratified): {{ split_sizes.train }} train / {{ split_sizes.validation }} validation / {{ split_sizes.test }} test images; the row indices are in `split.json`.
+- Backbone initialisation: {{ init }}.
+- Input: {{ image_size }}×{{ image_size }} RGB, resized without cropping; the backbone's mean/std normalisation is inside the model.
+- Augmentation (training only): random rotation ±20°, horizontal flip, zoom 0.8–1.2.
+- Loss BCE-with-logits, SGD lr {{ learning_rate }}, {{ epochs }} epochs, batch size {{ batch_size }} per process
+  × {{ world_size }} process(es) × {{ accumulation }} accumulation step(s), mixed precision `{{ mixed_precision }}`.
+- Versions: {% for name, version in versions.items() %}{{ name }} {{ version }}{% if not loop.last %}, {% endif %}{% endfor %}.
+
+Every argument and the full history are in `metrics.json`.
+
+## Limitations
+
+Trained only on photos of cats and dogs: any other picture still gets one of the two labels.
+"""
+
+
+def make_model_card(metrics: dict, config: dict, repo_id: str) -> ModelCard:
+    """Build the card from the metrics the training script saved and the model's config."""
+    args = metrics["args"]
+    # A local folder is no Hub dataset id: keep it out of the metadata, which the Hub validates.
+    hub_dataset = None if Path(metrics["dataset"]).exists() else metrics["dataset"]
+    card_data = ModelCardData(
+        library_name="catdog",
+        license="mit",
+        pipeline_tag="image-classification",
+        tags=["image-classification", "timm", "pytorch", "accelerate", "cats-vs-dogs"],
+        datasets=[hub_dataset] if hub_dataset else None,
+        metrics=["accuracy"],
+        model_name=repo_id,
+        eval_results=[
+            EvalResult(
+                task_type="image-classification",
+                dataset_type=hub_dataset or "local",
+                dataset_name=Path(metrics["dataset"]).name,
+                dataset_split="held-out test split (split.json)",
+                dataset_revision=metrics["dataset_revision"],
+                metric_type="accuracy",
+                metric_value=metrics["test"]["accuracy"],
+            )
+        ],
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_str=_TEMPLATE,
+        repo_id=repo_id,
+        model_name=repo_id,
+        backbone=config["backbone"],
+        hidden_size=config["hidden_size"],
+        dropout=config["dropout"],
+        labels=config["labels"],
+        image_size=config["image_size"],
+        test_samples=metrics["test"]["samples"],
+        test_accuracy=metrics["test"]["accuracy"],
+        test_loss=metrics["test"]["loss"],
+        best_epoch=metrics["best_epoch"],
+        history=metrics["history"],
+        dataset=metrics["dataset"],
+        dataset_revision=metrics["dataset_revision"] or "main, unpinned",
+        skipped=metrics["skipped_rows"],
+        seed=args["seed"],
+        split_sizes=metrics["split_sizes"],
+        init=metrics["backbone_init"],
+        learning_rate=args["learning_rate"],
+        epochs=args["epochs"],
+        batch_size=args["batch_size"],
+        world_size=metrics["world_size"],
+        accumulation=args["gradient_accumulation_steps"],
+        mixed_precision=metrics["mixed_precision"],
+        versions=metrics["versions"],
+    )

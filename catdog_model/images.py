@@ -1,0 +1,95 @@
+"""The one path from any picture to the model's input, shared by training, evaluation and serving.
+
+``open_image`` reads an upload (path, bytes or file object) safely: the pixel count is checked
+from the header before anything is decoded, so a decompression bomb is refused without
+allocating it. ``to_rgb`` fixes orientation and colour mode; ``preprocess`` adds the resize and
+returns the [0, 1] tensor that ``CatDogClassifier`` expects.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import BinaryIO, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms.v2 import functional as TF
+
+__all__ = ["ImageError", "MAX_PIXELS", "open_image", "to_rgb", "preprocess"]
+
+# 40 megapixels: larger than any phone photo, small enough to decode on a 2-vCPU Space.
+MAX_PIXELS = 40_000_000
+ImageSource = Union[str, Path, bytes, BinaryIO]
+
+
+class ImageError(ValueError):
+    """A picture that cannot be used, with a message fit to show the user."""
+
+
+def open_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open and fully decode a picture, or raise ``ImageError`` with a short reason."""
+    if isinstance(source, bytes):
+        if not source:
+            raise ImageError("The file is empty.")
+        source = io.BytesIO(source)
+    elif isinstance(source, (str, Path)) and Path(source).is_file() and Path(source).stat().st_size == 0:
+        raise ImageError("The file is empty.")
+    try:
+        image = Image.open(source)
+    except FileNotFoundError:
+        raise ImageError(f"No such file: {source}") from None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        raise ImageError("This file is not an image that can be read (try JPEG, PNG, WebP or GIF).") from None
+    # Image.open only reads the header, so this check costs nothing and allocates nothing.
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageError(
+            f"The image is too large ({width}×{height} pixels); the limit is {max_pixels / 1e6:.0f} megapixels."
+        )
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        raise ImageError("The image is damaged or truncated and cannot be decoded.") from None
+    return image
+
+
+def _scale_to_8bit(image: Image.Image) -> Image.Image:
+    """High-bit-depth grayscale (I;16*, I, F) scaled into 0..255, rather than clipped."""
+    array = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16") or (image.mode == "I" and array.max(initial=0) <= 65535 and array.min(initial=0) >= 0):
+        array = array / 65535.0
+    else:  # 32-bit int or float with no fixed range: stretch what is there
+        low, high = float(array.min(initial=0)), float(array.max(initial=0))
+        array = (array - low) / (high - low) if high > low else np.zeros_like(array)
+    return Image.fromarray(np.round(array * 255).astype(np.uint8), mode="L")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Upright, RGB, first frame: what every mode and orientation becomes before resizing."""
+    if getattr(image, "is_animated", False):
+        image.seek(0)
+    image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    if mode == "P":
+        # Palette images may carry transparency; RGBA keeps it so it is composited below.
+        image = image.convert("RGBA")
+    elif mode == "PA":
+        image = image.convert("RGBA")
+    elif mode.startswith("I") or mode == "F":
+        image = _scale_to_8bit(image)
+    if image.mode in ("RGBA", "LA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def preprocess(image: Image.Image, image_size: int) -> torch.Tensor:
+    """Any PIL image → float tensor (3, image_size, image_size) in [0, 1].
+
+    The picture is resized to a square without cropping, so the whole animal stays in view.
+    """
+    image = to_rgb(image).resize((image_size, image_size), Image.BILINEAR)
+    return TF.to_dtype(TF.pil_to_tensor(image), torch.float32, scale=True)

@@ -1,0 +1,322 @@
+"""Fine-tune the catdog classifier (timm ResNet50 + the spec head) on cats_vs_dogs with 🤗 Accelerate.
+
+Runs unchanged wherever `accelerate config` points: CPU, one GPU (with --mixed-precision bf16/fp16),
+several GPUs, several machines. For example:
+
+    python train_accelerate.py --dataset ../shared/data/cats_vs_dogs_mini --epochs 1 --no-pretrained
+    accelerate launch train_accelerate.py --mixed-precision bf16 --push-to-hub --hub-model-id you/catdog
+    accelerate launch --multi_gpu --num_processes 2 train_accelerate.py --cpu ...   # two CPU processes
+
+The output folder receives config.json + model.safetensors (best validation epoch), metrics.json,
+split.json (row indices of train/validation/test) and README.md (the model card).
+"""
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import accelerate
+import datasets
+import safetensors.torch
+import timm
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.logging import get_logger
+from accelerate.utils import set_seed
+from huggingface_hub import HfApi, get_token
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from catdog_model import CatDogClassifier
+from catdog_model.card import make_model_card
+from catdog_model.data import DatasetError, collate, load_image_dataset, make_transform, save_split, split_dataset
+
+logger = get_logger(__name__)
+
+SPLIT_FILE = "split.json"
+
+
+class TrainingError(RuntimeError):
+    """A problem the user can fix; printed as one line, without a traceback."""
+
+
+class Progress:
+    """Where training stands; saved inside each checkpoint so that a resumed run continues mid-epoch."""
+
+    def __init__(self) -> None:
+        self.epoch, self.batches_in_epoch, self.optimizer_steps = 0, 0, 0
+        self.best_val_accuracy, self.best_epoch, self.history = -1.0, -1, []
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict) -> None:
+        vars(self).update(state)
+
+
+def evaluate(model, loader, accelerator, desc: str) -> dict:
+    """Mean BCE loss and accuracy over the whole loader, gathered across processes."""
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    with torch.no_grad():
+        for batch in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
+            logits, labels = accelerator.gather_for_metrics((model(batch["pixels"]), batch["labels"]))
+            loss_sum += F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="sum").item()
+            correct += ((logits > 0).float() == labels).sum().item()
+            count += len(labels)
+    return {"loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1), "samples": count}
+
+
+def checkpoint(accelerator, output_dir: Path, progress: Progress) -> None:
+    accelerator.save_state(str(output_dir / "checkpoints" / f"step_{progress.optimizer_steps:08d}"))
+
+
+def find_checkpoint(output_dir: Path, resume_from: str) -> Path:
+    if resume_from != "latest":
+        path = Path(resume_from)
+        if not path.is_dir():
+            raise TrainingError(f"--resume-from-checkpoint: no such checkpoint folder: {path}")
+        return path
+    found = sorted((output_dir / "checkpoints").glob("step_*"))
+    if not found:
+        raise TrainingError(f"--resume-from-checkpoint latest: no checkpoint in {output_dir / 'checkpoints'}")
+    return found[-1]
+
+
+def build_model(args, labels: tuple[str, ...]) -> CatDogClassifier:
+    use_hub_weights = not args.no_pretrained and args.pretrained_weights is None
+    try:
+        model = CatDogClassifier(args.backbone, args.image_size, labels=labels, pretrained=use_hub_weights)
+    except (OSError, LocalEntryNotFoundError, HfHubHTTPError, RuntimeError) as error:
+        if not use_hub_weights:
+            raise
+        raise TrainingError(
+            f"Could not download the ImageNet weights of {args.backbone} ({type(error).__name__}). "
+            "Train from scratch with --no-pretrained, or pass a local timm checkpoint with --pretrained-weights PATH."
+        ) from None
+    if args.pretrained_weights:
+        try:
+            model.load_backbone_weights(args.pretrained_weights)
+        except (OSError, ValueError, RuntimeError) as error:
+            raise TrainingError(f"--pretrained-weights: {str(error).splitlines()[0]}") from None
+    if args.freeze_backbone:
+        model.backbone.requires_grad_(False)
+    return model
+
+
+def training_function(args) -> None:
+    accelerator = Accelerator(
+        cpu=args.cpu,
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with="all" if args.with_tracking else None,
+        project_dir=args.output_dir,
+        # Seeded sampling makes each epoch's order reproducible, so a resumed run skips the right batches.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+    output_dir = Path(args.output_dir)
+    logger.info(
+        "world size %d (%s, device %s, mixed precision %s)",
+        accelerator.num_processes, accelerator.distributed_type, accelerator.device, accelerator.mixed_precision,
+    )
+    if args.push_to_hub and not (args.hub_model_id and (args.hub_token or get_token())):
+        raise TrainingError("--push-to-hub needs --hub-model-id and a token: run `hf auth login` or pass --hub-token.")
+    if not args.resume_from_checkpoint and not args.overwrite_output_dir and (output_dir / "model.safetensors").exists():
+        raise TrainingError(f"{output_dir} already holds a model; pass --overwrite-output-dir or another --output-dir.")
+    set_seed(args.seed)
+
+    # Data: check every image once (cached by datasets), then split before anything trains.
+    with accelerator.main_process_first():
+        data = load_image_dataset(args.dataset, args.dataset_revision, num_proc=args.num_workers if args.num_workers > 1 else None)
+    splits = split_dataset(data, args.test_split, args.val_split, args.seed)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_split(output_dir / SPLIT_FILE, splits, data, dataset=args.dataset, revision=args.dataset_revision, seed=args.seed)
+    for name, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples), ("test", args.max_eval_samples)):
+        if limit is not None:
+            splits[name] = splits[name].select(range(min(limit, len(splits[name]))))
+        splits[name].set_transform(make_transform(data, args.image_size, train=name == "train"))
+    logger.info(
+        "dataset %s: %s; %d rows skipped (undecodable)",
+        args.dataset, ", ".join(f"{n} {len(s)}" for n, s in splits.items()), len(data.skipped_rows),
+    )
+    loader_kwargs = dict(batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers)
+    train_loader = DataLoader(splits["train"], shuffle=True, **loader_kwargs)
+    val_loader = DataLoader(splits["validation"], **loader_kwargs)
+    test_loader = DataLoader(splits["test"], **loader_kwargs)
+
+    model = build_model(args, data.labels)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
+
+    # One prepare for everything: device placement, DDP wrapping, sharded loaders, mixed precision.
+    model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
+        model, optimizer, train_loader, val_loader, test_loader
+    )
+    progress = Progress()
+    accelerator.register_for_checkpointing(progress)
+    if args.resume_from_checkpoint:
+        path = find_checkpoint(output_dir, args.resume_from_checkpoint)
+        accelerator.load_state(str(path))
+        logger.info("resumed from %s at epoch %d, batch %d", path, progress.epoch + 1, progress.batches_in_epoch)
+    if args.with_tracking:
+        accelerator.init_trackers("catdog", config={k: v for k, v in vars(args).items() if k != "hub_token"})
+
+    for epoch in range(progress.epoch, args.epochs):
+        model.train()
+        train_loader.set_epoch(epoch)
+        loader = train_loader
+        if progress.batches_in_epoch:
+            loader = accelerator.skip_first_batches(train_loader, progress.batches_in_epoch)
+            loader.set_epoch(epoch)
+        loss_sum, correct, count = 0.0, 0, 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not accelerator.is_local_main_process)
+        for batch in bar:
+            with accelerator.accumulate(model):
+                logits = model(batch["pixels"])
+                loss = F.binary_cross_entropy_with_logits(logits.float(), batch["labels"])
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad()
+            logits, labels = accelerator.gather_for_metrics((logits.detach(), batch["labels"]))
+            loss_sum += F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="sum").item()
+            correct += ((logits > 0).float() == labels).sum().item()
+            count += len(labels)
+            bar.set_postfix(loss=f"{loss_sum / count:.4f}", acc=f"{correct / count:.3f}")
+            progress.batches_in_epoch += 1
+            if accelerator.sync_gradients:
+                progress.optimizer_steps += 1
+                if args.checkpointing_steps.isdigit() and progress.optimizer_steps % int(args.checkpointing_steps) == 0:
+                    checkpoint(accelerator, output_dir, progress)
+
+        val = evaluate(model, val_loader, accelerator, "validation")
+        # A resumed epoch only counts the batches seen after the resume in its train metrics.
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(count, 1), "train_accuracy": correct / max(count, 1),
+               "val_loss": val["loss"], "val_accuracy": val["accuracy"]}
+        progress.history.append(row)
+        logger.info("epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "epoch"))
+        if args.with_tracking:
+            accelerator.log(row, step=epoch + 1)
+        if val["accuracy"] > progress.best_val_accuracy:
+            progress.best_val_accuracy, progress.best_epoch = val["accuracy"], epoch + 1
+            if accelerator.is_main_process:
+                accelerator.unwrap_model(model).save_pretrained(output_dir)
+        accelerator.wait_for_everyone()
+        progress.epoch, progress.batches_in_epoch = epoch + 1, 0
+        if args.checkpointing_steps == "epoch":
+            checkpoint(accelerator, output_dir, progress)
+
+    # Test the kept (best-validation) weights on the held-out split.
+    safetensors.torch.load_model(accelerator.unwrap_model(model), str(output_dir / "model.safetensors"))
+    test = evaluate(model, test_loader, accelerator, "test")
+    logger.info("test (epoch %d weights): loss %.4f, accuracy %.4f on %d images", progress.best_epoch, test["loss"], test["accuracy"], test["samples"])
+    if args.with_tracking:
+        accelerator.log({"test_loss": test["loss"], "test_accuracy": test["accuracy"]})
+        accelerator.end_training()
+
+    if accelerator.is_main_process:
+        write_outputs(args, accelerator, output_dir, progress, test, data, splits)
+        if args.push_to_hub:
+            push(args, output_dir)
+
+
+def write_outputs(args, accelerator, output_dir: Path, progress: Progress, test: dict, data, splits) -> None:
+    metrics = {
+        "history": progress.history,
+        "best_epoch": progress.best_epoch,
+        "test": test,
+        "dataset": args.dataset,
+        "dataset_revision": args.dataset_revision,
+        "split_sizes": {name: len(split) for name, split in splits.items()},
+        "skipped_rows": len(data.skipped_rows),
+        "backbone_init": ("ImageNet weights from " + args.pretrained_weights) if args.pretrained_weights
+        else "random (--no-pretrained)" if args.no_pretrained else "timm ImageNet weights",
+        "world_size": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        "seed": args.seed,
+        "args": {k: v for k, v in vars(args).items() if k != "hub_token"},
+        "versions": {"torch": torch.__version__, "timm": timm.__version__, "accelerate": accelerate.__version__,
+                     "datasets": datasets.__version__},
+    }
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    config = json.loads((output_dir / "config.json").read_text())
+    make_model_card(metrics, config, args.hub_model_id or "catdog").save(output_dir / "README.md")
+    logger.info("saved the model, metrics.json, %s and the model card to %s", SPLIT_FILE, output_dir)
+
+
+def push(args, output_dir: Path) -> None:
+    """Upload the output folder; the local files stay whatever happens."""
+    api = HfApi(token=args.hub_token)
+    try:
+        api.create_repo(args.hub_model_id, private=args.hub_private, exist_ok=True)
+        commit = api.upload_folder(repo_id=args.hub_model_id, folder_path=output_dir, ignore_patterns=["checkpoints/*", "runs/*"],
+                                   commit_message="Upload catdog model from train_accelerate.py")
+    except (HfHubHTTPError, OSError, ValueError) as error:
+        raise TrainingError(
+            f"Could not push to {args.hub_model_id}: {str(error).splitlines()[0]}. The files are kept in {output_dir}; "
+            f"upload them later with `hf upload {args.hub_model_id} {output_dir}`."
+        ) from None
+    logger.info("pushed to %s", commit.commit_url)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default="microsoft/cats_vs_dogs", help="Hub dataset id or local folder")
+    data.add_argument("--dataset-revision", default=None, help="pin the Hub dataset to a branch, tag or commit")
+    data.add_argument("--test-split", type=float, default=0.1, help="held-out test fraction, taken first")
+    data.add_argument("--val-split", type=float, default=0.2, help="validation fraction of the rest")
+    data.add_argument("--max-train-samples", type=int, default=None)
+    data.add_argument("--max-eval-samples", type=int, default=None, help="caps validation and test alike")
+    data.add_argument("--num-workers", type=int, default=2, help="DataLoader workers (and image checks)")
+    model = parser.add_argument_group("model")
+    model.add_argument("--backbone", default="resnet50", help="any timm model name")
+    model.add_argument("--image-size", type=int, default=224)
+    model.add_argument("--no-pretrained", action="store_true", help="random backbone, no download")
+    model.add_argument("--pretrained-weights", default=None, metavar="PATH", help="local timm checkpoint for the backbone")
+    model.add_argument("--freeze-backbone", action="store_true", help="train the head only")
+    train = parser.add_argument_group("training")
+    train.add_argument("--epochs", type=int, default=10)
+    train.add_argument("--batch-size", type=int, default=20, help="per process")
+    train.add_argument("--learning-rate", type=float, default=0.01)
+    train.add_argument("--seed", type=int, default=42)
+    train.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    train.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None, help="default: accelerate config")
+    train.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is there")
+    train.add_argument("--checkpointing-steps", default=None, help='save the state every N optimizer steps, or "epoch"')
+    train.add_argument("--resume-from-checkpoint", default=None, help='a checkpoint folder, or "latest"')
+    train.add_argument("--with-tracking", action="store_true", help="log to every tracker installed")
+    out = parser.add_argument_group("output")
+    out.add_argument("--output-dir", default="catdog-model")
+    out.add_argument("--overwrite-output-dir", action="store_true")
+    out.add_argument("--push-to-hub", action="store_true")
+    out.add_argument("--hub-model-id", default=None, help="user/repo")
+    out.add_argument("--hub-private", action="store_true")
+    out.add_argument("--hub-token", default=None, help="default: the logged-in token")
+    args = parser.parse_args(argv)
+    if args.checkpointing_steps not in (None, "epoch") and not args.checkpointing_steps.isdigit():
+        parser.error('--checkpointing-steps takes a number of steps or "epoch"')
+    args.checkpointing_steps = args.checkpointing_steps or ""
+    if not (0 < args.test_split < 1 and 0 < args.val_split < 1):
+        parser.error("--test-split and --val-split must be between 0 and 1")
+    return args
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    args = parse_args(argv)
+    try:
+        training_function(args)
+    except (TrainingError, DatasetError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"interrupted; checkpoints (if any) are in {args.output_dir}/checkpoints", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
