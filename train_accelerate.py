@@ -139,7 +139,7 @@ def training_function(args) -> None:
     for name, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples), ("test", args.max_eval_samples)):
         if limit is not None:
             splits[name] = splits[name].select(range(min(limit, len(splits[name]))))
-        splits[name].set_transform(make_transform(data, args.image_size, train=name == "train"))
+        splits[name].set_transform(make_transform(data, args.image_size, train=name == "train" and not args.no_augmentation))
     logger.info(
         "dataset %s: %s; %d rows skipped (undecodable)",
         args.dataset, ", ".join(f"{n} {len(s)}" for n, s in splits.items()), len(data.skipped_rows),
@@ -283,6 +283,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     train.add_argument("--batch-size", type=int, default=20, help="per process")
     train.add_argument("--learning-rate", type=float, default=0.01)
     train.add_argument("--seed", type=int, default=42)
+    train.add_argument("--no-augmentation", action="store_true", help="no rotation/flip/zoom (for overfitting checks)")
     train.add_argument("--gradient-accumulation-steps", type=int, default=1)
     train.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None, help="default: accelerate config")
     train.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is there")

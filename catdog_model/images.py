@@ -40,7 +40,9 @@ def open_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image
         image = Image.open(source)
     except FileNotFoundError:
         raise ImageError(f"No such file: {source}") from None
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:  # Pillow's own header check, far above our limit
+        raise ImageError(f"The image is too large; the limit is {max_pixels / 1e6:.0f} megapixels.") from None
+    except (UnidentifiedImageError, OSError):
         raise ImageError("This file is not an image that can be read (try JPEG, PNG, WebP or GIF).") from None
     # Image.open only reads the header, so this check costs nothing and allocates nothing.
     width, height = image.size

@@ -65,8 +65,11 @@ class CatDogClassifier(
         self.register_buffer("std", torch.tensor(cfg["std"]).view(1, 3, 1, 1), persistent=False)
 
         # Measure the feature map instead of assuming a stride: any backbone or size works.
+        # Eval mode, so the probe leaves batch-norm statistics untouched and works at any size.
+        self.backbone.eval()
         with torch.no_grad():
             channels, height, width = self.backbone(torch.zeros(1, 3, image_size, image_size)).shape[1:]
+        self.backbone.train()
         self.head = nn.Sequential(
             nn.Flatten(),
             nn.Linear(channels * height * width, hidden_size),
@@ -91,7 +94,10 @@ class CatDogClassifier(
         state = timm.models.load_state_dict(str(path))
         backbone_keys = set(self.backbone.state_dict())
         ignored = [k for k in state if k not in backbone_keys]
-        missing, _ = self.backbone.load_state_dict({k: v for k, v in state.items() if k in backbone_keys}, strict=False)
+        try:
+            missing, _ = self.backbone.load_state_dict({k: v for k, v in state.items() if k in backbone_keys}, strict=False)
+        except RuntimeError as error:  # shapes that do not match
+            raise ValueError(f"{path} is not a {self.backbone_name} checkpoint: {str(error).splitlines()[1].strip()}") from None
         if missing:
             raise ValueError(
                 f"{path} is not a {self.backbone_name} checkpoint: {len(missing)} backbone weights are missing "

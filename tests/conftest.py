@@ -1,0 +1,51 @@
+"""Shared fixtures. Everything runs offline and writes only under temporary folders."""
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+# Before any Hugging Face library is imported: a private, temporary cache and no network.
+_CACHE = tempfile.mkdtemp(prefix="catdog-tests-hf-")
+os.environ["HF_HOME"] = _CACHE
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.pop("HF_TOKEN", None)
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MINI_DATASET = ROOT.parent / "shared" / "data" / "cats_vs_dogs_mini"
+
+
+def run_training(output_dir: Path, *flags: str, launcher: tuple[str, ...] = (sys.executable,), check: bool = True):
+    """Run train_accelerate.py as a user would, on the mini dataset, small and random-initialised."""
+    command = [
+        *launcher, str(ROOT / "train_accelerate.py"),
+        "--dataset", str(MINI_DATASET), "--output-dir", str(output_dir),
+        "--image-size", "64", "--no-pretrained", "--num-workers", "0", *flags,
+    ]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"training failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def mini_dataset() -> Path:
+    if not MINI_DATASET.is_dir():
+        pytest.fail(f"the mini dataset is missing: expected it at {MINI_DATASET}")
+    return MINI_DATASET
+
+
+@pytest.fixture(scope="session")
+def trained_model(mini_dataset, tmp_path_factory) -> Path:
+    """A tiny model, trained once per session: 32 training images, no augmentation, 6 epochs."""
+    output_dir = tmp_path_factory.mktemp("trained")
+    run_training(
+        output_dir, "--epochs", "6", "--batch-size", "8", "--max-train-samples", "32",
+        "--max-eval-samples", "32", "--no-augmentation",
+    )
+    return output_dir

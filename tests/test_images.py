@@ -1,0 +1,133 @@
+"""The one preprocessing path: every image mode, orientation, and every kind of bad file."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from catdog_model import ImageError, open_image, preprocess, to_rgb
+
+
+def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def _roundtrip(image: Image.Image, fmt: str = "PNG", **kwargs) -> Image.Image:
+    return open_image(_encode(image, fmt, **kwargs))
+
+
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (lambda: Image.new("RGB", (8, 6), (10, 200, 30)), (10, 200, 30)),
+        (lambda: Image.new("L", (8, 6), 77), (77, 77, 77)),
+        (lambda: Image.new("1", (8, 6), 1), (255, 255, 255)),
+        (lambda: Image.new("RGB", (8, 6), (200, 10, 10)).convert("P", palette=Image.Palette.ADAPTIVE), (200, 10, 10)),
+        (lambda: Image.new("LA", (8, 6), (40, 255)), (40, 40, 40)),
+        (lambda: Image.new("RGBA", (8, 6), (0, 0, 255, 255)), (0, 0, 255)),
+        (lambda: Image.new("RGBA", (8, 6), (0, 0, 0, 0)), (255, 255, 255)),  # transparent → white, not black
+        (lambda: Image.new("RGBA", (8, 6), (0, 0, 0, 128)), (127, 127, 127)),  # half over white
+        (lambda: Image.new("CMYK", (8, 6), (0, 255, 255, 0)), (255, 0, 0)),
+    ],
+    ids=["RGB", "L", "1", "P", "LA", "RGBA", "RGBA-transparent", "RGBA-half", "CMYK"],
+)
+def test_modes_become_the_right_rgb(make, expected):
+    fmt = "JPEG" if make().mode == "CMYK" else "PNG"
+    image = to_rgb(_roundtrip(make(), fmt) if fmt == "PNG" else make())
+    assert image.mode == "RGB" and image.size == (8, 6)
+    assert np.abs(np.asarray(image).astype(int) - expected).max() <= 2
+
+
+def test_palette_transparency_is_composited_over_white():
+    image = Image.new("P", (4, 4), 0)
+    image.putpalette([0, 0, 0] * 256)
+    image.info["transparency"] = 0
+    assert to_rgb(_roundtrip(image)).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_16_bit_grayscale_is_scaled_not_clipped():
+    array = np.array([[0, 32768, 65535, 1000]], dtype=np.uint16)
+    image = _roundtrip(Image.fromarray(array))  # PNG keeps the 16 bits
+    assert image.mode.startswith("I")
+    assert [p[0] for p in np.asarray(to_rgb(image))[0]] == [0, 128, 255, 4]
+
+
+def test_animation_uses_the_first_frame():
+    frames = [Image.new("RGB", (6, 6), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    data = _encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    image = open_image(data)
+    assert image.n_frames == 2
+    image.seek(1)  # even if a caller moved on, the first frame is used
+    red, green, blue = to_rgb(image).getpixel((3, 3))
+    assert red > 200 and blue < 50
+
+
+def test_exif_orientation_is_applied():
+    image = Image.new("RGB", (40, 20), (0, 0, 0))
+    image.paste((255, 255, 255), (0, 0, 20, 20))  # white left half
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    upright = to_rgb(open_image(_encode(image, "JPEG", exif=exif, quality=95)))
+    assert upright.size == (20, 40)
+    assert upright.getpixel((10, 5))[0] > 200 and upright.getpixel((10, 35))[0] < 50  # white now on top
+
+
+def test_webp_and_tiny_images():
+    assert to_rgb(_roundtrip(Image.new("RGB", (9, 9), (0, 255, 0)), "WEBP", lossless=True)).getpixel((4, 4)) == (0, 255, 0)
+    assert preprocess(_roundtrip(Image.new("RGB", (1, 1), (255, 0, 0))), 32).shape == (3, 32, 32)
+
+
+def test_preprocess_gives_the_models_input():
+    image = Image.new("RGB", (300, 100), (255, 0, 0))
+    pixels = preprocess(image, 64)
+    assert pixels.shape == (3, 64, 64) and pixels.dtype == torch.float32
+    assert torch.allclose(pixels[0], torch.ones(64, 64)) and pixels[1:].abs().max() == 0
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"", "empty"),
+        (b"this is a text file, not a picture", "not an image"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 20, "not an image"),
+    ],
+    ids=["empty", "text", "garbage-png"],
+)
+def test_bad_files_are_refused_clearly(data, message):
+    with pytest.raises(ImageError, match=message):
+        open_image(data)
+
+
+def test_truncated_image_is_refused():
+    rng = np.random.default_rng(0)
+    data = _encode(Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)), "JPEG")
+    with pytest.raises(ImageError, match="damaged or truncated"):
+        open_image(data[: len(data) // 2])
+
+
+def test_pixel_bomb_is_refused_from_the_header():
+    # 20000×20000 one-bit PNG: a few kilobytes on disk, 1.2 GB once decoded to RGB.
+    data = _encode(Image.new("1", (20_000, 20_000)), "PNG")
+    assert len(data) < 100_000
+    with pytest.raises(ImageError, match="too large"):
+        open_image(data)
+
+
+def test_files_on_disk(tmp_path):
+    path = tmp_path / "cat.png"
+    Image.new("RGB", (5, 5)).save(path)
+    assert open_image(path).size == (5, 5)
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(ImageError, match="empty"):
+        open_image(tmp_path / "empty.jpg")
+
+
+def test_pixel_limit_below_pillows_own():
+    data = _encode(Image.new("1", (5_000, 5_000)), "PNG")  # 25 MP: Pillow would decode it
+    assert open_image(data).size == (5_000, 5_000)
+    with pytest.raises(ImageError, match="too large \\(5000×5000 pixels\\)"):
+        open_image(data, max_pixels=1_000_000)
