@@ -145,7 +145,9 @@ def training_function(args) -> None:
         args.dataset, ", ".join(f"{n} {len(s)}" for n, s in splits.items()), len(data.skipped_rows),
     )
     loader_kwargs = dict(batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers)
-    train_loader = DataLoader(splits["train"], shuffle=True, **loader_kwargs)
+    # Its own generator: creating a loader iterator must not draw from the global RNG (dropout,
+    # augmentation), or a resumed run would not continue the same random stream.
+    train_loader = DataLoader(splits["train"], shuffle=True, generator=torch.Generator().manual_seed(args.seed), **loader_kwargs)
     val_loader = DataLoader(splits["validation"], **loader_kwargs)
     test_loader = DataLoader(splits["test"], **loader_kwargs)
 

@@ -111,8 +111,11 @@ def save_split(path: Path, splits: dict[str, Dataset], data: LoadedDataset, **in
 
 def load_split(path: Path, data: LoadedDataset, name: str) -> Dataset:
     """The rows of one saved split, looked up by their original index."""
-    wanted = set(json.loads(Path(path).read_text())[name])
-    return data.dataset.filter(lambda row: row in wanted, input_columns=ROW_COLUMN)
+    position = {row: i for i, row in enumerate(data.dataset[ROW_COLUMN])}
+    try:
+        return data.dataset.select([position[row] for row in json.loads(Path(path).read_text())[name]])
+    except KeyError as error:
+        raise DatasetError(f"{path} names row {error} that this dataset does not have: another dataset or revision?") from None
 
 
 def make_transform(data: LoadedDataset, image_size: int, train: bool) -> Callable[[dict], dict]:

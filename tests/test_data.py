@@ -1,0 +1,97 @@
+"""Dataset handling: column detection, broken rows, the stratified split and its saved indices."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+from datasets import ClassLabel, Dataset, Features, Image as ImageFeature, Value
+from PIL import Image
+
+from catdog_model.data import DatasetError, load_image_dataset, load_split, save_split, split_dataset
+
+
+def _jpeg(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def write_parquet_dataset(folder, rows: list[tuple[bytes, int]], image="img", label="target", names=("cat", "dog")):
+    """A local dataset in the Hub's layout (data/*.parquet), with our own column names."""
+    features = Features({image: ImageFeature(), label: ClassLabel(names=list(names))})
+    dataset = Dataset.from_dict(
+        {image: [{"bytes": data, "path": None} for data, _ in rows], label: [y for _, y in rows]}, features=features
+    )
+    (folder / "data").mkdir(parents=True)
+    dataset.to_parquet(str(folder / "data" / "train-00000-of-00001.parquet"))
+    return folder
+
+
+@pytest.fixture
+def dataset_with_broken_rows(tmp_path):
+    good = [(_jpeg(i), i % 2) for i in range(40)]
+    truncated = _jpeg(99)[:200]
+    rows = good[:5] + [(b"", 0)] + good[5:20] + [(truncated, 1), (b"not a picture", 0)] + good[20:]
+    return write_parquet_dataset(tmp_path / "broken", rows)
+
+
+def test_columns_found_by_feature_and_broken_rows_skipped_and_counted(dataset_with_broken_rows):
+    data = load_image_dataset(str(dataset_with_broken_rows))
+    assert (data.image_column, data.label_column, data.labels) == ("img", "target", ("cat", "dog"))
+    assert data.skipped_rows == [5, 21, 22]
+    assert len(data.dataset) == 40
+    assert all(image.size == (24, 24) for image in data.dataset["img"])
+
+
+def test_missing_columns_are_a_clear_error(tmp_path):
+    folder = tmp_path / "nolabels" / "data"
+    folder.mkdir(parents=True)
+    Dataset.from_dict({"img": [{"bytes": _jpeg(0), "path": None}], "target": [1]},
+                      features=Features({"img": ImageFeature(), "target": Value("int64")})).to_parquet(str(folder / "x.parquet"))
+    with pytest.raises(DatasetError, match="one ClassLabel column.*img \\(Image\\), target \\(Value\\)"):
+        load_image_dataset(str(folder.parent))
+
+
+def test_more_than_two_classes_is_a_clear_error(tmp_path):
+    folder = write_parquet_dataset(tmp_path / "three", [(_jpeg(i), i % 3) for i in range(6)], names=("a", "b", "c"))
+    with pytest.raises(DatasetError, match="3 classes"):
+        load_image_dataset(str(folder))
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+    with pytest.raises(DatasetError, match="Could not load the dataset"):
+        load_image_dataset(str(tmp_path / "does-not-exist"))
+
+
+def test_class_subfolders_work_too(tmp_path):
+    for name in ("cat", "dog"):
+        (tmp_path / "pets" / name).mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / "pets" / name / f"{i}.jpg").write_bytes(_jpeg(i))
+    (tmp_path / "pets" / "dog" / "broken.jpg").write_bytes(b"")
+    data = load_image_dataset(str(tmp_path / "pets"))
+    assert data.labels == ("cat", "dog") and len(data.dataset) == 6 and len(data.skipped_rows) == 1
+
+
+def test_split_is_stratified_disjoint_seeded_and_saved(mini_dataset, tmp_path):
+    data = load_image_dataset(str(mini_dataset))
+    splits = split_dataset(data, test_split=0.1, val_split=0.2, seed=7)
+    sizes = {name: len(split) for name, split in splits.items()}
+    assert sizes == {"train": 2160, "validation": 540, "test": 300}
+    for split in splits.values():  # stratified: half cats, half dogs (the mini set is balanced)
+        assert abs(np.mean(split["labels"]) - 0.5) < 0.01
+    rows = {name: set(split["__row__"]) for name, split in splits.items()}
+    assert not rows["train"] & rows["test"] and not rows["validation"] & rows["test"] and not rows["train"] & rows["validation"]
+    assert len(rows["train"] | rows["validation"] | rows["test"]) == 3000
+
+    again = split_dataset(data, test_split=0.1, val_split=0.2, seed=7)
+    assert list(again["test"]["__row__"]) == list(splits["test"]["__row__"])
+    assert set(split_dataset(data, 0.1, 0.2, seed=8)["test"]["__row__"]) != rows["test"]
+
+    save_split(tmp_path / "split.json", splits, data, seed=7)
+    assert json.loads((tmp_path / "split.json").read_text())["seed"] == 7
+    reloaded = load_split(tmp_path / "split.json", data, "test")
+    assert list(reloaded["__row__"]) == list(splits["test"]["__row__"])
+    assert list(reloaded["labels"]) == list(splits["test"]["labels"])
