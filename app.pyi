@@ -1,0 +1,180 @@
+"""catdog Space: drag, paste or snap a picture and the model says cat or dog.
+
+    python app.py                              # the published model from the Hub
+    CATDOG_MODEL=catdog-model python app.py    # a folder written by train_accelerate.py
+    python app.py --model user/repo@v1         # any Hub repo, pinned to a revision
+
+The model is loaded once, at start-up, through ``catdog_model.load_predictor``. If it cannot be
+loaded the app still starts, shows what is missing, and the API answers with the same message.
+Sized for a 2-vCPU Space: one shared model, one inference at a time, a bounded queue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import gradio as gr
+import torch
+from gradio.utils import get_upload_folder
+
+from catdog_model import ImageError, ModelLoadError, load_predictor, open_image
+
+DEFAULT_MODEL = "catdog-project/catdog-resnet50"  # the published model: named here and in README.md only
+MAX_FILE_MB = 10
+MAX_BATCH_FILES = 100
+EXAMPLES_DIR = Path(__file__).parent / "examples"
+
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+logger = logging.getLogger("catdog.app")
+
+
+def _model_source(argv: list[str]) -> str:
+    parser = argparse.ArgumentParser(description="Serve the catdog demo.")
+    parser.add_argument(
+        "--model", default=os.environ.get("CATDOG_MODEL") or DEFAULT_MODEL,
+        help="Hub repo id, id@revision, or a local folder (default: $CATDOG_MODEL, else %(default)s)",
+    )
+    return parser.parse_args(argv).model
+
+
+# Flags are read only when run as a script, so that tests can import `demo`.
+MODEL_SOURCE = _model_source(sys.argv[1:] if __name__ == "__main__" else [])
+# Inference is the only heavy work: use the cores deliberately, not whatever torch guesses.
+torch.set_num_threads(int(os.environ.get("CATDOG_TORCH_THREADS", min(2, os.cpu_count() or 1))))
+
+try:
+    predictor = load_predictor(MODEL_SOURCE)
+    load_error = None
+    logger.info("serving %s (revision %s)", predictor.source, predictor.revision or "main")
+except ModelLoadError as error:
+    predictor, load_error = None, str(error)
+    logger.error("no model: %s", load_error)
+
+NO_MODEL_MESSAGE = (
+    f"No model is loaded: {load_error} To fix it, train one (python train_accelerate.py "
+    "--output-dir catdog-model) and start the app with CATDOG_MODEL=catdog-model, "
+    "or set CATDOG_MODEL to a Hub repo you can reach."
+)
+
+
+def _model_panel() -> str:
+    if predictor is None:
+        return f"### ⚠️ No model loaded\n\n{load_error}\n\n**To fix it**, either\n" \
+               "- train one: `python train_accelerate.py --output-dir catdog-model`, then " \
+               "`CATDOG_MODEL=catdog-model python app.py`; or\n" \
+               "- set `CATDOG_MODEL` (or `--model`) to a Hub repo id you can reach, e.g. `user/repo@v1`."
+    test = predictor.metrics.get("test", {})
+    accuracy = (f"**{test['accuracy']:.2%}** on {test['samples']:,} held-out test images"
+                if "accuracy" in test else "not recorded (no metrics.json next to the weights)")
+    return (f"**Model** `{predictor.source}` · revision `{predictor.revision or 'main'}` · "
+            f"{predictor.model.backbone_name} at {predictor.image_size} px · test accuracy {accuracy}")
+
+
+def _open_upload(path: str):
+    """Size limit first (cheap), then the header's pixel count, then the full decode."""
+    if os.path.getsize(path) > MAX_FILE_MB * 1024 * 1024:
+        raise ImageError(f"The file is larger than {MAX_FILE_MB} MB.")
+    return open_image(path)
+
+
+def _require_model() -> None:
+    if predictor is None:
+        raise gr.Error(NO_MODEL_MESSAGE, title="No model", print_exception=False)
+
+
+def predict(image_path: str | None) -> dict[str, float]:
+    """Classify one picture; returns {label: probability} for gr.Label."""
+    _require_model()
+    if not image_path:
+        raise gr.Error("Upload a picture of a cat or a dog first.", print_exception=False)
+    try:
+        image = _open_upload(image_path)
+    except ImageError as error:
+        raise gr.Error(str(error), title="Cannot read this file", print_exception=False) from None
+    return predictor.predict([image])[0]
+
+
+def predict_batch(files: list[str] | None, progress=gr.Progress()) -> tuple[list[list], str]:
+    """Classify many files: a table row per file (bad files get an error row) and a CSV of it."""
+    _require_model()
+    if not files:
+        raise gr.Error("Choose one or more pictures first.", print_exception=False)
+    if len(files) > MAX_BATCH_FILES:
+        raise gr.Error(f"At most {MAX_BATCH_FILES} files at a time, please.", print_exception=False)
+    negative, positive = predictor.labels
+    rows = []
+    for path in progress.tqdm(files, desc="Classifying"):
+        name = Path(path).name
+        try:
+            probabilities = predictor.predict([_open_upload(path)])[0]
+        except ImageError as error:
+            rows.append([name, f"error: {error}", None, None])
+            continue
+        label = max(probabilities, key=probabilities.get)
+        rows.append([name, label, round(probabilities[negative], 4), round(probabilities[positive], 4)])
+    # Inside Gradio's own upload cache, so the app writes nowhere else.
+    handle, csv_path = tempfile.mkstemp(suffix=".csv", prefix="catdog-", dir=get_upload_folder())
+    with os.fdopen(handle, "w", newline="") as out:
+        csv.writer(out).writerows([TABLE_HEADERS, *rows])
+    return rows, csv_path
+
+from gradio.events import Dependency
+
+class UploadedImage(gr.Image):
+    """gr.Image that passes the uploaded file on untouched.
+
+    Plain gr.Image opens every upload with Pillow before our code runs, so a non-image would fail
+    with a generic error and a decompression bomb would be opened; here ``open_image`` does it.
+    """
+
+    is_template = True  # rendered by the frontend as a normal Image
+
+    def preprocess(self, payload):
+        if payload is None or (payload.url or "").startswith("data:"):
+            return super().preprocess(payload)
+        return str(payload.path)
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+
+labels = predictor.labels if predictor else ("cat", "dog")
+TABLE_HEADERS = ["file", "label", f"P({labels[0]})", f"P({labels[1]})"]
+examples = sorted(str(p) for p in EXAMPLES_DIR.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".webp"})
+
+with gr.Blocks(title="catdog: cat or dog?") as demo:
+    gr.Markdown("# 🐱 catdog 🐶\nDrop a photo of a cat or a dog, paste one, or use your webcam. "
+                "A ResNet50 fine-tuned on `microsoft/cats_vs_dogs` tells which it is.")
+    gr.Markdown(_model_panel(), elem_id="model-panel")
+    with gr.Tab("One picture"):
+        with gr.Row():
+            with gr.Column():
+                image = UploadedImage(type="filepath", image_mode=None, sources=["upload", "clipboard", "webcam"],
+                                      label="Picture", height=360)
+                button = gr.Button("Classify", variant="primary", interactive=predictor is not None)
+            with gr.Column():
+                result = gr.Label(num_top_classes=2, label="Prediction")
+        if examples:
+            gr.Examples(examples, inputs=image, outputs=result, fn=predict, run_on_click=True, cache_examples=False)
+    with gr.Tab("Many pictures"):
+        files = gr.File(file_count="multiple", file_types=["image"], label=f"Pictures (up to {MAX_BATCH_FILES})")
+        batch_button = gr.Button("Classify all", variant="primary", interactive=predictor is not None)
+        table = gr.Dataframe(headers=TABLE_HEADERS, label="Results", interactive=False)
+        csv_file = gr.File(label="Download as CSV")
+
+    # One model and two cores: both events share a single inference slot.
+    gr.on([image.upload, button.click], predict, inputs=image, outputs=result, api_name="predict", concurrency_id="model")
+    batch_button.click(predict_batch, inputs=files, outputs=[table, csv_file], api_name="predict_batch", concurrency_id="model")
+
+demo.queue(max_size=32, default_concurrency_limit=1)
+
+if __name__ == "__main__":
+    demo.launch(max_file_size=f"{MAX_FILE_MB}mb")
