@@ -72,7 +72,8 @@ def _model_panel() -> str:
     test = predictor.metrics.get("test", {})
     accuracy = (f"**{test['accuracy']:.2%}** on {test['samples']:,} held-out test images"
                 if "accuracy" in test else "not recorded (no metrics.json next to the weights)")
-    return (f"**Model** `{predictor.source}` · revision `{predictor.revision or 'main'}` · "
+    where = "local folder" if Path(predictor.source).is_dir() else f"revision `{predictor.revision or 'main'}`"
+    return (f"**Model** `{predictor.source}` · {where} · "
             f"{predictor.model.backbone_name} at {predictor.image_size} px · test accuracy {accuracy}")
 
 

@@ -1,0 +1,170 @@
+"""The Space, driven through its API with gradio_client, as a real server on a loopback port."""
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+from conftest import ROOT
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_app(model: str, tmp_path):
+    """`python app.py --model ...` on a free loopback port; returns (url, process)."""
+    port = _free_port()
+    env = dict(os.environ, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port),
+               GRADIO_TEMP_DIR=str(tmp_path / "gradio"), CATDOG_TORCH_THREADS="1")
+    log = open(tmp_path / "app.log", "w")
+    process = subprocess.Popen([sys.executable, "app.py", "--model", model], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"the app exited:\n{(tmp_path / 'app.log').read_text()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return url, process
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    process.kill()
+    raise AssertionError("the app did not start within 120 s")
+
+
+@pytest.fixture(scope="module")
+def app_url(trained_model, tmp_path_factory):
+    url, process = start_app(str(trained_model), tmp_path_factory.mktemp("app"))
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(app_url):
+    return Client(app_url, verbose=False)
+
+
+def _save(image: Image.Image, path, **kwargs):
+    image.save(path, **kwargs)
+    return path
+
+
+def _photo(size=(120, 90), seed=0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def _valid_files(folder):
+    photo = _photo()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    frames = [_photo(seed=1), _photo(seed=2)]
+    gradient = np.linspace(0, 255, 6000, dtype=np.uint8)[None, :, None].repeat(4000, 0).repeat(3, 2)
+    sixteen = Image.fromarray((np.arange(120 * 90, dtype=np.uint16).reshape(90, 120) * 7))
+    return {
+        "rgb.jpg": _save(photo, folder / "rgb.jpg"),
+        "grayscale.png": _save(photo.convert("L"), folder / "grayscale.png"),
+        "rgba.png": _save(photo.convert("RGBA"), folder / "rgba.png"),
+        "palette.png": _save(photo.convert("P"), folder / "palette.png"),
+        "cmyk.jpg": _save(photo.convert("CMYK"), folder / "cmyk.jpg"),
+        "16bit.png": _save(sixteen, folder / "16bit.png"),
+        "photo.webp": _save(photo, folder / "photo.webp"),
+        "animated.gif": _save(frames[0], folder / "animated.gif", save_all=True, append_images=frames[1:]),
+        "rotated.jpg": _save(photo, folder / "rotated.jpg", exif=exif),
+        "large.jpg": _save(Image.fromarray(gradient), folder / "large.jpg", quality=80),
+        "tiny.png": _save(Image.new("RGB", (1, 1), (200, 100, 50)), folder / "tiny.png"),
+    }
+
+
+def _assert_label(result):
+    assert result["label"] in ("cat", "dog")
+    confidences = {c["label"]: c["confidence"] for c in result["confidences"]}
+    assert set(confidences) == {"cat", "dog"} and abs(sum(confidences.values()) - 1) < 1e-5
+    assert result["label"] == max(confidences, key=confidences.get)
+
+
+def test_predict_api_on_every_kind_of_valid_image(client, tmp_path):
+    files = _valid_files(tmp_path)
+    assert os.path.getsize(files["large.jpg"]) < 10 * 1024 * 1024
+    for name, path in files.items():
+        _assert_label(client.predict(handle_file(str(path)), api_name="/predict"))
+
+
+def test_predictions_match_the_predictor(client, trained_model):
+    from catdog_model import load_predictor
+    expected = load_predictor(str(trained_model)).predict([Image.open(ROOT / "examples" / "chelsea_cat.jpg")])[0]
+    result = client.predict(handle_file(str(ROOT / "examples" / "chelsea_cat.jpg")), api_name="/predict")
+    confidences = {c["label"]: c["confidence"] for c in result["confidences"]}
+    assert confidences["dog"] == pytest.approx(expected["dog"], abs=1e-5)
+
+
+def _bad_files(folder):
+    good = io.BytesIO()
+    _photo().save(good, "JPEG")
+    (folder / "notes.jpg").write_text("this is not a picture")
+    (folder / "truncated.jpg").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
+    (folder / "empty.png").write_bytes(b"")
+    bomb = folder / "bomb.png"
+    Image.new("1", (20_000, 20_000)).save(bomb)
+    return {
+        "notes.jpg": "not an image",
+        "truncated.jpg": "damaged or truncated",
+        "empty.png": "empty",
+        "bomb.png": "too large",
+    }
+
+
+def test_bad_files_get_a_clear_error_and_the_app_keeps_serving(client, tmp_path):
+    for name, message in _bad_files(tmp_path).items():
+        with pytest.raises(AppError, match=message):
+            client.predict(handle_file(str(tmp_path / name)), api_name="/predict")
+        _assert_label(client.predict(handle_file(str(ROOT / "examples" / "chelsea_cat.jpg")), api_name="/predict"))
+
+
+def test_upload_over_10_mb_is_refused(client, tmp_path):
+    path = tmp_path / "huge.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (2000, 2000, 3), dtype=np.uint8)).save(path)
+    assert os.path.getsize(path) > 10 * 1024 * 1024
+    with pytest.raises(Exception, match="(?i)too large|exceed|size"):
+        client.predict(handle_file(str(path)), api_name="/predict")
+    _assert_label(client.predict(handle_file(str(ROOT / "examples" / "chelsea_cat.jpg")), api_name="/predict"))
+
+
+def test_batch_gives_a_table_and_a_csv(client, tmp_path):
+    files = _valid_files(tmp_path)
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    paths = [files["rgb.jpg"], files["grayscale.png"], tmp_path / "broken.jpg"]
+    table, csv_path = client.predict([handle_file(str(p)) for p in paths], api_name="/predict_batch")
+    rows = table["data"]
+    assert [row[0] for row in rows] == ["rgb.jpg", "grayscale.png", "broken.jpg"]
+    for row in rows[:2]:
+        assert row[1] in ("cat", "dog") and abs(row[2] + row[3] - 1) < 1e-3
+    assert rows[2][1].startswith("error:")
+    lines = open(csv_path).read().splitlines()
+    assert lines[0] == "file,label,P(cat),P(dog)" and len(lines) == 4
+
+
+def test_missing_model_starts_with_a_notice_and_a_clear_api_error(tmp_path):
+    url, process = start_app(str(tmp_path / "no-such-model"), tmp_path)
+    try:
+        config = httpx.get(url + "config", timeout=10).text
+        assert "No model loaded" in config and "CATDOG_MODEL" in config
+        with pytest.raises(AppError, match="No model is loaded"):
+            Client(url, verbose=False).predict(handle_file(str(ROOT / "examples" / "chelsea_cat.jpg")), api_name="/predict")
+        assert "Traceback" not in (tmp_path / "app.log").read_text()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
