@@ -168,3 +168,18 @@ def test_missing_model_starts_with_a_notice_and_a_clear_api_error(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_space_metadata_matches_the_code():
+    """README's Space front matter: the gradio pin and the model repo are the code's."""
+    import re
+
+    from huggingface_hub import metadata_load
+
+    import app
+
+    metadata = metadata_load(ROOT / "README.md")
+    pinned = re.search(r"^gradio==(\S+)$", (ROOT / "requirements.txt").read_text(), re.MULTILINE).group(1)
+    assert metadata["sdk"] == "gradio" and metadata["sdk_version"] == pinned
+    assert metadata["app_file"] == "app.py" and metadata["models"] == [app.DEFAULT_MODEL]
+    assert metadata["datasets"] == ["microsoft/cats_vs_dogs"]
