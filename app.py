@@ -89,13 +89,15 @@ def _require_model() -> None:
         raise gr.Error(NO_MODEL_MESSAGE, title="No model", print_exception=False)
 
 
-def predict(image_path: str | None) -> dict[str, float]:
-    """Classify one picture; returns {label: probability} for gr.Label."""
+def predict(upload: str | dict | None) -> dict[str, float]:
+    """Classify one uploaded picture (the raw upload, see preprocess=False); {label: probability} for gr.Label."""
     _require_model()
-    if not image_path:
+    # Gradio hands the raw upload over as a cached file path, a FileData dict or a FileData object.
+    path = upload if isinstance(upload, str) else upload.get("path") if isinstance(upload, dict) else getattr(upload, "path", None)
+    if not path:
         raise gr.Error("Upload a picture of a cat or a dog first.", print_exception=False)
     try:
-        image = _open_upload(image_path)
+        image = _open_upload(path)
     except ImageError as error:
         raise gr.Error(str(error), title="Cannot read this file", print_exception=False) from None
     return predictor.predict([image])[0]
@@ -126,21 +128,6 @@ def predict_batch(files: list[str] | None, progress=gr.Progress()) -> tuple[list
     return rows, csv_path
 
 
-class UploadedImage(gr.Image):
-    """gr.Image that passes the uploaded file on untouched.
-
-    Plain gr.Image opens every upload with Pillow before our code runs, so a non-image would fail
-    with a generic error and a decompression bomb would be opened; here ``open_image`` does it.
-    """
-
-    is_template = True  # rendered by the frontend as a normal Image
-
-    def preprocess(self, payload):
-        if payload is None or (payload.url or "").startswith("data:"):
-            return super().preprocess(payload)
-        return str(payload.path)
-
-
 labels = predictor.labels if predictor else ("cat", "dog")
 TABLE_HEADERS = ["file", "label", f"P({labels[0]})", f"P({labels[1]})"]
 examples = sorted(str(p) for p in EXAMPLES_DIR.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".webp"})
@@ -152,21 +139,27 @@ with gr.Blocks(title="catdog: cat or dog?") as demo:
     with gr.Tab("One picture"):
         with gr.Row():
             with gr.Column():
-                image = UploadedImage(type="filepath", image_mode=None, sources=["upload", "clipboard", "webcam"],
-                                      label="Picture", height=360)
+                image = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard", "webcam"],
+                                 label="Picture", height=360)
                 button = gr.Button("Classify", variant="primary", interactive=predictor is not None)
             with gr.Column():
                 result = gr.Label(num_top_classes=2, label="Prediction")
+        # preprocess=False: gr.Image would open every upload with Pillow before our checks run, so a
+        # non-image would fail with a generic error; predict gets the uploaded file itself instead.
+        # Defined before the examples, whose own event would otherwise take the name "predict".
+        # One model and two cores: every inference event shares a single slot.
+        gr.on([image.upload, button.click], predict, inputs=image, outputs=result, api_name="predict",
+              concurrency_id="model", preprocess=False)
         if examples:
-            gr.Examples(examples, inputs=image, outputs=result, fn=predict, run_on_click=True, cache_examples=False)
+            gallery = gr.Examples(examples, inputs=image)
+            gallery.load_input_event.then(predict, inputs=image, outputs=result, concurrency_id="model",
+                                          api_visibility="private")
     with gr.Tab("Many pictures"):
         files = gr.File(file_count="multiple", file_types=["image"], label=f"Pictures (up to {MAX_BATCH_FILES})")
         batch_button = gr.Button("Classify all", variant="primary", interactive=predictor is not None)
         table = gr.Dataframe(headers=TABLE_HEADERS, label="Results", interactive=False)
         csv_file = gr.File(label="Download as CSV")
 
-    # One model and two cores: both events share a single inference slot.
-    gr.on([image.upload, button.click], predict, inputs=image, outputs=result, api_name="predict", concurrency_id="model")
     batch_button.click(predict_batch, inputs=files, outputs=[table, csv_file], api_name="predict_batch", concurrency_id="model")
 
 demo.queue(max_size=32, default_concurrency_limit=1)

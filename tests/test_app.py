@@ -165,6 +165,7 @@ def test_missing_model_starts_with_a_notice_and_a_clear_api_error(tmp_path):
         with pytest.raises(AppError, match="No model is loaded"):
             Client(url, verbose=False).predict(handle_file(str(ROOT / "examples" / "chelsea_cat.jpg")), api_name="/predict")
         assert "Traceback" not in (tmp_path / "app.log").read_text()
+        assert not (ROOT / "app.pyi").exists()  # a gr component subclass would write this stub next to app.py
     finally:
         process.terminate()
         process.wait(timeout=30)
