@@ -48,6 +48,7 @@ MODEL_SOURCE = _model_source(sys.argv[1:] if __name__ == "__main__" else [])
 # Inference is the only heavy work: use the cores deliberately, not whatever torch guesses.
 torch.set_num_threads(int(os.environ.get("CATDOG_TORCH_THREADS", min(2, os.cpu_count() or 1))))
 
+logger.info("loading the model %s (from the Hub unless it is a local folder)", MODEL_SOURCE)
 try:
     predictor = load_predictor(MODEL_SOURCE)
     load_error = None
