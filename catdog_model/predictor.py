@@ -18,6 +18,7 @@ import torch
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 from PIL import Image
+from safetensors import SafetensorError
 
 from .images import preprocess
 from .model import CatDogClassifier
@@ -95,7 +96,7 @@ def load_predictor(source: str, batch_size: int = 16) -> Predictor:
         ) from None
     except HfHubHTTPError as error:
         raise ModelLoadError(f"The Hub refused {source!r}: {str(error).splitlines()[0]}") from None
-    except (RuntimeError, ValueError, TypeError) as error:
+    except (RuntimeError, ValueError, TypeError, SafetensorError) as error:
         # Weights that do not fit the config (strict loading), or a config this code cannot build.
         raise ModelLoadError(f"The files of {source!r} do not form a valid model: {str(error).splitlines()[0]}") from None
     model.eval()

@@ -111,3 +111,13 @@ def test_local_timm_checkpoint_loads_into_the_backbone(tmp_path):
     assert torch.equal(model.backbone.conv1.weight, reference.conv1.weight)
     with pytest.raises(ValueError, match="not a resnet50 checkpoint"):
         CatDogClassifier(image_size=64, hidden_size=8).load_backbone_weights(tmp_path / "resnet18.pth")
+
+
+def test_corrupt_weights_are_a_clear_error(tmp_path):
+    CatDogClassifier(image_size=64, hidden_size=8).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not safetensors at all")
+    with pytest.raises(ModelLoadError, match="do not form a valid model"):
+        load_predictor(str(tmp_path))
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match="Could not read the model"):
+        load_predictor(str(tmp_path))
