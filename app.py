@@ -23,7 +23,7 @@ import gradio as gr
 import torch
 from gradio.utils import get_upload_folder
 
-from catdog_model import ImageError, ModelLoadError, load_predictor, open_image
+from catdog_model import DEFAULT_LABELS, ImageError, ModelLoadError, load_predictor, open_image
 
 DEFAULT_MODEL = "catdog-project/catdog-resnet50"  # the published model: named here and in README.md only
 MAX_FILE_MB = 10
@@ -129,7 +129,7 @@ def predict_batch(files: list[str] | None, progress=gr.Progress()) -> tuple[list
     return rows, csv_path
 
 
-labels = predictor.labels if predictor else ("cat", "dog")
+labels = predictor.labels if predictor else DEFAULT_LABELS
 TABLE_HEADERS = ["file", "label", f"P({labels[0]})", f"P({labels[1]})"]
 examples = sorted(str(p) for p in EXAMPLES_DIR.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".webp"})
 

@@ -58,17 +58,29 @@ class Progress:
         vars(self).update(state)
 
 
+class RunningMetrics:
+    """Summed BCE loss and correct answers over gathered batches (every process sees the same sums)."""
+
+    def __init__(self) -> None:
+        self.loss_sum, self.correct, self.count = 0.0, 0, 0
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.loss_sum += F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="sum").item()
+        self.correct += ((logits > 0).float() == labels).sum().item()
+        self.count += len(labels)
+
+    def result(self) -> dict:
+        return {"loss": self.loss_sum / max(self.count, 1), "accuracy": self.correct / max(self.count, 1), "samples": self.count}
+
+
 def evaluate(model, loader, accelerator, desc: str) -> dict:
     """Mean BCE loss and accuracy over the whole loader, gathered across processes."""
     model.eval()
-    loss_sum, correct, count = 0.0, 0, 0
+    metrics = RunningMetrics()
     with torch.no_grad():
         for batch in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
-            logits, labels = accelerator.gather_for_metrics((model(batch["pixels"]), batch["labels"]))
-            loss_sum += F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="sum").item()
-            correct += ((logits > 0).float() == labels).sum().item()
-            count += len(labels)
-    return {"loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1), "samples": count}
+            metrics.update(*accelerator.gather_for_metrics((model(batch["pixels"]), batch["labels"])))
+    return metrics.result()
 
 
 def checkpoint(accelerator, output_dir: Path, progress: Progress) -> None:
@@ -174,7 +186,7 @@ def training_function(args) -> None:
         if progress.batches_in_epoch:
             loader = accelerator.skip_first_batches(train_loader, progress.batches_in_epoch)
             loader.set_epoch(epoch)
-        loss_sum, correct, count = 0.0, 0, 0
+        train_metrics = RunningMetrics()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not accelerator.is_local_main_process)
         for batch in bar:
             with accelerator.accumulate(model):
@@ -183,20 +195,18 @@ def training_function(args) -> None:
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad()
-            logits, labels = accelerator.gather_for_metrics((logits.detach(), batch["labels"]))
-            loss_sum += F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="sum").item()
-            correct += ((logits > 0).float() == labels).sum().item()
-            count += len(labels)
-            bar.set_postfix(loss=f"{loss_sum / count:.4f}", acc=f"{correct / count:.3f}")
+            train_metrics.update(*accelerator.gather_for_metrics((logits.detach(), batch["labels"])))
+            running = train_metrics.result()
+            bar.set_postfix(loss=f"{running['loss']:.4f}", acc=f"{running['accuracy']:.3f}")
             progress.batches_in_epoch += 1
             if accelerator.sync_gradients:
                 progress.optimizer_steps += 1
                 if args.checkpointing_steps.isdigit() and progress.optimizer_steps % int(args.checkpointing_steps) == 0:
                     checkpoint(accelerator, output_dir, progress)
 
-        val = evaluate(model, val_loader, accelerator, "validation")
+        val, train = evaluate(model, val_loader, accelerator, "validation"), train_metrics.result()
         # A resumed epoch only counts the batches seen after the resume in its train metrics.
-        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(count, 1), "train_accuracy": correct / max(count, 1),
+        row = {"epoch": epoch + 1, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
                "val_loss": val["loss"], "val_accuracy": val["accuracy"]}
         progress.history.append(row)
         logger.info("epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "epoch"))

@@ -1,11 +1,12 @@
 """catdog: a cat-vs-dog classifier, trained with Accelerate and shared on the Hugging Face Hub."""
 
 from .images import ImageError, open_image, preprocess, to_rgb
-from .model import CatDogClassifier
+from .model import DEFAULT_LABELS, CatDogClassifier
 from .predictor import ModelLoadError, Predictor, load_predictor
 
 __all__ = [
     "CatDogClassifier",
+    "DEFAULT_LABELS",
     "ImageError",
     "ModelLoadError",
     "Predictor",

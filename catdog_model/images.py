@@ -74,10 +74,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
         image.seek(0)
     image = ImageOps.exif_transpose(image)
     mode = image.mode
-    if mode == "P":
+    if mode in ("P", "PA"):
         # Palette images may carry transparency; RGBA keeps it so it is composited below.
-        image = image.convert("RGBA")
-    elif mode == "PA":
         image = image.convert("RGBA")
     elif mode.startswith("I") or mode == "F":
         image = _scale_to_8bit(image)

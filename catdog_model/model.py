@@ -20,7 +20,9 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-__all__ = ["CatDogClassifier"]
+__all__ = ["CatDogClassifier", "DEFAULT_LABELS"]
+
+DEFAULT_LABELS = ("cat", "dog")  # the order of microsoft/cats_vs_dogs: cat=0, dog=1
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ class CatDogClassifier(
         image_size: int = 224,
         hidden_size: int = 1024,
         dropout: float = 0.2,
-        labels: tuple[str, ...] = ("cat", "dog"),
+        labels: tuple[str, ...] = DEFAULT_LABELS,
         pretrained: bool = False,
     ) -> None:
         super().__init__()
