@@ -130,3 +130,11 @@ def test_two_cpu_processes(tmp_path):
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     # gather_for_metrics drops the padding of uneven shards: every test image counts exactly once.
     assert metrics["world_size"] == 2 and metrics["test"]["samples"] == 20
+
+
+def test_bf16_mixed_precision_runs_and_saves_float32_weights(tmp_path):
+    run_training(tmp_path / "out", "--mixed-precision", "bf16", "--epochs", "1", "--batch-size", "4",
+                 "--max-train-samples", "8", "--max-eval-samples", "8")
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["mixed_precision"] == "bf16" and 0 <= metrics["test"]["accuracy"] <= 1
+    assert {tensor.dtype for tensor in load_file(tmp_path / "out" / "model.safetensors").values()} <= {torch.float32, torch.int64}
