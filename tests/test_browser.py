@@ -40,6 +40,13 @@ def test_upload_through_the_page_shows_both_percentages(browser, trained_model, 
         assert "cat" in text and "dog" in text and text.count("%") >= 2, text
         page.screenshot(path=str(tmp_path / "prediction.png"), full_page=True)
         assert (tmp_path / "prediction.png").stat().st_size > 10_000
+
+        # A fresh page: clicking the example photo alone fills the input and shows a prediction.
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(url)
+        page.locator(".gallery-item, button.gallery-item, [data-testid='examples'] img").first.click()
+        page.get_by_test_id("label").get_by_text("%").first.wait_for(timeout=60_000)
+        assert page.get_by_test_id("label").inner_text().count("%") >= 2
     finally:
         process.terminate()
         process.wait(timeout=30)
