@@ -57,19 +57,16 @@ except ModelLoadError as error:
     predictor, load_error = None, str(error)
     logger.error("no model: %s", load_error)
 
-NO_MODEL_MESSAGE = (
-    f"No model is loaded: {load_error} To fix it, train one (python train_accelerate.py "
-    "--output-dir catdog-model) and start the app with CATDOG_MODEL=catdog-model, "
-    "or set CATDOG_MODEL to a Hub repo you can reach."
+FIX_HINT = (
+    "Train one (`python train_accelerate.py --output-dir catdog-model`) and start the app with "
+    "`CATDOG_MODEL=catdog-model`, or set `CATDOG_MODEL` (or `--model`) to a Hub repo you can reach, e.g. `user/repo@v1`."
 )
+NO_MODEL_MESSAGE = f"No model is loaded: {load_error} {FIX_HINT}"
 
 
 def _model_panel() -> str:
     if predictor is None:
-        return f"### ⚠️ No model loaded\n\n{load_error}\n\n**To fix it**, either\n" \
-               "- train one: `python train_accelerate.py --output-dir catdog-model`, then " \
-               "`CATDOG_MODEL=catdog-model python app.py`; or\n" \
-               "- set `CATDOG_MODEL` (or `--model`) to a Hub repo id you can reach, e.g. `user/repo@v1`."
+        return f"### ⚠️ No model loaded\n\n{load_error}\n\n**To fix it:** {FIX_HINT}"
     test = predictor.metrics.get("test", {})
     accuracy = (f"**{test['accuracy']:.2%}** on {test['samples']:,} held-out test images"
                 if "accuracy" in test else "not recorded (no metrics.json next to the weights)")

@@ -91,8 +91,7 @@ def load_predictor(source: str, batch_size: int = 16) -> Predictor:
         if Path(repo_id).is_dir():
             raise ModelLoadError(f"Could not read the model in {repo_id}: {error}") from None
         raise ModelLoadError(
-            f"Could not download {source!r} from the Hugging Face Hub (offline, or no access). "
-            "Train a model with train_accelerate.py and point CATDOG_MODEL at its folder."
+            f"Could not download {source!r} from the Hugging Face Hub (offline, or no access to the repo)."
         ) from None
     except HfHubHTTPError as error:
         raise ModelLoadError(f"The Hub refused {source!r}: {str(error).splitlines()[0]}") from None
