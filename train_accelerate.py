@@ -59,18 +59,22 @@ class Progress:
 
 
 class RunningMetrics:
-    """Summed BCE loss and correct answers over gathered batches (every process sees the same sums)."""
+    """Summed BCE loss and correct answers over gathered batches (every process sees the same sums).
+
+    The sums stay on the device; only ``result`` reads them back, so updating costs no GPU sync.
+    """
 
     def __init__(self) -> None:
-        self.loss_sum, self.correct, self.count = 0.0, 0, 0
+        self.loss_sum, self.correct, self.count = 0.0, 0.0, 0
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        self.loss_sum += F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="sum").item()
-        self.correct += ((logits > 0).float() == labels).sum().item()
+        self.loss_sum = self.loss_sum + F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="sum")
+        self.correct = self.correct + ((logits > 0).float() == labels).sum()
         self.count += len(labels)
 
     def result(self) -> dict:
-        return {"loss": self.loss_sum / max(self.count, 1), "accuracy": self.correct / max(self.count, 1), "samples": self.count}
+        count = max(self.count, 1)
+        return {"loss": float(self.loss_sum) / count, "accuracy": float(self.correct) / count, "samples": self.count}
 
 
 def evaluate(model, loader, accelerator, desc: str) -> dict:
@@ -196,9 +200,10 @@ def training_function(args) -> None:
                 optimizer.step()
                 optimizer.zero_grad()
             train_metrics.update(*accelerator.gather_for_metrics((logits.detach(), batch["labels"])))
-            running = train_metrics.result()
-            bar.set_postfix(loss=f"{running['loss']:.4f}", acc=f"{running['accuracy']:.3f}")
             progress.batches_in_epoch += 1
+            if progress.batches_in_epoch % 10 == 0:  # reading the sums back syncs the GPU: not every step
+                running = train_metrics.result()
+                bar.set_postfix(loss=f"{running['loss']:.4f}", acc=f"{running['accuracy']:.3f}")
             if accelerator.sync_gradients:
                 progress.optimizer_steps += 1
                 if args.checkpointing_steps.isdigit() and progress.optimizer_steps % int(args.checkpointing_steps) == 0:
