@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as TF
 
-__all__ = ["ImageError", "MAX_PIXELS", "open_image", "to_rgb", "preprocess"]
+__all__ = ["ImageError", "MAX_PIXELS", "check_image", "open_image", "to_rgb", "preprocess"]
 
 # 40 megapixels: larger than any phone photo, small enough to decode on a 2-vCPU Space.
 MAX_PIXELS = 40_000_000
@@ -68,8 +68,22 @@ def _scale_to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.round(array * 255).astype(np.uint8), mode="L")
 
 
+def check_image(image: object) -> Image.Image:
+    """A PIL image that still has pixels, or ``TypeError`` / ``ImageError`` saying what it is instead."""
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"expected a PIL image, got {type(image).__name__}: open files with catdog_model.open_image first")
+    if image.width == 0 or image.height == 0:
+        raise ImageError(f"The image has no pixels ({image.width}×{image.height}).")
+    try:
+        image.load()
+    except ValueError:  # Pillow's "Operation on closed image"
+        raise ImageError("The image was closed before it could be classified.") from None
+    return image
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Upright, RGB, first frame: what every mode and orientation becomes before resizing."""
+    check_image(image)
     if getattr(image, "is_animated", False):
         image.seek(0)
     image = ImageOps.exif_transpose(image)

@@ -11,6 +11,7 @@ the model for training, serving and benchmarks alike.
 
 from __future__ import annotations
 
+import difflib
 import logging
 from pathlib import Path
 from typing import Optional, Union
@@ -18,6 +19,7 @@ from typing import Optional, Union
 import timm
 import torch
 from huggingface_hub import PyTorchModelHubMixin
+from safetensors import safe_open
 from torch import nn
 
 __all__ = ["CatDogClassifier", "DEFAULT_LABELS"]
@@ -25,6 +27,26 @@ __all__ = ["CatDogClassifier", "DEFAULT_LABELS"]
 DEFAULT_LABELS = ("cat", "dog")  # the order of microsoft/cats_vs_dogs: cat=0, dog=1
 
 logger = logging.getLogger(__name__)
+
+# The spec head flattens the whole feature map, so its size grows with the square of the image size:
+# 224 px gives 0.1 billion weights (400 MB); 1 billion (4 GB in fp32) is far past any sensible size.
+MAX_HEAD_PARAMETERS = 1_000_000_000
+
+
+def _check_labels(labels) -> tuple[str, str]:
+    """Exactly two distinct, non-empty strings; a bare string ("cd") is not a pair of labels."""
+    if isinstance(labels, (str, bytes)) or not isinstance(labels, (list, tuple)):
+        raise TypeError(f"labels must be a list of two names, got {labels!r}")
+    if len(labels) != 2 or not all(isinstance(name, str) and name.strip() for name in labels):
+        raise ValueError(f"a binary classifier needs exactly two non-empty label names, got {list(labels)}")
+    if labels[0] == labels[1]:
+        raise ValueError(f"the two labels must differ, got {list(labels)}")
+    return tuple(labels)
+
+
+def _close_names(name: str) -> str:
+    close = difflib.get_close_matches(name, timm.list_models(), n=3)
+    return f" (did you mean {', '.join(close)}?)" if close else " (see timm.list_models())"
 
 
 class CatDogClassifier(
@@ -53,8 +75,15 @@ class CatDogClassifier(
         pretrained: bool = False,
     ) -> None:
         super().__init__()
-        labels = tuple(labels)
-        assert len(labels) == 2, f"a binary classifier needs exactly two labels, got {labels}"
+        labels = _check_labels(labels)
+        if not timm.is_model(backbone):
+            raise ValueError(f"timm has no model named {backbone!r}{_close_names(backbone)}")
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+            raise ValueError(f"image_size must be a positive whole number of pixels, got {image_size!r}")
+        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
+            raise ValueError(f"hidden_size must be a positive whole number, got {hidden_size!r}")
+        if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
         self.backbone_name = backbone
         self.image_size = image_size
         self.labels = labels
@@ -69,9 +98,18 @@ class CatDogClassifier(
         # Measure the feature map instead of assuming a stride: any backbone or size works.
         # Eval mode, so the probe leaves batch-norm statistics untouched and works at any size.
         self.backbone.eval()
-        with torch.no_grad():
-            channels, height, width = self.backbone(torch.zeros(1, 3, image_size, image_size)).shape[1:]
+        try:
+            with torch.no_grad():
+                channels, height, width = self.backbone(torch.zeros(1, 3, image_size, image_size)).shape[1:]
+        except RuntimeError as error:
+            raise ValueError(f"{backbone} cannot take {image_size}×{image_size} images: {str(error).splitlines()[0]}") from None
         self.backbone.train()
+        head_parameters = channels * height * width * hidden_size
+        if head_parameters > MAX_HEAD_PARAMETERS:
+            raise ValueError(
+                f"image_size {image_size} gives {backbone} a {height}×{width}×{channels} feature map, so the flattened head "
+                f"would hold {head_parameters / 1e9:.1f} billion weights (limit {MAX_HEAD_PARAMETERS / 1e9:.0f}); use a smaller image size."
+            )
         self.head = nn.Sequential(
             nn.Flatten(),
             nn.Linear(channels * height * width, hidden_size),
@@ -92,8 +130,13 @@ class CatDogClassifier(
         """
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"--pretrained-weights: no such file: {path}")
-        state = timm.models.load_state_dict(str(path))
+            raise FileNotFoundError(f"no such file: {path}")
+        try:
+            state = timm.models.load_state_dict(str(path))
+        except Exception as error:  # unpickling arbitrary bytes can raise almost anything
+            raise ValueError(f"{path} is not a readable PyTorch or safetensors checkpoint ({type(error).__name__})") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"{path} does not hold a state dict of tensors (it holds a {type(state).__name__})")
         backbone_keys = set(self.backbone.state_dict())
         ignored = [k for k in state if k not in backbone_keys]
         try:
@@ -113,6 +156,25 @@ class CatDogClassifier(
         kwargs["pretrained"] = False
         # The mixin defaults to strict=False; mismatched weights must fail loudly instead.
         return super()._from_pretrained(model_id=model_id, strict=True, **kwargs)
+
+    @classmethod
+    def _load_as_safetensor(cls, model: "CatDogClassifier", model_file: str, map_location: str, strict: bool):
+        # torch's own message lists every mismatch over many lines; name the first one in a sentence instead.
+        with safe_open(model_file, framework="pt") as weights:
+            saved = {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}
+        expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+        for name in expected:
+            if name not in saved:
+                raise ValueError(f"{Path(model_file).name} has no tensor {name!r} that the config's model needs")
+            if saved[name] != expected[name]:
+                raise ValueError(
+                    f"tensor {name!r} has shape {list(saved[name])} in {Path(model_file).name}, "
+                    f"but the model built from config.json needs {list(expected[name])}"
+                )
+        unexpected = sorted(set(saved) - set(expected))
+        if unexpected:
+            raise ValueError(f"{Path(model_file).name} holds {len(unexpected)} tensors the model does not have, e.g. {unexpected[0]!r}")
+        return super()._load_as_safetensor(model, model_file, map_location, strict)
 
     @property
     def num_parameters(self) -> dict[str, int]:

@@ -16,7 +16,8 @@ from typing import Optional, Sequence
 
 import torch
 from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+from huggingface_hub.utils import validate_repo_id
 from PIL import Image
 from safetensors import SafetensorError
 
@@ -33,10 +34,32 @@ class ModelLoadError(RuntimeError):
 
 
 def parse_source(source: str) -> tuple[str, Optional[str]]:
-    """Split "user/repo@revision" into ("user/repo", "revision"); folders are returned as they are."""
-    if Path(source).exists() or "@" not in source:
-        return source, None
-    repo_id, revision = source.rsplit("@", 1)
+    """Split "user/repo@revision" into ("user/repo", "revision"), or check a local folder.
+
+    Raises ``ModelLoadError`` for what can be neither: an empty name, a file, a local-looking path
+    that does not exist, a revision on a local folder, or a string that is no Hub repo id.
+    """
+    source = str(source).strip()
+    if not source:
+        raise ModelLoadError("No model given: pass a folder written by train_accelerate.py or a Hub id like user/repo.")
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return str(path), None
+    if path.exists():
+        raise ModelLoadError(f"{source} is a file; pass the folder that holds config.json and model.safetensors.")
+    repo_id, _, revision = source.partition("@")
+    if Path(repo_id).expanduser().is_dir():
+        raise ModelLoadError(f"{source}: a local folder has no revisions; drop '@{revision}' or pass a Hub id.")
+    # Our models always live under a user or organisation, so "name", "./name" or "a/b/c" mean a folder.
+    looks_local = repo_id.startswith((".", "/", "~")) or "\\" in repo_id or repo_id.count("/") != 1
+    if looks_local:
+        raise ModelLoadError(f"No such model folder: {source} (a Hub id has the form user/repo).")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise ModelLoadError(f"{source!r} is neither a folder nor a valid Hub id (user/repo, optionally @revision).") from None
+    if "@" in source and not revision:
+        raise ModelLoadError(f"{source!r} ends with '@' but names no revision.")
     return repo_id, revision or None
 
 
@@ -59,6 +82,9 @@ class Predictor:
     @torch.inference_mode()
     def predict(self, images: Sequence[Image.Image]) -> list[dict[str, float]]:
         """One ``{label: probability}`` per image, in order, batched."""
+        if isinstance(images, (str, bytes, Image.Image)) or not isinstance(images, Sequence):
+            hint = ": wrap it in a list" if isinstance(images, Image.Image) else ""
+            raise TypeError(f"predict takes a list of PIL images, got {type(images).__name__}{hint}")
         results = []
         negative, positive = self.labels
         for start in range(0, len(images), self.batch_size):
@@ -68,35 +94,57 @@ class Predictor:
         return results
 
 
+def _read_json(repo_id: str, filename: str, revision: Optional[str]) -> object:
+    """A JSON file next to the weights, from the folder or the Hub (huggingface_hub caches it)."""
+    path = Path(repo_id) / filename if Path(repo_id).is_dir() else hf_hub_download(repo_id, filename, revision=revision)
+    return json.loads(Path(path).read_text())
+
+
 def _read_metrics(repo_id: str, revision: Optional[str]) -> dict:
-    """metrics.json next to the weights, if the training script wrote one; {} otherwise."""
+    """metrics.json, if the training script wrote one; {} otherwise: it only feeds the model panel."""
     try:
-        path = Path(repo_id) / "metrics.json" if Path(repo_id).is_dir() else hf_hub_download(repo_id, "metrics.json", revision=revision)
-        return json.loads(Path(path).read_text())
+        metrics = _read_json(repo_id, "metrics.json", revision)
     except (OSError, ValueError, EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError):
         return {}
+    return metrics if isinstance(metrics, dict) else {}
+
+
+def _load_model(source: str, repo_id: str, revision: Optional[str]) -> CatDogClassifier:
+    local = Path(repo_id).is_dir()
+    where = repo_id if local else f"{source!r} on the Hub"
+    if local and not (Path(repo_id) / "config.json").is_file():
+        raise ModelLoadError(f"{repo_id} has no config.json: it is not a folder written by train_accelerate.py.")
+    if local and not (Path(repo_id) / "model.safetensors").is_file():
+        raise ModelLoadError(f"Could not read the model in {repo_id}: model.safetensors is missing.")
+    try:
+        config = _read_json(repo_id, "config.json", revision)
+        if not isinstance(config, dict):
+            raise ModelLoadError(f"The config.json of {where} is a JSON {type(config).__name__}, not an object.")
+        return CatDogClassifier.from_pretrained(repo_id, revision=revision)
+    except (LocalEntryNotFoundError, EntryNotFoundError) as error:
+        if local:
+            raise ModelLoadError(f"Could not read the model in {repo_id}: {error}") from None
+        raise ModelLoadError(
+            f"Could not download {source!r} from the Hugging Face Hub (offline, no access, or a file is missing)."
+        ) from None
+    except HfHubHTTPError as error:
+        raise ModelLoadError(f"The Hub refused {source!r}: {str(error).splitlines()[0]}") from None
+    except json.JSONDecodeError as error:
+        raise ModelLoadError(f"The config.json of {where} is not valid JSON ({error}).") from None
+    except ModelLoadError:
+        raise
+    except (RuntimeError, ValueError, TypeError, KeyError, AttributeError, SafetensorError, OSError) as error:
+        # Weights that do not fit the config (strict loading), or a config this code cannot build.
+        reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise ModelLoadError(f"The files of {where} do not form a valid model: {reason}") from None
 
 
 def load_predictor(source: str, batch_size: int = 16) -> Predictor:
     """Load a model from a local folder, "user/repo" or "user/repo@revision", in eval mode.
 
-    Raises ``ModelLoadError`` with a one-line explanation when it cannot.
+    Raises ``ModelLoadError``, and only that, with a one-line message naming the source and the reason.
     """
-    repo_id, revision = parse_source(str(source))
-    if Path(repo_id).is_dir() and not (Path(repo_id) / "config.json").is_file():
-        raise ModelLoadError(f"{repo_id} has no config.json: it is not a folder written by train_accelerate.py.")
-    try:
-        model = CatDogClassifier.from_pretrained(repo_id, revision=revision)
-    except (LocalEntryNotFoundError, OSError) as error:
-        if Path(repo_id).is_dir():
-            raise ModelLoadError(f"Could not read the model in {repo_id}: {error}") from None
-        raise ModelLoadError(
-            f"Could not download {source!r} from the Hugging Face Hub (offline, or no access to the repo)."
-        ) from None
-    except HfHubHTTPError as error:
-        raise ModelLoadError(f"The Hub refused {source!r}: {str(error).splitlines()[0]}") from None
-    except (RuntimeError, ValueError, TypeError, SafetensorError) as error:
-        # Weights that do not fit the config (strict loading), or a config this code cannot build.
-        raise ModelLoadError(f"The files of {source!r} do not form a valid model: {str(error).splitlines()[0]}") from None
+    repo_id, revision = parse_source(source)
+    model = _load_model(str(source).strip(), repo_id, revision)
     model.eval()
     return Predictor(model, source=repo_id, revision=revision, metrics=_read_metrics(repo_id, revision), batch_size=batch_size)

@@ -1,0 +1,149 @@
+"""Loading never crashes: whatever the source string or the folder holds, only ModelLoadError, naming both."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from catdog_model import CatDogClassifier, ImageError, ModelLoadError, load_predictor
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    CatDogClassifier(backbone="resnet18", image_size=32, hidden_size=8).save_pretrained(folder)
+    return folder
+
+
+def _copy_with_config(saved_model, tmp_path, **changes):
+    (tmp_path / "model.safetensors").write_bytes((saved_model / "model.safetensors").read_bytes())
+    config = json.loads((saved_model / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **changes}))
+    return tmp_path
+
+
+@pytest.mark.parametrize("config_text, reason", [
+    ("[1, 2]", "JSON list, not an object"),
+    ("{not json", "not valid JSON"),
+    ('{"labels": ["cat", "dog", "bird"]}', "exactly two non-empty label names"),
+    ('{"labels": "cd"}', "labels must be a list of two names"),
+    ('{"labels": ["dog", "dog"]}', "the two labels must differ"),
+    ('{"labels": ["", "dog"]}', "exactly two non-empty label names"),
+    ('{"labels": null}', "labels must be a list"),
+    ('{"backbone": "resnet5O"}', "timm has no model named 'resnet5O'"),
+    ('{"image_size": "big"}', "image_size must be a positive whole number"),
+    ('{"image_size": 0}', "image_size must be a positive whole number"),
+    ('{"hidden_size": -1}', "hidden_size must be a positive whole number"),
+    ('{"dropout": 2}', "dropout must be a probability"),
+    ('{"hidden_size": 16}', "tensor 'head.1.weight' has shape [8, 512] in model.safetensors, but the model built "
+                            "from config.json needs [16, 512]"),
+])
+def test_bad_config_is_one_model_load_error_naming_source_and_reason(saved_model, tmp_path, config_text, reason):
+    _copy_with_config(saved_model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    try:
+        config.update(json.loads(config_text))
+        (tmp_path / "config.json").write_text(json.dumps(config))
+    except (ValueError, TypeError):  # not a JSON object: write it as it is
+        (tmp_path / "config.json").write_text(config_text)
+    with pytest.raises(ModelLoadError) as error:
+        load_predictor(str(tmp_path))
+    assert reason in str(error.value) and str(tmp_path) in str(error.value)
+
+
+@pytest.mark.parametrize("weights, reason", [
+    (b"", "do not form a valid model"),
+    (b"\x00" * 64, "do not form a valid model"),
+    ("truncated", "do not form a valid model"),
+    (None, "model.safetensors is missing"),
+])
+def test_broken_weights_are_one_model_load_error(saved_model, tmp_path, weights, reason):
+    _copy_with_config(saved_model, tmp_path)
+    if weights is None:
+        (tmp_path / "model.safetensors").unlink()
+    else:
+        good = (saved_model / "model.safetensors").read_bytes()
+        (tmp_path / "model.safetensors").write_bytes(good[: len(good) // 2] if weights == "truncated" else weights)
+    with pytest.raises(ModelLoadError, match=reason):
+        load_predictor(str(tmp_path))
+
+
+def test_extra_tensors_in_the_weights_are_refused(saved_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+    weights = load_file(saved_model / "model.safetensors")
+    _copy_with_config(saved_model, tmp_path)
+    save_file({**weights, "head.9.weight": torch.zeros(2)}, tmp_path / "model.safetensors")
+    with pytest.raises(ModelLoadError, match="1 tensors the model does not have, e.g. 'head.9.weight'"):
+        load_predictor(str(tmp_path))
+
+
+@pytest.mark.parametrize("source, message", [
+    ("", "No model given"),
+    ("   ", "No model given"),
+    ("catdog-modl", "No such model folder: catdog-modl"),
+    ("./catdog-modl", "No such model folder: ./catdog-modl"),
+    ("some/deep/folder", "No such model folder: some/deep/folder"),
+    ("a b/c", "neither a folder nor a valid Hub id"),
+    ("user/repo@", "names no revision"),
+])
+def test_source_strings_that_cannot_work_say_why(source, message):
+    with pytest.raises(ModelLoadError, match=message):
+        load_predictor(source)
+
+
+def test_a_file_and_a_folder_with_a_revision_are_refused(saved_model):
+    with pytest.raises(ModelLoadError, match="is a file; pass the folder"):
+        load_predictor(str(saved_model / "config.json"))
+    with pytest.raises(ModelLoadError, match="a local folder has no revisions; drop '@v1'"):
+        load_predictor(f"{saved_model}@v1")
+
+
+def test_labels_are_checked_with_real_exceptions_even_under_python_O():
+    code = ("from catdog_model import CatDogClassifier\n"
+            "try:\n    CatDogClassifier(backbone='resnet18', image_size=32, hidden_size=8, labels=('a', 'b', 'c'))\n"
+            "except ValueError as e:\n    print('refused:', e)\n")
+    result = subprocess.run([sys.executable, "-O", "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "refused: a binary classifier needs exactly two non-empty label names" in result.stdout, result.stderr
+
+
+def test_unknown_backbone_suggests_close_names():
+    with pytest.raises(ValueError, match=r"timm has no model named 'resnet5O' \(did you mean resnet50"):
+        CatDogClassifier(backbone="resnet5O")
+
+
+def test_an_image_size_that_explodes_the_head_is_refused_before_allocating_it():
+    with pytest.raises(ValueError, match="billion weights"):
+        CatDogClassifier(backbone="resnet18", image_size=4096)
+
+
+@pytest.fixture(scope="module")
+def predictor(saved_model):
+    return load_predictor(str(saved_model))
+
+
+@pytest.mark.parametrize("images", ["cat.jpg", None, np.zeros((32, 32, 3), np.uint8), Image.new("RGB", (8, 8)), 3])
+def test_predict_refuses_what_is_not_a_list_of_images(predictor, images):
+    with pytest.raises(TypeError, match="predict takes a list of PIL images"):
+        predictor.predict(images)
+
+
+@pytest.mark.parametrize("item", ["cat.jpg", None, np.zeros((32, 32, 3), np.uint8)])
+def test_predict_refuses_list_items_that_are_not_images(predictor, item):
+    with pytest.raises(TypeError, match="expected a PIL image"):
+        predictor.predict([Image.new("RGB", (8, 8)), item])
+
+
+def test_closed_and_empty_images_are_image_errors(predictor):
+    closed = Image.new("RGB", (16, 16))
+    closed.close()
+    with pytest.raises(ImageError, match="closed"):
+        predictor.predict([closed])
+    with pytest.raises(ImageError, match=r"no pixels \(0×0\)"):
+        predictor.predict([Image.new("RGB", (0, 0))])
+    assert predictor.predict([Image.new("RGB", (1, 1))])[0].keys() == {"cat", "dog"}
