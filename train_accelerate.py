@@ -8,13 +8,20 @@ several GPUs, several machines. For example:
     accelerate launch --multi_gpu --num_processes 2 train_accelerate.py --cpu ...   # two CPU processes
 
 The output folder receives config.json + model.safetensors (best validation epoch), metrics.json,
-split.json (row indices of train/validation/test) and README.md (the model card).
+split.json (row indices of train/validation/test) and README.md (the model card). One run owns the
+folder at a time (a lock), and its checkpoints record the run's identity, so that a resume can only
+continue the run that wrote them, bit for bit.
 """
 
 import argparse
 import json
 import logging
+import math
+import os
+import signal
 import sys
+import tempfile
+import warnings
 from pathlib import Path
 
 import accelerate
@@ -33,29 +40,17 @@ from tqdm.auto import tqdm
 
 from catdog_model import CatDogClassifier
 from catdog_model.card import make_model_card
-from catdog_model.data import DatasetError, collate, load_image_dataset, make_transform, save_split, split_dataset
+from catdog_model.checkpoints import (CHECKPOINTS, LOCK_FILE, TrainingError, claim_output_dir, find_resume_checkpoint,
+                                      on_main_process, save_checkpoint)
+from catdog_model.data import (DatasetError, check_classes, collate, dataset_fingerprint, exit_with_parent,
+                               load_image_dataset, make_transform, save_split, split_dataset)
 
 logger = get_logger(__name__)
 
 SPLIT_FILE = "split.json"
-
-
-class TrainingError(RuntimeError):
-    """A problem the user can fix; printed as one line, without a traceback."""
-
-
-class Progress:
-    """Where training stands; saved inside each checkpoint so that a resumed run continues mid-epoch."""
-
-    def __init__(self) -> None:
-        self.epoch, self.batches_in_epoch, self.optimizer_steps = 0, 0, 0
-        self.best_val_accuracy, self.best_epoch, self.history = -1.0, -1, []
-
-    def state_dict(self) -> dict:
-        return dict(vars(self))
-
-    def load_state_dict(self, state: dict) -> None:
-        vars(self).update(state)
+TRACKER_PROJECT = "catdog"  # trackers log under output_dir/catdog
+# What a run writes into its output folder (with checkpoints/): --overwrite-output-dir removes these, nothing else.
+RUN_FILES = ("config.json", "model.safetensors", "metrics.json", SPLIT_FILE, "README.md", TRACKER_PROJECT)
 
 
 class RunningMetrics:
@@ -67,14 +62,43 @@ class RunningMetrics:
     def __init__(self) -> None:
         self.loss_sum, self.correct, self.count = 0.0, 0.0, 0
 
-    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        self.loss_sum = self.loss_sum + F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="sum")
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Add one batch; returns its summed loss (still on the device)."""
+        batch_loss = F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="sum")
+        self.loss_sum = self.loss_sum + batch_loss
         self.correct = self.correct + ((logits > 0).float() == labels).sum()
         self.count += len(labels)
+        return batch_loss
 
     def result(self) -> dict:
         count = max(self.count, 1)
         return {"loss": float(self.loss_sum) / count, "accuracy": float(self.correct) / count, "samples": self.count}
+
+    def state_dict(self) -> dict:
+        return {"loss_sum": float(self.loss_sum), "correct": float(self.correct), "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        # float32 sums survive the trip through a Python float exactly, so a resumed epoch adds up bit for bit.
+        self.loss_sum, self.correct, self.count = state["loss_sum"], state["correct"], state["count"]
+
+
+class Progress:
+    """Where training stands, with the running sums of the current epoch; saved inside each checkpoint,
+    so that a run resumed mid-epoch (or at an epoch's last step) continues with complete metrics."""
+
+    def __init__(self) -> None:
+        self.epoch, self.batches_in_epoch, self.optimizer_steps = 0, 0, 0
+        self.best_val_accuracy, self.best_epoch, self.history = -1.0, -1, []
+        self.train_metrics = RunningMetrics()
+
+    def state_dict(self) -> dict:
+        return {**vars(self), "train_metrics": self.train_metrics.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        metrics = state.pop("train_metrics")
+        vars(self).update(state)
+        self.train_metrics = RunningMetrics()
+        self.train_metrics.load_state_dict(metrics)
 
 
 def evaluate(model, loader, accelerator, desc: str) -> dict:
@@ -87,20 +111,89 @@ def evaluate(model, loader, accelerator, desc: str) -> dict:
     return metrics.result()
 
 
-def checkpoint(accelerator, output_dir: Path, progress: Progress) -> None:
-    accelerator.save_state(str(output_dir / "checkpoints" / f"step_{progress.optimizer_steps:08d}"))
+# ---- Fail fast: every flag is checked within seconds, before the dataset is touched.
+
+def check_args(args) -> None:
+    """Plain flag values; raises TrainingError naming the first that cannot work."""
+    for flag in ("epochs", "batch_size", "gradient_accumulation_steps", "max_train_samples", "max_eval_samples",
+                 "checkpoints_total_limit"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise TrainingError(f"--{flag.replace('_', '-')} must be at least 1, got {value}.")
+    if args.num_workers < 0:
+        raise TrainingError(f"--num-workers must be 0 or more, got {args.num_workers}.")
+    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
+        raise TrainingError(f"--learning-rate must be a finite number above 0, got {args.learning_rate}.")
+    if not (0 < args.test_split < 1 and 0 < args.val_split < 1):
+        raise TrainingError("--test-split and --val-split must be between 0 and 1.")
+    if args.resume_from_checkpoint and args.overwrite_output_dir:
+        raise TrainingError("--resume-from-checkpoint continues a run and --overwrite-output-dir deletes it: pick one.")
+    if args.push_to_hub and not (args.hub_model_id and (args.hub_token or get_token())):
+        raise TrainingError("--push-to-hub needs --hub-model-id and a token: run `hf auth login` or pass --hub-token.")
+    # The real model is built after the data is loaded (its labels come from the dataset); a model on
+    # the meta device costs no memory and checks the backbone name, the image size and the weights file now.
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")  # loading real tensors into meta ones is a no-op, by design here
+        try:
+            model = CatDogClassifier(args.backbone, args.image_size, pretrained=False)
+        except (ValueError, TypeError) as error:
+            raise TrainingError(f"--backbone {args.backbone} --image-size {args.image_size}: {error}") from None
+        try:
+            if args.pretrained_weights:
+                model.load_backbone_weights(args.pretrained_weights)
+        except (ValueError, OSError) as error:
+            raise TrainingError(f"--pretrained-weights: {str(error).splitlines()[0]}") from None
 
 
-def find_checkpoint(output_dir: Path, resume_from: str) -> Path:
-    if resume_from != "latest":
-        path = Path(resume_from)
-        if not path.is_dir():
-            raise TrainingError(f"--resume-from-checkpoint: no such checkpoint folder: {path}")
-        return path
-    found = sorted((output_dir / "checkpoints").glob("step_*"))
-    if not found:
-        raise TrainingError(f"--resume-from-checkpoint latest: no checkpoint in {output_dir / 'checkpoints'}")
-    return found[-1]
+def backbone_init(args) -> str:
+    if args.pretrained_weights:
+        return "ImageNet weights from " + args.pretrained_weights
+    return "random (--no-pretrained)" if args.no_pretrained else "timm ImageNet weights"
+
+
+def run_identity(args, accelerator: Accelerator) -> dict:
+    """Everything that makes a run's result what it is, keyed by the flag that sets it.
+
+    Flags that only change speed (--num-workers, --with-tracking, --checkpointing-steps) are not here,
+    nor --epochs: a run may be extended."""
+    local = Path(args.dataset).exists()
+    return {
+        "--dataset": None if local else args.dataset,  # a local folder is known by its content, wherever it lies
+        "dataset content": dataset_fingerprint(args.dataset, args.dataset_revision),
+        "--dataset-revision": args.dataset_revision,
+        "--seed": args.seed, "--test-split": args.test_split, "--val-split": args.val_split,
+        "--max-train-samples": args.max_train_samples, "--max-eval-samples": args.max_eval_samples,
+        "--backbone": args.backbone, "--image-size": args.image_size, "backbone initialisation": backbone_init(args),
+        "--freeze-backbone": args.freeze_backbone, "--no-augmentation": args.no_augmentation,
+        "--batch-size": args.batch_size, "number of processes": accelerator.num_processes,
+        "--gradient-accumulation-steps": args.gradient_accumulation_steps,
+        "--learning-rate": args.learning_rate, "--mixed-precision": accelerator.mixed_precision,
+    }
+
+
+# ---- Data, model and the steps of training.
+
+def load_splits(args, accelerator: Accelerator, output_dir: Path):
+    """Check every image once (cached by datasets), split, cap, and record the rows in split.json."""
+    with accelerator.main_process_first():
+        data = load_image_dataset(args.dataset, args.dataset_revision, num_proc=args.num_workers if args.num_workers > 1 else None)
+    splits = split_dataset(data, args.test_split, args.val_split, args.seed)
+    used = dict(splits)
+    for name, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples), ("test", args.max_eval_samples)):
+        if limit is not None:
+            used[name] = splits[name].select(range(min(limit, len(splits[name]))))
+    check_classes(data, used, hint=" (raise --max-train-samples / --max-eval-samples)")
+    transforms = {name: make_transform(data, args.image_size, train=name == "train" and not args.no_augmentation, seed=args.seed)
+                  for name in used}
+    if accelerator.is_main_process:
+        save_split(output_dir / SPLIT_FILE, splits, used, data, dataset=args.dataset, revision=args.dataset_revision, seed=args.seed)
+    for name, split in used.items():
+        split.set_transform(transforms[name])
+    logger.info(
+        "dataset %s: %s; %d rows skipped (undecodable)",
+        args.dataset, ", ".join(f"{n} {len(s)}" for n, s in used.items()), len(data.skipped_rows),
+    )
+    return data, splits, used, transforms["train"]
 
 
 def build_model(args, labels: tuple[str, ...]) -> CatDogClassifier:
@@ -115,16 +208,39 @@ def build_model(args, labels: tuple[str, ...]) -> CatDogClassifier:
             "Train from scratch with --no-pretrained, or pass a local timm checkpoint with --pretrained-weights PATH."
         ) from None
     if args.pretrained_weights:
-        try:
-            model.load_backbone_weights(args.pretrained_weights)
-        except (OSError, ValueError, RuntimeError) as error:
-            raise TrainingError(f"--pretrained-weights: {str(error).splitlines()[0]}") from None
+        model.load_backbone_weights(args.pretrained_weights)  # checked on the meta device at start-up
     if args.freeze_backbone:
         model.backbone.requires_grad_(False)
     return model
 
 
+def check_finite(losses: list, model, progress: Progress) -> None:
+    """Stop before anything non-finite is saved: the losses since the last check, then the weights."""
+    if losses:
+        values = torch.stack([loss for _, _, loss in losses])
+        bad = (~torch.isfinite(values)).nonzero()
+        if len(bad):
+            batch, step, loss = losses[int(bad[0])]
+            raise TrainingError(
+                f"The training loss became {float(loss)} at optimizer step {step} (epoch {progress.epoch + 1}, batch {batch}). Nothing from that "
+                "point on was saved; the last complete checkpoint is kept. Lower --learning-rate and start again."
+            )
+        losses.clear()
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        raise TrainingError(f"The weights became non-finite in epoch {progress.epoch + 1}; nothing was saved from that point on. "
+                            "Lower --learning-rate and start again.")
+
+
+def save_model(model: CatDogClassifier, output_dir: Path) -> None:
+    """save_pretrained into a temporary folder, then rename: a kill never leaves a half-written model."""
+    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".tmp-model-") as temp:
+        model.save_pretrained(temp)
+        for name in ("config.json", "model.safetensors"):
+            os.replace(Path(temp) / name, output_dir / name)
+
+
 def training_function(args) -> None:
+    check_args(args)
     accelerator = Accelerator(
         cpu=args.cpu,
         mixed_precision=args.mixed_precision,
@@ -139,33 +255,18 @@ def training_function(args) -> None:
         "world size %d (%s, device %s, mixed precision %s)",
         accelerator.num_processes, accelerator.distributed_type, accelerator.device, accelerator.mixed_precision,
     )
-    if args.push_to_hub and not (args.hub_model_id and (args.hub_token or get_token())):
-        raise TrainingError("--push-to-hub needs --hub-model-id and a token: run `hf auth login` or pass --hub-token.")
-    if not args.resume_from_checkpoint and not args.overwrite_output_dir and (output_dir / "model.safetensors").exists():
-        raise TrainingError(f"{output_dir} already holds a model; pass --overwrite-output-dir or another --output-dir.")
+    identity = run_identity(args, accelerator)
+    resume_from = find_resume_checkpoint(args.resume_from_checkpoint, output_dir, identity, args.epochs)
+    lock = on_main_process(accelerator, claim_output_dir, output_dir, args.overwrite_output_dir, bool(resume_from), RUN_FILES)
     set_seed(args.seed)
 
-    # Data: check every image once (cached by datasets), then split before anything trains.
-    with accelerator.main_process_first():
-        data = load_image_dataset(args.dataset, args.dataset_revision, num_proc=args.num_workers if args.num_workers > 1 else None)
-    splits = split_dataset(data, args.test_split, args.val_split, args.seed)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_split(output_dir / SPLIT_FILE, splits, data, dataset=args.dataset, revision=args.dataset_revision, seed=args.seed)
-    for name, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples), ("test", args.max_eval_samples)):
-        if limit is not None:
-            splits[name] = splits[name].select(range(min(limit, len(splits[name]))))
-        splits[name].set_transform(make_transform(data, args.image_size, train=name == "train" and not args.no_augmentation))
-    logger.info(
-        "dataset %s: %s; %d rows skipped (undecodable)",
-        args.dataset, ", ".join(f"{n} {len(s)}" for n, s in splits.items()), len(data.skipped_rows),
-    )
+    data, splits, used, train_transform = load_splits(args, accelerator, output_dir)
     loader_kwargs = dict(batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers)
-    # Its own generator: creating a loader iterator must not draw from the global RNG (dropout,
-    # augmentation), or a resumed run would not continue the same random stream.
-    train_loader = DataLoader(splits["train"], shuffle=True, generator=torch.Generator().manual_seed(args.seed), **loader_kwargs)
-    val_loader = DataLoader(splits["validation"], **loader_kwargs)
-    test_loader = DataLoader(splits["test"], **loader_kwargs)
+    # Its own generator: creating a loader iterator must not draw from the global RNG (dropout),
+    # or a resumed run would not continue the same random stream.
+    train_loader = DataLoader(used["train"], shuffle=True, generator=torch.Generator().manual_seed(args.seed), **loader_kwargs)
+    val_loader = DataLoader(used["validation"], **loader_kwargs)
+    test_loader = DataLoader(used["test"], **loader_kwargs)
 
     model = build_model(args, data.labels)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
@@ -176,21 +277,30 @@ def training_function(args) -> None:
     )
     progress = Progress()
     accelerator.register_for_checkpointing(progress)
-    if args.resume_from_checkpoint:
-        path = find_checkpoint(output_dir, args.resume_from_checkpoint)
-        accelerator.load_state(str(path))
-        logger.info("resumed from %s at epoch %d, batch %d", path, progress.epoch + 1, progress.batches_in_epoch)
+    if resume_from:
+        try:
+            accelerator.load_state(str(resume_from))
+        except (OSError, RuntimeError, ValueError, KeyError) as error:
+            raise TrainingError(f"Could not load {resume_from}: {str(error).splitlines()[0]}") from None
+        logger.info("resumed from %s at epoch %d, batch %d", resume_from, progress.epoch + 1, progress.batches_in_epoch)
     if args.with_tracking:
-        accelerator.init_trackers("catdog", config={k: v for k, v in vars(args).items() if k != "hub_token"})
+        accelerator.init_trackers(TRACKER_PROJECT, config={k: v for k, v in vars(args).items() if k != "hub_token"})
+
+    def checkpoint(losses: list) -> None:
+        check_finite(losses, model, progress)
+        info = {"identity": identity, "epoch": progress.epoch, "batches_in_epoch": progress.batches_in_epoch,
+                "optimizer_steps": progress.optimizer_steps}
+        save_checkpoint(accelerator, output_dir / CHECKPOINTS, progress.optimizer_steps, info, args.checkpoints_total_limit)
 
     for epoch in range(progress.epoch, args.epochs):
         model.train()
+        train_transform.set_epoch(epoch)
         train_loader.set_epoch(epoch)
         loader = train_loader
         if progress.batches_in_epoch:
             loader = accelerator.skip_first_batches(train_loader, progress.batches_in_epoch)
             loader.set_epoch(epoch)
-        train_metrics = RunningMetrics()
+        unchecked_losses = []  # (batch, summed loss) since the last finiteness check: checked without a per-step sync
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not accelerator.is_local_main_process)
         for batch in bar:
             with accelerator.accumulate(model):
@@ -199,18 +309,20 @@ def training_function(args) -> None:
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad()
-            train_metrics.update(*accelerator.gather_for_metrics((logits.detach(), batch["labels"])))
             progress.batches_in_epoch += 1
+            batch_loss = progress.train_metrics.update(*accelerator.gather_for_metrics((logits.detach(), batch["labels"])))
+            unchecked_losses.append((progress.batches_in_epoch, progress.optimizer_steps + 1, batch_loss))
             if progress.batches_in_epoch % 10 == 0:  # reading the sums back syncs the GPU: not every step
-                running = train_metrics.result()
+                check_finite(unchecked_losses, model, progress)
+                running = progress.train_metrics.result()
                 bar.set_postfix(loss=f"{running['loss']:.4f}", acc=f"{running['accuracy']:.3f}")
             if accelerator.sync_gradients:
                 progress.optimizer_steps += 1
                 if args.checkpointing_steps.isdigit() and progress.optimizer_steps % int(args.checkpointing_steps) == 0:
-                    checkpoint(accelerator, output_dir, progress)
+                    checkpoint(unchecked_losses)
 
-        val, train = evaluate(model, val_loader, accelerator, "validation"), train_metrics.result()
-        # A resumed epoch only counts the batches seen after the resume in its train metrics.
+        check_finite(unchecked_losses, model, progress)
+        val, train = evaluate(model, val_loader, accelerator, "validation"), progress.train_metrics.result()
         row = {"epoch": epoch + 1, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
                "val_loss": val["loss"], "val_accuracy": val["accuracy"]}
         progress.history.append(row)
@@ -220,11 +332,11 @@ def training_function(args) -> None:
         if val["accuracy"] > progress.best_val_accuracy:
             progress.best_val_accuracy, progress.best_epoch = val["accuracy"], epoch + 1
             if accelerator.is_main_process:
-                accelerator.unwrap_model(model).save_pretrained(output_dir)
+                save_model(accelerator.unwrap_model(model), output_dir)
         accelerator.wait_for_everyone()
-        progress.epoch, progress.batches_in_epoch = epoch + 1, 0
+        progress.epoch, progress.batches_in_epoch, progress.train_metrics = epoch + 1, 0, RunningMetrics()
         if args.checkpointing_steps == "epoch":
-            checkpoint(accelerator, output_dir, progress)
+            checkpoint([])
 
     # Test the kept (best-validation) weights on the held-out split.
     safetensors.torch.load_model(accelerator.unwrap_model(model), str(output_dir / "model.safetensors"))
@@ -235,22 +347,23 @@ def training_function(args) -> None:
         accelerator.end_training()
 
     if accelerator.is_main_process:
-        write_outputs(args, accelerator, output_dir, progress, test, data, splits)
+        write_outputs(args, accelerator, output_dir, progress, test, data, splits, used)
         if args.push_to_hub:
             push(args, output_dir)
+        lock.release()
 
 
-def write_outputs(args, accelerator, output_dir: Path, progress: Progress, test: dict, data, splits) -> None:
+def write_outputs(args, accelerator, output_dir: Path, progress: Progress, test: dict, data, splits, used) -> None:
     metrics = {
         "history": progress.history,
         "best_epoch": progress.best_epoch,
         "test": test,
         "dataset": args.dataset,
         "dataset_revision": args.dataset_revision,
-        "split_sizes": {name: len(split) for name, split in splits.items()},
+        "split_sizes": {name: len(split) for name, split in used.items()},
+        "full_split_sizes": {name: len(split) for name, split in splits.items()},
         "skipped_rows": len(data.skipped_rows),
-        "backbone_init": ("ImageNet weights from " + args.pretrained_weights) if args.pretrained_weights
-        else "random (--no-pretrained)" if args.no_pretrained else "timm ImageNet weights",
+        "backbone_init": backbone_init(args),
         "world_size": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
         "seed": args.seed,
@@ -269,7 +382,7 @@ def push(args, output_dir: Path) -> None:
     api = HfApi(token=args.hub_token)
     try:
         api.create_repo(args.hub_model_id, private=args.hub_private, exist_ok=True)
-        commit = api.upload_folder(repo_id=args.hub_model_id, folder_path=output_dir, ignore_patterns=["checkpoints/*", "runs/*"],
+        commit = api.upload_folder(repo_id=args.hub_model_id, folder_path=output_dir, ignore_patterns=[f"{CHECKPOINTS}/*", f"{TRACKER_PROJECT}/*", LOCK_FILE, ".tmp-*"],
                                    commit_message="Upload catdog model from train_accelerate.py")
     except (HfHubHTTPError, OSError, ValueError) as error:
         raise TrainingError(
@@ -305,7 +418,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     train.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None, help="default: accelerate config")
     train.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is there")
     train.add_argument("--checkpointing-steps", default=None, help='save the state every N optimizer steps, or "epoch"')
-    train.add_argument("--resume-from-checkpoint", default=None, help='a checkpoint folder, or "latest"')
+    train.add_argument("--checkpoints-total-limit", type=int, default=None, metavar="N",
+                       help="keep only the newest N checkpoints (each is about 1.5 GB at 224 px)")
+    train.add_argument(
+        "--resume-from-checkpoint", default=None, metavar="PATH|latest",
+        help='a checkpoint folder, or "latest": the newest complete one in OUTPUT_DIR/checkpoints. Refused if the '
+             "run's identity differs (data, seed, splits, model, batch size x processes x accumulation, learning rate, "
+             "augmentation, precision, max samples); --num-workers may differ, and --epochs may grow to extend a run",
+    )
     train.add_argument("--with-tracking", action="store_true", help="log to every tracker installed")
     out = parser.add_argument_group("output")
     out.add_argument("--output-dir", default="catdog-model")
@@ -315,16 +435,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     out.add_argument("--hub-private", action="store_true")
     out.add_argument("--hub-token", default=None, help="default: the logged-in token")
     args = parser.parse_args(argv)
-    if args.checkpointing_steps not in (None, "epoch") and not args.checkpointing_steps.isdigit():
-        parser.error('--checkpointing-steps takes a number of steps or "epoch"')
+    if args.checkpointing_steps not in (None, "epoch") and not (args.checkpointing_steps.isdigit() and int(args.checkpointing_steps) > 0):
+        parser.error('--checkpointing-steps takes a number of steps (1 or more) or "epoch"')
     args.checkpointing_steps = args.checkpointing_steps or ""
-    if not (0 < args.test_split < 1 and 0 < args.val_split < 1):
-        parser.error("--test-split and --val-split must be between 0 and 1")
     return args
 
 
 def main(argv=None) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if "LOCAL_RANK" in os.environ:  # started by torchrun (accelerate launch): never outlive the launcher
+        exit_with_parent(os.getppid(), signal.SIGTERM)
     args = parse_args(argv)
     try:
         training_function(args)

@@ -6,24 +6,35 @@ Works on ``microsoft/cats_vs_dogs`` from the Hub and on any local folder that
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import json
 import logging
+import os
+import signal
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import datasets
+import numpy as np
 import torch
 from datasets import ClassLabel, Dataset
-from torchvision.transforms import v2
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 
 from .images import ImageError, open_image, preprocess
 
-__all__ = ["DatasetError", "LoadedDataset", "load_image_dataset", "split_dataset", "make_transform", "collate"]
+__all__ = [
+    "DatasetError", "LoadedDataset", "load_image_dataset", "dataset_fingerprint", "split_dataset", "check_classes",
+    "make_transform", "collate", "exit_with_parent",
+]
 
 logger = logging.getLogger(__name__)
 
 ROW_COLUMN = "__row__"  # the row's index in the original split, kept through filtering and splitting
+_IMPORTING_PID = os.getpid()  # a forked worker inherits this value, so it can tell it is not the parent
 
 
 class DatasetError(ValueError):
@@ -51,7 +62,21 @@ def _find_columns(features: datasets.Features) -> tuple[str, str]:
     return images[0], labels[0]
 
 
+def exit_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
+    """Ask Linux to send ``sig`` to this process when its parent dies, so that a ``kill -9`` of the
+    parent leaves no orphan behind (prctl PR_SET_PDEATHSIG; a no-op elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:  # the parent died before the request was made
+        os.kill(os.getpid(), sig)
+
+
 def _is_decodable(image: dict) -> bool:
+    global _IMPORTING_PID
+    if os.getpid() != _IMPORTING_PID:  # first call in a worker of the checking pool
+        exit_with_parent(_IMPORTING_PID)
+        _IMPORTING_PID = os.getpid()
     try:
         open_image(image["bytes"] if image.get("bytes") is not None else image["path"])
     except ImageError:
@@ -75,6 +100,11 @@ def load_image_dataset(
     labels = tuple(dataset.features[label_column].names)
     if len(labels) != 2:
         raise DatasetError(f"The label column {label_column!r} has {len(labels)} classes {labels}; two are needed.")
+    counts = np.bincount(dataset[label_column], minlength=2)
+    if not counts.all():
+        raise DatasetError(
+            f"{name!r} holds {counts[0]} {labels[0]!r} and {counts[1]} {labels[1]!r} images: a classifier needs both."
+        )
 
     dataset = dataset.add_column(ROW_COLUMN, list(range(len(dataset))))
     # Decoding is checked on the raw bytes once, so that training never meets a broken image.
@@ -99,37 +129,95 @@ def split_dataset(
         second = first["train"].train_test_split(test_size=val_split, stratify_by_column=data.label_column, seed=seed)
     except ValueError as error:
         raise DatasetError(f"Cannot split {len(data.dataset)} rows that way: {error}") from None
-    return {"train": second["train"], "validation": second["test"], "test": first["test"]}
+    splits = {"train": second["train"], "validation": second["test"], "test": first["test"]}
+    check_classes(data, splits)
+    return splits
 
 
-def save_split(path: Path, splits: dict[str, Dataset], data: LoadedDataset, **info) -> None:
-    """Write the row indices of each split, so the test set can be evaluated again later."""
+def check_classes(data: LoadedDataset, splits: dict[str, Dataset], hint: str = "") -> None:
+    """Every split must hold both classes: accuracy on one class alone says nothing."""
+    for name, split in splits.items():
+        counts = np.bincount(split[data.label_column], minlength=2)
+        for label, count in zip(data.labels, counts):
+            if count == 0:
+                raise DatasetError(
+                    f"The {name} split ({len(split)} images) holds no {label!r} image, too few to train or evaluate{hint}."
+                )
+
+
+def dataset_fingerprint(name: str, revision: Optional[str] = None) -> str:
+    """What the data is, for a checkpoint's run identity: a content hash of a local folder, or the
+    commit a Hub dataset resolves to (cheap: no data is downloaded)."""
+    folder = Path(name)
+    if folder.exists():
+        digest = hashlib.sha256()
+        for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            digest.update(str(path.relative_to(folder)).encode() + b"\0")
+            with open(path, "rb") as file:
+                digest.update(hashlib.file_digest(file, "sha256").digest())
+        return "sha256:" + digest.hexdigest()
+    try:
+        builder = datasets.load_dataset_builder(name, revision=revision)
+    except Exception as error:  # any failure here is the dataset's, and load_image_dataset reports it best
+        raise DatasetError(f"Could not load the dataset {name!r}: {str(error).splitlines()[0]}") from None
+    return f"{name}@{builder.hash or revision or 'main'}"
+
+
+def save_split(path: Path, splits: dict[str, Dataset], used: dict[str, Dataset], data: LoadedDataset, **info) -> None:
+    """Write the row indices of each split, and of the rows actually used (``--max-*-samples``),
+    so that the test set can be evaluated again later."""
     content = dict(info, skipped_rows=data.skipped_rows)
     content.update({name: list(split[ROW_COLUMN]) for name, split in splits.items()})
+    content["used"] = {name: list(split[ROW_COLUMN]) for name, split in used.items()}
     path.write_text(json.dumps(content))
 
 
-def load_split(path: Path, data: LoadedDataset, name: str) -> Dataset:
-    """The rows of one saved split, looked up by their original index."""
+def load_split(path: Path, data: LoadedDataset, name: str, used: bool = False) -> Dataset:
+    """The rows of one saved split (or only those used), looked up by their original index."""
     position = {row: i for i, row in enumerate(data.dataset[ROW_COLUMN])}
+    saved = json.loads(Path(path).read_text())
     try:
-        return data.dataset.select([position[row] for row in json.loads(Path(path).read_text())[name]])
+        return data.dataset.select([position[row] for row in (saved["used"] if used else saved)[name]])
     except KeyError as error:
         raise DatasetError(f"{path} names row {error} that this dataset does not have: another dataset or revision?") from None
 
 
-def make_transform(data: LoadedDataset, image_size: int, train: bool) -> Callable[[dict], dict]:
-    """A ``Dataset.set_transform`` function yielding ``pixels`` and ``label``; augments only for training."""
-    # Keras-style augmentation from the spec: rotation ±20°, horizontal flip, zoom 0.8–1.2.
-    augment = v2.Compose([v2.RandomHorizontalFlip(), v2.RandomAffine(degrees=20, scale=(0.8, 1.2))]) if train else None
+class _Transform:
+    """A ``Dataset.set_transform`` function yielding ``pixels`` and ``label``; augments only for training.
 
-    def transform(batch: dict) -> dict:
-        pixels = [preprocess(image, image_size) for image in batch[data.image_column]]
-        if augment is not None:
-            pixels = [augment(p) for p in pixels]
-        return {"pixels": pixels, "label": batch[data.label_column]}
+    Each row's augmentation is drawn from a generator seeded by (seed, epoch, row), never from the
+    global random state. So the data order, the number of workers, the loader's prefetching and a
+    resume mid-epoch cannot change what a row looks like. Call ``set_epoch`` before each epoch's
+    loader iterator is created (workers copy the transform then).
+    """
 
-    return transform
+    def __init__(self, data: LoadedDataset, image_size: int, train: bool, seed: int) -> None:
+        self.image_column, self.label_column = data.image_column, data.label_column
+        self.image_size, self.train, self.seed, self.epoch = image_size, train, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _augment(self, pixels: torch.Tensor, row: int) -> torch.Tensor:
+        # Keras-style augmentation from the spec: horizontal flip, rotation ±20°, zoom 0.8–1.2
+        # (the parameters and defaults of v2.RandomHorizontalFlip + v2.RandomAffine).
+        seed = int(np.random.SeedSequence([self.seed, self.epoch, row]).generate_state(1, np.uint64)[0])
+        flip, angle, zoom = torch.rand(3, generator=torch.Generator().manual_seed(seed)).tolist()
+        if flip < 0.5:
+            pixels = TF.horizontal_flip(pixels)
+        return TF.affine(pixels, angle=-20 + 40 * angle, translate=[0, 0], scale=0.8 + 0.4 * zoom, shear=[0.0, 0.0],
+                         interpolation=InterpolationMode.NEAREST)
+
+    def __call__(self, batch: dict) -> dict:
+        pixels = [preprocess(image, self.image_size) for image in batch[self.image_column]]
+        if self.train:
+            pixels = [self._augment(p, row) for p, row in zip(pixels, batch[ROW_COLUMN])]
+        return {"pixels": pixels, "label": batch[self.label_column]}
+
+
+def make_transform(data: LoadedDataset, image_size: int, train: bool, seed: int = 0) -> _Transform:
+    """The one training/evaluation transform for ``Dataset.set_transform``; see ``_Transform``."""
+    return _Transform(data, image_size, train, seed)
 
 
 def collate(rows: list[dict]) -> dict[str, torch.Tensor]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import difflib
 import logging
 from pathlib import Path
-from typing import Optional, Union
 
 import timm
 import torch
@@ -22,7 +21,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from safetensors import safe_open
 from torch import nn
 
-__all__ = ["CatDogClassifier", "DEFAULT_LABELS"]
+__all__ = ["DEFAULT_LABELS", "CatDogClassifier"]
 
 DEFAULT_LABELS = ("cat", "dog")  # the order of microsoft/cats_vs_dogs: cat=0, dog=1
 
@@ -123,7 +122,7 @@ class CatDogClassifier(
         pixels = (pixels - self.mean.to(pixels.dtype)) / self.std.to(pixels.dtype)
         return self.head(self.backbone(pixels)).squeeze(-1)
 
-    def load_backbone_weights(self, path: Union[str, Path]) -> None:
+    def load_backbone_weights(self, path: str | Path) -> None:
         """Load ImageNet weights for the backbone from a local timm checkpoint (.pth or .safetensors).
 
         For machines without Hub access; the classifier keys of the checkpoint are ignored.
@@ -151,14 +150,14 @@ class CatDogClassifier(
         logger.info("loaded backbone weights from %s (ignored %d other keys)", path, len(ignored))
 
     @classmethod
-    def _from_pretrained(cls, *, model_id: str, strict: bool = True, **kwargs) -> "CatDogClassifier":
+    def _from_pretrained(cls, *, model_id: str, strict: bool = True, **kwargs) -> CatDogClassifier:
         # Saved weights replace the backbone's anyway: never download ImageNet weights here.
         kwargs["pretrained"] = False
         # The mixin defaults to strict=False; mismatched weights must fail loudly instead.
         return super()._from_pretrained(model_id=model_id, strict=True, **kwargs)
 
     @classmethod
-    def _load_as_safetensor(cls, model: "CatDogClassifier", model_file: str, map_location: str, strict: bool):
+    def _load_as_safetensor(cls, model: CatDogClassifier, model_file: str, map_location: str, strict: bool):
         # torch's own message lists every mismatch over many lines; name the first one in a sentence instead.
         with safe_open(model_file, framework="pt") as weights:
             saved = {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}

@@ -5,10 +5,12 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from datasets import ClassLabel, Dataset, Features, Image as ImageFeature, Value
 from PIL import Image
 
-from catdog_model.data import DatasetError, load_image_dataset, load_split, save_split, split_dataset
+from catdog_model.data import (DatasetError, check_classes, load_image_dataset, load_split, make_transform, save_split,
+                               split_dataset)
 
 
 def _jpeg(seed: int) -> bytes:
@@ -90,8 +92,43 @@ def test_split_is_stratified_disjoint_seeded_and_saved(mini_dataset, tmp_path):
     assert list(again["test"]["__row__"]) == list(splits["test"]["__row__"])
     assert set(split_dataset(data, 0.1, 0.2, seed=8)["test"]["__row__"]) != rows["test"]
 
-    save_split(tmp_path / "split.json", splits, data, seed=7)
+    used = dict(splits, test=splits["test"].select(range(10)))  # as --max-eval-samples 10 leaves it
+    save_split(tmp_path / "split.json", splits, used, data, seed=7)
     assert json.loads((tmp_path / "split.json").read_text())["seed"] == 7
     reloaded = load_split(tmp_path / "split.json", data, "test")
     assert list(reloaded["__row__"]) == list(splits["test"]["__row__"])
     assert list(reloaded["labels"]) == list(splits["test"]["labels"])
+    assert list(load_split(tmp_path / "split.json", data, "test", used=True)["__row__"]) == list(splits["test"]["__row__"][:10])
+
+
+def test_a_class_named_but_absent_is_refused(tmp_path):
+    folder = write_parquet_dataset(tmp_path / "cats-only", [(_jpeg(i), 0) for i in range(20)])
+    with pytest.raises(DatasetError, match="holds 20 'cat' and 0 'dog' images: a classifier needs both"):
+        load_image_dataset(str(folder))
+
+
+def test_a_split_without_one_class_is_refused(tmp_path):
+    data = load_image_dataset(str(write_parquet_dataset(tmp_path / "few", [(_jpeg(i), int(i < 3)) for i in range(30)])))
+    with pytest.raises(DatasetError, match="The test split \\(3 images\\) holds no 'dog' image, too few to train or evaluate"):
+        split_dataset(data, test_split=0.1, val_split=0.2, seed=0)  # 10% of 3 dogs rounds to none
+    splits = split_dataset(load_image_dataset(str(write_parquet_dataset(
+        tmp_path / "ok", [(_jpeg(i), i % 2) for i in range(30)]))), test_split=0.2, val_split=0.25, seed=0)
+    with pytest.raises(DatasetError, match="The test split \\(1 images\\) holds no"):
+        check_classes(data, {"test": splits["test"].select([0])})
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_row_only(dataset_with_broken_rows):
+    data = load_image_dataset(str(dataset_with_broken_rows))
+    rows = data.dataset.select(range(6))[:]
+    transform = make_transform(data, 24, train=True, seed=3)
+    first = transform(rows)["pixels"]
+    torch.manual_seed(123)  # the global random state plays no part
+    again = transform(rows)["pixels"]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    reordered = transform({k: v[::-1] for k, v in rows.items()})["pixels"][::-1]  # order plays no part either
+    assert all(torch.equal(a, b) for a, b in zip(first, reordered))
+    transform.set_epoch(1)
+    assert not all(torch.equal(a, b) for a, b in zip(first, transform(rows)["pixels"]))
+    assert not all(torch.equal(a, b) for a, b in zip(first, make_transform(data, 24, train=True, seed=4)(rows)["pixels"]))
+    plain = make_transform(data, 24, train=False)(rows)["pixels"]
+    assert not all(torch.equal(a, b) for a, b in zip(first, plain))

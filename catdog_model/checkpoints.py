@@ -1,0 +1,204 @@
+"""A training run's output folder: its lock, and checkpoints that survive kills and refuse the wrong run.
+
+Layout: ``output_dir/checkpoints/step_<8 digits>/``, each holding what ``Accelerator.save_state`` writes
+plus ``checkpoint.json``: the run's identity and the size of every file. Every process writes into
+``.tmp-step_<N>`` first; only when all of them are done is the manifest written and the folder renamed,
+so a kill at any moment leaves the previous complete checkpoint or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from filelock import FileLock, Timeout
+
+__all__ = [
+    "CHECKPOINTS", "CheckpointError", "LOCK_FILE", "MANIFEST", "TrainingError", "claim_output_dir", "find_latest",
+    "find_resume_checkpoint", "identity_changes", "on_main_process", "read_manifest", "save_checkpoint",
+]
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "checkpoint.json"
+CHECKPOINTS = "checkpoints"  # output_dir/checkpoints/step_<8 digits>
+LOCK_FILE = ".catdog.lock"
+_NAME = re.compile(r"step_(\d{8})")
+_TEMP_PREFIX = ".tmp-"
+
+
+class TrainingError(RuntimeError):
+    """A problem the user can fix; the training script prints it as one line, without a traceback."""
+
+
+class CheckpointError(TrainingError):
+    """A checkpoint that cannot be used; the message says which and why."""
+
+
+def read_manifest(folder: Path) -> dict:
+    """The manifest of a complete checkpoint, or ``CheckpointError`` saying what is missing or truncated."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder}: no {MANIFEST} (interrupted while written, or made by an older version)") from None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{folder}: unreadable {MANIFEST} ({type(error).__name__})") from None
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{folder}: {name} is missing")
+        if path.stat().st_size != size:
+            raise CheckpointError(f"{folder}: {name} is truncated or changed ({path.stat().st_size} of {size} bytes)")
+    return manifest
+
+
+def _steps(checkpoints_dir: Path) -> list[tuple[int, Path]]:
+    """``step_*`` folders, oldest first."""
+    if not checkpoints_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in checkpoints_dir.iterdir() if p.is_dir() and (m := _NAME.fullmatch(p.name))]
+    return sorted(found)
+
+
+def find_latest(checkpoints_dir: Path) -> tuple[Path, dict]:
+    """The newest complete checkpoint and its manifest; incomplete ones are skipped with a warning."""
+    for _, folder in reversed(_steps(checkpoints_dir)):
+        try:
+            return folder, read_manifest(folder)
+        except CheckpointError as error:
+            logger.warning("skipping incomplete checkpoint %s", error)
+    raise CheckpointError(f"no complete checkpoint in {checkpoints_dir}")
+
+
+def _publish(temp: Path, final: Path, info: dict) -> None:
+    """Write the manifest last, then rename: the folder appears under its real name only when whole."""
+    files = {p.name: p.stat().st_size for p in sorted(temp.iterdir()) if p.is_file()}
+    (temp / MANIFEST).write_text(json.dumps({**info, "files": files}, indent=2))
+    if final.exists():  # the same step written again (a rerun from an earlier checkpoint): replace it
+        stale = final.with_name(_TEMP_PREFIX + "old-" + final.name)
+        final.rename(stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    temp.rename(final)
+
+
+def _prune(checkpoints_dir: Path, keep: int) -> None:
+    """Keep the newest ``keep`` complete checkpoints; delete everything older than the oldest one kept."""
+    complete = [folder for _, folder in reversed(_steps(checkpoints_dir)) if (folder / MANIFEST).is_file()]
+    if len(complete) <= keep:
+        return
+    oldest_kept = int(_NAME.fullmatch(complete[keep - 1].name).group(1))
+    for step, folder in _steps(checkpoints_dir):
+        if step < oldest_kept:
+            logger.info("removing %s (--checkpoints-total-limit %d)", folder, keep)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def save_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, step: int, info: dict, keep: Optional[int]) -> Path:
+    """``accelerator.save_state`` into a temporary folder, then an atomic rename to ``step_<step>``.
+
+    Call it on every process: each one saves its own random state. The main process publishes the
+    folder; on machines that do not share the disk, each machine's local main publishes its own copy.
+    """
+    final = checkpoints_dir / f"step_{step:08d}"
+    temp = checkpoints_dir / f"{_TEMP_PREFIX}{final.name}"
+    if accelerator.is_local_main_process:
+        for stale in checkpoints_dir.glob(_TEMP_PREFIX + "*"):  # left by a killed run
+            shutil.rmtree(stale, ignore_errors=True)
+        temp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _publish(temp, final, info)
+        if keep:
+            _prune(checkpoints_dir, keep)
+    accelerator.wait_for_everyone()
+    if accelerator.is_local_main_process and not accelerator.is_main_process and temp.is_dir():
+        _publish(temp, final, info)
+        if keep:
+            _prune(checkpoints_dir, keep)
+    return final
+
+
+def identity_changes(saved: dict, current: dict) -> list[str]:
+    """``"KEY was X, now Y"`` for every entry of the run identity that differs (keys name the flags)."""
+    return [
+        f"{key} was {saved.get(key)!r}, now {current.get(key)!r}"
+        for key in sorted(set(saved) | set(current))
+        if saved.get(key) != current.get(key)
+    ]
+
+
+def find_resume_checkpoint(resume_from: Optional[str], output_dir: Path, identity: dict, epochs: int) -> Optional[Path]:
+    """The checkpoint to resume from ("latest" or a folder), complete and written by this very run."""
+    if not resume_from:
+        return None
+    try:
+        if resume_from == "latest":
+            path, manifest = find_latest(output_dir / CHECKPOINTS)
+        else:
+            path = Path(resume_from)
+            if not path.is_dir():
+                raise CheckpointError(f"no such checkpoint folder: {path}")
+            manifest = read_manifest(path)
+    except CheckpointError as error:
+        raise TrainingError(f"--resume-from-checkpoint {resume_from}: {error}") from None
+    changes = identity_changes(manifest["identity"], identity)
+    if changes:
+        raise TrainingError(
+            f"{path} belongs to another run ({'; '.join(changes)}). Resume with the same flags, "
+            "or start afresh with --overwrite-output-dir."
+        )
+    if manifest["epoch"] > epochs:
+        raise TrainingError(f"{path} has already trained {manifest['epoch']} epochs; --epochs {epochs} is fewer.")
+    return path
+
+
+def claim_output_dir(output_dir: Path, overwrite: bool, resuming: bool, run_files: Sequence[str]) -> FileLock:
+    """Lock the folder for this run, check it is writable, and clear a previous run when asked to.
+
+    ``run_files`` are the names a run writes there (files or folders): overwriting removes exactly those."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=output_dir).close()
+    except OSError as error:
+        raise TrainingError(f"--output-dir {output_dir} is not writable: {error.strerror or error}.") from None
+    lock = FileLock(output_dir / LOCK_FILE, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise TrainingError(f"Another training run is writing to {output_dir}; wait for it, or pick another --output-dir.") from None
+    for stale in output_dir.glob(".tmp-*"):  # a model save cut short by a kill
+        shutil.rmtree(stale, ignore_errors=True)
+    has_checkpoints = any((output_dir / CHECKPOINTS).glob("step_*"))
+    if overwrite:
+        for path in (output_dir / name for name in (*run_files, CHECKPOINTS)):
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    elif not resuming and (output_dir / "model.safetensors").exists():
+        raise TrainingError(f"{output_dir} already holds a model; pass --overwrite-output-dir or another --output-dir.")
+    elif not resuming and has_checkpoints:
+        raise TrainingError(f"{output_dir} holds checkpoints of an earlier run: continue it with "
+                            "--resume-from-checkpoint latest, or start afresh with --overwrite-output-dir.")
+    return lock
+
+
+def on_main_process(accelerator: Accelerator, check: Callable, *check_args):
+    """Run ``check`` on the main process only; if it fails, every process fails with its message."""
+    result, message = None, None
+    if accelerator.is_main_process:
+        try:
+            result = check(*check_args)
+        except TrainingError as error:
+            message = str(error)
+    message = broadcast_object_list([message])[0] if accelerator.num_processes > 1 else message
+    if message:
+        raise TrainingError(message)
+    return result
