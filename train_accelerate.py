@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from catdog_model import CatDogClassifier
 from catdog_model.card import make_model_card
 from catdog_model.checkpoints import (CHECKPOINTS, LOCK_FILE, TrainingError, claim_output_dir, find_resume_checkpoint,
-                                      on_main_process, save_checkpoint)
+                                      file_sha256, on_main_process, save_checkpoint)
 from catdog_model.data import (DatasetError, check_classes, collate, dataset_fingerprint, exit_with_parent,
                                load_image_dataset, make_transform, save_split, split_dataset)
 
@@ -88,7 +88,7 @@ class Progress:
 
     def __init__(self) -> None:
         self.epoch, self.batches_in_epoch, self.optimizer_steps = 0, 0, 0
-        self.best_val_accuracy, self.best_epoch, self.history = -1.0, -1, []
+        self.best_val_accuracy, self.best_epoch, self.best_model_sha256, self.history = -1.0, -1, None, []
         self.train_metrics = RunningMetrics()
 
     def state_dict(self) -> dict:
@@ -231,12 +231,26 @@ def check_finite(losses: list, model, progress: Progress) -> None:
                             "Lower --learning-rate and start again.")
 
 
-def save_model(model: CatDogClassifier, output_dir: Path) -> None:
-    """save_pretrained into a temporary folder, then rename: a kill never leaves a half-written model."""
+def save_model(model: CatDogClassifier, output_dir: Path) -> str:
+    """save_pretrained into a temporary folder, then rename: a kill never leaves a half-written model.
+
+    Returns the weights' sha256, which the checkpoints keep so that a resume can check the file."""
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".tmp-model-") as temp:
         model.save_pretrained(temp)
+        digest = file_sha256(Path(temp) / "model.safetensors")
         for name in ("config.json", "model.safetensors"):
+            os.chmod(Path(temp) / name, 0o644)
             os.replace(Path(temp) / name, output_dir / name)
+    return digest
+
+
+def check_best_model(output_dir: Path, progress: Progress) -> None:
+    """A resumed run tests the best epoch's weights at the end: they must be the very file its run saved."""
+    path = output_dir / "model.safetensors"
+    if progress.best_epoch > 0 and (not path.is_file() or file_sha256(path) != progress.best_model_sha256):
+        state = "was replaced" if path.is_file() else "is missing"
+        raise TrainingError(f"{path}, the best model so far (epoch {progress.best_epoch}), {state}: resume in the output "
+                            "folder of the run that wrote the checkpoint, or start afresh with --overwrite-output-dir.")
 
 
 def training_function(args) -> None:
@@ -282,6 +296,8 @@ def training_function(args) -> None:
             accelerator.load_state(str(resume_from))
         except (OSError, RuntimeError, ValueError, KeyError) as error:
             raise TrainingError(f"Could not load {resume_from}: {str(error).splitlines()[0]}") from None
+        if accelerator.is_main_process:
+            check_best_model(output_dir, progress)
         logger.info("resumed from %s at epoch %d, batch %d", resume_from, progress.epoch + 1, progress.batches_in_epoch)
     if args.with_tracking:
         accelerator.init_trackers(TRACKER_PROJECT, config={k: v for k, v in vars(args).items() if k != "hub_token"})
@@ -332,7 +348,7 @@ def training_function(args) -> None:
         if val["accuracy"] > progress.best_val_accuracy:
             progress.best_val_accuracy, progress.best_epoch = val["accuracy"], epoch + 1
             if accelerator.is_main_process:
-                save_model(accelerator.unwrap_model(model), output_dir)
+                progress.best_model_sha256 = save_model(accelerator.unwrap_model(model), output_dir)
         accelerator.wait_for_everyone()
         progress.epoch, progress.batches_in_epoch, progress.train_metrics = epoch + 1, 0, RunningMetrics()
         if args.checkpointing_steps == "epoch":

@@ -8,6 +8,7 @@ so a kill at any moment leaves the previous complete checkpoint or the new one, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -22,7 +23,7 @@ from filelock import FileLock, Timeout
 
 __all__ = [
     "CHECKPOINTS", "CheckpointError", "LOCK_FILE", "MANIFEST", "TrainingError", "claim_output_dir", "find_latest",
-    "find_resume_checkpoint", "identity_changes", "on_main_process", "read_manifest", "save_checkpoint",
+    "file_sha256", "find_resume_checkpoint", "identity_changes", "on_main_process", "read_manifest", "save_checkpoint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,11 @@ class TrainingError(RuntimeError):
 
 class CheckpointError(TrainingError):
     """A checkpoint that cannot be used; the message says which and why."""
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def read_manifest(folder: Path) -> dict:
@@ -157,8 +163,9 @@ def find_resume_checkpoint(resume_from: Optional[str], output_dir: Path, identit
             f"{path} belongs to another run ({'; '.join(changes)}). Resume with the same flags, "
             "or start afresh with --overwrite-output-dir."
         )
-    if manifest["epoch"] > epochs:
-        raise TrainingError(f"{path} has already trained {manifest['epoch']} epochs; --epochs {epochs} is fewer.")
+    reached = manifest["epoch"] + (1 if manifest["batches_in_epoch"] else 0)  # epochs finished or begun
+    if reached > epochs:
+        raise TrainingError(f"{path} has already reached epoch {reached}; --epochs {epochs} would end the run before it.")
     return path
 
 

@@ -15,22 +15,42 @@ os.environ.pop("HF_TOKEN", None)
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MINI_DATASET = ROOT.parent / "shared" / "data" / "cats_vs_dogs_mini"
 
 
-def run_training(output_dir: Path, *flags: str, launcher: tuple[str, ...] = (sys.executable,), check: bool = True):
-    """Run train_accelerate.py as a user would, on the mini dataset, small and random-initialised."""
-    command = [
+def training_command(output_dir: Path, *flags: str, launcher: tuple[str, ...] = (sys.executable,)) -> list[str]:
+    """train_accelerate.py as a user would run it, on the mini dataset, small and random-initialised."""
+    return [
         *launcher, str(ROOT / "train_accelerate.py"),
         "--dataset", str(MINI_DATASET), "--output-dir", str(output_dir),
         "--image-size", "64", "--no-pretrained", "--num-workers", "0", *flags,
     ]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def run_training(output_dir: Path, *flags: str, launcher: tuple[str, ...] = (sys.executable,), check: bool = True):
+    result = subprocess.run(training_command(output_dir, *flags, launcher=launcher), cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(f"training failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result
+
+
+def assert_clean_error(result, *phrases: str) -> None:
+    """A non-zero exit with the phrases in stderr and no traceback."""
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    for phrase in phrases:
+        assert phrase in result.stderr, result.stderr[-2000:]
+
+
+def weights_equal(folder_a: Path, folder_b: Path) -> bool:
+    """Bitwise equality of two model.safetensors files, tensor by tensor."""
+    from safetensors.torch import load_file
+    a, b = load_file(folder_a / "model.safetensors"), load_file(folder_b / "model.safetensors")
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.fixture(scope="session")

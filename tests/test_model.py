@@ -1,7 +1,6 @@
 """The model: spec architecture, normalisation inside forward, Hub round trips, strict loading."""
 
 import json
-import shutil
 
 import pytest
 import timm

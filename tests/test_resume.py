@@ -1,0 +1,185 @@
+"""Interrupted runs: atomic checkpoints, `latest`, bit-exact resume, run identity, one run per folder."""
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+from filelock import FileLock
+from safetensors.torch import load_file
+
+from catdog_model.checkpoints import LOCK_FILE, CheckpointError, find_latest, read_manifest
+from conftest import ROOT, assert_clean_error, run_training, training_command, weights_equal
+
+# Augmentation on, two loader workers: the hard case for an exact resume.
+FLAGS = ("--epochs", "2", "--batch-size", "8", "--max-train-samples", "24", "--max-eval-samples", "8",
+         "--checkpointing-steps", "1")
+RESUME = ("--resume-from-checkpoint", "latest")
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """The uninterrupted reference run: 3 batches an epoch, a checkpoint after every step."""
+    output_dir = tmp_path_factory.mktemp("full")
+    run_training(output_dir, *FLAGS, "--num-workers", "2")
+    return output_dir
+
+
+def _history(folder):
+    return json.loads((folder / "metrics.json").read_text())["history"]
+
+
+def _resume_from(full_run, tmp_path, step: int, *flags: str, check: bool = True):
+    """A fresh folder holding only one checkpoint of the full run, as if the run had been killed after it."""
+    name = f"step_{step:08d}"
+    shutil.copytree(full_run / "checkpoints" / name, tmp_path / "checkpoints" / name)
+    return run_training(tmp_path, *FLAGS, *RESUME, *flags, check=check)
+
+
+def test_every_step_left_a_complete_checkpoint_with_the_runs_identity(full_run):
+    steps = sorted(p.name for p in (full_run / "checkpoints").iterdir())
+    assert steps == [f"step_{i:08d}" for i in range(1, 7)]
+    manifest = read_manifest(full_run / "checkpoints" / "step_00000004")
+    assert (manifest["epoch"], manifest["batches_in_epoch"], manifest["optimizer_steps"]) == (1, 1, 4)
+    assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl"} <= set(manifest["files"])
+    identity = manifest["identity"]
+    assert identity["--batch-size"] == 8 and identity["--image-size"] == 64 and identity["number of processes"] == 1
+    assert identity["dataset content"].startswith("sha256:") and "--num-workers" not in identity
+
+
+@pytest.mark.parametrize("step, workers", [(2, "0"), (3, "1")])
+def test_resume_mid_epoch_or_at_its_last_step_is_bit_exact(full_run, tmp_path, step, workers):
+    # Step 2 is mid-epoch 1; step 3 is its last batch. Another --num-workers must not matter either.
+    result = _resume_from(full_run, tmp_path, step, "--num-workers", workers)
+    assert f"at epoch 1, batch {step}" in result.stderr
+    assert weights_equal(full_run, tmp_path)
+    assert _history(tmp_path) == _history(full_run)  # epoch 1's train metrics complete, not restarted
+
+
+def test_num_workers_do_not_change_the_result(full_run, tmp_path):
+    run_training(tmp_path, *FLAGS, "--num-workers", "0")
+    assert weights_equal(full_run, tmp_path) and _history(tmp_path) == _history(full_run)
+
+
+def _write_incomplete_checkpoints(checkpoints, source):
+    """What a crash or a full disk can leave: a folder with no manifest, and one with a truncated file."""
+    no_manifest = checkpoints / "step_00000098"
+    shutil.copytree(source, no_manifest)
+    (no_manifest / "checkpoint.json").unlink()
+    truncated = checkpoints / "step_00000099"
+    shutil.copytree(source, truncated)
+    with open(truncated / "model.safetensors", "r+b") as weights:
+        weights.truncate(1000)
+    return no_manifest, truncated
+
+
+def test_latest_skips_incomplete_checkpoints_and_names_them(full_run, tmp_path, caplog):
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(full_run / "checkpoints" / "step_00000002", checkpoints / "step_00000002")
+    no_manifest, truncated = _write_incomplete_checkpoints(checkpoints, checkpoints / "step_00000002")
+    (checkpoints / "step_00000097").mkdir()  # an empty folder
+    with caplog.at_level(logging.WARNING):
+        path, manifest = find_latest(checkpoints)
+    assert path.name == "step_00000002" and manifest["optimizer_steps"] == 2
+    assert f"{truncated}: model.safetensors is truncated or changed (1000 of" in caplog.text
+    assert f"{no_manifest}: no checkpoint.json" in caplog.text
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        find_latest(tmp_path / "elsewhere")
+
+
+def test_a_kill_during_a_checkpoint_write_resumes_from_the_last_complete_one(full_run, tmp_path):
+    process = subprocess.Popen(training_command(tmp_path, *FLAGS, "--num-workers", "2"), cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    checkpoints, deadline = tmp_path / "checkpoints", time.monotonic() + 300
+    try:  # kill -9 while step 3 is being written (its temporary folder exists)
+        while not (checkpoints / ".tmp-step_00000003").exists():
+            assert process.poll() is None and time.monotonic() < deadline, "the run ended before step 3 was written"
+            time.sleep(0.002)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    for folder in checkpoints.glob("step_*"):  # whatever the timing, no half-written step_ folder
+        read_manifest(folder)
+    _write_incomplete_checkpoints(checkpoints, checkpoints / "step_00000002")
+
+    result = run_training(tmp_path, *FLAGS, "--num-workers", "2", *RESUME)
+    assert "skipping incomplete checkpoint" in result.stderr and "step_00000099" in result.stderr
+    assert weights_equal(full_run, tmp_path) and _history(tmp_path) == _history(full_run)
+    assert not list(checkpoints.glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("flags, named", [
+    (("--batch-size", "16"), "--batch-size was 8, now 16"),
+    (("--image-size", "32"), "--image-size was 64, now 32"),
+    (("--backbone", "resnet18"), "--backbone was 'resnet50', now 'resnet18'"),
+    (("--seed", "1", "--no-augmentation"), "--no-augmentation was False, now True; --seed was 42, now 1"),
+])
+def test_a_resume_with_another_identity_is_refused_in_one_line(full_run, tmp_path, flags, named):
+    result = _resume_from(full_run, tmp_path, 2, *flags, check=False)
+    assert_clean_error(result, "belongs to another run", named)
+    assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
+    assert not (tmp_path / "split.json").exists()  # refused before any work
+
+
+def test_more_epochs_extend_a_run_and_fewer_are_refused(full_run, tmp_path):
+    shutil.copytree(full_run, tmp_path / "out")
+    result = run_training(tmp_path / "out", *FLAGS, *RESUME, "--epochs", "1", check=False)
+    assert_clean_error(result, "has already reached epoch 2; --epochs 1 would end the run before it")
+    run_training(tmp_path / "out", *FLAGS, *RESUME, "--epochs", "3")
+    assert [row["epoch"] for row in _history(tmp_path / "out")] == [1, 2, 3]
+    assert _history(tmp_path / "out")[:2] == _history(full_run)
+
+
+def test_a_resume_whose_best_model_is_gone_or_replaced_is_refused(full_run, tmp_path):
+    result = _resume_from(full_run, tmp_path, 4, check=False)  # epoch 1's best model was not copied
+    assert_clean_error(result, "model.safetensors, the best model so far (epoch 1), is missing")
+    weights = bytearray((full_run / "model.safetensors").read_bytes())
+    weights[-1] ^= 1  # any other file, even one bit off
+    (tmp_path / "model.safetensors").write_bytes(bytes(weights))
+    assert_clean_error(run_training(tmp_path, *FLAGS, *RESUME, check=False), "was replaced")
+
+
+def test_checkpoints_total_limit_keeps_the_newest(tmp_path):
+    run_training(tmp_path, *FLAGS, "--epochs", "1", "--checkpoints-total-limit", "2")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002", "step_00000003"]
+
+
+def test_overwrite_removes_the_previous_run_before_writing_but_only_after_the_flags_are_checked(full_run, tmp_path):
+    old = tmp_path / "out"
+    shutil.copytree(full_run, old)
+    (old / "notes.txt").write_text("mine")  # not the run's: never deleted
+    assert_clean_error(run_training(old, "--overwrite-output-dir", "--batch-size", "0", check=False), "--batch-size")
+    assert (old / "checkpoints").is_dir() and weights_equal(full_run, old)
+
+    run_training(old, "--overwrite-output-dir", "--epochs", "1", "--max-train-samples", "8", "--max-eval-samples", "8",
+                 "--seed", "1")
+    assert not (old / "checkpoints").exists() and (old / "notes.txt").read_text() == "mine"
+    assert json.loads((old / "metrics.json").read_text())["seed"] == 1
+    assert json.loads((old / "split.json").read_text())["seed"] == 1
+    assert_clean_error(run_training(old, *RESUME, check=False), "no complete checkpoint")
+
+
+def test_a_fresh_run_into_a_folder_with_checkpoints_is_refused(full_run, tmp_path):
+    shutil.copytree(full_run / "checkpoints" / "step_00000002", tmp_path / "checkpoints" / "step_00000002")
+    assert_clean_error(run_training(tmp_path, *FLAGS, check=False), "holds checkpoints of an earlier run",
+                       "--resume-from-checkpoint latest")
+
+
+def test_a_second_run_on_a_busy_folder_exits_at_once(tmp_path):
+    with FileLock(tmp_path / LOCK_FILE):  # as a running training holds it
+        result = run_training(tmp_path, "--epochs", "1", check=False)
+    assert_clean_error(result, "Another training run is writing to")
+    assert not (tmp_path / "split.json").exists()
+
+
+def test_a_non_finite_loss_stops_training_and_saves_nothing_non_finite(tmp_path):
+    result = run_training(tmp_path, *FLAGS, "--learning-rate", "1e30", check=False)
+    assert_clean_error(result, "The training loss became nan at optimizer step 2 (epoch 1, batch 2)", "Lower --learning-rate")
+    assert not (tmp_path / "model.safetensors").exists()
+    saved = list((tmp_path / "checkpoints").glob("step_*"))
+    assert [folder.name for folder in saved] == ["step_00000001"]
+    assert all(t.isfinite().all() for t in load_file(saved[0] / "model.safetensors").values())
