@@ -176,7 +176,7 @@ def run_identity(args, accelerator: Accelerator) -> dict:
 def load_splits(args, accelerator: Accelerator, output_dir: Path):
     """Check every image once (cached by datasets), split, cap, and record the rows in split.json."""
     with accelerator.main_process_first():
-        data = load_image_dataset(args.dataset, args.dataset_revision, num_proc=args.num_workers if args.num_workers > 1 else None)
+        data = load_image_dataset(args.dataset, args.dataset_revision)
     splits = split_dataset(data, args.test_split, args.val_split, args.seed)
     used = dict(splits)
     for name, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples), ("test", args.max_eval_samples)):
@@ -417,7 +417,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--val-split", type=float, default=0.2, help="validation fraction of the rest")
     data.add_argument("--max-train-samples", type=int, default=None)
     data.add_argument("--max-eval-samples", type=int, default=None, help="caps validation and test alike")
-    data.add_argument("--num-workers", type=int, default=2, help="DataLoader workers (and image checks)")
+    data.add_argument("--num-workers", type=int, default=2, help="DataLoader workers")
     model = parser.add_argument_group("model")
     model.add_argument("--backbone", default="resnet50", help="any timm model name")
     model.add_argument("--image-size", type=int, default=224)

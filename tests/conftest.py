@@ -30,9 +30,10 @@ def training_command(output_dir: Path, *flags: str, launcher: tuple[str, ...] = 
     ]
 
 
-def run_training(output_dir: Path, *flags: str, launcher: tuple[str, ...] = (sys.executable,), check: bool = True):
+def run_training(output_dir: Path, *flags: str, launcher: tuple[str, ...] = (sys.executable,), check: bool = True,
+                 env: dict | None = None):
     result = subprocess.run(training_command(output_dir, *flags, launcher=launcher), cwd=ROOT, capture_output=True,
-                            text=True, timeout=600)
+                            text=True, timeout=600, env=env)
     if check and result.returncode != 0:
         raise AssertionError(f"training failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result

@@ -1,6 +1,7 @@
 """train_accelerate.py end to end: outputs, learning, resume, errors, two processes."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -89,21 +90,74 @@ def test_existing_model_is_not_overwritten(trained_model):
     assert (trained_model / "model.safetensors").stat().st_mtime_ns == before
 
 
-@pytest.mark.slow
-def test_two_cpu_processes(tmp_path):
-    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no")
-    result = run_training(tmp_path / "out", "--cpu", "--epochs", "1", "--max-train-samples", "40",
-                          "--max-eval-samples", "20", "--batch-size", "4", launcher=launcher)
-    assert "world size 2" in result.stderr
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    # gather_for_metrics drops the padding of uneven shards: every test image counts exactly once.
-    assert metrics["world_size"] == 2 and metrics["test"]["samples"] == 20
-
-
 def test_bf16_mixed_precision_runs_and_saves_float32_weights(tmp_path):
     run_training(tmp_path / "out", "--mixed-precision", "bf16", "--epochs", "1", "--batch-size", "4",
                  "--max-train-samples", "8", "--max-eval-samples", "8")
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["mixed_precision"] == "bf16" and 0 <= metrics["test"]["accuracy"] <= 1
     assert {tensor.dtype for tensor in load_file(tmp_path / "out" / "model.safetensors").values()} <= {torch.float32, torch.int64}
+
+
+@pytest.fixture(scope="module")
+def weight_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("weights")
+    (folder / "notes.txt").write_text("not a checkpoint")
+    (folder / "empty.pth").write_bytes(b"")
+    torch.save([1, 2, 3], folder / "list.pth")
+    return folder
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--batch-size", "0"), "--batch-size must be at least 1, got 0"),
+    (("--epochs", "0"), "--epochs must be at least 1"),
+    (("--max-train-samples", "0"), "--max-train-samples must be at least 1"),
+    (("--max-eval-samples", "0"), "--max-eval-samples must be at least 1"),
+    (("--gradient-accumulation-steps", "0"), "--gradient-accumulation-steps must be at least 1"),
+    (("--checkpoints-total-limit", "0"), "--checkpoints-total-limit must be at least 1"),
+    (("--num-workers", "-1"), "--num-workers must be 0 or more"),
+    (("--learning-rate", "nan"), "--learning-rate must be a finite number above 0, got nan"),
+    (("--learning-rate", "-0.1"), "--learning-rate must be a finite number above 0"),
+    (("--learning-rate", "inf"), "--learning-rate must be a finite number above 0"),
+    (("--image-size", "0"), "--image-size 0: image_size must be a positive whole number"),
+    (("--image-size", "4096"), "billion weights"),
+    (("--backbone", "resnet5O"), "timm has no model named 'resnet5O' (did you mean resnet50"),
+    (("--pretrained-weights", "{dir}/nothing.pth"), "--pretrained-weights: no such file"),
+    (("--pretrained-weights", "{dir}/notes.txt"), "is not a readable PyTorch or safetensors checkpoint"),
+    (("--pretrained-weights", "{dir}/empty.pth"), "is not a readable PyTorch or safetensors checkpoint"),
+    (("--pretrained-weights", "{dir}/list.pth"), "is not a readable PyTorch or safetensors checkpoint"),
+    (("--overwrite-output-dir", "--resume-from-checkpoint", "latest"), "pick one"),
+])
+def test_every_flag_is_checked_before_any_work(weight_files, flags, message):
+    import train_accelerate
+    args = train_accelerate.parse_args(["--no-pretrained", *(f.format(dir=weight_files) for f in flags)])
+    with pytest.raises(train_accelerate.TrainingError) as error:
+        train_accelerate.check_args(args)
+    assert message in str(error.value) and "--pretrained-weights: --pretrained-weights" not in str(error.value)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--backbone", "resnet5O"), "timm has no model named"),
+    (("--learning-rate", "nan"), "--learning-rate must be a finite number"),
+    (("--pretrained-weights", "{dir}/notes.txt"), "is not a readable"),
+    (("--checkpointing-steps", "0"), "--checkpointing-steps takes a number of steps (1 or more)"),
+])
+def test_bad_flags_fail_in_one_line_before_the_dataset_check(tmp_path, weight_files, flags, message):
+    result = run_training(tmp_path / "out", *(f.format(dir=weight_files) for f in flags), check=False)
+    assert_clean_error(result, message)
+    assert "Checking images" not in result.stderr and not (tmp_path / "out" / "split.json").exists()
+
+
+def test_an_output_folder_that_cannot_be_written_fails_before_the_dataset_check(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    result = run_training(tmp_path / "a-file" / "out", check=False)
+    assert_clean_error(result, "is not writable")
+    assert "Checking images" not in result.stderr
+    if os.geteuid() != 0:  # root writes anywhere, whatever the mode
+        (tmp_path / "read-only").mkdir(mode=0o555)
+        assert_clean_error(run_training(tmp_path / "read-only", check=False), "is not writable")
+
+
+def test_split_file_records_the_rows_actually_used(trained_model):
+    split = json.loads((trained_model / "split.json").read_text())
+    assert {len(split["used"][name]) for name in ("train", "validation", "test")} == {32}
+    assert len(split["train"]) == 2160 and set(split["used"]["test"]) <= set(split["test"])
