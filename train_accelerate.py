@@ -23,6 +23,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import accelerate
 import datasets
@@ -40,8 +41,8 @@ from tqdm.auto import tqdm
 
 from catdog_model import CatDogClassifier
 from catdog_model.card import make_model_card
-from catdog_model.checkpoints import (CHECKPOINTS, LOCK_FILE, TrainingError, claim_output_dir, find_resume_checkpoint,
-                                      file_sha256, on_main_process, save_checkpoint)
+from catdog_model.training import (CHECKPOINTS, LOCK_FILE, Progress, RunningMetrics, TrainingError, claim_output_dir,
+                                      file_sha256, find_resume_checkpoint, on_main_process, save_checkpoint)
 from catdog_model.data import (DatasetError, check_classes, collate, dataset_fingerprint, exit_with_parent,
                                load_image_dataset, make_transform, save_split, split_dataset)
 
@@ -51,54 +52,6 @@ SPLIT_FILE = "split.json"
 TRACKER_PROJECT = "catdog"  # trackers log under output_dir/catdog
 # What a run writes into its output folder (with checkpoints/): --overwrite-output-dir removes these, nothing else.
 RUN_FILES = ("config.json", "model.safetensors", "metrics.json", SPLIT_FILE, "README.md", TRACKER_PROJECT)
-
-
-class RunningMetrics:
-    """Summed BCE loss and correct answers over gathered batches (every process sees the same sums).
-
-    The sums stay on the device; only ``result`` reads them back, so updating costs no GPU sync.
-    """
-
-    def __init__(self) -> None:
-        self.loss_sum, self.correct, self.count = 0.0, 0.0, 0
-
-    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Add one batch; returns its summed loss (still on the device)."""
-        batch_loss = F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="sum")
-        self.loss_sum = self.loss_sum + batch_loss
-        self.correct = self.correct + ((logits > 0).float() == labels).sum()
-        self.count += len(labels)
-        return batch_loss
-
-    def result(self) -> dict:
-        count = max(self.count, 1)
-        return {"loss": float(self.loss_sum) / count, "accuracy": float(self.correct) / count, "samples": self.count}
-
-    def state_dict(self) -> dict:
-        return {"loss_sum": float(self.loss_sum), "correct": float(self.correct), "count": self.count}
-
-    def load_state_dict(self, state: dict) -> None:
-        # float32 sums survive the trip through a Python float exactly, so a resumed epoch adds up bit for bit.
-        self.loss_sum, self.correct, self.count = state["loss_sum"], state["correct"], state["count"]
-
-
-class Progress:
-    """Where training stands, with the running sums of the current epoch; saved inside each checkpoint,
-    so that a run resumed mid-epoch (or at an epoch's last step) continues with complete metrics."""
-
-    def __init__(self) -> None:
-        self.epoch, self.batches_in_epoch, self.optimizer_steps = 0, 0, 0
-        self.best_val_accuracy, self.best_epoch, self.best_model_sha256, self.history = -1.0, -1, None, []
-        self.train_metrics = RunningMetrics()
-
-    def state_dict(self) -> dict:
-        return {**vars(self), "train_metrics": self.train_metrics.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        metrics = state.pop("train_metrics")
-        vars(self).update(state)
-        self.train_metrics = RunningMetrics()
-        self.train_metrics.load_state_dict(metrics)
 
 
 def evaluate(model, loader, accelerator, desc: str) -> dict:
@@ -253,6 +206,49 @@ def check_best_model(output_dir: Path, progress: Progress) -> None:
                             "folder of the run that wrote the checkpoint, or start afresh with --overwrite-output-dir.")
 
 
+def train_one_epoch(args, accelerator: Accelerator, model, optimizer, loader, progress: Progress, checkpoint: Callable) -> None:
+    """The batches of one epoch, or what is left of it after a resume."""
+    unchecked_losses = []  # (batch, step, summed loss) since the last finiteness check: checked without a per-step sync
+    bar = tqdm(loader, desc=f"epoch {progress.epoch + 1}/{args.epochs}", disable=not accelerator.is_local_main_process)
+    for batch in bar:
+        with accelerator.accumulate(model):
+            logits = model(batch["pixels"])
+            loss = F.binary_cross_entropy_with_logits(logits.float(), batch["labels"])
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+        progress.batches_in_epoch += 1
+        batch_loss = progress.train_metrics.update(*accelerator.gather_for_metrics((logits.detach(), batch["labels"])))
+        unchecked_losses.append((progress.batches_in_epoch, progress.optimizer_steps + 1, batch_loss))
+        if progress.batches_in_epoch % 10 == 0:  # reading the sums back syncs the GPU: not every step
+            check_finite(unchecked_losses, model, progress)
+            running = progress.train_metrics.result()
+            bar.set_postfix(loss=f"{running['loss']:.4f}", acc=f"{running['accuracy']:.3f}")
+        if accelerator.sync_gradients:
+            progress.optimizer_steps += 1
+            if args.checkpointing_steps.isdigit() and progress.optimizer_steps % int(args.checkpointing_steps) == 0:
+                checkpoint(unchecked_losses)
+    check_finite(unchecked_losses, model, progress)
+
+
+def finish_epoch(args, accelerator: Accelerator, model, val_loader, progress: Progress, output_dir: Path) -> None:
+    """Validate, add the epoch to the history, keep the model if it is the best so far."""
+    epoch = progress.epoch + 1
+    val, train = evaluate(model, val_loader, accelerator, "validation"), progress.train_metrics.result()
+    row = {"epoch": epoch, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
+           "val_loss": val["loss"], "val_accuracy": val["accuracy"]}
+    progress.history.append(row)
+    logger.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "epoch"))
+    if args.with_tracking:
+        accelerator.log(row, step=epoch)
+    if val["accuracy"] > progress.best_val_accuracy:
+        progress.best_val_accuracy, progress.best_epoch = val["accuracy"], epoch
+        if accelerator.is_main_process:
+            progress.best_model_sha256 = save_model(accelerator.unwrap_model(model), output_dir)
+    accelerator.wait_for_everyone()
+    progress.epoch, progress.batches_in_epoch, progress.train_metrics = epoch, 0, RunningMetrics()
+
+
 def training_function(args) -> None:
     check_args(args)
     accelerator = Accelerator(
@@ -316,41 +312,8 @@ def training_function(args) -> None:
         if progress.batches_in_epoch:
             loader = accelerator.skip_first_batches(train_loader, progress.batches_in_epoch)
             loader.set_epoch(epoch)
-        unchecked_losses = []  # (batch, summed loss) since the last finiteness check: checked without a per-step sync
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not accelerator.is_local_main_process)
-        for batch in bar:
-            with accelerator.accumulate(model):
-                logits = model(batch["pixels"])
-                loss = F.binary_cross_entropy_with_logits(logits.float(), batch["labels"])
-                accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad()
-            progress.batches_in_epoch += 1
-            batch_loss = progress.train_metrics.update(*accelerator.gather_for_metrics((logits.detach(), batch["labels"])))
-            unchecked_losses.append((progress.batches_in_epoch, progress.optimizer_steps + 1, batch_loss))
-            if progress.batches_in_epoch % 10 == 0:  # reading the sums back syncs the GPU: not every step
-                check_finite(unchecked_losses, model, progress)
-                running = progress.train_metrics.result()
-                bar.set_postfix(loss=f"{running['loss']:.4f}", acc=f"{running['accuracy']:.3f}")
-            if accelerator.sync_gradients:
-                progress.optimizer_steps += 1
-                if args.checkpointing_steps.isdigit() and progress.optimizer_steps % int(args.checkpointing_steps) == 0:
-                    checkpoint(unchecked_losses)
-
-        check_finite(unchecked_losses, model, progress)
-        val, train = evaluate(model, val_loader, accelerator, "validation"), progress.train_metrics.result()
-        row = {"epoch": epoch + 1, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
-               "val_loss": val["loss"], "val_accuracy": val["accuracy"]}
-        progress.history.append(row)
-        logger.info("epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "epoch"))
-        if args.with_tracking:
-            accelerator.log(row, step=epoch + 1)
-        if val["accuracy"] > progress.best_val_accuracy:
-            progress.best_val_accuracy, progress.best_epoch = val["accuracy"], epoch + 1
-            if accelerator.is_main_process:
-                progress.best_model_sha256 = save_model(accelerator.unwrap_model(model), output_dir)
-        accelerator.wait_for_everyone()
-        progress.epoch, progress.batches_in_epoch, progress.train_metrics = epoch + 1, 0, RunningMetrics()
+        train_one_epoch(args, accelerator, model, optimizer, loader, progress, checkpoint)
+        finish_epoch(args, accelerator, model, val_loader, progress, output_dir)
         if args.checkpointing_steps == "epoch":
             checkpoint([])
 

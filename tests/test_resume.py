@@ -12,7 +12,7 @@ import pytest
 from filelock import FileLock
 from safetensors.torch import load_file
 
-from catdog_model.checkpoints import LOCK_FILE, CheckpointError, find_latest, read_manifest
+from catdog_model.training import LOCK_FILE, CheckpointError, find_latest, read_manifest
 from conftest import ROOT, assert_clean_error, run_training, training_command, weights_equal
 
 # Augmentation on, two loader workers: the hard case for an exact resume.

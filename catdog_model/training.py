@@ -1,4 +1,5 @@
-"""A training run's output folder: its lock, and checkpoints that survive kills and refuse the wrong run.
+"""A training run's state and folder: progress and running metrics, the lock, and checkpoints that survive
+kills and refuse the wrong run.
 
 Layout: ``output_dir/checkpoints/step_<8 digits>/``, each holding what ``Accelerator.save_state`` writes
 plus ``checkpoint.json``: the run's identity and the size of every file. Every process writes into
@@ -17,12 +18,14 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from filelock import FileLock, Timeout
 
 __all__ = [
-    "CHECKPOINTS", "CheckpointError", "LOCK_FILE", "MANIFEST", "TrainingError", "claim_output_dir", "find_latest",
+    "CHECKPOINTS", "CheckpointError", "LOCK_FILE", "MANIFEST", "Progress", "RunningMetrics", "TrainingError", "claim_output_dir", "find_latest",
     "file_sha256", "find_resume_checkpoint", "identity_changes", "on_main_process", "read_manifest", "save_checkpoint",
 ]
 
@@ -41,6 +44,54 @@ class TrainingError(RuntimeError):
 
 class CheckpointError(TrainingError):
     """A checkpoint that cannot be used; the message says which and why."""
+
+
+class RunningMetrics:
+    """Summed BCE loss and correct answers over gathered batches (every process sees the same sums).
+
+    The sums stay on the device; only ``result`` reads them back, so updating costs no GPU sync.
+    """
+
+    def __init__(self) -> None:
+        self.loss_sum, self.correct, self.count = 0.0, 0.0, 0
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Add one batch; returns its summed loss (still on the device)."""
+        batch_loss = F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="sum")
+        self.loss_sum = self.loss_sum + batch_loss
+        self.correct = self.correct + ((logits > 0).float() == labels).sum()
+        self.count += len(labels)
+        return batch_loss
+
+    def result(self) -> dict:
+        count = max(self.count, 1)
+        return {"loss": float(self.loss_sum) / count, "accuracy": float(self.correct) / count, "samples": self.count}
+
+    def state_dict(self) -> dict:
+        return {"loss_sum": float(self.loss_sum), "correct": float(self.correct), "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        # float32 sums survive the trip through a Python float exactly, so a resumed epoch adds up bit for bit.
+        self.loss_sum, self.correct, self.count = state["loss_sum"], state["correct"], state["count"]
+
+
+class Progress:
+    """Where training stands, with the running sums of the current epoch; saved inside each checkpoint,
+    so that a run resumed mid-epoch (or at an epoch's last step) continues with complete metrics."""
+
+    def __init__(self) -> None:
+        self.epoch, self.batches_in_epoch, self.optimizer_steps = 0, 0, 0
+        self.best_val_accuracy, self.best_epoch, self.best_model_sha256, self.history = -1.0, -1, None, []
+        self.train_metrics = RunningMetrics()
+
+    def state_dict(self) -> dict:
+        return {**vars(self), "train_metrics": self.train_metrics.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        metrics = state.pop("train_metrics")
+        vars(self).update(state)
+        self.train_metrics = RunningMetrics()
+        self.train_metrics.load_state_dict(metrics)
 
 
 def file_sha256(path: Path) -> str:
