@@ -52,6 +52,7 @@ SPLIT_FILE = "split.json"
 TRACKER_PROJECT = "catdog"  # trackers log under output_dir/catdog
 # What a run writes into its output folder (with checkpoints/): --overwrite-output-dir removes these, nothing else.
 RUN_FILES = ("config.json", "model.safetensors", "metrics.json", SPLIT_FILE, "README.md", TRACKER_PROJECT)
+NOT_PUSHED = (f"{CHECKPOINTS}/*", f"{TRACKER_PROJECT}/*", LOCK_FILE, ".tmp-*")
 
 
 def evaluate(model, loader, accelerator, desc: str) -> dict:
@@ -361,12 +362,13 @@ def push(args, output_dir: Path) -> None:
     api = HfApi(token=args.hub_token)
     try:
         api.create_repo(args.hub_model_id, private=args.hub_private, exist_ok=True)
-        commit = api.upload_folder(repo_id=args.hub_model_id, folder_path=output_dir, ignore_patterns=[f"{CHECKPOINTS}/*", f"{TRACKER_PROJECT}/*", LOCK_FILE, ".tmp-*"],
+        commit = api.upload_folder(repo_id=args.hub_model_id, folder_path=output_dir, ignore_patterns=list(NOT_PUSHED),
                                    commit_message="Upload catdog model from train_accelerate.py")
     except (HfHubHTTPError, OSError, ValueError) as error:
         raise TrainingError(
             f"Could not push to {args.hub_model_id}: {str(error).splitlines()[0]}. The files are kept in {output_dir}; "
-            f"upload them later with `hf upload {args.hub_model_id} {output_dir}`."
+            f"upload them later with `hf upload {args.hub_model_id} {output_dir} "
+            + " ".join(f"--exclude '{pattern}'" for pattern in NOT_PUSHED) + "`."
         ) from None
     logger.info("pushed to %s", commit.commit_url)
 
