@@ -189,12 +189,15 @@ def save_model(model: CatDogClassifier, output_dir: Path) -> str:
     """save_pretrained into a temporary folder, then rename: a kill never leaves a half-written model.
 
     Returns the weights' sha256, which the checkpoints keep so that a resume can check the file."""
-    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".tmp-model-") as temp:
-        model.save_pretrained(temp)
-        digest = file_sha256(Path(temp) / "model.safetensors")
-        for name in ("config.json", "model.safetensors"):
-            os.chmod(Path(temp) / name, 0o644)
-            os.replace(Path(temp) / name, output_dir / name)
+    try:
+        with tempfile.TemporaryDirectory(dir=output_dir, prefix=".tmp-model-") as temp:
+            model.save_pretrained(temp)
+            digest = file_sha256(Path(temp) / "model.safetensors")
+            for name in ("config.json", "model.safetensors"):
+                os.chmod(Path(temp) / name, 0o644)
+                os.replace(Path(temp) / name, output_dir / name)
+    except OSError as error:
+        raise TrainingError(f"Could not save the model in {output_dir}: {error.strerror or error}.") from None
     return digest
 
 

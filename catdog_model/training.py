@@ -25,8 +25,9 @@ from accelerate.utils import broadcast_object_list
 from filelock import FileLock, Timeout
 
 __all__ = [
-    "CHECKPOINTS", "CheckpointError", "LOCK_FILE", "MANIFEST", "Progress", "RunningMetrics", "TrainingError", "claim_output_dir", "find_latest",
-    "file_sha256", "find_resume_checkpoint", "identity_changes", "on_main_process", "read_manifest", "save_checkpoint",
+    "CHECKPOINTS", "CheckpointError", "LOCK_FILE", "MANIFEST", "Progress", "RunningMetrics", "TrainingError",
+    "claim_output_dir", "file_sha256", "find_latest", "find_resume_checkpoint", "identity_changes", "on_main_process",
+    "read_manifest", "save_checkpoint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -103,12 +104,13 @@ def read_manifest(folder: Path) -> dict:
     """The manifest of a complete checkpoint, or ``CheckpointError`` saying what is missing or truncated."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
-        files = manifest["files"]
+        files, _ = manifest["files"].items(), manifest["identity"].items()
+        int(manifest["epoch"]), int(manifest["batches_in_epoch"])
     except FileNotFoundError:
         raise CheckpointError(f"{folder}: no {MANIFEST} (interrupted while written, or made by an older version)") from None
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise CheckpointError(f"{folder}: unreadable {MANIFEST} ({type(error).__name__})") from None
-    for name, size in files.items():
+    for name, size in files:
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"{folder}: {name} is missing")
@@ -169,19 +171,22 @@ def save_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, step: int, 
     if accelerator.is_local_main_process:
         for stale in checkpoints_dir.glob(_TEMP_PREFIX + "*"):  # left by a killed run
             shutil.rmtree(stale, ignore_errors=True)
-        temp.mkdir(parents=True)
+        temp.mkdir(parents=True, exist_ok=True)  # exist_ok: machines sharing a disk all get here
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(temp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        _publish(temp, final, info)
-        if keep:
-            _prune(checkpoints_dir, keep)
-    accelerator.wait_for_everyone()
-    if accelerator.is_local_main_process and not accelerator.is_main_process and temp.is_dir():
-        _publish(temp, final, info)
-        if keep:
-            _prune(checkpoints_dir, keep)
+    try:
+        accelerator.save_state(str(temp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _publish(temp, final, info)
+            if keep:
+                _prune(checkpoints_dir, keep)
+        accelerator.wait_for_everyone()
+        if accelerator.is_local_main_process and not accelerator.is_main_process and temp.is_dir():
+            _publish(temp, final, info)
+            if keep:
+                _prune(checkpoints_dir, keep)
+    except OSError as error:  # a full disk, most often: the half-written folder never becomes a checkpoint
+        raise CheckpointError(f"Could not write {final}: {error.strerror or error}. The earlier checkpoints are kept.") from None
     return final
 
 

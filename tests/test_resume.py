@@ -1,5 +1,6 @@
 """Interrupted runs: atomic checkpoints, `latest`, bit-exact resume, run identity, one run per folder."""
 
+import errno
 import json
 import logging
 import os
@@ -7,12 +8,13 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from filelock import FileLock
 from safetensors.torch import load_file
 
-from catdog_model.training import LOCK_FILE, CheckpointError, find_latest, read_manifest
+from catdog_model.training import LOCK_FILE, CheckpointError, find_latest, read_manifest, save_checkpoint
 from conftest import ROOT, assert_clean_error, run_training, training_command, weights_equal
 
 # Augmentation on, two loader workers: the hard case for an exact resume.
@@ -183,3 +185,29 @@ def test_a_non_finite_loss_stops_training_and_saves_nothing_non_finite(tmp_path)
     saved = list((tmp_path / "checkpoints").glob("step_*"))
     assert [folder.name for folder in saved] == ["step_00000001"]
     assert all(t.isfinite().all() for t in load_file(saved[0] / "model.safetensors").values())
+
+
+class _OneProcess:
+    """The part of an Accelerator that save_checkpoint uses, writing two files per checkpoint."""
+
+    is_main_process = is_local_main_process = True
+    disk_full = False
+
+    def wait_for_everyone(self):
+        pass
+
+    def save_state(self, folder):
+        (Path(folder) / "model.safetensors").write_bytes(b"weights")
+        if self.disk_full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        (Path(folder) / "random_states_0.pkl").write_bytes(b"state")
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_clear_error_and_keeps_the_earlier_ones(tmp_path):
+    accelerator = _OneProcess()
+    save_checkpoint(accelerator, tmp_path, 1, {"identity": {}, "epoch": 0, "batches_in_epoch": 1}, keep=None)
+    accelerator.disk_full = True
+    with pytest.raises(CheckpointError, match="Could not write .*step_00000002: No space left on device"):
+        save_checkpoint(accelerator, tmp_path, 2, {"identity": {}, "epoch": 0, "batches_in_epoch": 2}, keep=None)
+    assert [p.name for p in tmp_path.glob("step_*")] == ["step_00000001"]
+    assert find_latest(tmp_path)[0].name == "step_00000001"
