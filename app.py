@@ -13,17 +13,34 @@ from __future__ import annotations
 
 import argparse
 import csv
+import ctypes
 import logging
 import os
 import sys
 import tempfile
 from pathlib import Path
 
-import gradio as gr
-import torch
-from gradio.utils import get_upload_folder
 
-from catdog_model import DEFAULT_LABELS, ImageError, ModelLoadError, load_predictor, open_image
+def _cap_malloc_arenas(arenas: int) -> None:
+    """glibc gives each thread that allocates its own malloc arena (up to 8 per core) and rarely hands the
+    memory back; Gradio answers requests on many worker threads, so the server's memory grew by hundreds
+    of MB per few hundred requests without levelling off. A cap keeps it flat (benchmarks/load_test.py).
+    It must be set here, not in the environment: a Space starts `python app.py` with none of ours."""
+    if arenas > 0 and sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # -8 = M_ARENA_MAX
+        except (OSError, AttributeError):  # not glibc: nothing to cap
+            pass
+
+
+# Before torch and gradio start any thread. CATDOG_MALLOC_ARENAS=0 switches it off (for the load test).
+_cap_malloc_arenas(int(os.environ.get("CATDOG_MALLOC_ARENAS", "2")))
+
+import gradio as gr  # noqa: E402
+import torch  # noqa: E402
+from gradio.utils import get_upload_folder  # noqa: E402
+
+from catdog_model import DEFAULT_LABELS, ImageError, ModelLoadError, load_predictor, open_image  # noqa: E402
 
 DEFAULT_MODEL = "catdog-project/catdog-resnet50"  # the published model: named here and in README.md only
 MAX_FILE_MB = 10
