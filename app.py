@@ -43,6 +43,7 @@ from gradio.utils import get_upload_folder  # noqa: E402
 from catdog_model import DEFAULT_LABELS, ImageError, ModelLoadError, load_predictor, open_image  # noqa: E402
 
 DEFAULT_MODEL = "catdog-project/catdog-resnet50"  # the published model: named here and in README.md only
+LOCAL_MODEL = "catdog-model"  # train_accelerate.py's default --output-dir, relative to where the app starts
 MAX_FILE_MB = 10
 MAX_BATCH_FILES = 100
 EXAMPLES_DIR = Path(__file__).parent / "examples"
@@ -51,34 +52,58 @@ logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name
 logger = logging.getLogger("catdog.app")
 
 
-def _model_source(argv: list[str]) -> str:
+def _model_source(argv: list[str]) -> tuple[str, str]:
+    """The model to serve, and why that one: --model, then $CATDOG_MODEL, then ./catdog-model, then the Hub."""
     parser = argparse.ArgumentParser(description="Serve the catdog demo.")
     parser.add_argument(
-        "--model", default=os.environ.get("CATDOG_MODEL") or DEFAULT_MODEL,
-        help="Hub repo id, id@revision, or a local folder (default: $CATDOG_MODEL, else %(default)s)",
+        "--model", default=None,
+        help=f"Hub repo id, id@revision, or a local folder (default: $CATDOG_MODEL, else ./{LOCAL_MODEL} if it "
+             f"exists, else {DEFAULT_MODEL})",
     )
-    return parser.parse_args(argv).model
+    model = parser.parse_args(argv).model
+    if model:
+        return model, "--model"
+    if os.environ.get("CATDOG_MODEL"):
+        return os.environ["CATDOG_MODEL"], "$CATDOG_MODEL"
+    if (Path(LOCAL_MODEL) / "config.json").is_file():
+        return LOCAL_MODEL, f"no --model or $CATDOG_MODEL, and ./{LOCAL_MODEL} (the training script's output) exists"
+    return DEFAULT_MODEL, f"no --model, $CATDOG_MODEL or ./{LOCAL_MODEL}: the published model"
 
 
 # Flags are read only when run as a script, so that tests can import `demo`.
-MODEL_SOURCE = _model_source(sys.argv[1:] if __name__ == "__main__" else [])
+MODEL_SOURCE, WHY = _model_source(sys.argv[1:] if __name__ == "__main__" else [])
 # Inference is the only heavy work: use the cores deliberately, not whatever torch guesses.
 torch.set_num_threads(int(os.environ.get("CATDOG_TORCH_THREADS", min(2, os.cpu_count() or 1))))
 
-logger.info("loading the model %s (from the Hub unless it is a local folder)", MODEL_SOURCE)
+logger.info("loading the model %s (%s)", MODEL_SOURCE, WHY)
 try:
     predictor = load_predictor(MODEL_SOURCE)
     load_error = None
-    logger.info("serving %s (revision %s)", predictor.source, predictor.revision or "main")
+    if Path(predictor.source).is_dir():
+        logger.info("serving the local folder %s", predictor.source)
+    else:
+        logger.info("serving %s from the Hub (revision %s)", predictor.source, predictor.revision or "main")
 except ModelLoadError as error:
     predictor, load_error = None, str(error)
     logger.error("no model: %s", load_error)
 
 FIX_HINT = (
-    "Train one (`python train_accelerate.py --output-dir catdog-model`) and start the app with "
-    "`CATDOG_MODEL=catdog-model`, or set `CATDOG_MODEL` (or `--model`) to a Hub repo you can reach, e.g. `user/repo@v1`."
+    f"Train a small model offline with `make train-mini`, then run `make demo` again: it serves ./{LOCAL_MODEL} "
+    "when that folder exists. Or set `CATDOG_MODEL` (or `--model`) to a Hub repo you can reach, e.g. `user/repo@v1`."
 )
-NO_MODEL_MESSAGE = f"No model is loaded: {load_error} {FIX_HINT}"
+NO_MODEL_MESSAGE = f"No model is loaded: {load_error} {FIX_HINT.replace('`', '')}"  # API text: no markdown
+
+
+def _headline() -> str:
+    """What is loaded, from its own config.json and metrics.json: never a claim about another model."""
+    if predictor is None:
+        return "No model is loaded yet: see below."
+    metrics = predictor.metrics
+    init = metrics.get("backbone_init", "")
+    how = "trained from scratch" if init.startswith("random") else "fine-tuned from ImageNet weights" if init else "trained"
+    dataset = f" on `{Path(metrics['dataset']).name if Path(metrics['dataset']).exists() else metrics['dataset']}`" \
+        if metrics.get("dataset") else ""
+    return f"A {predictor.model.backbone_name} {how}{dataset}, at {predictor.image_size} px, tells which it is."
 
 
 def _model_panel() -> str:
@@ -87,8 +112,11 @@ def _model_panel() -> str:
     test = predictor.metrics.get("test", {})
     accuracy = (f"**{test['accuracy']:.2%}** on {test['samples']:,} held-out test images"
                 if "accuracy" in test else "not recorded (no metrics.json next to the weights)")
-    where = "local folder" if Path(predictor.source).is_dir() else f"revision `{predictor.revision or 'main'}`"
-    return (f"**Model** `{predictor.source}` · {where} · "
+    if Path(predictor.source).is_dir():
+        name, where = f"`{predictor.source}`", "local folder"
+    else:
+        name, where = f"[`{predictor.source}`](https://huggingface.co/{predictor.source})", f"revision `{predictor.revision or 'main'}`"
+    return (f"**Model** {name} · {where} · "
             f"{predictor.model.backbone_name} at {predictor.image_size} px · test accuracy {accuracy}")
 
 
@@ -148,8 +176,7 @@ TABLE_HEADERS = ["file", "label", f"P({labels[0]})", f"P({labels[1]})"]
 examples = sorted(str(p) for p in EXAMPLES_DIR.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".webp"})
 
 with gr.Blocks(title="catdog: cat or dog?") as demo:
-    gr.Markdown("# 🐱 catdog 🐶\nDrop a photo of a cat or a dog, paste one, or use your webcam. "
-                "A ResNet50 fine-tuned on `microsoft/cats_vs_dogs` tells which it is.")
+    gr.Markdown(f"# 🐱 catdog 🐶\nDrop a photo of a cat or a dog, paste one, or use your webcam. {_headline()}")
     gr.Markdown(_model_panel(), elem_id="model-panel")
     with gr.Tab("One picture"):
         with gr.Row():

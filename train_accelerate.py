@@ -330,19 +330,20 @@ def training_function(args) -> None:
         accelerator.end_training()
 
     if accelerator.is_main_process:
-        write_outputs(args, accelerator, output_dir, progress, test, data, splits, used)
+        write_outputs(args, accelerator, output_dir, progress, test, data, splits, used, identity["dataset content"])
         if args.push_to_hub:
             push(args, output_dir)
         lock.release()
 
 
-def write_outputs(args, accelerator, output_dir: Path, progress: Progress, test: dict, data, splits, used) -> None:
+def write_outputs(args, accelerator, output_dir: Path, progress: Progress, test: dict, data, splits, used, fingerprint: str) -> None:
     metrics = {
         "history": progress.history,
         "best_epoch": progress.best_epoch,
         "test": test,
         "dataset": args.dataset,
         "dataset_revision": args.dataset_revision,
+        "dataset_fingerprint": fingerprint,
         "split_sizes": {name: len(split) for name, split in used.items()},
         "full_split_sizes": {name: len(split) for name, split in splits.items()},
         "skipped_rows": len(data.skipped_rows),
@@ -356,7 +357,7 @@ def write_outputs(args, accelerator, output_dir: Path, progress: Progress, test:
     }
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     config = json.loads((output_dir / "config.json").read_text())
-    make_model_card(metrics, config, args.hub_model_id or "catdog").save(output_dir / "README.md")
+    make_model_card(metrics, config, args.hub_model_id or args.output_dir).save(output_dir / "README.md")
     logger.info("saved the model, metrics.json, %s and the model card to %s", SPLIT_FILE, output_dir)
 
 

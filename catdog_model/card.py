@@ -46,12 +46,12 @@ Per epoch (the weights kept are from epoch {{ best_epoch }}, the best validation
 
 ## Training set-up
 
-- Dataset: `{{ dataset }}` (revision `{{ dataset_revision }}`), {{ skipped }} rows skipped because their image could not be decoded.
+- Dataset: {{ dataset_source }}, {{ skipped }} rows skipped because their image could not be decoded.
 - Split (seed {{ seed }}, stratified): {{ split_sizes.train }} train / {{ split_sizes.validation }} validation / {{ split_sizes.test }} test images; the row indices are in `split.json`.
 - Backbone initialisation: {{ init }}.
 - Input: {{ image_size }}×{{ image_size }} RGB, resized without cropping; the backbone's mean/std normalisation is inside the model.
 - Augmentation (training only): random rotation ±20°, horizontal flip, zoom 0.8–1.2.
-- Loss BCE-with-logits, SGD lr {{ learning_rate }}, {{ epochs }} epochs, batch size {{ batch_size }} per process
+- Loss BCE-with-logits, SGD lr {{ learning_rate }}, {{ epochs }} epoch{{ 's' if epochs != 1 }}, batch size {{ batch_size }} per process
   × {{ world_size }} process(es) × {{ accumulation }} accumulation step(s), mixed precision `{{ mixed_precision }}`.
 - Versions: {% for name, version in versions.items() %}{{ name }} {{ version }}{% if not loop.last %}, {% endif %}{% endfor %}.
 
@@ -61,6 +61,15 @@ Every argument and the full history are in `metrics.json`.
 
 Trained only on photos of cats and dogs: any other picture still gets one of the two labels.
 """
+
+
+def _dataset_source(metrics: dict) -> str:
+    """A Hub dataset with its revision, or a local folder with the content hash its checkpoints recorded."""
+    fingerprint = metrics.get("dataset_fingerprint") or ""
+    if Path(metrics["dataset"]).exists():
+        return f"the local folder `{Path(metrics['dataset']).name}`" + (f" ({fingerprint[:23]}…)" if fingerprint else "")
+    revision = metrics["dataset_revision"] or "main, unpinned"
+    return f"`{metrics['dataset']}` (revision `{revision}`)"
 
 
 def make_model_card(metrics: dict, config: dict, repo_id: str) -> ModelCard:
@@ -104,7 +113,7 @@ def make_model_card(metrics: dict, config: dict, repo_id: str) -> ModelCard:
         best_epoch=metrics["best_epoch"],
         history=metrics["history"],
         dataset=metrics["dataset"],
-        dataset_revision=metrics["dataset_revision"] or "main, unpinned",
+        dataset_source=_dataset_source(metrics),
         skipped=metrics["skipped_rows"],
         seed=args["seed"],
         split_sizes=metrics["split_sizes"],

@@ -2,6 +2,7 @@
 
 import io
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -23,13 +24,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_app(model: str, tmp_path):
-    """`python app.py --model ...` on a free loopback port; returns (url, process)."""
+def start_app(model: str | None, tmp_path, cwd=ROOT):
+    """`python app.py --model ...` (or with no model named) on a free loopback port; returns (url, process)."""
     port = _free_port()
     env = dict(os.environ, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port),
                GRADIO_TEMP_DIR=str(tmp_path / "gradio"), CATDOG_TORCH_THREADS="1")
+    env.pop("CATDOG_MODEL", None)
     log = open(tmp_path / "app.log", "w")
-    process = subprocess.Popen([sys.executable, "app.py", "--model", model], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    command = [sys.executable, str(ROOT / "app.py"), *(["--model", model] if model else [])]
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -162,10 +165,27 @@ def test_missing_model_starts_with_a_notice_and_a_clear_api_error(tmp_path):
     try:
         config = httpx.get(url + "config", timeout=10).text
         assert "No model loaded" in config and "CATDOG_MODEL" in config
-        with pytest.raises(AppError, match="No model is loaded"):
+        with pytest.raises(AppError, match="No model is loaded") as error:
             Client(url, verbose=False).predict(handle_file(str(ROOT / "examples" / "chelsea_cat.jpg")), api_name="/predict")
+        assert "make train-mini" in str(error.value) and "`" not in str(error.value)  # plain text for API users
+        assert "make train-mini" in config and "No model is loaded yet" in config
         assert "Traceback" not in (tmp_path / "app.log").read_text()
         assert not (ROOT / "app.pyi").exists()  # a gr component subclass would write this stub next to app.py
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_without_a_model_named_the_training_output_folder_is_served(trained_model, tmp_path):
+    shutil.copytree(trained_model, tmp_path / "catdog-model")
+    url, process = start_app(None, tmp_path, cwd=tmp_path)
+    try:
+        result = Client(url, verbose=False).predict(handle_file(str(ROOT / "examples" / "chelsea_cat.jpg")), api_name="/predict")
+        assert {c["label"] for c in result["confidences"]} == {"cat", "dog"}
+        log = (tmp_path / "app.log").read_text()
+        assert "./catdog-model (the training script's output) exists" in log and "serving the local folder catdog-model" in log
+        config = httpx.get(url + "config", timeout=10).text  # the header describes this model, not the published one
+        assert "A resnet50 trained from scratch on `cats_vs_dogs_mini`, at 64 px" in config and "fine-tuned on `microsoft" not in config
     finally:
         process.terminate()
         process.wait(timeout=30)

@@ -81,6 +81,8 @@ def test_push_failure_keeps_the_local_files(tmp_path):
     )
     assert_clean_error(result, "Could not push to me/catdog", "files are kept in")
     assert {"model.safetensors", "metrics.json", "README.md", "split.json"} <= {p.name for p in (tmp_path / "out").iterdir()}
+    assert ", 1 epoch, batch size" in (tmp_path / "out" / "README.md").read_text()
+    assert "--exclude 'checkpoints/*'" in result.stderr
 
 
 def test_existing_model_is_not_overwritten(trained_model):
@@ -161,3 +163,11 @@ def test_split_file_records_the_rows_actually_used(trained_model):
     split = json.loads((trained_model / "split.json").read_text())
     assert {len(split["used"][name]) for name in ("train", "validation", "test")} == {32}
     assert len(split["train"]) == 2160 and set(split["used"]["test"]) <= set(split["test"])
+
+
+def test_model_card_names_the_local_dataset_its_hash_and_how_to_load_this_folder(trained_model):
+    card = (trained_model / "README.md").read_text()
+    metrics = json.loads((trained_model / "metrics.json").read_text())
+    assert f"the local folder `cats_vs_dogs_mini` ({metrics['dataset_fingerprint'][:23]}…)" in card
+    assert "main, unpinned" not in card and f'load_predictor("{trained_model}")' in card
+    assert "6 epochs" in card
