@@ -21,6 +21,10 @@ The sigmoid output is P({{ labels[1] }}); label order is {{ labels | join(", ") 
 
 ## Use it
 
+```bash
+pip install "catdog-classifier @ git+https://github.com/catdog-project/catdog"
+```
+
 ```python
 from catdog_model import load_predictor
 from PIL import Image

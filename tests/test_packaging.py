@@ -1,0 +1,80 @@
+"""The package installs with pip and loads a saved model from outside the checkout."""
+
+import ast
+import importlib.metadata
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+
+from conftest import ROOT
+
+
+def _requirements(lines) -> dict[str, str]:
+    found = {}
+    for line in lines:
+        line = line.split("#", 1)[0].strip()
+        if line and not line.startswith("-"):
+            requirement = Requirement(line)
+            found[requirement.name.lower().replace("_", "-")] = str(requirement.specifier)
+    return found
+
+
+def test_the_package_needs_what_the_space_installs_with_the_same_pins():
+    package = _requirements(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"])
+    space = _requirements((ROOT / "requirements.txt").read_text().splitlines())
+    assert {name: space.get(name) for name in package} == package
+    assert set(space) - set(package) == {"gradio"}  # the app's own dependency, not the library's
+
+
+@pytest.mark.slow
+def test_pip_install_then_load_a_saved_model_from_another_folder(trained_model, tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    # Tests run offline: the dependencies (and setuptools) come from this environment through a .pth file;
+    # the package itself is built and installed for real, by this environment's pip into the new one.
+    here = next(p for p in sys.path if p.endswith("site-packages"))
+    (Path(site) / "test-dependencies.pth").write_text(here + "\n")
+    source = tmp_path / "source"  # what `pip install git+...` sees, built away from the checkout (which stays clean)
+    shutil.copytree(ROOT / "catdog_model", source / "catdog_model", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    pip = [sys.executable, "-m", "pip", "--python", str(python)]
+    install = subprocess.run([*pip, "install", "--no-deps", "--no-build-isolation", "--no-index", "--quiet", str(source)],
+                             capture_output=True, text=True, timeout=300)
+    assert install.returncode == 0, install.stderr[-3000:]
+    check = subprocess.run([*pip, "check"], capture_output=True, text=True, timeout=120)
+    assert "catdog-classifier" not in check.stdout, check.stdout  # its own requirements are all met
+
+    code = ("import sys, catdog_model\nfrom PIL import Image\n"
+            "print(catdog_model.__file__)\n"
+            "print(catdog_model.load_predictor(sys.argv[1]).predict([Image.new('RGB', (40, 30), 'orange')]))\n")
+    result = subprocess.run([str(python), "-c", code, str(trained_model)], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    location = next(line for line in result.stdout.splitlines() if line.endswith("__init__.py"))
+    prediction = result.stdout.splitlines()[-1]
+    assert location.startswith(site) and not location.startswith(str(ROOT))
+    assert "'cat':" in prediction and "'dog':" in prediction
+
+
+def test_every_library_the_package_imports_is_declared():
+    declared = set(_requirements(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]))
+    distributions = importlib.metadata.packages_distributions()
+    imported = set()
+    for path in (ROOT / "catdog_model").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    third_party = {name for name in imported if name not in sys.stdlib_module_names and name != "catdog_model"}
+    needed = {distributions[name][0].lower().replace("_", "-") for name in third_party}
+    assert needed <= declared, f"imported but not in pyproject.toml: {needed - declared}"
