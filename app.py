@@ -44,8 +44,10 @@ from catdog_model import DEFAULT_LABELS, ImageError, ModelLoadError, load_predic
 
 DEFAULT_MODEL = "catdog-project/catdog-resnet50"  # the published model: named here and in README.md only
 LOCAL_MODEL = "catdog-model"  # train_accelerate.py's default --output-dir, relative to where the app starts
-MAX_FILE_MB = 10
+MAX_FILE_MB = 10  # per picture: a larger one gets its own clear error (a row of its own in a batch)
+SERVER_CAP_MB = 50  # Gradio refuses anything larger outright, against abuse
 MAX_BATCH_FILES = 100
+UNSURE_BELOW = 0.70  # below this probability for the top label, the page says the model is not sure
 EXAMPLES_DIR = Path(__file__).parent / "examples"
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -122,8 +124,9 @@ def _model_panel() -> str:
 
 def _open_upload(path: str):
     """Size limit first (cheap), then the header's pixel count, then the full decode."""
-    if os.path.getsize(path) > MAX_FILE_MB * 1024 * 1024:
-        raise ImageError(f"The file is larger than {MAX_FILE_MB} MB.")
+    size_mb = os.path.getsize(path) / 2**20
+    if size_mb > MAX_FILE_MB:
+        raise ImageError(f"The file is too large ({size_mb:.1f} MB); the limit is {MAX_FILE_MB} MB.")
     return open_image(path)
 
 
@@ -132,11 +135,15 @@ def _require_model() -> None:
         raise gr.Error(NO_MODEL_MESSAGE, title="No model", print_exception=False)
 
 
-def predict(upload: str | dict | None) -> dict[str, float]:
-    """Classify one uploaded picture (the raw upload, see preprocess=False); {label: probability} for gr.Label."""
-    _require_model()
+def _upload_path(upload) -> str | None:
     # Gradio hands the raw upload over as a cached file path, a FileData dict or a FileData object.
-    path = upload if isinstance(upload, str) else upload.get("path") if isinstance(upload, dict) else getattr(upload, "path", None)
+    return upload if isinstance(upload, str) else upload.get("path") if isinstance(upload, dict) else getattr(upload, "path", None)
+
+
+def predict(upload: str | dict | None) -> dict[str, float]:
+    """Classify one picture (JPEG, PNG, WebP, GIF, ... up to 10 MB); returns the label and each class's probability."""
+    _require_model()
+    path = _upload_path(upload)
     if not path:
         raise gr.Error("Upload a picture of a cat or a dog first.", print_exception=False)
     try:
@@ -146,8 +153,33 @@ def predict(upload: str | dict | None) -> dict[str, float]:
     return predictor.predict([image])[0]
 
 
+def _status(text: str = "") -> dict:
+    return gr.update(value=text, visible=bool(text))
+
+
+def predict_on_page(upload: str | dict | None) -> tuple[dict | None, dict]:
+    """The page's version of ``predict``: problems and doubts are shown next to the picture, where they
+    stay until the next upload, instead of in a toast that fades."""
+    if predictor is None:
+        return None, _status(f"⚠️ **No model is loaded**, so nothing can be classified. {FIX_HINT}")
+    path = _upload_path(upload)
+    if not path:
+        return None, _status()
+    try:
+        probabilities = predictor.predict([_open_upload(path)])[0]
+    except ImageError as error:
+        return None, _status(f"⚠️ **Cannot read this file.** {error}")
+    top = max(probabilities, key=probabilities.get)
+    if probabilities[top] < UNSURE_BELOW:
+        return probabilities, _status(
+            f"🤔 **Not sure.** The model leans to *{top}* with only {probabilities[top]:.0%}; it may not be a clear "
+            "photo of a cat or a dog."
+        )
+    return probabilities, _status()
+
+
 def predict_batch(files: list[str] | None, progress=gr.Progress()) -> tuple[list[list], str]:
-    """Classify many files: a table row per file (bad files get an error row) and a CSV of it."""
+    """Classify up to 100 pictures: one table row per file (a file that cannot be read gets an error row) and a CSV of it."""
     _require_model()
     if not files:
         raise gr.Error("Choose one or more pictures first.", print_exception=False)
@@ -164,47 +196,59 @@ def predict_batch(files: list[str] | None, progress=gr.Progress()) -> tuple[list
             continue
         label = max(probabilities, key=probabilities.get)
         rows.append([name, label, round(probabilities[negative], 4), round(probabilities[positive], 4)])
-    # Inside Gradio's own upload cache, so the app writes nowhere else.
-    handle, csv_path = tempfile.mkstemp(suffix=".csv", prefix="catdog-", dir=get_upload_folder())
-    with os.fdopen(handle, "w", newline="") as out:
+    # Inside Gradio's own upload cache, so the app writes nowhere else; a folder per run keeps the plain name.
+    csv_path = Path(tempfile.mkdtemp(prefix="catdog-", dir=get_upload_folder())) / "catdog-predictions.csv"
+    with open(csv_path, "w", newline="") as out:
         csv.writer(out).writerows([TABLE_HEADERS, *rows])
-    return rows, csv_path
+    return rows, str(csv_path)
 
 
 labels = predictor.labels if predictor else DEFAULT_LABELS
 TABLE_HEADERS = ["file", "label", f"P({labels[0]})", f"P({labels[1]})"]
 examples = sorted(str(p) for p in EXAMPLES_DIR.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".webp"})
 
+# On a phone the columns stack: put the result first, so that it is in view after an upload.
+CSS = "@media (max-width: 640px) { #result-column { order: -1; } }"
+
 with gr.Blocks(title="catdog: cat or dog?") as demo:
     gr.Markdown(f"# 🐱 catdog 🐶\nDrop a photo of a cat or a dog, paste one, or use your webcam. {_headline()}")
     gr.Markdown(_model_panel(), elem_id="model-panel")
+    ready = predictor is not None
     with gr.Tab("One picture"):
         with gr.Row():
             with gr.Column():
                 image = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard", "webcam"],
-                                 label="Picture", height=360)
-                button = gr.Button("Classify", variant="primary", interactive=predictor is not None)
-            with gr.Column():
-                result = gr.Label(num_top_classes=2, label="Prediction")
+                                 label="Picture", height=320, interactive=ready)
+                status = gr.Markdown(visible=False, elem_id="upload-status")
+                button = gr.Button("Classify", variant="primary", interactive=ready)
+            with gr.Column(elem_id="result-column"):
+                result = gr.Label(num_top_classes=2, label="Prediction", elem_id="result")
         # preprocess=False: gr.Image would open every upload with Pillow before our checks run, so a
-        # non-image would fail with a generic error; predict gets the uploaded file itself instead.
-        # Defined before the examples, whose own event would otherwise take the name "predict".
+        # non-image would fail with a generic error; the handlers get the uploaded file itself instead.
         # One model and two cores: every inference event shares a single slot.
-        gr.on([image.upload, button.click], predict, inputs=image, outputs=result, api_name="predict",
-              concurrency_id="model", preprocess=False)
+        gr.on([image.upload, button.click], predict_on_page, inputs=image, outputs=[result, status],
+              concurrency_id="model", preprocess=False, api_visibility="private")
+        image.clear(lambda: (None, _status()), outputs=[result, status], api_visibility="private", queue=False)
+        # The API's /predict raises its errors (gradio_client turns them into exceptions); the page shows them.
+        api_button = gr.Button(visible=False)
+        api_button.click(predict, inputs=image, outputs=result, api_name="predict", concurrency_id="model",
+                         preprocess=False, api_description=predict.__doc__)
         if examples:
-            gallery = gr.Examples(examples, inputs=image)
-            gallery.load_input_event.then(predict, inputs=image, outputs=result, concurrency_id="model",
-                                          api_visibility="private")
+            gallery = gr.Examples(examples, inputs=image, label="Examples (click one)")
+            gallery.load_input_event.then(predict_on_page, inputs=image, outputs=[result, status],
+                                          concurrency_id="model", api_visibility="private")
     with gr.Tab("Many pictures"):
-        files = gr.File(file_count="multiple", file_types=["image"], label=f"Pictures (up to {MAX_BATCH_FILES})")
-        batch_button = gr.Button("Classify all", variant="primary", interactive=predictor is not None)
+        files = gr.File(file_count="multiple", file_types=["image"], label=f"Pictures (up to {MAX_BATCH_FILES})",
+                        height=180, interactive=ready)
+        batch_button = gr.Button("Classify all", variant="primary", interactive=ready)
         table = gr.Dataframe(headers=TABLE_HEADERS, label="Results", interactive=False)
-        csv_file = gr.File(label="Download as CSV")
+        csv_file = gr.File(label="Download as CSV", visible=False)
 
-    batch_button.click(predict_batch, inputs=files, outputs=[table, csv_file], api_name="predict_batch", concurrency_id="model")
+    batch_button.click(predict_batch, inputs=files, outputs=[table, csv_file], api_name="predict_batch",
+                       concurrency_id="model", show_progress_on=table, api_description=predict_batch.__doc__
+                       ).success(lambda: gr.File(visible=True), outputs=csv_file, api_visibility="private", queue=False)
 
 demo.queue(max_size=32, default_concurrency_limit=1)
 
 if __name__ == "__main__":
-    demo.launch(max_file_size=f"{MAX_FILE_MB}mb")
+    demo.launch(max_file_size=f"{SERVER_CAP_MB}mb", css=CSS)

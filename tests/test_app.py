@@ -141,9 +141,14 @@ def test_upload_over_10_mb_is_refused(client, tmp_path):
     path = tmp_path / "huge.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (2000, 2000, 3), dtype=np.uint8)).save(path)
     assert os.path.getsize(path) > 10 * 1024 * 1024
-    with pytest.raises(Exception, match="(?i)too large|exceed|size"):
+    with pytest.raises(AppError, match=r"The file is too large \(1\d\.\d MB\); the limit is 10 MB"):
         client.predict(handle_file(str(path)), api_name="/predict")
     _assert_label(client.predict(handle_file(str(ROOT / "examples" / "chelsea_cat.jpg")), api_name="/predict"))
+    # In a batch, the oversized file gets its own error row; the others are classified.
+    table, _ = client.predict([handle_file(str(path)), handle_file(str(ROOT / "examples" / "chelsea_cat.jpg"))],
+                              api_name="/predict_batch")
+    (big, big_label, *_), (cat, cat_label, *_) = table["data"]
+    assert big == "huge.png" and big_label.startswith("error: The file is too large") and cat_label in ("cat", "dog")
 
 
 def test_batch_gives_a_table_and_a_csv(client, tmp_path):
@@ -156,6 +161,7 @@ def test_batch_gives_a_table_and_a_csv(client, tmp_path):
     for row in rows[:2]:
         assert row[1] in ("cat", "dog") and abs(row[2] + row[3] - 1) < 1e-3
     assert rows[2][1].startswith("error:")
+    assert os.path.basename(csv_path) == "catdog-predictions.csv"
     lines = open(csv_path).read().splitlines()
     assert lines[0] == "file,label,P(cat),P(dog)" and len(lines) == 4
 
@@ -204,3 +210,35 @@ def test_space_metadata_matches_the_code():
     assert metadata["sdk"] == "gradio" and metadata["sdk_version"] == pinned
     assert metadata["app_file"] == "app.py" and metadata["models"] == [app.DEFAULT_MODEL]
     assert metadata["datasets"] == ["microsoft/cats_vs_dogs"]
+
+
+class _FixedPredictor:
+    labels = ("cat", "dog")
+
+    def __init__(self, p_dog: float):
+        self.p_dog = p_dog
+
+    def predict(self, images):
+        return [{"cat": 1 - self.p_dog, "dog": self.p_dog} for _ in images]
+
+
+@pytest.mark.parametrize("p_dog, shown", [(0.55, "Not sure"), (0.31, "Not sure"), (0.95, None), (0.05, None)])
+def test_the_page_says_when_the_model_is_not_sure(monkeypatch, p_dog, shown):
+    import app
+    monkeypatch.setattr(app, "predictor", _FixedPredictor(p_dog))
+    probabilities, status = app.predict_on_page(str(ROOT / "examples" / "chelsea_cat.jpg"))
+    assert probabilities == {"cat": 1 - p_dog, "dog": p_dog}
+    assert status["visible"] == (shown is not None)
+    if shown:
+        top = max(p_dog, 1 - p_dog)
+        assert shown in status["value"] and f"{top:.0%}" in status["value"] and top < app.UNSURE_BELOW
+
+
+def test_the_page_shows_problems_inline_instead_of_raising(monkeypatch, tmp_path):
+    import app
+    (tmp_path / "notes.jpg").write_text("not a picture")
+    monkeypatch.setattr(app, "predictor", _FixedPredictor(0.9))
+    assert app.predict_on_page(str(tmp_path / "notes.jpg"))[1]["value"].startswith("⚠️ **Cannot read this file.**")
+    monkeypatch.setattr(app, "predictor", None)
+    result, status = app.predict_on_page(str(ROOT / "examples" / "chelsea_cat.jpg"))
+    assert result is None and "No model is loaded" in status["value"] and "make train-mini" in status["value"]

@@ -1,8 +1,11 @@
 """The Space in a real headless browser: Debian's chromium, driven by Playwright for Python."""
 
+import re
 import shutil
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import ROOT
 from test_app import start_app
@@ -50,3 +53,70 @@ def test_upload_through_the_page_shows_both_percentages(browser, trained_model, 
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def served(trained_model, tmp_path_factory):
+    url, process = start_app(str(trained_model), tmp_path_factory.mktemp("browser-app"))
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def _upload(page, path):
+    page.locator("input[type=file]").first.set_input_files(str(path))
+
+
+@pytest.mark.slow
+def test_a_bad_upload_is_explained_next_to_the_picture_until_the_next_one(browser, served, tmp_path):
+    (tmp_path / "notes.jpg").write_text("this is not a picture")
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(served)
+    _upload(page, tmp_path / "notes.jpg")
+    status = page.locator("#upload-status")
+    status.get_by_text("Cannot read this file").wait_for(timeout=60_000)
+    page.wait_for_timeout(16_000)  # longer than a toast lives
+    assert "not an image that can be read" in status.inner_text()
+    _upload(page, ROOT / "examples" / "chelsea_cat.jpg")
+    page.get_by_test_id("label").get_by_text("%").first.wait_for(timeout=60_000)
+    assert not status.is_visible() or "Cannot read" not in status.inner_text()
+
+
+@pytest.mark.slow
+def test_removing_the_picture_clears_the_prediction(browser, served):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(served)
+    _upload(page, ROOT / "examples" / "chelsea_cat.jpg")
+    label = page.get_by_test_id("label")
+    label.get_by_text("%").first.wait_for(timeout=60_000)
+    page.get_by_role("button", name=re.compile("clear|remove", re.IGNORECASE)).first.click()
+    page.wait_for_function("() => !document.querySelector('#result').innerText.includes('%')", timeout=10_000)
+
+
+@pytest.mark.slow
+def test_a_batch_with_an_oversized_file_classifies_the_others(browser, served, tmp_path):
+    huge = tmp_path / "huge.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (2000, 2000, 3), dtype=np.uint8)).save(huge)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(served)
+    page.get_by_role("tab", name="Many pictures").click()
+    page.locator("input[type=file][multiple]").first.set_input_files([str(huge), str(ROOT / "examples" / "chelsea_cat.jpg")])
+    assert "Download as CSV" not in page.locator("body").inner_text()  # no empty CSV box before a run
+    page.get_by_role("button", name="Classify all").click()
+    page.get_by_text("The file is too large").first.wait_for(state="attached", timeout=90_000)
+    text = page.locator("body").inner_text()
+    assert "huge.png" in text and "chelsea_cat.jpg" in text
+    # The CSV box appears only now, with the file named for what it is (Gradio shows "name" and ".csv" apart).
+    page.wait_for_function("() => document.body.innerText.includes('catdog-predictions')", timeout=10_000)
+
+
+@pytest.mark.slow
+def test_on_a_phone_the_result_is_in_view_after_an_upload(browser, served, tmp_path):
+    page = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True)
+    page.goto(served)
+    _upload(page, ROOT / "examples" / "chelsea_cat.jpg")
+    label = page.get_by_test_id("label")
+    label.get_by_text("%").first.wait_for(timeout=60_000)
+    box = page.locator("#result").bounding_box()
+    page.screenshot(path=str(tmp_path / "phone.png"))
+    assert box is not None and box["y"] >= 0 and box["y"] + box["height"] <= 844, box
