@@ -1,7 +1,7 @@
 """catdog Space: drag, paste or snap a picture and the model says cat or dog.
 
-    python app.py                              # the published model from the Hub
-    CATDOG_MODEL=catdog-model python app.py    # a folder written by train_accelerate.py
+    python app.py                              # ./catdog-model if it exists, else the published model
+    CATDOG_MODEL=some/folder python app.py     # a folder written by train_accelerate.py
     python app.py --model user/repo@v1         # any Hub repo, pinned to a revision
 
 The model is loaded once, at start-up, through ``catdog_model.load_predictor``. If it cannot be
