@@ -73,25 +73,29 @@ def make_files(folder: Path) -> tuple[list[Path], dict[Path, str]]:
     return valid, bad
 
 
-def start_app(model: str, extra_env: dict, log: Path) -> tuple[str, subprocess.Popen]:
+def start_app(model: str | None, extra_env: dict, log: Path, cwd: Path = ROOT) -> tuple[str, subprocess.Popen]:
+    """`python app.py [--model MODEL]` on a free loopback port, started from ``cwd``; returns (url, process).
+
+    $CATDOG_MODEL is not passed on: the model is the one named, or the app's own default."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
            "GRADIO_ANALYTICS_ENABLED": "False", **extra_env}
-    process = subprocess.Popen([sys.executable, "app.py", "--model", model], cwd=ROOT, env=env,
-                               stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    env.pop("CATDOG_MODEL", None)
+    command = [sys.executable, str(ROOT / "app.py"), *(["--model", model] if model else [])]
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     url, deadline = f"http://127.0.0.1:{port}/", time.monotonic() + 180
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise SystemExit(f"the app exited:\n{log.read_text()[-2000:]}")
+            raise RuntimeError(f"the app exited:\n{log.read_text()[-3000:]}")
         try:
             if httpx.get(url, timeout=2).status_code == 200:
                 return url, process
         except httpx.HTTPError:
             time.sleep(0.5)
     process.kill()
-    raise SystemExit("the app did not start within 180 s")
+    raise RuntimeError("the app did not start within 180 s")
 
 
 def rss_mb(process: subprocess.Popen) -> float:

@@ -15,6 +15,8 @@ os.environ.pop("HF_TOKEN", None)
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import pytest  # noqa: E402
+
+from benchmarks import load_test  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,3 +72,17 @@ def trained_model(mini_dataset, tmp_path_factory) -> Path:
         "--max-eval-samples", "32", "--no-augmentation",
     )
     return output_dir
+
+
+def start_app(model: str | None, tmp_path, cwd=ROOT):
+    """`python app.py --model ...` (or with no model named) on a free loopback port; returns (url, process)."""
+    env = {"GRADIO_TEMP_DIR": str(tmp_path / "gradio"), "CATDOG_TORCH_THREADS": "1"}
+    return load_test.start_app(model, env, tmp_path / "app.log", cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def app_url(trained_model, tmp_path_factory):
+    url, process = start_app(str(trained_model), tmp_path_factory.mktemp("app"))
+    yield url
+    process.terminate()
+    process.wait(timeout=30)

@@ -3,10 +3,6 @@
 import io
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import numpy as np
@@ -15,44 +11,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from conftest import ROOT
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_app(model: str | None, tmp_path, cwd=ROOT):
-    """`python app.py --model ...` (or with no model named) on a free loopback port; returns (url, process)."""
-    port = _free_port()
-    env = dict(os.environ, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port),
-               GRADIO_TEMP_DIR=str(tmp_path / "gradio"), CATDOG_TORCH_THREADS="1")
-    env.pop("CATDOG_MODEL", None)
-    log = open(tmp_path / "app.log", "w")
-    command = [sys.executable, str(ROOT / "app.py"), *(["--model", model] if model else [])]
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"the app exited:\n{(tmp_path / 'app.log').read_text()[-3000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return url, process
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    process.kill()
-    raise AssertionError("the app did not start within 120 s")
-
-
-@pytest.fixture(scope="module")
-def app_url(trained_model, tmp_path_factory):
-    url, process = start_app(str(trained_model), tmp_path_factory.mktemp("app"))
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+from conftest import ROOT, start_app
 
 
 @pytest.fixture(scope="module")

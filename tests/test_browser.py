@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT
-from test_app import start_app
+from conftest import ROOT, start_app
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # The flags the sandboxed CI machine needs: no GPU, no background calls to a network it does not have.
@@ -55,23 +54,15 @@ def test_upload_through_the_page_shows_both_percentages(browser, trained_model, 
         process.wait(timeout=30)
 
 
-@pytest.fixture(scope="module")
-def served(trained_model, tmp_path_factory):
-    url, process = start_app(str(trained_model), tmp_path_factory.mktemp("browser-app"))
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
-
-
 def _upload(page, path):
     page.locator("input[type=file]").first.set_input_files(str(path))
 
 
 @pytest.mark.slow
-def test_a_bad_upload_is_explained_next_to_the_picture_until_the_next_one(browser, served, tmp_path):
+def test_a_bad_upload_is_explained_next_to_the_picture_until_the_next_one(browser, app_url, tmp_path):
     (tmp_path / "notes.jpg").write_text("this is not a picture")
     page = browser.new_page(viewport={"width": 1280, "height": 900})
-    page.goto(served)
+    page.goto(app_url)
     _upload(page, tmp_path / "notes.jpg")
     status = page.locator("#upload-status")
     status.get_by_text("Cannot read this file").wait_for(timeout=60_000)
@@ -83,9 +74,9 @@ def test_a_bad_upload_is_explained_next_to_the_picture_until_the_next_one(browse
 
 
 @pytest.mark.slow
-def test_removing_the_picture_clears_the_prediction(browser, served):
+def test_removing_the_picture_clears_the_prediction(browser, app_url):
     page = browser.new_page(viewport={"width": 1280, "height": 900})
-    page.goto(served)
+    page.goto(app_url)
     _upload(page, ROOT / "examples" / "chelsea_cat.jpg")
     label = page.get_by_test_id("label")
     label.get_by_text("%").first.wait_for(timeout=60_000)
@@ -94,11 +85,11 @@ def test_removing_the_picture_clears_the_prediction(browser, served):
 
 
 @pytest.mark.slow
-def test_a_batch_with_an_oversized_file_classifies_the_others(browser, served, tmp_path):
+def test_a_batch_with_an_oversized_file_classifies_the_others(browser, app_url, tmp_path):
     huge = tmp_path / "huge.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (2000, 2000, 3), dtype=np.uint8)).save(huge)
     page = browser.new_page(viewport={"width": 1280, "height": 900})
-    page.goto(served)
+    page.goto(app_url)
     page.get_by_role("tab", name="Many pictures").click()
     page.locator("input[type=file][multiple]").first.set_input_files([str(huge), str(ROOT / "examples" / "chelsea_cat.jpg")])
     assert "Download as CSV" not in page.locator("body").inner_text()  # no empty CSV box before a run
@@ -111,9 +102,9 @@ def test_a_batch_with_an_oversized_file_classifies_the_others(browser, served, t
 
 
 @pytest.mark.slow
-def test_on_a_phone_the_result_is_in_view_after_an_upload(browser, served, tmp_path):
+def test_on_a_phone_the_result_is_in_view_after_an_upload(browser, app_url, tmp_path):
     page = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True)
-    page.goto(served)
+    page.goto(app_url)
     _upload(page, ROOT / "examples" / "chelsea_cat.jpg")
     label = page.get_by_test_id("label")
     label.get_by_text("%").first.wait_for(timeout=60_000)
