@@ -42,9 +42,10 @@ from tqdm.auto import tqdm
 from catdog_model import CatDogClassifier
 from catdog_model.card import make_model_card
 from catdog_model.training import (CHECKPOINTS, LOCK_FILE, Progress, RunningMetrics, TrainingError, claim_output_dir,
-                                      file_sha256, find_resume_checkpoint, on_main_process, save_checkpoint)
-from catdog_model.data import (DatasetError, check_classes, collate, dataset_fingerprint, exit_with_parent,
-                               load_image_dataset, make_transform, save_split, split_dataset)
+                                      exit_with_parent, file_sha256, find_resume_checkpoint, on_main_process,
+                                      save_checkpoint)
+from catdog_model.data import (DatasetError, check_classes, collate, dataset_fingerprint, load_image_dataset,
+                               make_transform, save_split, split_dataset)
 
 logger = get_logger(__name__)
 

@@ -6,13 +6,10 @@ Works on ``microsoft/cats_vs_dogs`` from the Hub and on any local folder that
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import logging
 import os
-import signal
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +26,7 @@ from .images import ImageError, open_image, preprocess
 
 __all__ = [
     "DatasetError", "LoadedDataset", "load_image_dataset", "dataset_fingerprint", "split_dataset", "check_classes",
-    "make_transform", "collate", "exit_with_parent",
+    "make_transform", "collate",
 ]
 
 logger = logging.getLogger(__name__)
@@ -61,16 +58,6 @@ def _find_columns(features: datasets.Features) -> tuple[str, str]:
             f"found {len(images)} and {len(labels)} among: {found or 'no columns'}."
         )
     return images[0], labels[0]
-
-
-def exit_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
-    """Ask Linux to send ``sig`` to this process when its parent dies, so that a ``kill -9`` of the
-    parent leaves no orphan behind (prctl PR_SET_PDEATHSIG; a no-op elsewhere)."""
-    if not sys.platform.startswith("linux"):
-        return
-    ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
-    if os.getppid() != parent_pid:  # the parent died before the request was made
-        os.kill(os.getpid(), sig)
 
 
 def _is_decodable(image: dict) -> bool:

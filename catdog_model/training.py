@@ -9,11 +9,15 @@ so a kill at any moment leaves the previous complete checkpoint or the new one, 
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
+import signal
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -26,8 +30,8 @@ from filelock import FileLock, Timeout
 
 __all__ = [
     "CHECKPOINTS", "CheckpointError", "LOCK_FILE", "MANIFEST", "Progress", "RunningMetrics", "TrainingError",
-    "claim_output_dir", "file_sha256", "find_latest", "find_resume_checkpoint", "identity_changes", "on_main_process",
-    "read_manifest", "save_checkpoint",
+    "claim_output_dir", "exit_with_parent", "file_sha256", "find_latest", "find_resume_checkpoint", "identity_changes",
+    "on_main_process", "read_manifest", "save_checkpoint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -93,6 +97,16 @@ class Progress:
         vars(self).update(state)
         self.train_metrics = RunningMetrics()
         self.train_metrics.load_state_dict(metrics)
+
+
+def exit_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
+    """Ask Linux to send ``sig`` to this process when its parent dies (prctl PR_SET_PDEATHSIG; a no-op
+    elsewhere): a training process started by a launcher that is killed with -9 must not run on alone."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:  # the parent died before the request was made
+        os.kill(os.getpid(), sig)
 
 
 def file_sha256(path: Path) -> str:

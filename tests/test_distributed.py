@@ -118,6 +118,25 @@ def test_a_kill_9_of_one_worker_leaves_no_process_behind(tmp_path):
             process.kill() if process.is_running() else None
 
 
+def test_a_kill_9_of_the_launcher_takes_the_workers_with_it(tmp_path):
+    launcher = subprocess.Popen(
+        training_command(tmp_path / "out", "--cpu", "--epochs", "50", "--batch-size", "4", "--num-workers", "1",
+                         launcher=_launcher("--num_processes", "2", "--num_machines", "1")),
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    agent = psutil.Process(launcher.pid)
+    family = []
+    try:
+        family = _wait_for(lambda: _descendants(agent, at_least=4), 300, "two ranks training")
+        agent.kill()  # no chance to stop its workers: they must notice on their own
+        launcher.wait()
+        _, alive = psutil.wait_procs(family, timeout=20)
+        assert not alive, f"left behind: {[p.pid for p in alive]}"
+    finally:
+        for process in family:
+            process.kill() if process.is_running() else None
+
+
 def _slow_to_check_dataset(folder):
     """200 twelve-megapixel JPEGs (50 ms each to decode): the image check takes seconds per pool worker."""
     ramp = np.linspace(0, 255, 4000, dtype=np.uint8)
