@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from catdog_model import CatDogClassifier
+from catdog_model.calibration import ECE_BINS, expected_calibration_error, fit_temperature
 from catdog_model.card import make_model_card
 from catdog_model.training import (CHECKPOINTS, LOCK_FILE, Progress, RunningMetrics, TrainingError, claim_output_dir,
                                       exit_with_parent, file_sha256, find_resume_checkpoint, on_main_process,
@@ -58,12 +59,41 @@ NOT_PUSHED = (f"{CHECKPOINTS}/*", f"{TRACKER_PROJECT}/*", LOCK_FILE, ".tmp-*")
 
 def evaluate(model, loader, accelerator, desc: str) -> dict:
     """Mean BCE loss and accuracy over the whole loader, gathered across processes."""
-    model.eval()
     metrics = RunningMetrics()
+    metrics.update(*logits_and_labels(model, loader, accelerator, desc))
+    return metrics.result()
+
+
+def logits_and_labels(model, loader, accelerator, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image's logit and label, gathered across processes (padding of uneven shards dropped)."""
+    model.eval()
+    logits, labels = [], []
     with torch.no_grad():
         for batch in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
-            metrics.update(*accelerator.gather_for_metrics((model(batch["pixels"]), batch["labels"])))
-    return metrics.result()
+            batch_logits, batch_labels = accelerator.gather_for_metrics((model(batch["pixels"]), batch["labels"]))
+            logits.append(batch_logits.float())
+            labels.append(batch_labels)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def calibrate(model, val_loader, test_loader, accelerator) -> tuple[dict, dict]:
+    """Fit the temperature on the validation split; the test metrics and the calibration block.
+
+    Every process sees the same gathered logits, so every one fits the same temperature."""
+    val_logits, val_labels = logits_and_labels(model, val_loader, accelerator, "calibration")
+    test_logits, test_labels = logits_and_labels(model, test_loader, accelerator, "test")
+    temperature = fit_temperature(val_logits, val_labels)
+    accelerator.unwrap_model(model).temperature = temperature
+    test = RunningMetrics()
+    test.update(test_logits, test_labels)
+
+    def block(logits, labels) -> dict:
+        loss = lambda t: float(F.binary_cross_entropy_with_logits(logits / t, labels))  # noqa: E731
+        return {"ece_before": expected_calibration_error(logits, labels), "loss_before": loss(1.0),
+                "ece_after": expected_calibration_error(logits, labels, temperature), "loss_after": loss(temperature)}
+
+    return test.result(), {"temperature": temperature, "bins": ECE_BINS, "validation": block(val_logits, val_labels),
+                           "test": block(test_logits, test_labels)}
 
 
 # ---- Fail fast: every flag is checked within seconds, before the dataset is touched.
@@ -322,26 +352,37 @@ def training_function(args) -> None:
         if args.checkpointing_steps == "epoch":
             checkpoint([])
 
-    # Test the kept (best-validation) weights on the held-out split.
+    # The kept (best-validation) weights: calibrated on the validation split, tested on the held-out one.
     safetensors.torch.load_model(accelerator.unwrap_model(model), str(output_dir / "model.safetensors"))
-    test = evaluate(model, test_loader, accelerator, "test")
+    test, calibration = calibrate(model, val_loader, test_loader, accelerator)
     logger.info("test (epoch %d weights): loss %.4f, accuracy %.4f on %d images", progress.best_epoch, test["loss"], test["accuracy"], test["samples"])
+    logger.info("temperature %.3f: validation ECE %.4f -> %.4f, test ECE %.4f -> %.4f", calibration["temperature"],
+                calibration["validation"]["ece_before"], calibration["validation"]["ece_after"],
+                calibration["test"]["ece_before"], calibration["test"]["ece_after"])
     if args.with_tracking:
         accelerator.log({"test_loss": test["loss"], "test_accuracy": test["accuracy"]})
         accelerator.end_training()
 
     if accelerator.is_main_process:
-        write_outputs(args, accelerator, output_dir, progress, test, data, splits, used, identity["dataset content"])
+        write_outputs(args, accelerator, output_dir, progress, test, calibration, data, splits, used, identity["dataset content"])
         if args.push_to_hub:
             push(args, output_dir)
         lock.release()
 
 
-def write_outputs(args, accelerator, output_dir: Path, progress: Progress, test: dict, data, splits, used, fingerprint: str) -> None:
+def write_outputs(args, accelerator, output_dir: Path, progress: Progress, test: dict, calibration: dict, data, splits, used,
+                  fingerprint: str) -> None:
+    # The temperature joins the model's config, the one source of truth that the predictor reads.
+    config = {**json.loads((output_dir / "config.json").read_text()), "temperature": calibration["temperature"]}
+    with tempfile.NamedTemporaryFile("w", dir=output_dir, prefix=".tmp-", suffix=".json", delete=False) as file:
+        json.dump(config, file, indent=2)
+    os.chmod(file.name, 0o644)
+    os.replace(file.name, output_dir / "config.json")
     metrics = {
         "history": progress.history,
         "best_epoch": progress.best_epoch,
         "test": test,
+        "calibration": calibration,
         "dataset": args.dataset,
         "dataset_revision": args.dataset_revision,
         "dataset_fingerprint": fingerprint,
@@ -357,7 +398,6 @@ def write_outputs(args, accelerator, output_dir: Path, progress: Progress, test:
                      "datasets": datasets.__version__},
     }
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    config = json.loads((output_dir / "config.json").read_text())
     make_model_card(metrics, config, args.hub_model_id or args.output_dir).save(output_dir / "README.md")
     logger.info("saved the model, metrics.json, %s and the model card to %s", SPLIT_FILE, output_dir)
 

@@ -40,6 +40,17 @@ Held-out **test split** ({{ test_samples }} images, never used for training or m
 | test accuracy | {{ "%.4f" | format(test_accuracy) }} |
 | test loss (BCE) | {{ "%.4f" | format(test_loss) }} |
 
+{% if calibration %}
+The probabilities are temperature-scaled: the predictor divides the logit by **T = {{ "%.3f" | format(calibration.temperature) }}**,
+fitted on the validation split, before the sigmoid (`temperature` in config.json). This never changes
+the label, only how sure the model says it is. Expected calibration error ({{ calibration.bins }} bins) and BCE:
+
+| split | ECE before | ECE after | BCE before | BCE after |
+|---|---|---|---|---|
+{% for split in ["validation", "test"] -%}
+| {{ split }} | {{ "%.4f" | format(calibration[split].ece_before) }} | {{ "%.4f" | format(calibration[split].ece_after) }} | {{ "%.4f" | format(calibration[split].loss_before) }} | {{ "%.4f" | format(calibration[split].loss_after) }} |
+{% endfor %}
+{% endif %}
 Per epoch (the weights kept are from epoch {{ best_epoch }}, the best validation accuracy):
 
 | epoch | train loss | train acc | val loss | val acc |
@@ -116,6 +127,7 @@ def make_model_card(metrics: dict, config: dict, repo_id: str) -> ModelCard:
         test_loss=metrics["test"]["loss"],
         best_epoch=metrics["best_epoch"],
         history=metrics["history"],
+        calibration=metrics.get("calibration"),
         dataset=metrics["dataset"],
         dataset_source=_dataset_source(metrics),
         skipped=metrics["skipped_rows"],

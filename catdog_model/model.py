@@ -61,7 +61,8 @@ class CatDogClassifier(
 
     Input: RGB images scaled to [0, 1], shape (N, 3, image_size, image_size). The backbone's
     own mean/std normalisation happens inside ``forward``, so callers never need it.
-    Output: one logit per image; ``sigmoid(logit)`` is the probability of ``labels[1]``.
+    Output: one logit per image; ``probability(logit)``, the sigmoid of logit / temperature, is the
+    calibrated probability of ``labels[1]``.
     """
 
     def __init__(
@@ -72,6 +73,7 @@ class CatDogClassifier(
         dropout: float = 0.2,
         labels: tuple[str, ...] = DEFAULT_LABELS,
         pretrained: bool = False,
+        temperature: float = 1.0,
     ) -> None:
         super().__init__()
         labels = _check_labels(labels)
@@ -86,6 +88,10 @@ class CatDogClassifier(
         self.backbone_name = backbone
         self.image_size = image_size
         self.labels = labels
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
+            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        # Fitted on the validation split after training (temperature scaling); 1.0 for models saved before it.
+        self.temperature = float(temperature)
 
         # No classifier and no pooling: the spec's head flattens the whole feature map.
         self.backbone = timm.create_model(backbone, pretrained=pretrained, num_classes=0, global_pool="")
@@ -121,6 +127,10 @@ class CatDogClassifier(
         """Map (N, 3, H, W) images in [0, 1] to (N,) logits for ``labels[1]``."""
         pixels = (pixels - self.mean.to(pixels.dtype)) / self.std.to(pixels.dtype)
         return self.head(self.backbone(pixels)).squeeze(-1)
+
+    def probability(self, logits: torch.Tensor) -> torch.Tensor:
+        """Calibrated P(``labels[1]``): the sigmoid of the logit divided by the fitted temperature."""
+        return torch.sigmoid(logits.float() / self.temperature)
 
     def load_backbone_weights(self, path: str | Path) -> None:
         """Load ImageNet weights for the backbone from a local timm checkpoint (.pth or .safetensors).

@@ -89,7 +89,7 @@ class Predictor:
         negative, positive = self.labels
         for start in range(0, len(images), self.batch_size):
             batch = torch.stack([preprocess(image, self.image_size) for image in images[start : start + self.batch_size]])
-            for p in torch.sigmoid(self.model(batch).float()).tolist():
+            for p in self.model.probability(self.model(batch)).tolist():
                 results.append({negative: 1.0 - p, positive: p})
         return results
 
