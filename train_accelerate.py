@@ -40,13 +40,12 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from catdog_model import CatDogClassifier
-from catdog_model.calibration import ECE_BINS, expected_calibration_error, fit_temperature
 from catdog_model.card import make_model_card
-from catdog_model.training import (CHECKPOINTS, LOCK_FILE, Progress, RunningMetrics, TrainingError, claim_output_dir,
-                                      exit_with_parent, file_sha256, find_resume_checkpoint, on_main_process,
-                                      save_checkpoint)
 from catdog_model.data import (DatasetError, check_classes, collate, dataset_fingerprint, load_image_dataset,
                                make_transform, save_split, split_dataset)
+from catdog_model.training import (CHECKPOINTS, LOCK_FILE, Progress, RunningMetrics, TrainingError, calibrate,
+                                      check_best_model, check_finite, claim_output_dir, evaluate, exit_with_parent,
+                                      find_resume_checkpoint, on_main_process, save_checkpoint, save_model)
 
 logger = get_logger(__name__)
 
@@ -55,45 +54,6 @@ TRACKER_PROJECT = "catdog"  # trackers log under output_dir/catdog
 # What a run writes into its output folder (with checkpoints/): --overwrite-output-dir removes these, nothing else.
 RUN_FILES = ("config.json", "model.safetensors", "metrics.json", SPLIT_FILE, "README.md", TRACKER_PROJECT)
 NOT_PUSHED = (f"{CHECKPOINTS}/*", f"{TRACKER_PROJECT}/*", LOCK_FILE, ".tmp-*")
-
-
-def evaluate(model, loader, accelerator, desc: str) -> dict:
-    """Mean BCE loss and accuracy over the whole loader, gathered across processes."""
-    metrics = RunningMetrics()
-    metrics.update(*logits_and_labels(model, loader, accelerator, desc))
-    return metrics.result()
-
-
-def logits_and_labels(model, loader, accelerator, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every image's logit and label, gathered across processes (padding of uneven shards dropped)."""
-    model.eval()
-    logits, labels = [], []
-    with torch.no_grad():
-        for batch in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
-            batch_logits, batch_labels = accelerator.gather_for_metrics((model(batch["pixels"]), batch["labels"]))
-            logits.append(batch_logits.float())
-            labels.append(batch_labels)
-    return torch.cat(logits), torch.cat(labels)
-
-
-def calibrate(model, val_loader, test_loader, accelerator) -> tuple[dict, dict]:
-    """Fit the temperature on the validation split; the test metrics and the calibration block.
-
-    Every process sees the same gathered logits, so every one fits the same temperature."""
-    val_logits, val_labels = logits_and_labels(model, val_loader, accelerator, "calibration")
-    test_logits, test_labels = logits_and_labels(model, test_loader, accelerator, "test")
-    temperature = fit_temperature(val_logits, val_labels)
-    accelerator.unwrap_model(model).temperature = temperature
-    test = RunningMetrics()
-    test.update(test_logits, test_labels)
-
-    def block(logits, labels) -> dict:
-        loss = lambda t: float(F.binary_cross_entropy_with_logits(logits / t, labels))  # noqa: E731
-        return {"ece_before": expected_calibration_error(logits, labels), "loss_before": loss(1.0),
-                "ece_after": expected_calibration_error(logits, labels, temperature), "loss_after": loss(temperature)}
-
-    return test.result(), {"temperature": temperature, "bins": ECE_BINS, "validation": block(val_logits, val_labels),
-                           "test": block(test_logits, test_labels)}
 
 
 # ---- Fail fast: every flag is checked within seconds, before the dataset is touched.
@@ -197,48 +157,6 @@ def build_model(args, labels: tuple[str, ...]) -> CatDogClassifier:
     if args.freeze_backbone:
         model.backbone.requires_grad_(False)
     return model
-
-
-def check_finite(losses: list, model, progress: Progress) -> None:
-    """Stop before anything non-finite is saved: the losses since the last check, then the weights."""
-    if losses:
-        values = torch.stack([loss for _, _, loss in losses])
-        bad = (~torch.isfinite(values)).nonzero()
-        if len(bad):
-            batch, step, loss = losses[int(bad[0])]
-            raise TrainingError(
-                f"The training loss became {float(loss)} at optimizer step {step} (epoch {progress.epoch + 1}, batch {batch}). Nothing from that "
-                "point on was saved; the last complete checkpoint is kept. Lower --learning-rate and start again."
-            )
-        losses.clear()
-    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-        raise TrainingError(f"The weights became non-finite in epoch {progress.epoch + 1}; nothing was saved from that point on. "
-                            "Lower --learning-rate and start again.")
-
-
-def save_model(model: CatDogClassifier, output_dir: Path) -> str:
-    """save_pretrained into a temporary folder, then rename: a kill never leaves a half-written model.
-
-    Returns the weights' sha256, which the checkpoints keep so that a resume can check the file."""
-    try:
-        with tempfile.TemporaryDirectory(dir=output_dir, prefix=".tmp-model-") as temp:
-            model.save_pretrained(temp)
-            digest = file_sha256(Path(temp) / "model.safetensors")
-            for name in ("config.json", "model.safetensors"):
-                os.chmod(Path(temp) / name, 0o644)
-                os.replace(Path(temp) / name, output_dir / name)
-    except OSError as error:
-        raise TrainingError(f"Could not save the model in {output_dir}: {error.strerror or error}.") from None
-    return digest
-
-
-def check_best_model(output_dir: Path, progress: Progress) -> None:
-    """A resumed run tests the best epoch's weights at the end: they must be the very file its run saved."""
-    path = output_dir / "model.safetensors"
-    if progress.best_epoch > 0 and (not path.is_file() or file_sha256(path) != progress.best_model_sha256):
-        state = "was replaced" if path.is_file() else "is missing"
-        raise TrainingError(f"{path}, the best model so far (epoch {progress.best_epoch}), {state}: resume in the output "
-                            "folder of the run that wrote the checkpoint, or start afresh with --overwrite-output-dir.")
 
 
 def train_one_epoch(args, accelerator: Accelerator, model, optimizer, loader, progress: Progress, checkpoint: Callable) -> None:

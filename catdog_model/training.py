@@ -1,5 +1,5 @@
-"""A training run's state and folder: progress and running metrics, the lock, and checkpoints that survive
-kills and refuse the wrong run.
+"""A training run's state and folder: progress and running metrics, evaluation and calibration, the lock,
+and checkpoints that survive kills and refuse the wrong run. Used by train_accelerate.py.
 
 Layout: ``output_dir/checkpoints/step_<8 digits>/``, each holding what ``Accelerator.save_state`` writes
 plus ``checkpoint.json``: the run's identity and the size of every file. Every process writes into
@@ -27,11 +27,16 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from filelock import FileLock, Timeout
+from tqdm.auto import tqdm
+
+from .calibration import ECE_BINS, expected_calibration_error, fit_temperature
+from .model import CatDogClassifier
 
 __all__ = [
     "CHECKPOINTS", "CheckpointError", "LOCK_FILE", "MANIFEST", "Progress", "RunningMetrics", "TrainingError",
     "claim_output_dir", "exit_with_parent", "file_sha256", "find_latest", "find_resume_checkpoint", "identity_changes",
-    "on_main_process", "read_manifest", "save_checkpoint",
+    "on_main_process", "read_manifest", "save_checkpoint", "evaluate", "calibrate", "check_finite", "save_model",
+    "check_best_model",
 ]
 
 logger = logging.getLogger(__name__)
@@ -107,6 +112,89 @@ def exit_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
     if os.getppid() != parent_pid:  # the parent died before the request was made
         os.kill(os.getpid(), sig)
+
+
+# ---- Evaluation, calibration, and what may be saved.
+
+def evaluate(model, loader, accelerator: Accelerator, desc: str) -> dict:
+    """Mean BCE loss and accuracy over the whole loader, gathered across processes."""
+    metrics = RunningMetrics()
+    metrics.update(*logits_and_labels(model, loader, accelerator, desc))
+    return metrics.result()
+
+
+def logits_and_labels(model, loader, accelerator: Accelerator, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image's logit and label, gathered across processes (padding of uneven shards dropped)."""
+    model.eval()
+    logits, labels = [], []
+    with torch.no_grad():
+        for batch in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
+            batch_logits, batch_labels = accelerator.gather_for_metrics((model(batch["pixels"]), batch["labels"]))
+            logits.append(batch_logits.float())
+            labels.append(batch_labels)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def calibrate(model, val_loader, test_loader, accelerator: Accelerator) -> tuple[dict, dict]:
+    """Fit the temperature on the validation split; the test metrics and the calibration block.
+
+    Every process sees the same gathered logits, so every one fits the same temperature."""
+    val_logits, val_labels = logits_and_labels(model, val_loader, accelerator, "calibration")
+    test_logits, test_labels = logits_and_labels(model, test_loader, accelerator, "test")
+    temperature = fit_temperature(val_logits, val_labels)
+    accelerator.unwrap_model(model).temperature = temperature
+    test = RunningMetrics()
+    test.update(test_logits, test_labels)
+
+    def block(logits, labels) -> dict:
+        loss = lambda t: float(F.binary_cross_entropy_with_logits(logits / t, labels))  # noqa: E731
+        return {"ece_before": expected_calibration_error(logits, labels), "loss_before": loss(1.0),
+                "ece_after": expected_calibration_error(logits, labels, temperature), "loss_after": loss(temperature)}
+
+    return test.result(), {"temperature": temperature, "bins": ECE_BINS, "validation": block(val_logits, val_labels),
+                           "test": block(test_logits, test_labels)}
+
+
+def check_finite(losses: list, model: torch.nn.Module, progress: Progress) -> None:
+    """Stop before anything non-finite is saved: the losses since the last check, then the weights."""
+    if losses:
+        values = torch.stack([loss for _, _, loss in losses])
+        bad = (~torch.isfinite(values)).nonzero()
+        if len(bad):
+            batch, step, loss = losses[int(bad[0])]
+            raise TrainingError(
+                f"The training loss became {float(loss)} at optimizer step {step} (epoch {progress.epoch + 1}, batch {batch}). Nothing from that "
+                "point on was saved; the last complete checkpoint is kept. Lower --learning-rate and start again."
+            )
+        losses.clear()
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        raise TrainingError(f"The weights became non-finite in epoch {progress.epoch + 1}; nothing was saved from that point on. "
+                            "Lower --learning-rate and start again.")
+
+
+def save_model(model: CatDogClassifier, output_dir: Path) -> str:
+    """save_pretrained into a temporary folder, then rename: a kill never leaves a half-written model.
+
+    Returns the weights' sha256, which the checkpoints keep so that a resume can check the file."""
+    try:
+        with tempfile.TemporaryDirectory(dir=output_dir, prefix=".tmp-model-") as temp:
+            model.save_pretrained(temp)
+            digest = file_sha256(Path(temp) / "model.safetensors")
+            for name in ("config.json", "model.safetensors"):
+                os.chmod(Path(temp) / name, 0o644)
+                os.replace(Path(temp) / name, output_dir / name)
+    except OSError as error:
+        raise TrainingError(f"Could not save the model in {output_dir}: {error.strerror or error}.") from None
+    return digest
+
+
+def check_best_model(output_dir: Path, progress: Progress) -> None:
+    """A resumed run tests the best epoch's weights at the end: they must be the very file its run saved."""
+    path = output_dir / "model.safetensors"
+    if progress.best_epoch > 0 and (not path.is_file() or file_sha256(path) != progress.best_model_sha256):
+        state = "was replaced" if path.is_file() else "is missing"
+        raise TrainingError(f"{path}, the best model so far (epoch {progress.best_epoch}), {state}: resume in the output "
+                            "folder of the run that wrote the checkpoint, or start afresh with --overwrite-output-dir.")
 
 
 def file_sha256(path: Path) -> str:
