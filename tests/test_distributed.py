@@ -1,5 +1,6 @@
 """Several processes and machines: same numbers as one process, only the main one writes, no orphans."""
 
+import contextlib
 import io
 import json
 import os
@@ -100,41 +101,40 @@ def _descendants(process: psutil.Process, at_least: int = 0) -> list[psutil.Proc
     return found if len(found) >= at_least else []
 
 
-def test_a_kill_9_of_one_worker_leaves_no_process_behind(tmp_path):
+@contextlib.contextmanager
+def _two_ranks_training(tmp_path):
+    """`accelerate launch` with two ranks, each with a loader worker, yielded once all four are up.
+    Whatever is left of them is killed afterwards, pass or fail."""
     launcher = subprocess.Popen(
         training_command(tmp_path / "out", "--cpu", "--epochs", "50", "--batch-size", "4", "--num-workers", "1",
                          launcher=_launcher("--num_processes", "2", "--num_machines", "1")),
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    agent = psutil.Process(launcher.pid)
-    try:  # two ranks, each with its data-loader worker: training has started
+    agent, family = psutil.Process(launcher.pid), []
+    try:
         family = _wait_for(lambda: _descendants(agent, at_least=4), 300, "two ranks training")
+        yield launcher, agent, family
+    finally:
+        for process in [agent, *family]:
+            if process.is_running():
+                process.kill()
+        launcher.wait()
+
+
+def test_a_kill_9_of_one_worker_leaves_no_process_behind(tmp_path):
+    with _two_ranks_training(tmp_path) as (_, agent, family):
         rank = next(p for p in agent.children() if "train_accelerate.py" in " ".join(p.cmdline()))
         rank.kill()
         _, alive = psutil.wait_procs([agent, *family], timeout=30)
         assert not alive, f"left behind: {[p.pid for p in alive]}"
-    finally:
-        for process in [agent, *_descendants(agent)]:
-            process.kill() if process.is_running() else None
 
 
 def test_a_kill_9_of_the_launcher_takes_the_workers_with_it(tmp_path):
-    launcher = subprocess.Popen(
-        training_command(tmp_path / "out", "--cpu", "--epochs", "50", "--batch-size", "4", "--num-workers", "1",
-                         launcher=_launcher("--num_processes", "2", "--num_machines", "1")),
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    agent = psutil.Process(launcher.pid)
-    family = []
-    try:
-        family = _wait_for(lambda: _descendants(agent, at_least=4), 300, "two ranks training")
+    with _two_ranks_training(tmp_path) as (launcher, agent, family):
         agent.kill()  # no chance to stop its workers: they must notice on their own
         launcher.wait()
         _, alive = psutil.wait_procs(family, timeout=20)
         assert not alive, f"left behind: {[p.pid for p in alive]}"
-    finally:
-        for process in family:
-            process.kill() if process.is_running() else None
 
 
 def _slow_to_check_dataset(folder):
