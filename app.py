@@ -51,6 +51,9 @@ UNSURE_BELOW = 0.70  # below this probability for the top label, the page says t
 EXAMPLES_DIR = Path(__file__).parent / "examples"
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+# huggingface_hub prints through a handler of its own and also passes records on to ours: each Hub retry
+# warning came out twice. Keep one, in this format.
+logging.getLogger("huggingface_hub").handlers.clear()
 logger = logging.getLogger("catdog.app")
 
 

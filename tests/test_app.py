@@ -3,6 +3,8 @@
 import io
 import os
 import shutil
+import subprocess
+import sys
 
 import httpx
 import numpy as np
@@ -201,3 +203,12 @@ def test_the_page_shows_problems_inline_instead_of_raising(monkeypatch, tmp_path
     monkeypatch.setattr(app, "predictor", None)
     result, status = app.predict_on_page(str(ROOT / "examples" / "chelsea_cat.jpg"))
     assert result is None and "No model is loaded" in status["value"] and "make train-mini" in status["value"]
+
+
+def test_hub_warnings_are_logged_once_in_the_apps_format():
+    code = ("import app\nfrom huggingface_hub.utils import logging\n"
+            "logging.get_logger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].')\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "CATDOG_MODEL": "nobody/nothing"})
+    lines = [line for line in result.stderr.splitlines() if "Retrying in 1s" in line]
+    assert len(lines) == 1 and "WARNING huggingface_hub.utils._http:" in lines[0], result.stderr[-2000:]
