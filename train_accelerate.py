@@ -83,6 +83,9 @@ def check_args(args) -> None:
             model = CatDogClassifier(args.backbone, args.image_size, pretrained=False)
         except (ValueError, TypeError) as error:
             raise TrainingError(f"--backbone {args.backbone} --image-size {args.image_size}: {error}") from None
+        except (OSError, HfHubHTTPError) as error:  # an hf-hub: backbone whose config cannot be fetched
+            raise TrainingError(f"--backbone {args.backbone}: could not read its config from the Hub "
+                                f"({type(error).__name__}); use a timm model name, e.g. resnet50.") from None
         try:
             if args.pretrained_weights:
                 model.load_backbone_weights(args.pretrained_weights)

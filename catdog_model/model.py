@@ -77,7 +77,8 @@ class CatDogClassifier(
     ) -> None:
         super().__init__()
         labels = _check_labels(labels)
-        if not timm.is_model(backbone):
+        # "hf-hub:user/repo" names a backbone whose architecture timm reads from the Hub: it cannot be checked here.
+        if not str(backbone).startswith(("hf-hub:", "hf_hub:")) and not timm.is_model(backbone):
             raise ValueError(f"timm has no model named {backbone!r}{_close_names(backbone)}")
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
             raise ValueError(f"image_size must be a positive whole number of pixels, got {image_size!r}")

@@ -123,6 +123,8 @@ def weight_files(tmp_path_factory):
     (("--image-size", "0"), "--image-size 0: image_size must be a positive whole number"),
     (("--image-size", "4096"), "billion weights"),
     (("--backbone", "resnet5O"), "timm has no model named 'resnet5O' (did you mean resnet50"),
+    (("--backbone", "hf-hub:nobody/no-backbone"), "--backbone hf-hub:nobody/no-backbone: could not read its config"),
+    (("--backbone", "resnet50.a1_in1k", "--image-size", "0"), "image_size must be a positive"),  # tagged names pass
     (("--pretrained-weights", "{dir}/nothing.pth"), "--pretrained-weights: no such file"),
     (("--pretrained-weights", "{dir}/notes.txt"), "is not a readable PyTorch or safetensors checkpoint"),
     (("--pretrained-weights", "{dir}/empty.pth"), "is not a readable PyTorch or safetensors checkpoint"),
