@@ -39,6 +39,7 @@ _cap_malloc_arenas(int(os.environ.get("CATDOG_MALLOC_ARENAS", "2")))
 import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 from gradio.utils import get_upload_folder  # noqa: E402
+from gradio_client import handle_file  # noqa: E402
 
 from catdog_model import DEFAULT_LABELS, ImageError, ModelLoadError, load_predictor, open_image  # noqa: E402
 
@@ -49,6 +50,9 @@ SERVER_CAP_MB = 50  # Gradio refuses anything larger outright, against abuse
 MAX_BATCH_FILES = 100
 UNSURE_BELOW = 0.70  # below this probability for the top label, the page says the model is not sure
 EXAMPLES_DIR = Path(__file__).parent / "examples"
+# The API page's sample inputs: the project's own photos, where anyone can fetch them.
+EXAMPLES_URL = "https://raw.githubusercontent.com/catdog-project/catdog/main/examples"
+API_EXAMPLES = [f"{EXAMPLES_URL}/chelsea_cat.jpg", f"{EXAMPLES_URL}/german_shepherd_camera_trap.jpg"]
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 # huggingface_hub prints through a handler of its own and also passes records on to ours: each Hub retry
@@ -126,11 +130,11 @@ def _model_panel() -> str:
 
 
 def _open_upload(path: str):
-    """Size limit first (cheap), then the header's pixel count, then the full decode."""
+    """Size limit first (cheap), then the header's pixel count, then a decode no larger than the model needs."""
     size_mb = os.path.getsize(path) / 2**20
     if size_mb > MAX_FILE_MB:
         raise ImageError(f"The file is too large ({size_mb:.1f} MB); the limit is {MAX_FILE_MB} MB.")
-    return open_image(path)
+    return open_image(path, draft_size=predictor.image_size if predictor else None)
 
 
 def _require_model() -> None:
@@ -246,6 +250,11 @@ with gr.Blocks(title="catdog: cat or dog?") as demo:
         batch_button = gr.Button("Classify all", variant="primary", interactive=ready)
         table = gr.Dataframe(headers=TABLE_HEADERS, label="Results", interactive=False)
         csv_file = gr.File(label="Download as CSV", visible=False)
+
+    # Gradio's API page would otherwise offer its own bus.png as the sample input.
+    image.example_payload, image.example_value = lambda: handle_file(API_EXAMPLES[0]), lambda: API_EXAMPLES[0]
+    files.example_payload = lambda: [handle_file(url) for url in API_EXAMPLES]
+    files.example_value = lambda: API_EXAMPLES
 
     batch_button.click(predict_batch, inputs=files, outputs=[table, csv_file], api_name="predict_batch",
                        concurrency_id="model", show_progress_on=table, api_description=predict_batch.__doc__

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO, Optional, Union
 
 import numpy as np
 import torch
@@ -28,8 +28,13 @@ class ImageError(ValueError):
     """A picture that cannot be used, with a message fit to show the user."""
 
 
-def open_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Open and fully decode a picture, or raise ``ImageError`` with a short reason."""
+def open_image(source: ImageSource, max_pixels: int = MAX_PIXELS, draft_size: Optional[int] = None) -> Image.Image:
+    """Open and fully decode a picture, or raise ``ImageError`` with a short reason.
+
+    With ``draft_size``, a JPEG is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling), as far
+    as both sides stay at least ``draft_size``: a 12-megapixel phone photo bound for a 224-pixel
+    model then costs a fraction of the time and memory of a full decode.
+    """
     if isinstance(source, bytes):
         if not source:
             raise ImageError("The file is empty.")
@@ -50,6 +55,8 @@ def open_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image
         raise ImageError(
             f"The image is too large ({width}×{height} pixels); the limit is {max_pixels / 1e6:.0f} megapixels."
         )
+    if draft_size and image.format == "JPEG":
+        image.draft(image.mode, (draft_size, draft_size))
     try:
         image.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):

@@ -173,6 +173,21 @@ def test_space_metadata_matches_the_code():
     assert metadata["datasets"] == ["microsoft/cats_vs_dogs"]
 
 
+def test_api_page_offers_the_projects_own_photos(client):
+    """The API page's sample inputs are our example photos, each one a file in examples/, not Gradio's bus.png."""
+    import app
+
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert set(endpoints) == {"/predict", "/predict_batch"}
+    single = endpoints["/predict"]["parameters"][0]["example_input"]
+    batch = [item["path"] for item in endpoints["/predict_batch"]["parameters"][0]["example_input"]]
+    assert single["path"] == app.API_EXAMPLES[0] and batch == app.API_EXAMPLES
+    for url in batch:
+        assert url.startswith(app.EXAMPLES_URL + "/") and (ROOT / "examples" / url.rsplit("/", 1)[1]).is_file()
+    assert "bus.png" not in str(endpoints)
+    assert all(endpoint["description"] and "preprocess" not in endpoint["description"] for endpoint in endpoints.values())
+
+
 class _FixedPredictor:
     labels = ("cat", "dog")
 

@@ -131,3 +131,31 @@ def test_pixel_limit_below_pillows_own():
     assert open_image(data).size == (5_000, 5_000)
     with pytest.raises(ImageError, match="too large \\(5000×5000 pixels\\)"):
         open_image(data, max_pixels=1_000_000)
+
+
+def _smooth_photo(width: int, height: int) -> Image.Image:
+    """A photo-like gradient with some grain: what DCT-scaled decoding is meant for."""
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = 127 + 100 * np.stack([np.sin(x / 40), np.cos(y / 30), np.sin((x + y) / 60)], -1)
+    grain = np.random.default_rng(0).integers(-12, 12, rgb.shape)
+    return Image.fromarray(np.clip(rgb + grain, 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_large_jpeg_is_decoded_at_reduced_scale_with_the_same_input(orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _encode(_smooth_photo(2400, 1800), "JPEG", quality=92, exif=exif)
+    full, draft = open_image(data), open_image(data, draft_size=224)
+    assert full.size == (2400, 1800) and draft.size == (300, 225)  # 1/8 scale: the smallest with both sides ≥ 224
+    difference = (preprocess(full, 224) - preprocess(draft, 224)).abs()
+    assert difference.max() <= 4 / 255 and difference.mean() <= 1 / 255
+    upright = preprocess(draft, 224)
+    assert upright.shape == (3, 224, 224)
+
+
+def test_draft_leaves_small_jpegs_and_other_formats_alone():
+    small = _encode(_smooth_photo(400, 300), "JPEG")
+    assert open_image(small, draft_size=224).size == (400, 300)
+    png = _encode(_smooth_photo(2400, 1800), "PNG")
+    assert open_image(png, draft_size=224).size == (2400, 1800)
