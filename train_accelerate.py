@@ -20,7 +20,6 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -39,20 +38,24 @@ from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from catdog_model import CatDogClassifier
+from catdog_model import CatDogClassifier, preprocess
 from catdog_model.card import make_model_card
-from catdog_model.data import (DatasetError, check_classes, collate, dataset_fingerprint, load_image_dataset,
+from catdog_model.data import (DatasetError, check_classes, collate, dataset_fingerprint, load_image_dataset, load_split,
                                make_transform, save_split, split_dataset)
+from catdog_model.evaluate import EVALUATION_FILE, FIGURES, REPORT_FILE, write_report
+from catdog_model.ood import OOD_FILE, detector_features, fit_detector, ood_score, save_detector, synthetic_ood_images
 from catdog_model.training import (CHECKPOINTS, LOCK_FILE, Progress, RunningMetrics, TrainingError, calibrate,
-                                      check_best_model, check_finite, claim_output_dir, evaluate, exit_with_parent,
-                                      find_resume_checkpoint, on_main_process, save_checkpoint, save_model)
+                                   check_best_model, check_finite, claim_output_dir, evaluate, exit_with_parent,
+                                   find_resume_checkpoint, model_outputs, on_main_process, save_checkpoint,
+                                   save_file_atomically, save_model)
 
 logger = get_logger(__name__)
 
 SPLIT_FILE = "split.json"
 TRACKER_PROJECT = "catdog"  # trackers log under output_dir/catdog
 # What a run writes into its output folder (with checkpoints/): --overwrite-output-dir removes these, nothing else.
-RUN_FILES = ("config.json", "model.safetensors", "metrics.json", SPLIT_FILE, "README.md", TRACKER_PROJECT)
+RUN_FILES = ("config.json", "model.safetensors", OOD_FILE, "metrics.json", SPLIT_FILE, "README.md", EVALUATION_FILE,
+             REPORT_FILE, *(f"{name}.png" for name in FIGURES), TRACKER_PROJECT)
 NOT_PUSHED = (f"{CHECKPOINTS}/*", f"{TRACKER_PROJECT}/*", LOCK_FILE, ".tmp-*")
 
 
@@ -273,9 +276,18 @@ def training_function(args) -> None:
         if args.checkpointing_steps == "epoch":
             checkpoint([])
 
-    # The kept (best-validation) weights: calibrated on the validation split, tested on the held-out one.
-    safetensors.torch.load_model(accelerator.unwrap_model(model), str(output_dir / "model.safetensors"))
-    test, calibration = calibrate(model, val_loader, test_loader, accelerator)
+    # The kept (best-validation) weights: calibrated on the validation split, tested on the held-out one,
+    # and the "neither" detector fitted on the training split's features (seen without augmentation).
+    unwrapped = accelerator.unwrap_model(model)
+    safetensors.torch.load_model(unwrapped, str(output_dir / "model.safetensors"))
+    plain_train = accelerator.prepare(DataLoader(
+        used["train"].with_transform(make_transform(data, args.image_size, train=False)), **loader_kwargs))
+    validation = model_outputs(model, val_loader, accelerator, "validation")
+    test_outputs = model_outputs(model, test_loader, accelerator, "test")
+    train_outputs = model_outputs(model, plain_train, accelerator, "fitting the 'neither' detector")
+    test, calibration = calibrate(validation[:2], test_outputs[:2])
+    unwrapped.temperature = calibration["temperature"]
+    detector, unwrapped.ood_threshold = fit_detector(train_outputs[2], train_outputs[1], validation[2])
     logger.info("test (epoch %d weights): loss %.4f, accuracy %.4f on %d images", progress.best_epoch, test["loss"], test["accuracy"], test["samples"])
     logger.info("temperature %.3f: validation ECE %.4f -> %.4f, test ECE %.4f -> %.4f", calibration["temperature"],
                 calibration["validation"]["ece_before"], calibration["validation"]["ece_after"],
@@ -285,25 +297,47 @@ def training_function(args) -> None:
         accelerator.end_training()
 
     if accelerator.is_main_process:
-        write_outputs(args, accelerator, output_dir, progress, test, calibration, data, splits, used, identity["dataset content"])
+        evaluation = write_evaluation(args, unwrapped, output_dir, progress, test_outputs, detector, data)
+        write_outputs(args, accelerator, output_dir, progress, test, calibration, evaluation, data, splits, used,
+                      identity["dataset content"])
         if args.push_to_hub:
             push(args, output_dir)
         lock.release()
 
 
-def write_outputs(args, accelerator, output_dir: Path, progress: Progress, test: dict, calibration: dict, data, splits, used,
-                  fingerprint: str) -> None:
-    # The temperature joins the model's config, the one source of truth that the predictor reads.
-    config = {**json.loads((output_dir / "config.json").read_text()), "temperature": calibration["temperature"]}
-    with tempfile.NamedTemporaryFile("w", dir=output_dir, prefix=".tmp-", suffix=".json", delete=False) as file:
-        json.dump(config, file, indent=2)
-    os.chmod(file.name, 0o644)
-    os.replace(file.name, output_dir / "config.json")
+def write_evaluation(args, model: CatDogClassifier, output_dir: Path, progress: Progress, test_outputs, detector: dict,
+                     data) -> dict:
+    """ood.safetensors, then the evaluation report on the test split (its OOD pictures: synthetic ones)."""
+    save_file_atomically(output_dir / OOD_FILE, lambda path: save_detector(detector, path))
+    synthetic = torch.stack([preprocess(image, args.image_size) for image in synthetic_ood_images()])
+    _, synthetic_features = detector_features(model, synthetic.to(next(model.parameters()).device))
+    logits, labels, features = test_outputs
+    ood = {"threshold": model.ood_threshold, "in_scores": ood_score(features, detector),
+           "out_scores": ood_score({k: v.cpu() for k, v in synthetic_features.items()}, detector)}
+    test_rows = load_split(output_dir / SPLIT_FILE, data, "test", used=True)
+    evaluation = write_report(output_dir, logits, labels, model.temperature, model.labels,
+                              lambda i: test_rows[i][data.image_column], history=progress.history, ood=ood,
+                              title=f"catdog evaluation: {args.hub_model_id or args.output_dir}, test split")
+    evaluation["ood"]["out_of_distribution_images"] = "synthetic: noise, flat colours, gradients, stripes, text"
+    logger.info("'neither' detector: threshold %.3f flags %.1f%% of the test split and %.1f%% of %d synthetic pictures "
+                "(AUROC %.3f)", model.ood_threshold, 100 * evaluation["ood"]["flagged_in_distribution"],
+                100 * evaluation["ood"]["flagged_out_of_distribution"], len(synthetic), evaluation["ood"]["auroc"])
+    (output_dir / EVALUATION_FILE).write_text(json.dumps(evaluation, indent=2))
+    return evaluation
+
+
+def write_outputs(args, accelerator, output_dir: Path, progress: Progress, test: dict, calibration: dict, evaluation: dict,
+                  data, splits, used, fingerprint: str) -> None:
+    # The temperature and the "neither" threshold join the model's config, the one source of truth the predictor reads.
+    config = {**json.loads((output_dir / "config.json").read_text()), "temperature": calibration["temperature"],
+              "ood_threshold": evaluation["ood"]["threshold"]}
+    save_file_atomically(output_dir / "config.json", lambda path: Path(path).write_text(json.dumps(config, indent=2)))
     metrics = {
         "history": progress.history,
         "best_epoch": progress.best_epoch,
         "test": test,
         "calibration": calibration,
+        "evaluation": {k: v for k, v in evaluation.items() if k not in ("figures", "report")},
         "dataset": args.dataset,
         "dataset_revision": args.dataset_revision,
         "dataset_fingerprint": fingerprint,
@@ -319,7 +353,7 @@ def write_outputs(args, accelerator, output_dir: Path, progress: Progress, test:
                      "datasets": datasets.__version__},
     }
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    make_model_card(metrics, config, args.hub_model_id or args.output_dir).save(output_dir / "README.md")
+    make_model_card(metrics, config, args.hub_model_id or args.output_dir, evaluation["figures"]).save(output_dir / "README.md")
     logger.info("saved the model, metrics.json, %s and the model card to %s", SPLIT_FILE, output_dir)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -39,6 +40,25 @@ Held-out **test split** ({{ test_samples }} images, never used for training or m
 |---|---|
 | test accuracy | {{ "%.4f" | format(test_accuracy) }} |
 | test loss (BCE) | {{ "%.4f" | format(test_loss) }} |
+{% if evaluation -%}
+| test ROC AUC | {{ "%.4f" | format(evaluation.roc_auc) }} |
+| test ECE, calibrated ({{ evaluation.ece_bins }} bins) | {{ "%.4f" | format(evaluation.ece) }} |
+{%- endif %}
+
+{% if evaluation %}
+Confusion matrix (rows: true label, columns: predicted):
+
+| | {{ evaluation.confusion_matrix.labels | join(" | ") }} |
+|---|---|---|
+{% for row in evaluation.confusion_matrix.counts -%}
+| **{{ evaluation.confusion_matrix.labels[loop.index0] }}** | {{ row | join(" | ") }} |
+{% endfor %}
+{% for figure in figures -%}
+![{{ figure }}]({{ figure }})
+{% endfor %}
+The full report is `evaluation.html` (self-contained) and `evaluation.json`; rerun it with
+`python -m catdog_model.evaluate {{ repo_id }} --dataset {{ dataset }} --output-dir report`.
+{% endif %}
 
 {% if calibration %}
 The probabilities are temperature-scaled: the predictor divides the logit by **T = {{ "%.3f" | format(calibration.temperature) }}**,
@@ -72,9 +92,24 @@ Per epoch (the weights kept are from epoch {{ best_epoch }}, the best validation
 
 Every argument and the full history are in `metrics.json`.
 
+## "Neither a cat nor a dog"
+
+{% if evaluation and evaluation.ood -%}
+`predictor.explain(image)` also says whether a picture looks like a cat or a dog at all. The detector
+(Mahalanobis distances on the head's hidden layer and on two early backbone stages, `ood.safetensors`)
+flags a picture whose score is above **{{ "%.3f" | format(evaluation.ood.threshold) }}** (`ood_threshold` in config.json), the
+95th percentile on the validation split. It flags {{ "%.1f" | format(100 * evaluation.ood.flagged_in_distribution) }}% of the test split and
+{{ "%.1f" | format(100 * evaluation.ood.flagged_out_of_distribution) }}% of {{ evaluation.ood.out_of_distribution }} {{ evaluation.ood.out_of_distribution_images }}
+(AUROC {{ "%.3f" | format(evaluation.ood.auroc) }}). Those pictures are easy; real photos of other things are harder:
+evaluate them with `python -m catdog_model.evaluate ... --ood-dir FOLDER`.
+{%- else -%}
+This model has no "neither" detector: any picture gets one of the two labels.
+{%- endif %}
+
 ## Limitations
 
-Trained only on photos of cats and dogs: any other picture still gets one of the two labels.
+Trained only on photos of cats and dogs. The "neither" detector catches pictures unlike the training
+photos, not every picture that is not a cat or a dog.
 """
 
 
@@ -87,8 +122,10 @@ def _dataset_source(metrics: dict) -> str:
     return f"`{metrics['dataset']}` (revision `{revision}`)"
 
 
-def make_model_card(metrics: dict, config: dict, repo_id: str) -> ModelCard:
-    """Build the card from the metrics the training script saved and the model's config."""
+def make_model_card(metrics: dict, config: dict, repo_id: str, figures: Sequence[str] = ()) -> ModelCard:
+    """Build the card from the metrics the training script saved and the model's config.
+
+    ``figures``: the evaluation's PNG files, next to the card, shown in it."""
     args = metrics["args"]
     # A local folder is no Hub dataset id: keep it out of the metadata, which the Hub validates.
     hub_dataset = None if Path(metrics["dataset"]).exists() else metrics["dataset"]
@@ -128,6 +165,8 @@ def make_model_card(metrics: dict, config: dict, repo_id: str) -> ModelCard:
         best_epoch=metrics["best_epoch"],
         history=metrics["history"],
         calibration=metrics.get("calibration"),
+        evaluation=metrics.get("evaluation"),
+        figures=figures,
         dataset=metrics["dataset"],
         dataset_source=_dataset_source(metrics),
         skipped=metrics["skipped_rows"],

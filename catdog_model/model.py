@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 # The spec head flattens the whole feature map, so its size grows with the square of the image size:
 # 224 px gives 0.1 billion weights (400 MB); 1 billion (4 GB in fp32) is far past any sensible size.
 MAX_HEAD_PARAMETERS = 1_000_000_000
+# The backbone stages (timm's forward_intermediates indices) whose statistics feed the "neither" detector.
+STAT_STAGES = (1, 2)
 
 
 def _check_labels(labels) -> tuple[str, str]:
@@ -74,6 +76,7 @@ class CatDogClassifier(
         labels: tuple[str, ...] = DEFAULT_LABELS,
         pretrained: bool = False,
         temperature: float = 1.0,
+        ood_threshold: float | None = None,
     ) -> None:
         super().__init__()
         labels = _check_labels(labels)
@@ -93,6 +96,11 @@ class CatDogClassifier(
             raise ValueError(f"temperature must be a positive number, got {temperature!r}")
         # Fitted on the validation split after training (temperature scaling); 1.0 for models saved before it.
         self.temperature = float(temperature)
+        if ood_threshold is not None and (isinstance(ood_threshold, bool) or not isinstance(ood_threshold, (int, float))
+                                          or not 0 <= ood_threshold < float("inf")):
+            raise ValueError(f"ood_threshold must be a non-negative number or null, got {ood_threshold!r}")
+        # The "neither cat nor dog" cut-off on ood.safetensors' distance, fitted after training; None before it.
+        self.ood_threshold = None if ood_threshold is None else float(ood_threshold)
 
         # No classifier and no pooling: the spec's head flattens the whole feature map.
         self.backbone = timm.create_model(backbone, pretrained=pretrained, num_classes=0, global_pool="")
@@ -126,8 +134,35 @@ class CatDogClassifier(
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """Map (N, 3, H, W) images in [0, 1] to (N,) logits for ``labels[1]``."""
+        return self.classify(self.hidden(self.feature_map(pixels)))
+
+    # The forward pass in named steps, for the "neither" detector and Grad-CAM (see ood.py).
+    def feature_map(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The backbone's last feature map, (N, C, h, w), from images in [0, 1]."""
         pixels = (pixels - self.mean.to(pixels.dtype)) / self.std.to(pixels.dtype)
-        return self.head(self.backbone(pixels)).squeeze(-1)
+        return self.backbone(pixels)
+
+    def inspect(self, pixels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One backbone pass: the last feature map, and each early stage's per-channel mean and spread.
+
+        The early stages see textures and colours, which is what tells noise, flat colour and text
+        from a photo even when the later, trained layers cannot.
+        """
+        pixels = (pixels - self.mean.to(pixels.dtype)) / self.std.to(pixels.dtype)
+        final, stages = self.backbone.forward_intermediates(pixels, indices=list(STAT_STAGES))
+        statistics = {
+            f"stage{index}": torch.cat([stage.mean(dim=(2, 3)), stage.std(dim=(2, 3), correction=0)], dim=1)
+            for index, stage in zip(STAT_STAGES, stages)
+        }
+        return self.backbone.forward_head(final), statistics
+
+    def hidden(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """The head's hidden layer after its ReLU, (N, hidden_size)."""
+        return self.head[:3](feature_map)
+
+    def classify(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Dropout and the last Linear: the (N,) logits."""
+        return self.head[3:](hidden).squeeze(-1)
 
     def probability(self, logits: torch.Tensor) -> torch.Tensor:
         """Calibrated P(``labels[1]``): the sigmoid of the logit divided by the fitted temperature."""

@@ -2,6 +2,7 @@
 
     predictor = load_predictor("user/catdog")            # or "user/catdog@v1", or a local folder
     predictor.predict([Image.open("cat.jpg")])           # [{"cat": 0.97, "dog": 0.03}]
+    predictor.explain(Image.open("car.jpg"))             # Explanation(probabilities, ood_score, is_cat_or_dog, heatmap)
 
 The Gradio app and the benchmarks use exactly this object.
 """
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
@@ -21,10 +23,11 @@ from huggingface_hub.utils import validate_repo_id
 from PIL import Image
 from safetensors import SafetensorError
 
-from .images import preprocess
+from .images import check_image, preprocess, to_rgb
 from .model import CatDogClassifier
+from .ood import OOD_FILE, grad_cam, load_detector, ood_score, resize_heatmap
 
-__all__ = ["ModelLoadError", "Predictor", "load_predictor", "parse_source"]
+__all__ = ["Explanation", "ModelLoadError", "Predictor", "load_predictor", "parse_source"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +67,23 @@ def parse_source(source: str) -> tuple[str, Optional[str]]:
 
 
 @dataclass
+class Explanation:
+    """What the model makes of one picture, beyond the label."""
+
+    probabilities: dict[str, float]  # calibrated, as predict() gives them
+    ood_score: Optional[float]  # distance from the training pictures (see ood.py); None if the model has no detector
+    is_cat_or_dog: bool  # False when ood_score is above the model's threshold
+    heatmap: np.ndarray  # Grad-CAM for the predicted label, float32 in [0, 1], the picture's aspect ratio
+
+
+@dataclass
 class Predictor:
     model: CatDogClassifier
     source: str
     revision: Optional[str] = None
     metrics: dict = field(default_factory=dict)
     batch_size: int = 16
+    detector: Optional[dict] = None  # the tensors of ood.safetensors
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -92,6 +106,22 @@ class Predictor:
             for p in self.model.probability(self.model(batch)).tolist():
                 results.append({negative: 1.0 - p, positive: p})
         return results
+
+    def explain(self, image: Image.Image) -> Explanation:
+        """Probabilities, whether the picture looks like a cat or a dog at all, and where the model looked.
+
+        One backbone pass, plus a backward pass through the head only for the heatmap.
+        """
+        upright = to_rgb(check_image(image))
+        logits, features, heatmaps = grad_cam(self.model, preprocess(upright, self.image_size)[None])
+        p = float(self.model.probability(logits)[0])
+        negative, positive = self.labels
+        score, looks_right = None, True
+        if self.detector is not None:
+            score = float(ood_score(features, self.detector)[0])
+            looks_right = score <= self.model.ood_threshold
+        heatmap = resize_heatmap(heatmaps[0], upright.width, upright.height, longest=self.image_size)
+        return Explanation({negative: 1.0 - p, positive: p}, score, looks_right, heatmap)
 
 
 def _read_json(repo_id: str, filename: str, revision: Optional[str]) -> object:
@@ -139,6 +169,19 @@ def _load_model(source: str, repo_id: str, revision: Optional[str]) -> CatDogCla
         raise ModelLoadError(f"The files of {where} do not form a valid model: {reason}") from None
 
 
+def _load_detector(source: str, repo_id: str, revision: Optional[str], model: CatDogClassifier) -> Optional[dict]:
+    """ood.safetensors when the config has a threshold (models trained before the detector have neither)."""
+    if model.ood_threshold is None:
+        return None
+    try:
+        path = Path(repo_id) / OOD_FILE if Path(repo_id).is_dir() else hf_hub_download(repo_id, OOD_FILE, revision=revision)
+        return load_detector(path, model)
+    except (OSError, EntryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError):
+        raise ModelLoadError(f"{source}: config.json sets ood_threshold but {OOD_FILE} could not be read.") from None
+    except (ValueError, SafetensorError) as error:
+        raise ModelLoadError(f"{source}: {str(error).splitlines()[0]}") from None
+
+
 def load_predictor(source: str, batch_size: int = 16) -> Predictor:
     """Load a model from a local folder, "user/repo" or "user/repo@revision", in eval mode.
 
@@ -147,4 +190,6 @@ def load_predictor(source: str, batch_size: int = 16) -> Predictor:
     repo_id, revision = parse_source(source)
     model = _load_model(str(source).strip(), repo_id, revision)
     model.eval()
-    return Predictor(model, source=repo_id, revision=revision, metrics=_read_metrics(repo_id, revision), batch_size=batch_size)
+    detector = _load_detector(str(source).strip(), repo_id, revision, model)
+    return Predictor(model, source=repo_id, revision=revision, metrics=_read_metrics(repo_id, revision),
+                     batch_size=batch_size, detector=detector)

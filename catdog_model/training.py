@@ -31,11 +31,12 @@ from tqdm.auto import tqdm
 
 from .calibration import ECE_BINS, expected_calibration_error, fit_temperature
 from .model import CatDogClassifier
+from .ood import detector_features
 
 __all__ = [
     "CHECKPOINTS", "CheckpointError", "LOCK_FILE", "MANIFEST", "Progress", "RunningMetrics", "TrainingError",
     "claim_output_dir", "exit_with_parent", "file_sha256", "find_latest", "find_resume_checkpoint", "identity_changes",
-    "on_main_process", "read_manifest", "save_checkpoint", "evaluate", "calibrate", "check_finite", "save_model",
+    "on_main_process", "read_manifest", "save_checkpoint", "evaluate", "model_outputs", "calibrate", "save_file_atomically", "check_finite", "save_model",
     "check_best_model",
 ]
 
@@ -135,24 +136,38 @@ def logits_and_labels(model, loader, accelerator: Accelerator, desc: str) -> tup
     return torch.cat(logits), torch.cat(labels)
 
 
-def calibrate(model, val_loader, test_loader, accelerator: Accelerator) -> tuple[dict, dict]:
-    """Fit the temperature on the validation split; the test metrics and the calibration block.
+def model_outputs(model, loader, accelerator: Accelerator, desc: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Every image's logit, label and "neither"-detector features, gathered across processes."""
+    model.eval()
+    inner = accelerator.unwrap_model(model)
+    logits, labels, features = [], [], {}
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
+        batch_logits, batch_features = detector_features(inner, batch["pixels"])
+        batch_logits, batch_labels, batch_features = accelerator.gather_for_metrics(
+            (batch_logits, batch["labels"], batch_features))
+        logits.append(batch_logits.float().cpu())
+        labels.append(batch_labels.cpu())
+        for layer, value in batch_features.items():
+            features.setdefault(layer, []).append(value.float().cpu())
+    return torch.cat(logits), torch.cat(labels), {layer: torch.cat(values) for layer, values in features.items()}
+
+
+def calibrate(validation: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor]) -> tuple[dict, dict]:
+    """Fit the temperature on the validation (logits, labels); the test metrics and the calibration block.
 
     Every process sees the same gathered logits, so every one fits the same temperature."""
-    val_logits, val_labels = logits_and_labels(model, val_loader, accelerator, "calibration")
-    test_logits, test_labels = logits_and_labels(model, test_loader, accelerator, "test")
+    (val_logits, val_labels), (test_logits, test_labels) = validation, test
     temperature = fit_temperature(val_logits, val_labels)
-    accelerator.unwrap_model(model).temperature = temperature
-    test = RunningMetrics()
-    test.update(test_logits, test_labels)
+    metrics = RunningMetrics()
+    metrics.update(test_logits, test_labels)
 
     def block(logits, labels) -> dict:
-        loss = lambda t: float(F.binary_cross_entropy_with_logits(logits / t, labels))  # noqa: E731
+        loss = lambda t: float(F.binary_cross_entropy_with_logits(logits / t, labels.float()))  # noqa: E731
         return {"ece_before": expected_calibration_error(logits, labels), "loss_before": loss(1.0),
                 "ece_after": expected_calibration_error(logits, labels, temperature), "loss_after": loss(temperature)}
 
-    return test.result(), {"temperature": temperature, "bins": ECE_BINS, "validation": block(val_logits, val_labels),
-                           "test": block(test_logits, test_labels)}
+    return metrics.result(), {"temperature": temperature, "bins": ECE_BINS, "validation": block(val_logits, val_labels),
+                              "test": block(test_logits, test_labels)}
 
 
 def check_finite(losses: list, model: torch.nn.Module, progress: Progress) -> None:
@@ -186,6 +201,18 @@ def save_model(model: CatDogClassifier, output_dir: Path) -> str:
     except OSError as error:
         raise TrainingError(f"Could not save the model in {output_dir}: {error.strerror or error}.") from None
     return digest
+
+
+def save_file_atomically(path: Path, write: Callable[[str], None]) -> None:
+    """``write(temporary_path)``, then mode 0644 and a rename onto ``path``: never a half-written file."""
+    temporary = path.with_name(f".tmp-{path.name}")
+    try:
+        write(str(temporary))
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise TrainingError(f"Could not write {path}: {error.strerror or error}.") from None
 
 
 def check_best_model(output_dir: Path, progress: Progress) -> None:

@@ -40,7 +40,8 @@ def test_save_and_from_pretrained_give_identical_outputs(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     config = json.loads((tmp_path / "config.json").read_text())
     assert config == {"backbone": "resnet50", "dropout": 0.2, "hidden_size": 32, "image_size": 64,
-                      "labels": ["kitten", "puppy"], "pretrained": False, "temperature": 1.0}
+                      "labels": ["kitten", "puppy"], "pretrained": False, "temperature": 1.0,
+                      "ood_threshold": None}
     loaded = CatDogClassifier.from_pretrained(tmp_path).eval()
     pixels = torch.rand(3, 3, 64, 64)
     with torch.no_grad():

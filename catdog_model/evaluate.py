@@ -1,0 +1,290 @@
+"""An evaluation report anyone can rerun, on any saved or Hub model:
+
+    python -m catdog_model.evaluate MODEL --dataset DATASET [--split-file split.json] [--ood-dir DIR] --output-dir DIR
+
+MODEL is a folder written by train_accelerate.py or a Hub id. With ``--split-file`` (the model's own
+``split.json`` by default, when there is one) the rows of its held-out test split are evaluated,
+else the whole dataset. ``--ood-dir`` adds pictures that are neither cats nor dogs, for the AUROC of
+the "neither" detector. It writes ``evaluation.json``, PNG figures (confusion matrix, ROC, reliability
+diagram, training curves, the most confident mistakes) and ``evaluation.html``, which holds all of it.
+The training script calls ``write_report`` on its test split, so the model card shows the same numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchmetrics.functional.classification import (binary_auroc, binary_calibration_error, binary_confusion_matrix,
+                                                    binary_roc)
+from tqdm.auto import tqdm
+
+from .calibration import ECE_BINS
+from .images import ImageError, open_image, preprocess
+from .ood import detector_features, ood_score
+
+__all__ = ["EVALUATION_FILE", "FIGURES", "compute_metrics", "write_report", "main"]
+
+logger = logging.getLogger(__name__)
+
+EVALUATION_FILE = "evaluation.json"
+REPORT_FILE = "evaluation.html"
+FIGURES = {
+    "confusion_matrix": "Confusion matrix (test split)",
+    "roc": "ROC curve",
+    "reliability": "Reliability diagram",
+    "training_curves": "Training curves",
+    "mistakes": "The most confident mistakes",
+}
+MISTAKES_SHOWN = 8
+
+
+def _auroc(negatives: torch.Tensor, positives: torch.Tensor) -> float:
+    """AUROC of scores where larger means "positive"; ranks only, so any scale works."""
+    scores = torch.cat([negatives, positives]).double()
+    ranks = scores.argsort().argsort().double() / max(len(scores) - 1, 1)  # torchmetrics reads raw scores as logits
+    target = torch.cat([torch.zeros(len(negatives)), torch.ones(len(positives))]).int()
+    return float(binary_auroc(ranks, target))
+
+
+def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, temperature: float, class_names: Sequence[str],
+                    ood: Optional[dict] = None) -> dict:
+    """The report's numbers. ``ood``: {"threshold", "in_scores" (of these images), "out_scores"} if given."""
+    logits, labels = logits.float().cpu(), labels.long().cpu()
+    probabilities = torch.sigmoid(logits / temperature)
+    matrix = binary_confusion_matrix(probabilities, labels)
+    results = {
+        "samples": len(labels),
+        "accuracy": float(((logits > 0).long() == labels).float().mean()),
+        "loss": float(F.binary_cross_entropy_with_logits(logits, labels.float())),
+        "loss_calibrated": float(F.binary_cross_entropy_with_logits(logits / temperature, labels.float())),
+        "roc_auc": float(binary_auroc(probabilities, labels)),
+        "ece": float(binary_calibration_error(probabilities, labels, n_bins=ECE_BINS, norm="l1")),
+        "ece_uncalibrated": float(binary_calibration_error(torch.sigmoid(logits), labels, n_bins=ECE_BINS, norm="l1")),
+        "ece_bins": ECE_BINS,
+        "temperature": temperature,
+        "confusion_matrix": {"labels": list(class_names), "rows_are": "true label", "columns_are": "predicted label",
+                             "counts": matrix.tolist()},
+    }
+    if ood is not None:
+        results["ood"] = {
+            "threshold": ood["threshold"],
+            "in_distribution": len(ood["in_scores"]),
+            "out_of_distribution": len(ood["out_scores"]),
+            "auroc": _auroc(ood["in_scores"], ood["out_scores"]) if len(ood["out_scores"]) else None,
+            "flagged_in_distribution": float((ood["in_scores"] > ood["threshold"]).float().mean()),
+            "flagged_out_of_distribution": (float((ood["out_scores"] > ood["threshold"]).float().mean())
+                                            if len(ood["out_scores"]) else None),
+        }
+    return results
+
+
+def _figure_confusion(results: dict, axes) -> None:
+    counts, names = results["confusion_matrix"]["counts"], results["confusion_matrix"]["labels"]
+    axes.imshow(counts, cmap="Blues")
+    for row in range(2):
+        for column in range(2):
+            axes.text(column, row, str(counts[row][column]), ha="center", va="center", fontsize=16)
+    axes.set_xticks([0, 1], names)
+    axes.set_yticks([0, 1], names)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    axes.set_title(f"accuracy {results['accuracy']:.3f} on {results['samples']} images")
+
+
+def _figure_roc(results: dict, probabilities: torch.Tensor, labels: torch.Tensor, axes) -> None:
+    false_positive, true_positive, _ = binary_roc(probabilities, labels)
+    axes.plot(false_positive, true_positive, label=f"AUC {results['roc_auc']:.3f}")
+    axes.plot([0, 1], [0, 1], linestyle=":", color="grey")
+    axes.set_xlabel("false positive rate")
+    axes.set_ylabel("true positive rate")
+    axes.legend(loc="lower right")
+
+
+def _figure_reliability(results: dict, logits: torch.Tensor, labels: torch.Tensor, axes) -> None:
+    edges = torch.linspace(0, 1, ECE_BINS + 1)
+    for temperature, name in ((1.0, "before scaling"), (results["temperature"], "after scaling")):
+        p = torch.sigmoid(logits / temperature)
+        confidence = torch.maximum(p, 1 - p)
+        correct = ((p > 0.5).long() == labels).float()
+        bins = torch.bucketize(confidence, edges[1:-1])
+        shown = [(float(confidence[bins == b].mean()), float(correct[bins == b].mean())) for b in range(ECE_BINS) if (bins == b).any()]
+        axes.plot(*zip(*shown), marker="o", label=name)
+    axes.plot([0.5, 1], [0.5, 1], linestyle=":", color="grey", label="perfect")
+    axes.set_xlabel("confidence of the top label")
+    axes.set_ylabel("accuracy")
+    axes.set_title(f"ECE {results['ece_uncalibrated']:.3f} → {results['ece']:.3f} (T = {results['temperature']:.2f})")
+    axes.legend(loc="upper left")
+
+
+def _figure_history(history: list[dict], axes) -> None:
+    epochs = [row["epoch"] for row in history]
+    for key, style in (("train_loss", "-"), ("val_loss", "-"), ("train_accuracy", "--"), ("val_accuracy", "--")):
+        axes.plot(epochs, [row[key] for row in history], style, marker="o", label=key.replace("_", " "))
+    axes.set_xlabel("epoch")
+    axes.legend()
+
+
+def _figure_mistakes(mistakes: list[tuple[Image.Image, str, float]], figure) -> None:
+    for index, (image, truth, confidence) in enumerate(mistakes):
+        axes = figure.add_subplot(2, (len(mistakes) + 1) // 2, index + 1)
+        axes.imshow(image.convert("RGB"))
+        axes.set_title(f"a {truth}, {confidence:.0%} sure it is not", fontsize=8)
+        axes.axis("off")
+
+
+def _save_figures(results: dict, logits: torch.Tensor, labels: torch.Tensor, output_dir: Path,
+                  history: Optional[list], mistakes: list) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, on any machine
+    from matplotlib import pyplot
+
+    probabilities = torch.sigmoid(logits / results["temperature"])
+    written = []
+    for name in FIGURES:
+        if (name == "training_curves" and not history) or (name == "mistakes" and not mistakes):
+            continue
+        figure = pyplot.figure(figsize=(9, 4.5) if name == "mistakes" else (5, 4.2))
+        if name == "mistakes":
+            _figure_mistakes(mistakes, figure)
+        else:
+            axes = figure.add_subplot()
+            {"confusion_matrix": lambda: _figure_confusion(results, axes),
+             "roc": lambda: _figure_roc(results, probabilities, labels, axes),
+             "reliability": lambda: _figure_reliability(results, logits, labels, axes),
+             "training_curves": lambda: _figure_history(history, axes)}[name]()
+        figure.suptitle(FIGURES[name])
+        figure.tight_layout()
+        figure.savefig(output_dir / f"{name}.png", dpi=90)
+        pyplot.close(figure)
+        written.append(f"{name}.png")
+    return written
+
+
+def _write_html(results: dict, figures: list[str], output_dir: Path, title: str) -> None:
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.4f}</td></tr>" for k, v in results.items() if isinstance(v, float))
+    images = "".join(
+        f'<figure><img src="data:image/png;base64,{base64.b64encode((output_dir / name).read_bytes()).decode()}" '
+        f'alt="{html.escape(FIGURES[name[:-4]])}"><figcaption>{html.escape(FIGURES[name[:-4]])}</figcaption></figure>'
+        for name in figures
+    )
+    details = html.escape(json.dumps(results, indent=2))
+    (output_dir / REPORT_FILE).write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}img{max-width:100%}"
+        "figure{display:inline-block;margin:8px}td{padding:2px 12px}</style></head>"
+        f"<body><h1>{html.escape(title)}</h1><table>{rows}</table>{images}<pre>{details}</pre></body></html>"
+    )
+
+
+def write_report(output_dir: Path, logits: torch.Tensor, labels: torch.Tensor, temperature: float,
+                 class_names: Sequence[str], image_of: Optional[Callable[[int], Image.Image]] = None,
+                 history: Optional[list] = None, ood: Optional[dict] = None, title: str = "catdog evaluation") -> dict:
+    """Compute the numbers, draw the figures and write evaluation.json and evaluation.html into output_dir.
+
+    ``image_of(i)``, the picture behind ``logits[i]``, feeds the gallery of the most confident mistakes.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    results = compute_metrics(logits, labels, temperature, class_names, ood)
+    p = torch.sigmoid(logits.float().cpu() / temperature)
+    wrong = ((p > 0.5).long() != labels.long().cpu()).nonzero().flatten()
+    worst = wrong[torch.argsort((p[wrong] - 0.5).abs(), descending=True)][:MISTAKES_SHOWN].tolist()
+    mistakes = [(image_of(i), class_names[int(labels[i])], float(max(p[i], 1 - p[i]))) for i in worst] if image_of else []
+    results["figures"] = _save_figures(results, logits.float().cpu(), labels.long().cpu(), output_dir, history, mistakes)
+    results["report"] = REPORT_FILE
+    (output_dir / EVALUATION_FILE).write_text(json.dumps(results, indent=2))
+    _write_html(results, results["figures"], output_dir, title)
+    return results
+
+
+def _model_outputs(predictor, images: Iterable[Image.Image], description: str, total: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Logits and, when the model has a detector, "neither" scores, for an iterable of PIL images."""
+    logits, scores = [], []
+    batch = []
+
+    def flush() -> None:
+        batch_logits, features = detector_features(predictor.model, torch.stack(batch))
+        logits.append(batch_logits)
+        if predictor.detector is not None:
+            scores.append(ood_score(features, predictor.detector))
+        batch.clear()
+
+    for image in tqdm(images, desc=description, total=total):
+        batch.append(preprocess(image, predictor.image_size))
+        if len(batch) == predictor.batch_size:
+            flush()
+    if batch:
+        flush()
+    return torch.cat(logits), (torch.cat(scores) if scores else None)
+
+
+def _ood_images(folder: Path) -> list[Image.Image]:
+    images = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            images.append(open_image(path))
+        except ImageError as error:
+            logger.warning("skipping %s: %s", path, error)
+    return images
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    from .data import DatasetError, load_image_dataset, load_split
+    from .predictor import ModelLoadError, load_predictor
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="folder written by train_accelerate.py, or a Hub id (user/repo[@revision])")
+    parser.add_argument("--dataset", default="microsoft/cats_vs_dogs", help="Hub dataset id or local folder")
+    parser.add_argument("--dataset-revision", default=None)
+    parser.add_argument("--split-file", default=None, help="split.json: evaluate its test rows (default: the model's own, if local)")
+    parser.add_argument("--all-rows", action="store_true", help="evaluate the whole dataset instead of a test split")
+    parser.add_argument("--ood-dir", default=None, help="a folder of pictures that are neither cats nor dogs")
+    parser.add_argument("--output-dir", required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    try:
+        predictor = load_predictor(args.model)
+        data = load_image_dataset(args.dataset, args.dataset_revision)
+        split_file = args.split_file or (Path(args.model) / "split.json" if (Path(args.model) / "split.json").is_file() else None)
+        if args.all_rows or split_file is None:
+            logger.info("evaluating every row of %s (no split file)", args.dataset)
+            rows = data.dataset
+        else:
+            rows = load_split(Path(split_file), data, "test", used=True)
+        if args.ood_dir and not Path(args.ood_dir).is_dir():
+            raise DatasetError(f"--ood-dir {args.ood_dir} is not a folder")
+    except (ModelLoadError, DatasetError, OSError) as error:
+        sys.exit(f"error: {error}")
+    if tuple(data.labels) != tuple(predictor.labels):
+        sys.exit(f"error: the dataset's labels {list(data.labels)} are not the model's {list(predictor.labels)}")
+    logits, in_scores = _model_outputs(predictor, (row[data.image_column] for row in rows), "evaluating", len(rows))
+    ood = None
+    if predictor.detector is not None:
+        out_scores = torch.empty(0)
+        if args.ood_dir:
+            _, out_scores = _model_outputs(predictor, _ood_images(Path(args.ood_dir)), "out-of-distribution")
+        ood = {"threshold": predictor.model.ood_threshold, "in_scores": in_scores, "out_scores": out_scores}
+    elif args.ood_dir:
+        logger.warning("this model has no 'neither' detector (no ood_threshold in its config); --ood-dir is ignored")
+    results = write_report(Path(args.output_dir), logits, torch.tensor(rows[data.label_column]), predictor.model.temperature,
+                           predictor.labels, lambda i: rows[i][data.image_column], history=predictor.metrics.get("history"), ood=ood,
+                           title=f"catdog evaluation: {args.model} on {args.dataset}")
+    summary = f"accuracy {results['accuracy']:.4f}, ROC AUC {results['roc_auc']:.4f}, ECE {results['ece']:.4f}"
+    if ood and ood["out_scores"].numel():
+        summary += f", 'neither' AUROC {results['ood']['auroc']:.4f}"
+    logger.info("%s on %d images; report in %s", summary, results["samples"], Path(args.output_dir) / REPORT_FILE)
+
+
+if __name__ == "__main__":
+    main()

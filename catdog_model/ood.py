@@ -1,0 +1,175 @@
+"""The "neither a cat nor a dog" detector, and Grad-CAM: both read the classifier itself, no second model.
+
+The detector follows Lee et al. ("A Simple Unified Framework for Detecting Out-of-Distribution Samples
+and Adversarial Attacks", 2018, https://arxiv.org/abs/1807.03888): for each of a few layers it keeps
+the training split's class means and a shared covariance, and a picture's distance is its Mahalanobis
+distance to the nearest class mean. The layers are the head's 1024-d hidden layer (what the classifier
+decides on) and the per-channel mean and spread of two early backbone stages (textures and colours,
+which set noise, flat colour or a page of text apart even when the later layers cannot). Each layer's
+distance is divided by its median on the validation split, and the score is the largest of them.
+Above the threshold, the validation split's 95th percentile, a picture is "neither": so about 5% of
+real cats and dogs are flagged. The statistics live in ``ood.safetensors`` next to the weights; the
+threshold is ``ood_threshold`` in config.json.
+
+Grad-CAM (Selvaraju et al., 2017, https://arxiv.org/abs/1610.02391) weighs the backbone's last
+feature map by the gradient of the predicted label's logit. The head flattens that map, so the
+gradient only needs a backward pass through the head: the heatmap costs little more than a prediction.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file, save_file
+
+from .model import STAT_STAGES, CatDogClassifier
+
+__all__ = ["OOD_FILE", "OOD_PERCENTILE", "detector_features", "fit_detector", "grad_cam", "load_detector",
+           "ood_score", "overlay_heatmap", "resize_heatmap", "save_detector", "synthetic_ood_images"]
+
+OOD_FILE = "ood.safetensors"
+OOD_PERCENTILE = 95
+# Shrinks each covariance towards its mean variance: many ReLU units are almost never active on training
+# images, and an unshrunk inverse would let their slightest activation dominate every distance.
+SHRINKAGE = 0.1
+
+
+def detector_features(model: CatDogClassifier, pixels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(logits, {layer: features}) for a batch, from one forward pass (no gradients)."""
+    with torch.no_grad():
+        feature_map, features = model.inspect(pixels)
+        features["hidden"] = model.hidden(feature_map)
+        return model.classify(features["hidden"]), features
+
+
+def _layer_statistics(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, torch.Tensor]:
+    features = features.double().cpu()
+    means = torch.stack([features[labels == k].mean(0) for k in range(num_classes)])
+    centred = features - means[labels]
+    covariance = centred.T @ centred / len(features)
+    scale = covariance.trace() / covariance.shape[0]
+    if not scale > 0:
+        scale = torch.tensor(1.0, dtype=torch.float64)  # constant features: any distance is then "unlike"
+    shrunk = (1 - SHRINKAGE) * covariance + SHRINKAGE * scale * torch.eye(covariance.shape[0], dtype=torch.float64)
+    return {"means": means.float(), "precision": torch.linalg.inv(shrunk).float()}
+
+
+def _distance(features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    differences = features.float().cpu()[:, None, :] - means[None]  # (N, classes, d)
+    squared = torch.einsum("nkd,de,nke->nk", differences, precision, differences)
+    return squared.clamp_min(0).min(dim=1).values.sqrt()
+
+
+def fit_detector(train: dict[str, torch.Tensor], train_labels: torch.Tensor, validation: dict[str, torch.Tensor],
+                 num_classes: int = 2) -> tuple[dict[str, torch.Tensor], float]:
+    """The detector's tensors (for ood.safetensors) and its threshold, from training and validation features."""
+    labels = train_labels.long().cpu()
+    present = labels.unique().tolist()
+    if present != list(range(num_classes)):
+        raise ValueError(f"the detector needs training features of every class, got classes {present}")
+    detector = {}
+    for layer, features in train.items():
+        statistics = _layer_statistics(features, labels, num_classes)
+        median = _distance(validation[layer], statistics["means"], statistics["precision"]).median()
+        detector.update({f"{layer}.means": statistics["means"], f"{layer}.precision": statistics["precision"],
+                         f"{layer}.scale": median.clamp_min(1e-12).reshape(1)})
+    threshold = float(torch.quantile(ood_score(validation, detector).double(), OOD_PERCENTILE / 100))
+    return detector, threshold if math.isfinite(threshold) else float("inf")
+
+
+def ood_score(features: dict[str, torch.Tensor], detector: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each picture's score: its largest layer distance, in units of that layer's validation median."""
+    layers = sorted({name.rsplit(".", 1)[0] for name in detector})
+    scores = [_distance(features[layer], detector[f"{layer}.means"], detector[f"{layer}.precision"])
+              / detector[f"{layer}.scale"] for layer in layers]
+    return torch.stack(scores).max(dim=0).values
+
+
+def save_detector(detector: dict[str, torch.Tensor], path: str | Path) -> None:
+    save_file({name: tensor.contiguous() for name, tensor in detector.items()}, str(path))
+
+
+def load_detector(path: str | Path, model: CatDogClassifier) -> dict[str, torch.Tensor]:
+    """The tensors of ``ood.safetensors``, checked against the layers this model gives."""
+    detector = load_file(str(path))
+    sizes = {f"stage{i}": 2 * model.backbone.feature_info[i]["num_chs"] for i in STAT_STAGES}
+    sizes["hidden"] = model.head[1].out_features
+    for layer, size in sizes.items():
+        expected = {f"{layer}.means": (2, size), f"{layer}.precision": (size, size), f"{layer}.scale": (1,)}
+        for name, shape in expected.items():
+            if name not in detector or tuple(detector[name].shape) != shape:
+                found = list(detector[name].shape) if name in detector else "nothing"
+                raise ValueError(f"{OOD_FILE} does not fit this model: {name} should be {list(shape)}, found {found}")
+    return detector
+
+
+def grad_cam(model: CatDogClassifier, pixels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """(logits, the detector's features, heatmaps (N, h, w) in [0, 1]) for a batch, from one backbone pass.
+
+    Each heatmap shows the evidence for the label the model predicts for that image.
+    """
+    with torch.no_grad():
+        feature_map, features = model.inspect(pixels)
+    feature_map = feature_map.detach().float().requires_grad_(True)
+    with torch.enable_grad():
+        hidden = model.hidden(feature_map)
+        logits = model.classify(hidden)
+        evidence = torch.where(logits.detach() >= 0, logits, -logits)  # for the predicted label
+        (gradients,) = torch.autograd.grad(evidence.sum(), feature_map)
+    weights = gradients.mean(dim=(2, 3), keepdim=True)
+    cams = F.relu((weights * feature_map.detach()).sum(dim=1))
+    peak = cams.flatten(1).max(dim=1).values.clamp_min(1e-12)[:, None, None]
+    return logits.detach(), {**features, "hidden": hidden.detach()}, cams / peak
+
+
+def resize_heatmap(heatmap: torch.Tensor, width: int, height: int, longest: int) -> np.ndarray:
+    """A (h, w) map stretched back to the picture's aspect ratio, its longest side ``longest`` pixels."""
+    scale = longest / max(width, height)
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    resized = F.interpolate(heatmap[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+    return resized.clamp(0, 1).numpy().astype(np.float32)
+
+
+def overlay_heatmap(image: Image.Image, heatmap: np.ndarray, opacity: float = 0.45, longest: int = 512) -> Image.Image:
+    """The picture (its longest side at most ``longest``) with the heatmap in the "jet" colours over it."""
+    from matplotlib import colormaps  # only the app and the report draw
+
+    picture = image.copy()
+    picture.thumbnail((longest, longest))
+    colours = (colormaps["jet"](heatmap)[..., :3] * 255).astype(np.uint8)
+    heat = Image.fromarray(colours).resize(picture.size, Image.BILINEAR)
+    return Image.blend(picture.convert("RGB"), heat, opacity)
+
+
+def synthetic_ood_images(count: int = 60, size: int = 256, seed: int = 0) -> list[Image.Image]:
+    """Pictures that are plainly neither cat nor dog: noise, flat colours, gradients, stripes and text."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for index in range(count):
+        kind = index % 5
+        if kind == 0:
+            pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        elif kind == 1:
+            pixels = np.broadcast_to(rng.integers(0, 256, 3, dtype=np.uint8), (size, size, 3)).copy()
+        elif kind == 2:
+            ramp = np.linspace(0, 1, size)[None, :, None] * rng.uniform(0, 255, 3) + rng.uniform(0, 60, 3)
+            pixels = np.broadcast_to(ramp, (size, size, 3)).clip(0, 255).astype(np.uint8)
+        elif kind == 3:
+            period = int(rng.integers(6, 40))
+            stripes = ((np.arange(size) // period) % 2).astype(np.uint8)[None, :, None] * 255
+            pixels = np.broadcast_to(stripes, (size, size, 3)).copy()
+        else:
+            page = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(200, 256, 3)))
+            draw = ImageDraw.Draw(page)
+            for line in range(0, size, 14):
+                words = " ".join("".join(chr(c) for c in rng.integers(97, 123, rng.integers(2, 9))) for _ in range(6))
+                draw.text((6, line), words, fill=(0, 0, 0))
+            images.append(page)
+            continue
+        images.append(Image.fromarray(pixels))
+    return images
