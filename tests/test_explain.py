@@ -1,0 +1,151 @@
+"""'Neither a cat nor a dog', Grad-CAM and predictor.explain(), on the session's trained model."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from datasets import load_dataset
+from PIL import Image, ImageDraw
+
+from catdog_model import CatDogClassifier, ModelLoadError, load_predictor
+from catdog_model.ood import OOD_FILE, grad_cam, load_detector
+
+
+@pytest.fixture(scope="module")
+def predictor(trained_model):
+    return load_predictor(str(trained_model))
+
+
+@pytest.fixture(scope="module")
+def mini_rows(mini_dataset):
+    return load_dataset(str(mini_dataset), split="train")
+
+
+def _not_pets() -> dict[str, Image.Image]:
+    """Made here, with their own seed: not the synthetic pictures the training run scored itself."""
+    rng = np.random.default_rng(123)
+    page = Image.new("RGB", (320, 240), "white")
+    draw = ImageDraw.Draw(page)
+    for y in range(4, 240, 12):
+        draw.text((4, y), "the quick brown fox jumps over the lazy dog 0123456789", fill="black")
+    return {
+        "noise": Image.fromarray(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)),
+        "fine noise, grey": Image.fromarray(rng.integers(0, 256, (500, 500), dtype=np.uint8)),
+        "flat red": Image.new("RGB", (320, 240), (200, 30, 30)),
+        "flat white": Image.new("RGB", (640, 480), "white"),
+        "flat dark blue": Image.new("RGB", (100, 300), (10, 20, 60)),
+        "text": page,
+    }
+
+
+@pytest.mark.parametrize("name", list(_not_pets()))
+def test_noise_flat_colour_and_text_are_neither(predictor, name):
+    explanation = predictor.explain(_not_pets()[name])
+    assert explanation.is_cat_or_dog is False
+    assert explanation.ood_score > predictor.model.ood_threshold
+    assert sum(explanation.probabilities.values()) == pytest.approx(1.0)  # the raw answer is still there
+
+
+def test_few_real_photos_of_the_test_split_are_flagged(predictor, trained_model, mini_rows):
+    test_rows = json.loads((trained_model / "split.json").read_text())["test"]  # the whole test split: 300 photos
+    flagged = [not predictor.explain(mini_rows[row]["image"]).is_cat_or_dog for row in test_rows]
+    assert len(flagged) == 300 and np.mean(flagged) <= 0.08  # the threshold is the 95th percentile: about 5%
+
+
+def test_threshold_is_the_validation_splits_95th_percentile(predictor, trained_model, mini_rows):
+    config = json.loads((trained_model / "config.json").read_text())
+    evaluation = json.loads((trained_model / "evaluation.json").read_text())
+    assert config["ood_threshold"] == evaluation["ood"]["threshold"] == predictor.model.ood_threshold
+    validation = json.loads((trained_model / "split.json").read_text())["used"]["validation"]
+    scores = np.array([predictor.explain(mini_rows[row]["image"]).ood_score for row in validation])
+    # The predictor's scores are the training run's: 5% of the validation split lie above, to one picture.
+    assert abs(np.mean(scores > config["ood_threshold"]) - 0.05) <= 1 / len(scores)
+
+
+def test_a_model_without_a_detector_still_explains(tmp_path):
+    torch.manual_seed(0)
+    CatDogClassifier(image_size=64, hidden_size=32).save_pretrained(tmp_path)
+    explanation = load_predictor(str(tmp_path)).explain(Image.new("RGB", (90, 60), "green"))
+    assert explanation.ood_score is None and explanation.is_cat_or_dog is True
+    assert explanation.heatmap.shape == (43, 64)
+
+
+def test_a_missing_or_foreign_detector_file_is_a_clear_load_error(trained_model, tmp_path):
+    copy = tmp_path / "model"
+    shutil.copytree(trained_model, copy)
+    (copy / OOD_FILE).unlink()
+    with pytest.raises(ModelLoadError, match="ood_threshold but ood.safetensors could not be read"):
+        load_predictor(str(copy))
+    detector = load_detector(trained_model / OOD_FILE, load_predictor(str(trained_model)).model)
+    detector["hidden.means"] = detector["hidden.means"][:, :10].contiguous()
+    from safetensors.torch import save_file
+
+    save_file(detector, str(copy / OOD_FILE))
+    with pytest.raises(ModelLoadError, match=r"does not fit this model: hidden.means should be \[2, 1024\], found \[2, 10\]"):
+        load_predictor(str(copy))
+
+
+@pytest.mark.parametrize("size, shape", [((300, 150), (32, 64)), ((150, 300), (64, 32)), ((64, 64), (64, 64))])
+def test_heatmap_has_the_pictures_aspect_ratio_and_is_a_normalised_map(predictor, mini_rows, size, shape):
+    heatmap = predictor.explain(mini_rows[0]["image"].resize(size)).heatmap
+    assert heatmap.shape == shape and heatmap.dtype == np.float32
+    assert heatmap.min() >= 0 and heatmap.max() == pytest.approx(1.0, abs=1e-5) and heatmap.std() > 0.01
+
+
+def _centre_x(heatmap: np.ndarray) -> float:
+    columns = heatmap.sum(axis=0)
+    return float((columns * np.arange(len(columns))).sum() / columns.sum() / len(columns))
+
+
+def test_heatmap_moves_when_the_animal_moves(mini_rows, tmp_path):
+    """A photo pasted on the left, then on the right of a plain canvas: the heatmap's centre follows it.
+
+    The model's head scores the total activation anywhere in the picture, so its evidence sits where
+    there is something to see. (A random-init backbone fine-tuned on a few dozen photos, like the
+    session's model, gives maps too flat for this: its head has not learnt where to look.)
+    """
+    torch.manual_seed(0)
+    model = CatDogClassifier(image_size=128, hidden_size=8)
+    channels, cells = model.head[1].in_features // 16, 16
+    with torch.no_grad():
+        model.head[1].weight.zero_()
+        model.head[1].weight[0] = 1.0 / (channels * cells)  # hidden unit 0: the mean of the whole feature map
+        model.head[1].bias.zero_()
+        model.head[4].weight.zero_()
+        model.head[4].weight[0, 0] = 1.0
+    model.save_pretrained(tmp_path)
+    predictor = load_predictor(str(tmp_path))
+    for row in (0, 1200, 1800, 2900):  # cats and dogs
+        photo = mini_rows[row]["image"].convert("RGB").resize((200, 200))
+        centres = []
+        for left in (0, 400):
+            canvas = Image.new("RGB", (600, 200), (124, 116, 104))  # ImageNet's mean colour: plain to the model
+            canvas.paste(photo, (left, 0))
+            centres.append(_centre_x(predictor.explain(canvas).heatmap))
+        assert centres[0] < 0.4 and centres[1] > 0.6
+
+
+def test_grad_cam_equals_captums_layer_grad_cam(predictor, mini_rows):
+    from captum.attr import LayerGradCam
+
+    from catdog_model import preprocess
+
+    model = predictor.model
+    pixels = torch.stack([preprocess(mini_rows[row]["image"], model.image_size) for row in (0, 1600, 2999, 700)])
+    logits, _, ours = grad_cam(model, pixels)
+    sign = torch.where(logits >= 0, 1.0, -1.0)
+    reference = LayerGradCam(lambda x: model(x) * sign, model.backbone).attribute(pixels, relu_attributions=True)
+    reference = reference[:, 0] / reference.flatten(1).max(dim=1).values.clamp_min(1e-12)[:, None, None]
+    assert ours.shape == reference.shape
+    torch.testing.assert_close(ours, reference.detach(), atol=1e-4, rtol=1e-3)
+
+
+def test_explain_agrees_with_predict_and_refuses_what_is_not_a_picture(predictor, mini_rows):
+    image = mini_rows[42]["image"]
+    explained, predicted = predictor.explain(image).probabilities, predictor.predict([image])[0]
+    assert explained.keys() == predicted.keys()
+    assert all(explained[label] == pytest.approx(predicted[label], abs=1e-5) for label in predicted)
+    with pytest.raises(TypeError, match="expected a PIL image"):
+        predictor.explain("cat.jpg")
