@@ -1,0 +1,92 @@
+"""The evaluation report: its numbers, its figures, and their agreement with metrics.json and the card."""
+
+import base64
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from catdog_model.evaluate import FIGURES, compute_metrics
+from conftest import ROOT, assert_clean_error
+
+
+def test_metrics_on_known_logits():
+    logits = torch.tensor([-3.0, -1.0, 2.0, 0.5, -0.2, 4.0])
+    labels = torch.tensor([0, 0, 1, 0, 1, 1])
+    results = compute_metrics(logits, labels, temperature=2.0, class_names=("cat", "dog"))
+    assert results["accuracy"] == pytest.approx(4 / 6)
+    assert results["confusion_matrix"]["counts"] == [[2, 1], [1, 2]]  # rows true cat/dog, columns predicted
+    # Pairs (dog, cat) ranked right: of 3×3, only (dog -0.2, cat 0.5) and (dog -0.2, cat -1.0)... -0.2 > -1.0 is right.
+    assert results["roc_auc"] == pytest.approx(8 / 9)
+    assert results["loss"] == pytest.approx(float(torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.float())))
+    assert results["loss_calibrated"] != results["loss"] and results["temperature"] == 2.0
+
+
+def test_ood_auroc_is_rank_based_and_counts_what_is_flagged():
+    inside, outside = torch.tensor([0.5, 1.0, 1.5, 2.0]), torch.tensor([1.8, 3.0, 40.0])
+    results = compute_metrics(torch.zeros(4), torch.tensor([0, 1, 0, 1]), 1.0, ("cat", "dog"),
+                              ood={"threshold": 1.9, "in_scores": inside, "out_scores": outside})
+    assert results["ood"]["auroc"] == pytest.approx(11 / 12)  # only (2.0 inside, 1.8 outside) is out of order
+    assert results["ood"]["flagged_in_distribution"] == 0.25 and results["ood"]["flagged_out_of_distribution"] == pytest.approx(2 / 3)
+
+
+def test_training_writes_the_report_and_the_card_metrics_and_report_agree(trained_model):
+    metrics = json.loads((trained_model / "metrics.json").read_text())
+    evaluation = json.loads((trained_model / "evaluation.json").read_text())
+    card = (trained_model / "README.md").read_text()
+    assert evaluation["accuracy"] == metrics["test"]["accuracy"] == metrics["evaluation"]["accuracy"]
+    assert evaluation["samples"] == metrics["test"]["samples"] == 32
+    assert evaluation["loss"] == pytest.approx(metrics["test"]["loss"], abs=1e-6)
+    assert evaluation["ece"] == pytest.approx(metrics["calibration"]["test"]["ece_after"], abs=1e-6)
+    assert evaluation["ece_uncalibrated"] == pytest.approx(metrics["calibration"]["test"]["ece_before"], abs=1e-6)
+    assert evaluation["temperature"] == metrics["calibration"]["temperature"]
+    assert sum(map(sum, evaluation["confusion_matrix"]["counts"])) == 32
+    for number in (evaluation["accuracy"], evaluation["loss"], evaluation["roc_auc"], evaluation["ece"]):
+        assert f"{number:.4f}" in card
+    assert f"{evaluation['ood']['auroc']:.3f}" in card and f"{evaluation['ood']['threshold']:.3f}" in card
+    assert set(evaluation["figures"]) == {f"{name}.png" for name in FIGURES}
+    for figure in evaluation["figures"]:
+        assert f"]({figure})" in card
+        with Image.open(trained_model / figure) as image:
+            assert image.format == "PNG" and image.width > 300
+    page = (trained_model / "evaluation.html").read_text()
+    assert page.count("data:image/png;base64,") == len(FIGURES)
+    assert base64.b64encode((trained_model / "roc.png").read_bytes()).decode() in page
+
+
+def _evaluate(*args: str):
+    return subprocess.run([sys.executable, "-m", "catdog_model.evaluate", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_the_command_reproduces_the_training_runs_numbers(trained_model, mini_dataset, tmp_path):
+    ood_dir = tmp_path / "not-pets"
+    ood_dir.mkdir()
+    rng = np.random.default_rng(5)
+    for index in range(6):
+        Image.fromarray(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)).save(ood_dir / f"noise{index}.png")
+        Image.new("RGB", (160, 120), tuple(int(v) for v in rng.integers(0, 256, 3))).save(ood_dir / f"flat{index}.jpg")
+    (ood_dir / "notes.txt").write_text("not a picture")  # skipped with a warning
+    result = _evaluate(str(trained_model), "--dataset", str(mini_dataset), "--ood-dir", str(ood_dir),
+                       "--output-dir", str(tmp_path / "report"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipping" in result.stderr and "notes.txt" in result.stderr
+    ours = json.loads((tmp_path / "report" / "evaluation.json").read_text())
+    training = json.loads((trained_model / "evaluation.json").read_text())
+    assert ours["samples"] == training["samples"] and ours["accuracy"] == training["accuracy"]
+    assert ours["confusion_matrix"] == training["confusion_matrix"]
+    for key in ("loss", "roc_auc", "ece"):
+        assert ours[key] == pytest.approx(training[key], abs=1e-4)
+    assert ours["ood"]["out_of_distribution"] == 12 and ours["ood"]["auroc"] > 0.9
+    assert ours["ood"]["flagged_out_of_distribution"] >= 0.9
+    assert (tmp_path / "report" / "evaluation.html").is_file() and (tmp_path / "report" / "mistakes.png").is_file()
+
+
+def test_the_command_fails_in_one_line(tmp_path, mini_dataset):
+    assert_clean_error(_evaluate(str(tmp_path / "no-such-model"), "--output-dir", str(tmp_path / "r")), "No such model folder")
+    assert_clean_error(_evaluate(str(ROOT / "examples"), "--dataset", str(mini_dataset), "--output-dir", str(tmp_path / "r")),
+                       "has no config.json")
