@@ -41,7 +41,8 @@ import torch  # noqa: E402
 from gradio.utils import get_upload_folder  # noqa: E402
 from gradio_client import handle_file  # noqa: E402
 
-from catdog_model import DEFAULT_LABELS, ImageError, ModelLoadError, load_predictor, open_image  # noqa: E402
+from catdog_model import DEFAULT_LABELS, ImageError, ModelLoadError, load_predictor, open_image, to_rgb  # noqa: E402
+from catdog_model.ood import overlay_heatmap  # noqa: E402
 
 DEFAULT_MODEL = "catdog-project/catdog-resnet50"  # the published model: named here and in README.md only
 LOCAL_MODEL = "catdog-model"  # train_accelerate.py's default --output-dir, relative to where the app starts
@@ -164,25 +165,50 @@ def _status(text: str = "") -> dict:
     return gr.update(value=text, visible=bool(text))
 
 
-def predict_on_page(upload: str | dict | None) -> tuple[dict | None, dict]:
-    """The page's version of ``predict``: problems and doubts are shown next to the picture, where they
-    stay until the next upload, instead of in a toast that fades."""
-    if predictor is None:
-        return None, _status(f"⚠️ **No model is loaded**, so nothing can be classified. {FIX_HINT}")
+def explain(upload: str | dict | None) -> dict:
+    """Classify one picture and say whether it looks like a cat or a dog at all: {"probabilities", "is_cat_or_dog", "ood_score"}."""
+    _require_model()
     path = _upload_path(upload)
     if not path:
-        return None, _status()
+        raise gr.Error("Upload a picture of a cat or a dog first.", print_exception=False)
     try:
-        probabilities = predictor.predict([_open_upload(path)])[0]
+        explanation = predictor.explain(_open_upload(path))
     except ImageError as error:
-        return None, _status(f"⚠️ **Cannot read this file.** {error}")
+        raise gr.Error(str(error), title="Cannot read this file", print_exception=False) from None
+    return {"probabilities": explanation.probabilities, "is_cat_or_dog": explanation.is_cat_or_dog,
+            "ood_score": explanation.ood_score}
+
+
+def _page(label=None, status: str = "", verdict: str = "", heatmap=None, heading: bool = True) -> tuple:
+    """The result column's four outputs: the probabilities, the inline status, the verdict and the heatmap."""
+    return (gr.update(value=label, show_heading=heading), _status(status),
+            gr.update(value=verdict, visible=bool(verdict)), heatmap)
+
+
+def predict_on_page(upload: str | dict | None) -> tuple:
+    """The page's version of ``explain``: problems and doubts are shown next to the picture, where they
+    stay until the next upload, instead of in a toast that fades; the heatmap goes to the result column."""
+    if predictor is None:
+        return _page(status=f"⚠️ **No model is loaded**, so nothing can be classified. {FIX_HINT}")
+    path = _upload_path(upload)
+    if not path:
+        return _page()
+    try:
+        image = _open_upload(path)
+        explanation = predictor.explain(image)
+    except ImageError as error:
+        return _page(status=f"⚠️ **Cannot read this file.** {error}")
+    probabilities = explanation.probabilities
+    heatmap = overlay_heatmap(to_rgb(image), explanation.heatmap)
+    if not explanation.is_cat_or_dog:
+        return _page(probabilities, verdict="### 🚫 This doesn't look like a cat or a dog\nThe model's raw answer, for what it is worth:",
+                     heatmap=heatmap, heading=False)
     top = max(probabilities, key=probabilities.get)
     if probabilities[top] < UNSURE_BELOW:
-        return probabilities, _status(
+        return _page(probabilities, heatmap=heatmap, status=(
             f"🤔 **Not sure.** The model leans to *{top}* with only {probabilities[top]:.0%}; it may not be a clear "
-            "photo of a cat or a dog."
-        )
-    return probabilities, _status()
+            "photo of a cat or a dog."))
+    return _page(probabilities, heatmap=heatmap)
 
 
 def predict_batch(files: list[str] | None, progress=gr.Progress()) -> tuple[list[list], str]:
@@ -229,20 +255,29 @@ with gr.Blocks(title="catdog: cat or dog?") as demo:
                 status = gr.Markdown(visible=False, elem_id="upload-status")
                 button = gr.Button("Classify", variant="primary", interactive=ready)
             with gr.Column(elem_id="result-column"):
+                verdict = gr.Markdown(visible=False, elem_id="verdict")
                 result = gr.Label(num_top_classes=2, label="Prediction", elem_id="result")
+                show_heatmap = gr.Checkbox(value=True, label="Show where the model looked (Grad-CAM)", interactive=ready)
+                heatmap = gr.Image(label="Where the model looked: red counted most for its answer", elem_id="heatmap",
+                                   interactive=False, height=240, buttons=["download", "fullscreen"])
+        page_outputs = [result, status, verdict, heatmap]
         # preprocess=False: gr.Image would open every upload with Pillow before our checks run, so a
         # non-image would fail with a generic error; the handlers get the uploaded file itself instead.
         # One model and two cores: every inference event shares a single slot.
-        gr.on([image.upload, button.click], predict_on_page, inputs=image, outputs=[result, status],
+        gr.on([image.upload, button.click], predict_on_page, inputs=image, outputs=page_outputs,
               concurrency_id="model", preprocess=False, api_visibility="private")
-        image.clear(lambda: (None, _status()), outputs=[result, status], api_visibility="private", queue=False)
+        image.clear(_page, outputs=page_outputs, api_visibility="private", queue=False)
+        show_heatmap.change(lambda shown: gr.update(visible=shown), inputs=show_heatmap, outputs=heatmap,
+                            api_visibility="private", queue=False)
         # The API's /predict raises its errors (gradio_client turns them into exceptions); the page shows them.
         api_button = gr.Button(visible=False)
         api_button.click(predict, inputs=image, outputs=result, api_name="predict", concurrency_id="model",
                          preprocess=False, api_description=predict.__doc__)
+        api_button.click(explain, inputs=image, outputs=gr.JSON(visible=False), api_name="explain",
+                         concurrency_id="model", preprocess=False, api_description=explain.__doc__)
         if examples:
             gallery = gr.Examples(examples, inputs=image, label="Examples (click one)")
-            gallery.load_input_event.then(predict_on_page, inputs=image, outputs=[result, status],
+            gallery.load_input_event.then(predict_on_page, inputs=image, outputs=page_outputs,
                                           concurrency_id="model", api_visibility="private")
     with gr.Tab("Many pictures"):
         files = gr.File(file_count="multiple", file_types=["image"], label=f"Pictures (up to {MAX_BATCH_FILES})",

@@ -2,11 +2,12 @@
 
 from .images import ImageError, open_image, preprocess, to_rgb
 from .model import DEFAULT_LABELS, CatDogClassifier
-from .predictor import ModelLoadError, Predictor, load_predictor
+from .predictor import Explanation, ModelLoadError, Predictor, load_predictor
 
 __all__ = [
     "CatDogClassifier",
     "DEFAULT_LABELS",
+    "Explanation",
     "ImageError",
     "ModelLoadError",
     "Predictor",

@@ -68,11 +68,18 @@ def test_predict_api_on_every_kind_of_valid_image(client, tmp_path):
 
 
 def test_predictions_match_the_predictor(client, trained_model):
-    from catdog_model import load_predictor
-    expected = load_predictor(str(trained_model)).predict([Image.open(ROOT / "examples" / "chelsea_cat.jpg")])[0]
-    result = client.predict(handle_file(str(ROOT / "examples" / "chelsea_cat.jpg")), api_name="/predict")
+    from catdog_model import load_predictor, open_image
+    predictor, path = load_predictor(str(trained_model)), ROOT / "examples" / "chelsea_cat.jpg"
+    # The app decodes JPEGs at the model's scale (Image.draft): the same answer as a full decode, to within 0.01.
+    expected = predictor.predict([open_image(path, draft_size=predictor.image_size)])[0]
+    assert expected["dog"] == pytest.approx(predictor.predict([Image.open(path)])[0]["dog"], abs=0.01)
+    result = client.predict(handle_file(str(path)), api_name="/predict")
     confidences = {c["label"]: c["confidence"] for c in result["confidences"]}
     assert confidences["dog"] == pytest.approx(expected["dog"], abs=1e-5)
+    explained = client.predict(handle_file(str(path)), api_name="/explain")
+    assert explained["probabilities"]["dog"] == pytest.approx(expected["dog"], abs=1e-5)
+    assert explained["is_cat_or_dog"] == predictor.explain(open_image(path, draft_size=64)).is_cat_or_dog
+    assert explained["ood_score"] > 0
 
 
 def _bad_files(folder):
@@ -178,7 +185,7 @@ def test_api_page_offers_the_projects_own_photos(client):
     import app
 
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert set(endpoints) == {"/predict", "/predict_batch"}
+    assert set(endpoints) == {"/predict", "/explain", "/predict_batch"}
     single = endpoints["/predict"]["parameters"][0]["example_input"]
     batch = [item["path"] for item in endpoints["/predict_batch"]["parameters"][0]["example_input"]]
     assert single["path"] == app.API_EXAMPLES[0] and batch == app.API_EXAMPLES
@@ -190,21 +197,27 @@ def test_api_page_offers_the_projects_own_photos(client):
 
 class _FixedPredictor:
     labels = ("cat", "dog")
+    image_size = 64
 
-    def __init__(self, p_dog: float):
-        self.p_dog = p_dog
+    def __init__(self, p_dog: float, looks_right: bool = True):
+        self.p_dog, self.looks_right = p_dog, looks_right
 
-    def predict(self, images):
-        return [{"cat": 1 - self.p_dog, "dog": self.p_dog} for _ in images]
+    def explain(self, image):
+        from catdog_model import Explanation
+
+        return Explanation({"cat": 1 - self.p_dog, "dog": self.p_dog}, 0.0 if self.looks_right else 9.0,
+                           self.looks_right, np.linspace(0, 1, 32 * 48, dtype=np.float32).reshape(32, 48))
 
 
 @pytest.mark.parametrize("p_dog, shown", [(0.55, "Not sure"), (0.31, "Not sure"), (0.95, None), (0.05, None)])
 def test_the_page_says_when_the_model_is_not_sure(monkeypatch, p_dog, shown):
     import app
     monkeypatch.setattr(app, "predictor", _FixedPredictor(p_dog))
-    probabilities, status = app.predict_on_page(str(ROOT / "examples" / "chelsea_cat.jpg"))
-    assert probabilities == {"cat": 1 - p_dog, "dog": p_dog}
-    assert status["visible"] == (shown is not None)
+    label, status, verdict, heatmap = app.predict_on_page(str(ROOT / "examples" / "chelsea_cat.jpg"))
+    assert label["value"] == {"cat": 1 - p_dog, "dog": p_dog} and label["show_heading"] is True
+    assert status["visible"] == (shown is not None) and verdict["visible"] is False
+    width, height = heatmap.size  # the photo, decoded at the model's scale, with the heatmap over it
+    assert width >= 64 and height >= 64 and abs(width / height - 451 / 300) < 0.02
     if shown:
         top = max(p_dog, 1 - p_dog)
         assert shown in status["value"] and f"{top:.0%}" in status["value"] and top < app.UNSURE_BELOW
@@ -216,8 +229,18 @@ def test_the_page_shows_problems_inline_instead_of_raising(monkeypatch, tmp_path
     monkeypatch.setattr(app, "predictor", _FixedPredictor(0.9))
     assert app.predict_on_page(str(tmp_path / "notes.jpg"))[1]["value"].startswith("⚠️ **Cannot read this file.**")
     monkeypatch.setattr(app, "predictor", None)
-    result, status = app.predict_on_page(str(ROOT / "examples" / "chelsea_cat.jpg"))
-    assert result is None and "No model is loaded" in status["value"] and "make train-mini" in status["value"]
+    result, status, _, heatmap = app.predict_on_page(str(ROOT / "examples" / "chelsea_cat.jpg"))
+    assert result["value"] is None and heatmap is None
+    assert "No model is loaded" in status["value"] and "make train-mini" in status["value"]
+
+
+def test_the_page_says_neither_instead_of_a_label_and_keeps_the_raw_answer(monkeypatch):
+    import app
+    monkeypatch.setattr(app, "predictor", _FixedPredictor(0.97, looks_right=False))
+    label, status, verdict, heatmap = app.predict_on_page(str(ROOT / "examples" / "chelsea_cat.jpg"))
+    assert verdict["visible"] and "doesn't look like a cat or a dog" in verdict["value"]
+    assert label["value"] == {"cat": pytest.approx(0.03), "dog": 0.97} and label["show_heading"] is False
+    assert heatmap is not None and not status["visible"]
 
 
 def test_hub_warnings_are_logged_once_in_the_apps_format():
@@ -227,3 +250,9 @@ def test_hub_warnings_are_logged_once_in_the_apps_format():
                             env={**os.environ, "CATDOG_MODEL": "nobody/nothing"})
     lines = [line for line in result.stderr.splitlines() if "Retrying in 1s" in line]
     assert len(lines) == 1 and "WARNING huggingface_hub.utils._http:" in lines[0], result.stderr[-2000:]
+
+
+def test_explain_api_says_neither_for_noise(client, tmp_path):
+    noise = np.random.default_rng(9).integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    result = client.predict(handle_file(str(_save(Image.fromarray(noise), tmp_path / "noise.png"))), api_name="/explain")
+    assert result["is_cat_or_dog"] is False and set(result["probabilities"]) == {"cat", "dog"}

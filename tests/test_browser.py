@@ -111,3 +111,24 @@ def test_on_a_phone_the_result_is_in_view_after_an_upload(browser, app_url, tmp_
     box = page.locator("#result").bounding_box()
     page.screenshot(path=str(tmp_path / "phone.png"))
     assert box is not None and box["y"] >= 0 and box["y"] + box["height"] <= 844, box
+
+
+@pytest.mark.slow
+def test_neither_and_the_heatmap_are_shown_and_the_heatmap_can_be_hidden(browser, app_url, tmp_path):
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (240, 320, 3), dtype=np.uint8)).save(noise)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(app_url)
+    _upload(page, noise)
+    page.locator("#verdict").get_by_text("doesn't look like a cat or a dog").wait_for(timeout=60_000)
+    assert page.get_by_test_id("label").inner_text().count("%") >= 2  # the raw answer is still below it
+    heatmap = page.locator("#heatmap img")
+    heatmap.first.wait_for(timeout=10_000)
+    assert heatmap.first.evaluate("img => img.naturalWidth") > 0
+    page.get_by_label("Show where the model looked").uncheck()
+    page.locator("#heatmap").wait_for(state="hidden", timeout=10_000)
+
+    _upload(page, ROOT / "examples" / "chelsea_cat.jpg")  # a photo: the verdict goes away
+    page.wait_for_function("() => !document.body.innerText.includes(\"doesn't look like\")", timeout=60_000)
+    page.get_by_label("Show where the model looked").check()
+    page.locator("#heatmap img").first.wait_for(timeout=10_000)
