@@ -1,4 +1,5 @@
-"""Serving speed: one image per call against batched calls, through the app's own ``load_predictor``.
+"""Serving speed: one image per call against batched calls, and explain() (the "neither" score and the
+Grad-CAM heatmap) against a plain prediction, through the app's own ``load_predictor``.
 
     python -m benchmarks.predict_speed                         # random-init spec model (224 px), no network
     python -m benchmarks.predict_speed --model catdog-model    # a trained folder or a Hub id
@@ -18,7 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from catdog_model import CatDogClassifier, load_predictor
+from catdog_model import CatDogClassifier, load_predictor, preprocess
+from catdog_model.ood import detector_features, fit_detector
 
 
 def _cpu_name() -> str:
@@ -46,6 +48,25 @@ def _throughput(predictor, images, batch_size: int, repeats: int) -> float:
     return len(images) / best
 
 
+def _explain_rate(predictor, images, repeats: int) -> float:
+    predictor.explain(images[0])  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for image in images:
+            predictor.explain(image)
+        best = min(best, time.perf_counter() - start)
+    return len(images) / best
+
+
+def _add_timing_detector(predictor, images) -> None:
+    """A model saved before the detector has none: fit one on these images, only so that its cost is timed."""
+    pixels = torch.stack([preprocess(image, predictor.image_size) for image in images[:32]])
+    _, features = detector_features(predictor.model, pixels)
+    labels = torch.arange(len(pixels)) % 2
+    predictor.detector, predictor.model.ood_threshold = fit_detector(features, labels, features)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="folder or Hub id; default: a random-init spec model")
@@ -63,13 +84,18 @@ def main() -> None:
         predictor = load_predictor(args.model or folder)
     images = _images(args.images)
 
+    if predictor.detector is None:
+        _add_timing_detector(predictor, images)
     single = _throughput(predictor, images, 1, args.repeats)
     batched = _throughput(predictor, images, args.batch_size, args.repeats)
+    explained = _explain_rate(predictor, images, args.repeats)
     print(f"machine: {_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads")
     print(f"model:   {args.model or 'random-init spec model'} at {predictor.image_size} px, {args.images} images, best of {args.repeats}")
     print(f"one image per call      : {single:7.1f} images/s")
     print(f"batches of {args.batch_size:<3}          : {batched:7.1f} images/s")
     print(f"ratio batched / single  : {batched / single:7.2f}x")
+    print(f"explain(), one per call : {explained:7.1f} images/s (probabilities, 'neither' score, Grad-CAM heatmap)")
+    print(f"cost explain / predict  : {single / explained:7.2f}x")
 
 
 if __name__ == "__main__":

@@ -135,12 +135,12 @@ def resize_heatmap(heatmap: torch.Tensor, width: int, height: int, longest: int)
     return resized.clamp(0, 1).numpy().astype(np.float32)
 
 
-def overlay_heatmap(image: Image.Image, heatmap: np.ndarray, opacity: float = 0.45, longest: int = 512) -> Image.Image:
-    """The picture (its longest side at most ``longest``) with the heatmap in the "jet" colours over it."""
+def overlay_heatmap(image: Image.Image, heatmap: np.ndarray, opacity: float = 0.45, longest: int = 384) -> Image.Image:
+    """The picture, scaled so that its longest side is ``longest``, with the heatmap in "jet" colours over it."""
     from matplotlib import colormaps  # only the app and the report draw
 
-    picture = image.copy()
-    picture.thumbnail((longest, longest))
+    scale = longest / max(image.size)
+    picture = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
     colours = (colormaps["jet"](heatmap)[..., :3] * 255).astype(np.uint8)
     heat = Image.fromarray(colours).resize(picture.size, Image.BILINEAR)
     return Image.blend(picture.convert("RGB"), heat, opacity)

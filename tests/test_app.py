@@ -216,8 +216,8 @@ def test_the_page_says_when_the_model_is_not_sure(monkeypatch, p_dog, shown):
     label, status, verdict, heatmap = app.predict_on_page(str(ROOT / "examples" / "chelsea_cat.jpg"))
     assert label["value"] == {"cat": 1 - p_dog, "dog": p_dog} and label["show_heading"] is True
     assert status["visible"] == (shown is not None) and verdict["visible"] is False
-    width, height = heatmap.size  # the photo, decoded at the model's scale, with the heatmap over it
-    assert width >= 64 and height >= 64 and abs(width / height - 451 / 300) < 0.02
+    width, height = heatmap.size  # the photo with the heatmap over it, at a size fit to look at
+    assert width == 384 and abs(width / height - 451 / 300) < 0.02
     if shown:
         top = max(p_dog, 1 - p_dog)
         assert shown in status["value"] and f"{top:.0%}" in status["value"] and top < app.UNSURE_BELOW
