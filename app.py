@@ -148,16 +148,21 @@ def _upload_path(upload) -> str | None:
     return upload if isinstance(upload, str) else upload.get("path") if isinstance(upload, dict) else getattr(upload, "path", None)
 
 
-def predict(upload: str | dict | None) -> dict[str, float]:
-    """Classify one picture (JPEG, PNG, WebP, GIF, ... up to 10 MB); returns the label and each class's probability."""
+def _api_image(upload: str | dict | None):
+    """The API's upload, opened, or a gr.Error that gradio_client raises as AppError with the reason."""
     _require_model()
     path = _upload_path(upload)
     if not path:
         raise gr.Error("Upload a picture of a cat or a dog first.", print_exception=False)
     try:
-        image = _open_upload(path)
+        return _open_upload(path)
     except ImageError as error:
         raise gr.Error(str(error), title="Cannot read this file", print_exception=False) from None
+
+
+def predict(upload: str | dict | None) -> dict[str, float]:
+    """Classify one picture (JPEG, PNG, WebP, GIF, ... up to 10 MB); returns the label and each class's probability."""
+    image = _api_image(upload)  # first: it checks that a model is loaded
     return predictor.predict([image])[0]
 
 
@@ -167,14 +172,8 @@ def _status(text: str = "") -> dict:
 
 def explain(upload: str | dict | None) -> dict:
     """Classify one picture and say whether it looks like a cat or a dog at all: {"probabilities", "is_cat_or_dog", "ood_score"}."""
-    _require_model()
-    path = _upload_path(upload)
-    if not path:
-        raise gr.Error("Upload a picture of a cat or a dog first.", print_exception=False)
-    try:
-        explanation = predictor.explain(_open_upload(path))
-    except ImageError as error:
-        raise gr.Error(str(error), title="Cannot read this file", print_exception=False) from None
+    image = _api_image(upload)  # first: it checks that a model is loaded
+    explanation = predictor.explain(image)
     return {"probabilities": explanation.probabilities, "is_cat_or_dog": explanation.is_cat_or_dog,
             "ood_score": explanation.ood_score}
 
