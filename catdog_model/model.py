@@ -164,6 +164,17 @@ class CatDogClassifier(
         """Dropout and the last Linear: the (N,) logits."""
         return self.head[3:](hidden).squeeze(-1)
 
+    def pooled_head_weight(self) -> torch.Tensor:
+        """The hidden layer's weights summed over each channel's map positions, (hidden_size, channels).
+
+        Grad-CAM needs only this (see ood.py); it is computed once, from the weights as loaded.
+        """
+        if getattr(self, "_pooled_head_weight", None) is None:
+            weight = self.head[1].weight.detach().float()
+            channels = self.backbone.num_features
+            self._pooled_head_weight = weight.view(weight.shape[0], channels, -1).sum(-1)
+        return self._pooled_head_weight
+
     def probability(self, logits: torch.Tensor) -> torch.Tensor:
         """Calibrated P(``labels[1]``): the sigmoid of the logit divided by the fitted temperature."""
         return torch.sigmoid(logits.float() / self.temperature)

@@ -111,20 +111,22 @@ def load_detector(path: str | Path, model: CatDogClassifier) -> dict[str, torch.
 def grad_cam(model: CatDogClassifier, pixels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """(logits, the detector's features, heatmaps (N, h, w) in [0, 1]) for a batch, from one backbone pass.
 
-    Each heatmap shows the evidence for the label the model predicts for that image.
+    Each heatmap shows the evidence for the label the model predicts for that image. Grad-CAM weighs each
+    channel by the mean gradient of that label's logit over the map. The head is Linear → ReLU → Linear on
+    the flattened map, so that mean is exact in closed form: (w2 ⊙ relu'(hidden)) · W1 summed over each
+    channel's positions, divided by their number. No autograd is needed, and a quantized head works too.
     """
     with torch.no_grad():
         feature_map, features = model.inspect(pixels)
-    feature_map = feature_map.detach().float().requires_grad_(True)
-    with torch.enable_grad():
+        feature_map = feature_map.float()
         hidden = model.hidden(feature_map)
         logits = model.classify(hidden)
-        evidence = torch.where(logits.detach() >= 0, logits, -logits)  # for the predicted label
-        (gradients,) = torch.autograd.grad(evidence.sum(), feature_map)
-    weights = gradients.mean(dim=(2, 3), keepdim=True)
-    cams = F.relu((weights * feature_map.detach()).sum(dim=1))
-    peak = cams.flatten(1).max(dim=1).values.clamp_min(1e-12)[:, None, None]
-    return logits.detach(), {**features, "hidden": hidden.detach()}, cams / peak
+        sign = torch.where(logits >= 0, 1.0, -1.0)[:, None]
+        upstream = (hidden > 0).float() * model.head[4].weight.float() * sign  # d(±logit)/d(hidden), (N, hidden)
+        weights = upstream @ model.pooled_head_weight() / (feature_map.shape[2] * feature_map.shape[3])
+        cams = F.relu(torch.einsum("nc,nchw->nhw", weights, feature_map))
+        peak = cams.flatten(1).max(dim=1).values.clamp_min(1e-12)[:, None, None]
+    return logits, {**features, "hidden": hidden}, cams / peak
 
 
 def resize_heatmap(heatmap: torch.Tensor, width: int, height: int, longest: int) -> np.ndarray:
