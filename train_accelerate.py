@@ -44,6 +44,7 @@ from catdog_model.data import (DatasetError, check_classes, collate, dataset_fin
                                make_transform, save_split, split_dataset)
 from catdog_model.evaluate import EVALUATION_FILE, FIGURES, REPORT_FILE, write_report
 from catdog_model.ood import OOD_FILE, detector_features, fit_detector, ood_score, save_detector, synthetic_ood_images
+from catdog_model.serving import SERVING_FILE, save_serving_file
 from catdog_model.training import (CHECKPOINTS, LOCK_FILE, Progress, RunningMetrics, TrainingError, calibrate,
                                    check_best_model, check_finite, claim_output_dir, evaluate, exit_with_parent,
                                    find_resume_checkpoint, model_outputs, on_main_process, save_checkpoint,
@@ -54,7 +55,7 @@ logger = get_logger(__name__)
 SPLIT_FILE = "split.json"
 TRACKER_PROJECT = "catdog"  # trackers log under output_dir/catdog
 # What a run writes into its output folder (with checkpoints/): --overwrite-output-dir removes these, nothing else.
-RUN_FILES = ("config.json", "model.safetensors", OOD_FILE, "metrics.json", SPLIT_FILE, "README.md", EVALUATION_FILE,
+RUN_FILES = ("config.json", "model.safetensors", SERVING_FILE, OOD_FILE, "metrics.json", SPLIT_FILE, "README.md", EVALUATION_FILE,
              REPORT_FILE, *(f"{name}.png" for name in FIGURES), TRACKER_PROJECT)
 NOT_PUSHED = (f"{CHECKPOINTS}/*", f"{TRACKER_PROJECT}/*", LOCK_FILE, ".tmp-*")
 
@@ -307,8 +308,10 @@ def training_function(args) -> None:
 
 def write_evaluation(args, model: CatDogClassifier, output_dir: Path, progress: Progress, test_outputs, detector: dict,
                      data) -> dict:
-    """ood.safetensors, then the evaluation report on the test split (its OOD pictures: synthetic ones)."""
+    """ood.safetensors and model.serving.safetensors, then the evaluation report on the test split (its OOD
+    pictures: synthetic ones)."""
     save_file_atomically(output_dir / OOD_FILE, lambda path: save_detector(detector, path))
+    save_file_atomically(output_dir / SERVING_FILE, lambda path: save_serving_file(model, path))
     synthetic = torch.stack([preprocess(image, args.image_size) for image in synthetic_ood_images()])
     _, synthetic_features = detector_features(model, synthetic.to(next(model.parameters()).device))
     logits, labels, features = test_outputs

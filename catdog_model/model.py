@@ -104,10 +104,12 @@ class CatDogClassifier(
 
         # No classifier and no pooling: the spec's head flattens the whole feature map.
         self.backbone = timm.create_model(backbone, pretrained=pretrained, num_classes=0, global_pool="")
-        cfg = self.backbone.pretrained_cfg
         # Non-persistent: they come from timm's config for this backbone, not from the weights file.
-        self.register_buffer("mean", torch.tensor(cfg["mean"]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(cfg["std"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.zeros(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.ones(1, 3, 1, 1), persistent=False)
+        self.reset_normalisation()
+        # What the backbone computes in: float32, or bfloat16 on the fast serving path (serving.py).
+        self.compute_dtype = torch.float32
 
         # Measure the feature map instead of assuming a stride: any backbone or size works.
         # Eval mode, so the probe leaves batch-norm statistics untouched and works at any size.
@@ -132,15 +134,28 @@ class CatDogClassifier(
             nn.Linear(hidden_size, 1),
         )
 
+    def reset_normalisation(self) -> None:
+        """The backbone's mean/std input normalisation, from timm's config (e.g. after building on the meta device)."""
+        cfg = self.backbone.pretrained_cfg
+        with torch.no_grad():
+            self.mean.copy_(torch.tensor(cfg["mean"]).view(1, 3, 1, 1))
+            self.std.copy_(torch.tensor(cfg["std"]).view(1, 3, 1, 1))
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """Map (N, 3, H, W) images in [0, 1] to (N,) logits for ``labels[1]``."""
         return self.classify(self.hidden(self.feature_map(pixels)))
 
     # The forward pass in named steps, for the "neither" detector and Grad-CAM (see ood.py).
+    def _normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        pixels = (pixels - self.mean.to(pixels.dtype)) / self.std.to(pixels.dtype)
+        if self.compute_dtype != torch.float32:
+            pixels = pixels.to(self.compute_dtype, memory_format=torch.channels_last)
+        return pixels
+
     def feature_map(self, pixels: torch.Tensor) -> torch.Tensor:
         """The backbone's last feature map, (N, C, h, w), from images in [0, 1]."""
-        pixels = (pixels - self.mean.to(pixels.dtype)) / self.std.to(pixels.dtype)
-        return self.backbone(pixels)
+        features = self.backbone(self._normalise(pixels))
+        return features if self.compute_dtype == torch.float32 else features.float()
 
     def inspect(self, pixels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One backbone pass: the last feature map, and each early stage's per-channel mean and spread.
@@ -148,13 +163,12 @@ class CatDogClassifier(
         The early stages see textures and colours, which is what tells noise, flat colour and text
         from a photo even when the later, trained layers cannot.
         """
-        pixels = (pixels - self.mean.to(pixels.dtype)) / self.std.to(pixels.dtype)
-        final, stages = self.backbone.forward_intermediates(pixels, indices=list(STAT_STAGES))
+        final, stages = self.backbone.forward_intermediates(self._normalise(pixels), indices=list(STAT_STAGES))
         statistics = {
-            f"stage{index}": torch.cat([stage.mean(dim=(2, 3)), stage.std(dim=(2, 3), correction=0)], dim=1)
+            f"stage{index}": torch.cat([stage.float().mean(dim=(2, 3)), stage.float().std(dim=(2, 3), correction=0)], dim=1)
             for index, stage in zip(STAT_STAGES, stages)
         }
-        return self.backbone.forward_head(final), statistics
+        return self.backbone.forward_head(final).float(), statistics
 
     def hidden(self, feature_map: torch.Tensor) -> torch.Tensor:
         """The head's hidden layer after its ReLU, (N, hidden_size)."""
@@ -170,9 +184,12 @@ class CatDogClassifier(
         Grad-CAM needs only this (see ood.py); it is computed once, from the weights as loaded.
         """
         if getattr(self, "_pooled_head_weight", None) is None:
-            weight = self.head[1].weight.detach().float()
-            channels = self.backbone.num_features
-            self._pooled_head_weight = weight.view(weight.shape[0], channels, -1).sum(-1)
+            linear, channels = self.head[1], self.backbone.num_features
+            if hasattr(linear, "pooled_weight"):  # the int8 head of the fast serving path
+                self._pooled_head_weight = linear.pooled_weight(channels)
+            else:
+                weight = linear.weight.detach().float()
+                self._pooled_head_weight = weight.view(weight.shape[0], channels, -1).sum(-1)
         return self._pooled_head_weight
 
     def probability(self, logits: torch.Tensor) -> torch.Tensor:

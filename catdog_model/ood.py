@@ -12,8 +12,8 @@ real cats and dogs are flagged. The statistics live in ``ood.safetensors`` next 
 threshold is ``ood_threshold`` in config.json.
 
 Grad-CAM (Selvaraju et al., 2017, https://arxiv.org/abs/1610.02391) weighs the backbone's last
-feature map by the gradient of the predicted label's logit. The head flattens that map, so the
-gradient only needs a backward pass through the head: the heatmap costs little more than a prediction.
+feature map by the gradient of the predicted label's logit. The head (Linear → ReLU → Linear on the
+flattened map) gives that gradient in closed form, so the heatmap costs little more than a prediction.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from .images import check_image, preprocess, to_rgb
 from .model import CatDogClassifier
 from .ood import OOD_FILE, grad_cam, load_detector, ood_score, resize_heatmap
+from .serving import SERVING_FILE, Int8Linear, load_serving_file, make_fast
 
 __all__ = ["Explanation", "ModelLoadError", "Predictor", "load_predictor", "parse_source"]
 
@@ -86,6 +87,13 @@ class Predictor:
     detector: Optional[dict] = None  # the tensors of ood.safetensors
 
     @property
+    def serving_path(self) -> str:
+        """How the model computes: "exact fp32", or the fast path's precision."""
+        if not isinstance(self.model.head[1], Int8Linear):
+            return "exact fp32"
+        return f"{'bf16' if self.model.compute_dtype == torch.bfloat16 else 'fp32'} backbone + int8 head"
+
+    @property
     def labels(self) -> tuple[str, ...]:
         return self.model.labels
 
@@ -110,7 +118,7 @@ class Predictor:
     def explain(self, image: Image.Image) -> Explanation:
         """Probabilities, whether the picture looks like a cat or a dog at all, and where the model looked.
 
-        One backbone pass, plus a backward pass through the head only for the heatmap.
+        One backbone pass; the heatmap's gradient is computed in closed form from the head's weights.
         """
         upright = to_rgb(check_image(image))
         logits, features, heatmaps = grad_cam(self.model, preprocess(upright, self.image_size)[None])
@@ -139,18 +147,35 @@ def _read_metrics(repo_id: str, revision: Optional[str]) -> dict:
     return metrics if isinstance(metrics, dict) else {}
 
 
-def _load_model(source: str, repo_id: str, revision: Optional[str]) -> CatDogClassifier:
+def _serving_file(repo_id: str, revision: Optional[str]) -> Optional[str]:
+    """model.serving.safetensors if the model has one (models trained before it existed do not)."""
+    if Path(repo_id).is_dir():
+        path = Path(repo_id) / SERVING_FILE
+        return str(path) if path.is_file() else None
+    try:
+        return hf_hub_download(repo_id, SERVING_FILE, revision=revision)
+    except (EntryNotFoundError, LocalEntryNotFoundError):  # none, or not cached offline: model.safetensors may be
+        return None
+
+
+def _load_model(source: str, repo_id: str, revision: Optional[str], exact: bool) -> CatDogClassifier:
     local = Path(repo_id).is_dir()
     where = repo_id if local else f"{source!r} on the Hub"
     if local and not (Path(repo_id) / "config.json").is_file():
         raise ModelLoadError(f"{repo_id} has no config.json: it is not a folder written by train_accelerate.py.")
-    if local and not (Path(repo_id) / "model.safetensors").is_file():
+    serving = None if exact else _serving_file(repo_id, revision) if local else None
+    if local and not serving and not (Path(repo_id) / "model.safetensors").is_file():
         raise ModelLoadError(f"Could not read the model in {repo_id}: model.safetensors is missing.")
     try:
         config = _read_json(repo_id, "config.json", revision)
         if not isinstance(config, dict):
             raise ModelLoadError(f"The config.json of {where} is a JSON {type(config).__name__}, not an object.")
-        return CatDogClassifier.from_pretrained(repo_id, revision=revision)
+        if not exact and not local:
+            serving = _serving_file(repo_id, revision)
+        if serving:
+            return load_serving_file(config, serving)
+        model = CatDogClassifier.from_pretrained(repo_id, revision=revision)
+        return model if exact else make_fast(model)
     except (LocalEntryNotFoundError, EntryNotFoundError) as error:
         if local:
             raise ModelLoadError(f"Could not read the model in {repo_id}: {error}") from None
@@ -182,14 +207,19 @@ def _load_detector(source: str, repo_id: str, revision: Optional[str], model: Ca
         raise ModelLoadError(f"{source}: {str(error).splitlines()[0]}") from None
 
 
-def load_predictor(source: str, batch_size: int = 16) -> Predictor:
+def load_predictor(source: str, batch_size: int = 16, exact: bool = False) -> Predictor:
     """Load a model from a local folder, "user/repo" or "user/repo@revision", in eval mode.
 
-    Raises ``ModelLoadError``, and only that, with a one-line message naming the source and the reason.
+    By default it serves the fast CPU path (serving.py), from ``model.serving.safetensors`` when the model
+    has one, so that only that file and config.json are read or downloaded. ``exact=True`` serves the
+    eager float32 model from ``model.safetensors``. Raises ``ModelLoadError``, and only that, with a
+    one-line message naming the source and the reason.
     """
     repo_id, revision = parse_source(source)
-    model = _load_model(str(source).strip(), repo_id, revision)
+    model = _load_model(str(source).strip(), repo_id, revision, exact)
     model.eval()
     detector = _load_detector(str(source).strip(), repo_id, revision, model)
-    return Predictor(model, source=repo_id, revision=revision, metrics=_read_metrics(repo_id, revision),
-                     batch_size=batch_size, detector=detector)
+    predictor = Predictor(model, source=repo_id, revision=revision, metrics=_read_metrics(repo_id, revision),
+                          batch_size=batch_size, detector=detector)
+    logger.info("serving %s: %s", source, predictor.serving_path)
+    return predictor
