@@ -127,12 +127,12 @@ def test_heatmap_moves_when_the_animal_moves(mini_rows, tmp_path):
         assert centres[0] < 0.4 and centres[1] > 0.6
 
 
-def test_grad_cam_equals_captums_layer_grad_cam(predictor, mini_rows):
+def test_grad_cam_equals_captums_layer_grad_cam(trained_model, mini_rows):
     from captum.attr import LayerGradCam
 
     from catdog_model import preprocess
 
-    model = predictor.model
+    model = load_predictor(str(trained_model), exact=True).model  # captum needs autograd: the fp32 model
     pixels = torch.stack([preprocess(mini_rows[row]["image"], model.image_size) for row in (0, 1600, 2999, 700)])
     logits, _, ours = grad_cam(model, pixels)
     sign = torch.where(logits >= 0, 1.0, -1.0)

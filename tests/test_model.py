@@ -86,7 +86,7 @@ def test_load_by_repo_id_and_revision_through_the_hub_cache(tmp_path, monkeypatc
     from_main = CatDogClassifier.from_pretrained("someone/catdog", cache_dir=tmp_path / "hub")
     with torch.no_grad():
         assert torch.equal(from_main.eval()(pixels), main(pixels))
-    predictor = load_predictor("someone/catdog@v1")
+    predictor = load_predictor("someone/catdog@v1", exact=True)
     assert (predictor.source, predictor.revision, predictor.image_size) == ("someone/catdog", "v1", 32)
     with torch.no_grad():
         assert torch.equal(predictor.model(pixels[:, :, :32, :32]), tagged(pixels[:, :, :32, :32]))

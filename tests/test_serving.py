@@ -1,0 +1,93 @@
+"""The fast CPU serving path: same answers as the exact model, a small file, chosen by CPU features."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from datasets import load_dataset
+from huggingface_hub import constants
+
+from catdog_model import CatDogClassifier, ModelLoadError, load_predictor
+from catdog_model.serving import SERVING_FILE, Int8Linear, make_fast, native_bf16, save_serving_file
+
+
+@pytest.fixture(scope="module")
+def mini_images(mini_dataset):
+    rows = load_dataset(str(mini_dataset), split="train")
+    return [rows[i]["image"] for i in range(len(rows))]
+
+
+def _p_dog(predictor, images) -> np.ndarray:
+    return np.array([result["dog"] for result in predictor.predict(images)])
+
+
+@pytest.mark.slow
+def test_fast_path_keeps_the_answers_on_all_3000_mini_photos(trained_model, mini_images):
+    exact = _p_dog(load_predictor(str(trained_model), exact=True), mini_images)
+    fast = _p_dog(load_predictor(str(trained_model)), mini_images)
+    difference = np.abs(fast - exact)
+    summary = f"max {difference.max():.4f}, mean {difference.mean():.5f}"
+    assert len(exact) == 3000
+    assert np.mean(difference <= 0.01) >= 0.99, summary
+    assert np.mean((fast > 0.5) == (exact > 0.5)) >= 0.995, summary
+
+
+def test_the_fp32_backbone_variant_for_cpus_without_bf16_keeps_the_answers(trained_model, mini_images):
+    model = make_fast(CatDogClassifier.from_pretrained(str(trained_model)), bf16_backbone=False)
+    assert model.compute_dtype == torch.float32 and isinstance(model.head[1], Int8Linear)
+    exact = load_predictor(str(trained_model), exact=True)
+    images = mini_images[::60]
+    fast = load_predictor(str(trained_model))
+    fast.model = model
+    assert np.abs(_p_dog(fast, images) - _p_dog(exact, images)).max() <= 0.01
+
+
+def test_serving_file_alone_is_enough_and_gives_the_same_answers(trained_model, mini_images, tmp_path):
+    assert (trained_model / SERVING_FILE).is_file()  # written by the training run
+    only_serving = tmp_path / "space"
+    shutil.copytree(trained_model, only_serving, ignore=shutil.ignore_patterns("model.safetensors"))
+    images = mini_images[::100]
+    from_file = load_predictor(str(only_serving))
+    converted = load_predictor(str(trained_model))
+    assert from_file.serving_path == converted.serving_path != "exact fp32"
+    assert np.array_equal(_p_dog(from_file, images), _p_dog(converted, images))
+    with pytest.raises(ModelLoadError, match="model.safetensors is missing"):
+        load_predictor(str(only_serving), exact=True)
+
+
+def test_serving_file_is_under_a_third_of_the_fp32_file_at_224_px(tmp_path):
+    torch.manual_seed(0)
+    model = CatDogClassifier().eval()
+    model.save_pretrained(tmp_path)
+    save_serving_file(model, tmp_path / SERVING_FILE)
+    fp32, serving = (tmp_path / "model.safetensors").stat().st_size, (tmp_path / SERVING_FILE).stat().st_size
+    assert serving <= 0.3 * fp32 and serving <= 150e6, (fp32, serving)
+
+
+def test_a_hub_model_is_served_from_the_serving_file_without_model_safetensors(trained_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    snapshot = tmp_path / "hub" / "models--someone--fast" / "snapshots" / ("c" * 40)
+    shutil.copytree(trained_model, snapshot, ignore=shutil.ignore_patterns("model.safetensors", "*.png", "*.html"))
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("c" * 40)
+    predictor = load_predictor("someone/fast")  # HF_HUB_OFFLINE=1: only files in the cache can be read
+    assert predictor.serving_path != "exact fp32" and predictor.detector is not None
+    with pytest.raises(ModelLoadError, match="Could not download"):
+        load_predictor("someone/fast", exact=True)
+
+
+def test_a_serving_file_that_does_not_fit_the_config_is_a_clear_error(trained_model, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(trained_model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, hidden_size=16)))
+    with pytest.raises(ModelLoadError, match="do not form a valid model.*head"):
+        load_predictor(str(folder))
+
+
+@pytest.mark.parametrize("flags, expected", [({"avx512_bf16", "avx512f"}, True), ({"amx_bf16", "amx_tile"}, True),
+                                             ({"avx2", "avx512f", "avx512_vnni"}, False), (set(), False)])
+def test_bf16_is_chosen_by_cpu_flags(flags, expected):
+    assert native_bf16(frozenset(flags)) is expected
