@@ -62,32 +62,36 @@ logging.getLogger("huggingface_hub").handlers.clear()
 logger = logging.getLogger("catdog.app")
 
 
-def _model_source(argv: list[str]) -> tuple[str, str]:
-    """The model to serve, and why that one: --model, then $CATDOG_MODEL, then ./catdog-model, then the Hub."""
+def _model_source(argv: list[str]) -> tuple[str, str, bool]:
+    """The model to serve, why that one (--model, then $CATDOG_MODEL, then ./catdog-model, then the Hub), and --exact."""
     parser = argparse.ArgumentParser(description="Serve the catdog demo.")
     parser.add_argument(
         "--model", default=None,
         help=f"Hub repo id, id@revision, or a local folder (default: $CATDOG_MODEL, else ./{LOCAL_MODEL} if it "
              f"exists, else {DEFAULT_MODEL})",
     )
-    model = parser.parse_args(argv).model
+    parser.add_argument("--exact", action="store_true",
+                        help="serve the eager float32 model (model.safetensors) instead of the fast CPU path")
+    parsed = parser.parse_args(argv)
+    exact = parsed.exact or os.environ.get("CATDOG_EXACT", "") == "1"
+    model = parsed.model
     if model:
-        return model, "--model"
+        return model, "--model", exact
     if os.environ.get("CATDOG_MODEL"):
-        return os.environ["CATDOG_MODEL"], "$CATDOG_MODEL"
+        return os.environ["CATDOG_MODEL"], "$CATDOG_MODEL", exact
     if (Path(LOCAL_MODEL) / "config.json").is_file():
-        return LOCAL_MODEL, f"no --model or $CATDOG_MODEL, and ./{LOCAL_MODEL} (the training script's output) exists"
-    return DEFAULT_MODEL, f"no --model, $CATDOG_MODEL or ./{LOCAL_MODEL}: the published model"
+        return LOCAL_MODEL, f"no --model or $CATDOG_MODEL, and ./{LOCAL_MODEL} (the training script's output) exists", exact
+    return DEFAULT_MODEL, f"no --model, $CATDOG_MODEL or ./{LOCAL_MODEL}: the published model", exact
 
 
 # Flags are read only when run as a script, so that tests can import `demo`.
-MODEL_SOURCE, WHY = _model_source(sys.argv[1:] if __name__ == "__main__" else [])
+MODEL_SOURCE, WHY, EXACT = _model_source(sys.argv[1:] if __name__ == "__main__" else [])
 # Inference is the only heavy work: use the cores deliberately, not whatever torch guesses.
 torch.set_num_threads(int(os.environ.get("CATDOG_TORCH_THREADS", min(2, os.cpu_count() or 1))))
 
 logger.info("loading the model %s (%s)", MODEL_SOURCE, WHY)
 try:
-    predictor = load_predictor(MODEL_SOURCE)
+    predictor = load_predictor(MODEL_SOURCE, exact=EXACT)
     load_error = None
     if Path(predictor.source).is_dir():
         logger.info("serving the local folder %s", predictor.source)
@@ -127,7 +131,8 @@ def _model_panel() -> str:
     else:
         name, where = f"[`{predictor.source}`](https://huggingface.co/{predictor.source})", f"revision `{predictor.revision or 'main'}`"
     return (f"**Model** {name} · {where} · "
-            f"{predictor.model.backbone_name} at {predictor.image_size} px · test accuracy {accuracy}")
+            f"{predictor.model.backbone_name} at {predictor.image_size} px · test accuracy {accuracy} · "
+            f"computed as {predictor.serving_path}")
 
 
 def _open_upload(path: str):

@@ -38,12 +38,12 @@ from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from catdog_model import CatDogClassifier, preprocess
+from catdog_model import CatDogClassifier
 from catdog_model.card import make_model_card
 from catdog_model.data import (DatasetError, check_classes, collate, dataset_fingerprint, load_image_dataset, load_split,
                                make_transform, save_split, split_dataset)
-from catdog_model.evaluate import EVALUATION_FILE, FIGURES, REPORT_FILE, write_report
-from catdog_model.ood import OOD_FILE, detector_features, fit_detector, ood_score, save_detector, synthetic_ood_images
+from catdog_model.evaluate import EVALUATION_FILE, FIGURES, REPORT_FILE, report_training_run
+from catdog_model.ood import OOD_FILE, fit_detector, save_detector
 from catdog_model.serving import SERVING_FILE, save_serving_file
 from catdog_model.training import (CHECKPOINTS, LOCK_FILE, Progress, RunningMetrics, TrainingError, calibrate,
                                    check_best_model, check_finite, claim_output_dir, evaluate, exit_with_parent,
@@ -308,25 +308,12 @@ def training_function(args) -> None:
 
 def write_evaluation(args, model: CatDogClassifier, output_dir: Path, progress: Progress, test_outputs, detector: dict,
                      data) -> dict:
-    """ood.safetensors and model.serving.safetensors, then the evaluation report on the test split (its OOD
-    pictures: synthetic ones)."""
+    """ood.safetensors and model.serving.safetensors, then the evaluation report on the test split."""
     save_file_atomically(output_dir / OOD_FILE, lambda path: save_detector(detector, path))
     save_file_atomically(output_dir / SERVING_FILE, lambda path: save_serving_file(model, path))
-    synthetic = torch.stack([preprocess(image, args.image_size) for image in synthetic_ood_images()])
-    _, synthetic_features = detector_features(model, synthetic.to(next(model.parameters()).device))
-    logits, labels, features = test_outputs
-    ood = {"threshold": model.ood_threshold, "in_scores": ood_score(features, detector),
-           "out_scores": ood_score({k: v.cpu() for k, v in synthetic_features.items()}, detector)}
     test_rows = load_split(output_dir / SPLIT_FILE, data, "test", used=True)
-    evaluation = write_report(output_dir, logits, labels, model.temperature, model.labels,
-                              lambda i: test_rows[i][data.image_column], history=progress.history, ood=ood,
-                              title=f"catdog evaluation: {args.hub_model_id or args.output_dir}, test split")
-    evaluation["ood"]["out_of_distribution_images"] = "synthetic: noise, flat colours, gradients, stripes, text"
-    logger.info("'neither' detector: threshold %.3f flags %.1f%% of the test split and %.1f%% of %d synthetic pictures "
-                "(AUROC %.3f)", model.ood_threshold, 100 * evaluation["ood"]["flagged_in_distribution"],
-                100 * evaluation["ood"]["flagged_out_of_distribution"], len(synthetic), evaluation["ood"]["auroc"])
-    (output_dir / EVALUATION_FILE).write_text(json.dumps(evaluation, indent=2))
-    return evaluation
+    return report_training_run(model, detector, test_outputs, lambda i: test_rows[i][data.image_column], output_dir,
+                               progress.history, title=f"catdog evaluation: {args.hub_model_id or args.output_dir}, test split")
 
 
 def write_outputs(args, accelerator, output_dir: Path, progress: Progress, test: dict, calibration: dict, evaluation: dict,

@@ -30,9 +30,9 @@ from tqdm.auto import tqdm
 
 from .calibration import ECE_BINS
 from .images import ImageError, open_image, preprocess
-from .ood import detector_features, ood_score
+from .ood import detector_features, ood_score, synthetic_ood_images
 
-__all__ = ["EVALUATION_FILE", "FIGURES", "compute_metrics", "write_report", "main"]
+__all__ = ["EVALUATION_FILE", "FIGURES", "compute_metrics", "report_training_run", "write_report", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +205,24 @@ def write_report(output_dir: Path, logits: torch.Tensor, labels: torch.Tensor, t
     results["report"] = REPORT_FILE
     (output_dir / EVALUATION_FILE).write_text(json.dumps(results, indent=2))
     _write_html(results, results["figures"], output_dir, title)
+    return results
+
+
+def report_training_run(model, detector: dict, test_outputs: tuple, image_of: Callable[[int], Image.Image],
+                        output_dir: Path, history: list, title: str) -> dict:
+    """The training script's report: its test split's (logits, labels, detector features), and for the
+    "neither" AUROC, synthetic pictures that are plainly neither (noise, flat colours, stripes, text)."""
+    synthetic = torch.stack([preprocess(image, model.image_size) for image in synthetic_ood_images()])
+    _, synthetic_features = detector_features(model, synthetic.to(next(model.parameters()).device))
+    logits, labels, features = test_outputs
+    ood = {"threshold": model.ood_threshold, "in_scores": ood_score(features, detector),
+           "out_scores": ood_score({k: v.cpu() for k, v in synthetic_features.items()}, detector)}
+    results = write_report(output_dir, logits, labels, model.temperature, model.labels, image_of, history, ood, title)
+    results["ood"]["out_of_distribution_images"] = "synthetic: noise, flat colours, gradients, stripes, text"
+    (Path(output_dir) / EVALUATION_FILE).write_text(json.dumps(results, indent=2))
+    logger.info("'neither' detector: threshold %.3f flags %.1f%% of the test split and %.1f%% of %d synthetic pictures "
+                "(AUROC %.3f)", model.ood_threshold, 100 * results["ood"]["flagged_in_distribution"],
+                100 * results["ood"]["flagged_out_of_distribution"], len(synthetic), results["ood"]["auroc"])
     return results
 
 

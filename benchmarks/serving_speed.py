@@ -1,0 +1,156 @@
+"""The fast serving path against the exact one, side by side in one run: latency, parity, download, cold start.
+
+    python -m benchmarks.serving_speed --model catdog-model --dataset ../shared/data/cats_vs_dogs_mini
+
+- latency: batch 1, from the JPEG file to probabilities (decode and resize included), p50 of --repeats;
+  "exact" is the eager fp32 model on a full decode, "fast" what load_predictor serves by default;
+- parity: P(dog) of both paths on every photo of --dataset;
+- download: the file each path reads (model.safetensors, or model.serving.safetensors);
+- cold start: a fresh `python` process, from start to its first prediction, weights local.
+It prints a table and writes --json, with the machine: CPU model and flags, cores, torch threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from benchmarks.predict_speed import _cpu_name
+from catdog_model import CatDogClassifier, load_predictor, open_image
+from catdog_model.serving import SERVING_FILE, cpu_flags, native_bf16, save_serving_file
+
+COLD_START = """
+import sys, time
+start = float(sys.argv[1])
+from catdog_model import load_predictor, open_image
+predictor = load_predictor(sys.argv[2], exact=sys.argv[3] == "exact")
+size = None if sys.argv[3] == "exact" else predictor.image_size
+predictor.predict([open_image(sys.argv[4], draft_size=size)])
+print(time.time() - start)
+"""
+
+
+def _phone_photo(path: Path) -> Path:
+    """A 4032×3024 JPEG with photo-like detail (a phone camera's size)."""
+    y, x = np.mgrid[0:3024, 0:4032]
+    pixels = 127 + 90 * np.stack([np.sin(x / 37), np.cos(y / 23), np.sin((x + y) / 51)], -1)
+    pixels += np.random.default_rng(0).normal(0, 12, pixels.shape)
+    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+    return path
+
+
+def _latency(predictor, photo: Path, draft: bool, repeats: int) -> float:
+    data = photo.read_bytes()
+    size = predictor.image_size if draft else None
+    times = []
+    for _ in range(repeats + 2):
+        start = time.perf_counter()
+        predictor.predict([open_image(io.BytesIO(data), draft_size=size)])
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[2:]) * 1000
+
+
+def _pil_latency(predictor, image: Image.Image, repeats: int) -> float:
+    times = []
+    for _ in range(repeats + 2):
+        start = time.perf_counter()
+        predictor.predict([image])
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[2:]) * 1000
+
+
+def _cold_start(folder: str, path: str, photo: Path, runs: int = 2) -> float:
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    results = []
+    for _ in range(runs):
+        out = subprocess.run([sys.executable, "-c", COLD_START, str(time.time()), folder, path, str(photo)],
+                             capture_output=True, text=True, env=env, check=True)
+        results.append(float(out.stdout.strip().splitlines()[-1]))
+    return min(results)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="a trained folder (its model.safetensors)")
+    parser.add_argument("--dataset", default=None, help="photos for the parity check (a local folder or Hub id)")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--json", default="benchmarks/results/serving_speed.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    work = Path(tempfile.mkdtemp(prefix="catdog-bench-"))
+    try:
+        folder = work / "model"
+        shutil.copytree(args.model, folder, ignore=shutil.ignore_patterns("*.png", "*.html", "checkpoints"))
+        if not (folder / SERVING_FILE).is_file():  # a model trained before the serving file existed
+            save_serving_file(CatDogClassifier.from_pretrained(str(folder)).eval(), folder / SERVING_FILE)
+        exact, fast = load_predictor(str(folder), exact=True), load_predictor(str(folder))
+        photo = _phone_photo(work / "phone.jpg")
+        results = {
+            "machine": {"cpu": _cpu_name(), "native_bf16": native_bf16(), "cores": os.cpu_count(),
+                        "torch_threads": args.threads, "torch": torch.__version__,
+                        "flags": sorted(f for f in cpu_flags() if f.startswith(("avx", "amx")))},
+            "model": {"source": args.model, "image_size": exact.image_size, "fast_path": fast.serving_path},
+            "latency_ms_p50": {"exact": _latency(exact, photo, False, args.repeats),
+                               "fast": _latency(fast, photo, True, args.repeats)},
+            # The median cats_vs_dogs photo, already decoded: the model's part alone, with the resize.
+            "pil_latency_ms_p50": {path: _pil_latency(predictor, Image.open(photo).resize((447, 374)), args.repeats)
+                                   for path, predictor in (("exact", exact), ("fast", fast))},
+            "file_mb": {"exact": (folder / "model.safetensors").stat().st_size / 1e6,
+                        "fast": (folder / SERVING_FILE).stat().st_size / 1e6},
+            "cold_start_s": {"exact": _cold_start(str(folder), "exact", photo), "fast": _cold_start(str(folder), "fast", photo)},
+        }
+        if args.dataset:
+            from catdog_model.data import load_image_dataset
+
+            data = load_image_dataset(args.dataset)
+            images = [row[data.image_column] for row in data.dataset]
+            p_exact = np.array([r["dog"] for r in exact.predict(images)])
+            p_fast = np.array([r["dog"] for r in fast.predict(images)])
+            difference = np.abs(p_fast - p_exact)
+            results["parity"] = {"images": len(images), "max_abs_diff": float(difference.max()),
+                                 "mean_abs_diff": float(difference.mean()),
+                                 "within_0.01": float(np.mean(difference <= 0.01)),
+                                 "labels_agree": float(np.mean((p_fast > 0.5) == (p_exact > 0.5)))}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    machine, latency = results["machine"], results["latency_ms_p50"]
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores, {args.threads} torch threads, torch {machine['torch']}, "
+          f"native bf16: {machine['native_bf16']}")
+    print(f"model:   {args.model} at {results['model']['image_size']} px; fast path: {results['model']['fast_path']}")
+    print("| | exact (eager fp32, full decode) | fast (default) | ratio |")
+    print("|---|---|---|---|")
+    print(f"| batch-1 latency, JPEG 4032×3024 → probabilities (p50) | {latency['exact']:.1f} ms | {latency['fast']:.1f} ms "
+          f"| {latency['fast'] / latency['exact']:.2f}× |")
+    pil = results["pil_latency_ms_p50"]
+    print(f"| batch-1 latency, PIL image 447×374 → probabilities (p50) | {pil['exact']:.1f} ms | {pil['fast']:.1f} ms "
+          f"| {pil['fast'] / pil['exact']:.2f}× |")
+    files, cold = results["file_mb"], results["cold_start_s"]
+    print(f"| file read / downloaded | {files['exact']:.0f} MB | {files['fast']:.0f} MB | {files['fast'] / files['exact']:.2f}× |")
+    print(f"| cold start → first prediction | {cold['exact']:.1f} s | {cold['fast']:.1f} s | {cold['fast'] / cold['exact']:.2f}× |")
+    if "parity" in results:
+        parity = results["parity"]
+        print(f"parity on {parity['images']} photos: P(dog) max |diff| {parity['max_abs_diff']:.4f}, mean "
+              f"{parity['mean_abs_diff']:.5f}, within 0.01: {parity['within_0.01']:.2%}, labels agree: {parity['labels_agree']:.2%}")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
