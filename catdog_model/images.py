@@ -14,10 +14,10 @@ from typing import BinaryIO, Optional, Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as TF
 
-__all__ = ["ImageError", "MAX_PIXELS", "check_image", "open_image", "to_rgb", "preprocess"]
+__all__ = ["ImageError", "MAX_PIXELS", "check_image", "open_image", "to_rgb", "resize", "to_float", "preprocess"]
 
 # 40 megapixels: larger than any phone photo, small enough to decode on a 2-vCPU Space.
 MAX_PIXELS = 40_000_000
@@ -93,7 +93,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     check_image(image)
     if getattr(image, "is_animated", False):
         image.seek(0)
-    image = ImageOps.exif_transpose(image)
+    if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # only then: exif_transpose always copies
+        image = ImageOps.exif_transpose(image)
     mode = image.mode
     if mode in ("P", "PA"):
         # Palette images may carry transparency; RGBA keeps it so it is composited below.
@@ -104,13 +105,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def resize(image: Image.Image, image_size: int) -> Image.Image:
+    """Any PIL image → upright RGB, image_size × image_size, resized without cropping (the whole animal stays in view)."""
+    return to_rgb(image).resize((image_size, image_size), Image.BILINEAR)
+
+
+def to_float(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels → float32 in [0, 1]; the model calls it on uint8 input, so training can stay in uint8."""
+    return TF.to_dtype(pixels, torch.float32, scale=True)
 
 
 def preprocess(image: Image.Image, image_size: int) -> torch.Tensor:
-    """Any PIL image → float tensor (3, image_size, image_size) in [0, 1].
-
-    The picture is resized to a square without cropping, so the whole animal stays in view.
-    """
-    image = to_rgb(image).resize((image_size, image_size), Image.BILINEAR)
-    return TF.to_dtype(TF.pil_to_tensor(image), torch.float32, scale=True)
+    """Any PIL image → float tensor (3, image_size, image_size) in [0, 1]: the model's input."""
+    return to_float(TF.pil_to_tensor(resize(image, image_size)))

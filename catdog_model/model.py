@@ -21,6 +21,8 @@ from huggingface_hub import PyTorchModelHubMixin
 from safetensors import safe_open
 from torch import nn
 
+from .images import to_float
+
 __all__ = ["DEFAULT_LABELS", "CatDogClassifier"]
 
 DEFAULT_LABELS = ("cat", "dog")  # the order of microsoft/cats_vs_dogs: cat=0, dog=1
@@ -142,11 +144,13 @@ class CatDogClassifier(
             self.std.copy_(torch.tensor(cfg["std"]).view(1, 3, 1, 1))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Map (N, 3, H, W) images in [0, 1] to (N,) logits for ``labels[1]``."""
+        """Map (N, 3, H, W) images in [0, 1] (or uint8 in 0..255) to (N,) logits for ``labels[1]``."""
         return self.classify(self.hidden(self.feature_map(pixels)))
 
     # The forward pass in named steps, for the "neither" detector and Grad-CAM (see ood.py).
     def _normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.dtype == torch.uint8:  # the training loaders' batches: converted here, on the device
+            pixels = to_float(pixels)
         pixels = (pixels - self.mean.to(pixels.dtype)) / self.std.to(pixels.dtype)
         if self.compute_dtype != torch.float32:
             pixels = pixels.to(self.compute_dtype, memory_format=torch.channels_last)
