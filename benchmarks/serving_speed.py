@@ -6,7 +6,8 @@
   "exact" is the eager fp32 model on a full decode, "fast" what load_predictor serves by default;
 - parity: P(dog) of both paths on every photo of --dataset;
 - download: the file each path reads (model.safetensors, or model.serving.safetensors);
-- cold start: a fresh `python` process, from start to its first prediction, weights local.
+- cold start: a fresh `python` process, from start to its first prediction, weights local; and the app's:
+  `python app.py` started, to its first /predict answered through gradio_client.
 It prints a table and writes --json, with the machine: CPU model and flags, cores, torch threads.
 """
 
@@ -82,6 +83,23 @@ def _cold_start(folder: str, path: str, photo: Path, runs: int = 2) -> float:
     return min(results)
 
 
+def _app_cold_start(folder: str, exact: bool, photo: Path, threads: int) -> float:
+    """`python app.py` started → its first /predict answered, through gradio_client, on loopback."""
+    from gradio_client import Client, handle_file
+
+    from benchmarks.load_test import start_app
+
+    env = {"CATDOG_EXACT": "1" if exact else "0", "CATDOG_TORCH_THREADS": str(threads)}
+    start = time.monotonic()
+    url, process = start_app(folder, env, photo.with_name(f"app-{exact}.log"))
+    try:
+        Client(url, verbose=False).predict(handle_file(str(photo)), api_name="/predict")
+        return time.monotonic() - start
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="a trained folder (its model.safetensors)")
@@ -113,6 +131,8 @@ def main() -> None:
             "file_mb": {"exact": (folder / "model.safetensors").stat().st_size / 1e6,
                         "fast": (folder / SERVING_FILE).stat().st_size / 1e6},
             "cold_start_s": {"exact": _cold_start(str(folder), "exact", photo), "fast": _cold_start(str(folder), "fast", photo)},
+            "app_cold_start_s": {"exact": _app_cold_start(str(folder), True, photo, args.threads),
+                                 "fast": _app_cold_start(str(folder), False, photo, args.threads)},
         }
         if args.dataset:
             from catdog_model.data import load_image_dataset
@@ -143,6 +163,8 @@ def main() -> None:
     files, cold = results["file_mb"], results["cold_start_s"]
     print(f"| file read / downloaded | {files['exact']:.0f} MB | {files['fast']:.0f} MB | {files['fast'] / files['exact']:.2f}× |")
     print(f"| cold start → first prediction | {cold['exact']:.1f} s | {cold['fast']:.1f} s | {cold['fast'] / cold['exact']:.2f}× |")
+    app = results["app_cold_start_s"]
+    print(f"| app.py start → first /predict answered | {app['exact']:.1f} s | {app['fast']:.1f} s | {app['fast'] / app['exact']:.2f}× |")
     if "parity" in results:
         parity = results["parity"]
         print(f"parity on {parity['images']} photos: P(dog) max |diff| {parity['max_abs_diff']:.4f}, mean "
