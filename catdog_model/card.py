@@ -29,8 +29,13 @@ pip install "catdog-classifier @ git+https://github.com/catdog-project/catdog"
 ```python
 from catdog_model import load_predictor
 from PIL import Image
-print(load_predictor("{{ repo_id }}").predict([Image.open("pet.jpg")]))  # [{'cat': ..., 'dog': ...}]
+predictor = load_predictor("{{ repo_id }}")  # reads config.json and model.serving.safetensors only
+print(predictor.predict([Image.open("pet.jpg")]))  # [{'cat': ..., 'dog': ...}]
+explanation = predictor.explain(Image.open("pet.jpg"))  # + is_cat_or_dog, ood_score, heatmap (Grad-CAM)
 ```
+
+`load_predictor(..., exact=True)` serves the float32 weights of `model.safetensors` instead of the
+fast CPU path (bf16 backbone where the CPU supports it, int8 head).
 
 ## Results
 
