@@ -277,33 +277,42 @@ def training_function(args) -> None:
         if args.checkpointing_steps == "epoch":
             checkpoint([])
 
-    # The kept (best-validation) weights: calibrated on the validation split, tested on the held-out one,
-    # and the "neither" detector fitted on the training split's features (seen without augmentation).
+    test, calibration, test_outputs, detector = calibrate_and_test(
+        args, accelerator, model, data, used["train"], val_loader, test_loader, loader_kwargs)
+    logger.info("test (epoch %d weights): loss %.4f, accuracy %.4f on %d images", progress.best_epoch, test["loss"], test["accuracy"], test["samples"])
+    if args.with_tracking:
+        accelerator.log({"test_loss": test["loss"], "test_accuracy": test["accuracy"]})
+        accelerator.end_training()
+
+    if accelerator.is_main_process:
+        evaluation = write_evaluation(args, accelerator.unwrap_model(model), output_dir, progress, test_outputs, detector, data)
+        write_outputs(args, accelerator, output_dir, progress, test, calibration, evaluation, data, splits, used,
+                      identity["dataset content"])
+        if args.push_to_hub:
+            push(args, output_dir)
+        lock.release()
+
+
+def calibrate_and_test(args, accelerator: Accelerator, model, data, train_split, val_loader, test_loader,
+                       loader_kwargs: dict) -> tuple[dict, dict, tuple, dict]:
+    """The kept (best-validation) weights: calibrated on the validation split, tested on the held-out one,
+    and the "neither" detector fitted on the training split's features (seen without augmentation).
+
+    Returns the test metrics, the calibration block, the test split's outputs and the detector's tensors."""
     unwrapped = accelerator.unwrap_model(model)
-    safetensors.torch.load_model(unwrapped, str(output_dir / "model.safetensors"))
+    safetensors.torch.load_model(unwrapped, str(Path(args.output_dir) / "model.safetensors"))
     plain_train = accelerator.prepare(DataLoader(
-        used["train"].with_transform(make_transform(data, args.image_size, train=False)), **loader_kwargs))
+        train_split.with_transform(make_transform(data, args.image_size, train=False)), **loader_kwargs))
     validation = model_outputs(model, val_loader, accelerator, "validation")
     test_outputs = model_outputs(model, test_loader, accelerator, "test")
     train_outputs = model_outputs(model, plain_train, accelerator, "fitting the 'neither' detector")
     test, calibration = calibrate(validation[:2], test_outputs[:2])
     unwrapped.temperature = calibration["temperature"]
     detector, unwrapped.ood_threshold = fit_detector(train_outputs[2], train_outputs[1], validation[2])
-    logger.info("test (epoch %d weights): loss %.4f, accuracy %.4f on %d images", progress.best_epoch, test["loss"], test["accuracy"], test["samples"])
     logger.info("temperature %.3f: validation ECE %.4f -> %.4f, test ECE %.4f -> %.4f", calibration["temperature"],
                 calibration["validation"]["ece_before"], calibration["validation"]["ece_after"],
                 calibration["test"]["ece_before"], calibration["test"]["ece_after"])
-    if args.with_tracking:
-        accelerator.log({"test_loss": test["loss"], "test_accuracy": test["accuracy"]})
-        accelerator.end_training()
-
-    if accelerator.is_main_process:
-        evaluation = write_evaluation(args, unwrapped, output_dir, progress, test_outputs, detector, data)
-        write_outputs(args, accelerator, output_dir, progress, test, calibration, evaluation, data, splits, used,
-                      identity["dataset content"])
-        if args.push_to_hub:
-            push(args, output_dir)
-        lock.release()
+    return test, calibration, test_outputs, detector
 
 
 def write_evaluation(args, model: CatDogClassifier, output_dir: Path, progress: Progress, test_outputs, detector: dict,

@@ -39,12 +39,18 @@ OOD_PERCENTILE = 95
 SHRINKAGE = 0.1
 
 
-def detector_features(model: CatDogClassifier, pixels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(logits, {layer: features}) for a batch, from one forward pass (no gradients)."""
+def _forward(model: CatDogClassifier, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """(last feature map, logits, {layer: detector features}) for a batch, from one pass without gradients."""
     with torch.no_grad():
         feature_map, features = model.inspect(pixels)
         features["hidden"] = model.hidden(feature_map)
-        return model.classify(features["hidden"]), features
+        return feature_map, model.classify(features["hidden"]), features
+
+
+def detector_features(model: CatDogClassifier, pixels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(logits, {layer: features}) for a batch, from one forward pass (no gradients)."""
+    _, logits, features = _forward(model, pixels)
+    return logits, features
 
 
 def _layer_statistics(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, torch.Tensor]:
@@ -116,17 +122,13 @@ def grad_cam(model: CatDogClassifier, pixels: torch.Tensor) -> tuple[torch.Tenso
     the flattened map, so that mean is exact in closed form: (w2 ⊙ relu'(hidden)) · W1 summed over each
     channel's positions, divided by their number. No autograd is needed, and a quantized head works too.
     """
-    with torch.no_grad():
-        feature_map, features = model.inspect(pixels)
-        feature_map = feature_map.float()
-        hidden = model.hidden(feature_map)
-        logits = model.classify(hidden)
-        sign = torch.where(logits >= 0, 1.0, -1.0)[:, None]
-        upstream = (hidden > 0).float() * model.head[4].weight.float() * sign  # d(±logit)/d(hidden), (N, hidden)
-        weights = upstream @ model.pooled_head_weight() / (feature_map.shape[2] * feature_map.shape[3])
-        cams = F.relu(torch.einsum("nc,nchw->nhw", weights, feature_map))
-        peak = cams.flatten(1).max(dim=1).values.clamp_min(1e-12)[:, None, None]
-    return logits, {**features, "hidden": hidden}, cams / peak
+    feature_map, logits, features = _forward(model, pixels)
+    sign = torch.where(logits >= 0, 1.0, -1.0)[:, None]
+    upstream = (features["hidden"] > 0).float() * model.head[4].weight.detach().float() * sign  # d(±logit)/d(hidden)
+    weights = upstream @ model.pooled_head_weight() / (feature_map.shape[2] * feature_map.shape[3])
+    cams = F.relu(torch.einsum("nc,nchw->nhw", weights, feature_map))
+    peak = cams.flatten(1).max(dim=1).values.clamp_min(1e-12)[:, None, None]
+    return logits, features, cams / peak
 
 
 def resize_heatmap(heatmap: torch.Tensor, width: int, height: int, longest: int) -> np.ndarray:

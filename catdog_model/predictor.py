@@ -163,15 +163,13 @@ def _load_model(source: str, repo_id: str, revision: Optional[str], exact: bool)
     where = repo_id if local else f"{source!r} on the Hub"
     if local and not (Path(repo_id) / "config.json").is_file():
         raise ModelLoadError(f"{repo_id} has no config.json: it is not a folder written by train_accelerate.py.")
-    serving = None if exact else _serving_file(repo_id, revision) if local else None
-    if local and not serving and not (Path(repo_id) / "model.safetensors").is_file():
-        raise ModelLoadError(f"Could not read the model in {repo_id}: model.safetensors is missing.")
     try:
+        serving = None if exact else _serving_file(repo_id, revision)
+        if local and not serving and not (Path(repo_id) / "model.safetensors").is_file():
+            raise ModelLoadError(f"Could not read the model in {repo_id}: model.safetensors is missing.")
         config = _read_json(repo_id, "config.json", revision)
         if not isinstance(config, dict):
             raise ModelLoadError(f"The config.json of {where} is a JSON {type(config).__name__}, not an object.")
-        if not exact and not local:
-            serving = _serving_file(repo_id, revision)
         if serving:
             return load_serving_file(config, serving)
         model = CatDogClassifier.from_pretrained(repo_id, revision=revision)
