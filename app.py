@@ -49,6 +49,8 @@ LOCAL_MODEL = "catdog-model"  # train_accelerate.py's default --output-dir, rela
 MAX_FILE_MB = 10  # per picture: a larger one gets its own clear error (a row of its own in a batch)
 SERVER_CAP_MB = 50  # Gradio refuses anything larger outright, against abuse
 MAX_BATCH_FILES = 100
+# /predict calls that arrive together share one forward pass, up to this many (CATDOG_MAX_BATCH=1: one at a time).
+MAX_BATCH = max(1, int(os.environ.get("CATDOG_MAX_BATCH", "8")))
 UNSURE_BELOW = 0.70  # below this probability for the top label, the page says the model is not sure
 EXAMPLES_DIR = Path(__file__).parent / "examples"
 # The API page's sample inputs: the project's own photos, where anyone can fetch them.
@@ -92,6 +94,7 @@ torch.set_num_threads(int(os.environ.get("CATDOG_TORCH_THREADS", min(2, os.cpu_c
 logger.info("loading the model %s (%s)", MODEL_SOURCE, WHY)
 try:
     predictor = load_predictor(MODEL_SOURCE, exact=EXACT)
+    predictor.max_shared_batch = MAX_BATCH
     load_error = None
     if Path(predictor.source).is_dir():
         logger.info("serving the local folder %s", predictor.source)
@@ -168,7 +171,7 @@ def _api_image(upload: str | dict | None):
 def predict(upload: str | dict | None) -> dict[str, float]:
     """Classify one picture (JPEG, PNG, WebP, GIF, ... up to 10 MB); returns the label and each class's probability."""
     image = _api_image(upload)  # first: it checks that a model is loaded
-    return predictor.predict([image])[0]
+    return predictor.predict_shared(image)  # batched with the other /predict calls waiting for the model
 
 
 def _status(text: str = "") -> dict:
@@ -267,7 +270,8 @@ with gr.Blocks(title="catdog: cat or dog?") as demo:
         page_outputs = [result, status, verdict, heatmap]
         # preprocess=False: gr.Image would open every upload with Pillow before our checks run, so a
         # non-image would fail with a generic error; the handlers get the uploaded file itself instead.
-        # One model and two cores: every inference event shares a single slot.
+        # One model and two cores: the page's events take turns in a single slot; /predict calls run
+        # side by side up to MAX_BATCH, and the predictor batches those that wait for the model.
         gr.on([image.upload, button.click], predict_on_page, inputs=image, outputs=page_outputs,
               concurrency_id="model", preprocess=False, api_visibility="private")
         image.clear(_page, outputs=page_outputs, api_visibility="private", queue=False)
@@ -275,7 +279,7 @@ with gr.Blocks(title="catdog: cat or dog?") as demo:
                             api_visibility="private", queue=False)
         # The API's /predict raises its errors (gradio_client turns them into exceptions); the page shows them.
         api_button = gr.Button(visible=False)
-        api_button.click(predict, inputs=image, outputs=result, api_name="predict", concurrency_id="model",
+        api_button.click(predict, inputs=image, outputs=result, api_name="predict", concurrency_limit=MAX_BATCH,
                          preprocess=False, api_description=predict.__doc__)
         api_button.click(explain, inputs=image, outputs=gr.JSON(visible=False), api_name="explain",
                          concurrency_id="model", preprocess=False, api_description=explain.__doc__)

@@ -19,8 +19,8 @@ import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from benchmarks.predict_speed import _cpu_name
 from catdog_model import preprocess
+from catdog_model.hardware import cpu_name, describe
 from catdog_model.data import ROW_COLUMN, load_image_dataset, make_transform
 
 
@@ -64,10 +64,10 @@ def main() -> None:
     decode_only = _rate(rows, lambda batch: {"pixels": [image.size for image in batch[data.image_column]]}, len(rows))
     naive = _rate(rows, naive_transform(data, args.image_size), len(rows))
     ours = _rate(rows, make_transform(data, args.image_size, train=True), len(rows))
-    results = {"machine": {"cpu": _cpu_name(), "cores_used": 1, "torch": torch.__version__}, "dataset": args.dataset,
+    results = {"machine": describe(1), "dataset": args.dataset,
                "image_size": args.image_size, "images": len(rows),
                "images_per_second_per_core": {"decode only": decode_only, "naive": naive, "catdog": ours}}
-    print(f"machine: {_cpu_name()}, one core (1 torch thread), {len(rows)} images of {args.dataset} at {args.image_size} px")
+    print(f"machine: {cpu_name()}, one core (1 torch thread), {len(rows)} images of {args.dataset} at {args.image_size} px")
     print("| decode only | naive (float, grid_sample) | catdog (one uint8 Pillow warp) | ratio |")
     print("|---|---|---|---|")
     print(f"| {decode_only:.0f} img/s | {naive:.0f} img/s | {ours:.0f} img/s | {ours / naive:.2f}× |")

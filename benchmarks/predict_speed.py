@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 
@@ -20,15 +19,8 @@ import torch
 from PIL import Image
 
 from catdog_model import CatDogClassifier, load_predictor, preprocess
+from catdog_model.hardware import cpu_name
 from catdog_model.ood import detector_features, fit_detector
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def _images(count: int, seed: int = 0) -> list[Image.Image]:
@@ -89,7 +81,7 @@ def main() -> None:
     single = _throughput(predictor, images, 1, args.repeats)
     batched = _throughput(predictor, images, args.batch_size, args.repeats)
     explained = _explain_rate(predictor, images, args.repeats)
-    print(f"machine: {_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads")
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads")
     print(f"model:   {args.model or 'random-init spec model'} at {predictor.image_size} px, {args.images} images, best of {args.repeats}")
     print(f"one image per call      : {single:7.1f} images/s")
     print(f"batches of {args.batch_size:<3}          : {batched:7.1f} images/s")

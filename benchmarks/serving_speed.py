@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.predict_speed import _cpu_name
 from catdog_model import CatDogClassifier, load_predictor, open_image
-from catdog_model.serving import SERVING_FILE, cpu_flags, native_bf16, save_serving_file
+from catdog_model.hardware import describe
+from catdog_model.serving import SERVING_FILE, save_serving_file
 
 COLD_START = """
 import sys, time
@@ -119,9 +119,7 @@ def main() -> None:
         exact, fast = load_predictor(str(folder), exact=True), load_predictor(str(folder))
         photo = _phone_photo(work / "phone.jpg")
         results = {
-            "machine": {"cpu": _cpu_name(), "native_bf16": native_bf16(), "cores": os.cpu_count(),
-                        "torch_threads": args.threads, "torch": torch.__version__,
-                        "flags": sorted(f for f in cpu_flags() if f.startswith(("avx", "amx")))},
+            "machine": describe(args.threads),
             "model": {"source": args.model, "image_size": exact.image_size, "fast_path": fast.serving_path},
             "latency_ms_p50": {"exact": _latency(exact, photo, False, args.repeats),
                                "fast": _latency(fast, photo, True, args.repeats)},

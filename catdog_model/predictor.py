@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -77,14 +78,28 @@ class Explanation:
     heatmap: np.ndarray  # Grad-CAM for the predicted label, float32 in [0, 1], the picture's aspect ratio
 
 
+class _Request:
+    """One picture waiting for the shared model (see ``Predictor.predict_shared``)."""
+
+    def __init__(self, pixels: torch.Tensor) -> None:
+        self.pixels, self.result, self.error, self.done = pixels, None, None, False
+
+
 @dataclass
 class Predictor:
+    """A loaded model and how to ask it. Safe to share between threads: one inference runs at a time
+    (torch already spreads one over every core), and ``predict_shared`` batches callers that wait."""
+
     model: CatDogClassifier
     source: str
     revision: Optional[str] = None
     metrics: dict = field(default_factory=dict)
     batch_size: int = 16
     detector: Optional[dict] = None  # the tensors of ood.safetensors
+    max_shared_batch: int = 8  # predict_shared's largest batch: more adds latency on a 2-core CPU, not throughput
+    _model_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _waiting_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _waiting: list = field(default_factory=list, repr=False, compare=False)
 
     @property
     def serving_path(self) -> str:
@@ -101,19 +116,52 @@ class Predictor:
     def image_size(self) -> int:
         return self.model.image_size
 
-    @torch.inference_mode()
     def predict(self, images: Sequence[Image.Image]) -> list[dict[str, float]]:
         """One ``{label: probability}`` per image, in order, batched."""
         if isinstance(images, (str, bytes, Image.Image)) or not isinstance(images, Sequence):
             hint = ": wrap it in a list" if isinstance(images, Image.Image) else ""
             raise TypeError(f"predict takes a list of PIL images, got {type(images).__name__}{hint}")
         results = []
-        negative, positive = self.labels
         for start in range(0, len(images), self.batch_size):
             batch = torch.stack([preprocess(image, self.image_size) for image in images[start : start + self.batch_size]])
-            for p in self.model.probability(self.model(batch)).tolist():
-                results.append({negative: 1.0 - p, positive: p})
+            with self._model_lock:
+                results.extend(self._probabilities(batch))
         return results
+
+    @torch.inference_mode()
+    def _probabilities(self, batch: torch.Tensor) -> list[dict[str, float]]:
+        """The model on a batch of preprocessed pictures; the caller holds the model lock."""
+        negative, positive = self.labels
+        return [{negative: 1.0 - p, positive: p} for p in self.model.probability(self.model(batch)).tolist()]
+
+    def predict_shared(self, image: Image.Image) -> dict[str, float]:
+        """``predict([image])[0]`` for servers whose threads share this predictor: the calls that arrive while
+        the model is busy run together as one batch next (up to ``max_shared_batch``), so that eight clients
+        get more answers per second than one, and a lone client waits for no batch to fill.
+
+        The picture is resized in the caller's thread, in parallel with the model; whichever waiting
+        caller gets the model first computes the batch for all of them.
+        """
+        request = _Request(preprocess(image, self.image_size))
+        with self._waiting_lock:
+            self._waiting.append(request)
+        while not request.done:
+            with self._model_lock:
+                with self._waiting_lock:
+                    batch, self._waiting = self._waiting[:self.max_shared_batch], self._waiting[self.max_shared_batch:]
+                if not batch:  # another caller served ours while we waited for the model
+                    continue
+                try:
+                    for waiting, result in zip(batch, self._probabilities(torch.stack([r.pixels for r in batch]))):
+                        waiting.result = result
+                except Exception as error:  # every caller in the batch hears of it, not only this one
+                    for waiting in batch:
+                        waiting.error = error
+                for waiting in batch:
+                    waiting.done = True
+        if request.error is not None:
+            raise request.error
+        return request.result
 
     def explain(self, image: Image.Image) -> Explanation:
         """Probabilities, whether the picture looks like a cat or a dog at all, and where the model looked.
@@ -121,7 +169,9 @@ class Predictor:
         One backbone pass; the heatmap's gradient is computed in closed form from the head's weights.
         """
         upright = to_rgb(check_image(image))
-        logits, features, heatmaps = grad_cam(self.model, preprocess(upright, self.image_size)[None])
+        pixels = preprocess(upright, self.image_size)[None]
+        with self._model_lock:
+            logits, features, heatmaps = grad_cam(self.model, pixels)
         p = float(self.model.probability(logits)[0])
         negative, positive = self.labels
         score, looks_right = None, True

@@ -23,29 +23,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .hardware import native_bf16
 from .model import CatDogClassifier
 
-__all__ = ["SERVING_FILE", "Int8Linear", "cpu_flags", "load_serving_file", "make_fast", "native_bf16", "save_serving_file"]
+__all__ = ["SERVING_FILE", "Int8Linear", "load_serving_file", "make_fast", "save_serving_file"]
 
 logger = logging.getLogger(__name__)
 
 SERVING_FILE = "model.serving.safetensors"
 _FORMAT = "catdog-serving-1"
-
-
-def cpu_flags() -> frozenset[str]:
-    """The instruction-set flags of /proc/cpuinfo (empty where there is none, e.g. macOS)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return frozenset(next(line for line in cpuinfo if line.startswith(("flags", "Features"))).split(":", 1)[1].split())
-    except (OSError, StopIteration):
-        return frozenset()
-
-
-def native_bf16(flags: frozenset[str] | None = None) -> bool:
-    """Whether bfloat16 convolutions beat float32 here: AMX or AVX-512 BF16."""
-    flags = cpu_flags() if flags is None else flags
-    return bool({"amx_bf16", "avx512_bf16"} & flags)
 
 
 class Int8Linear(nn.Module):

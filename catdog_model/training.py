@@ -215,9 +215,16 @@ def save_file_atomically(path: Path, write: Callable[[str], None]) -> None:
         raise TrainingError(f"Could not write {path}: {error.strerror or error}.") from None
 
 
-def check_best_model(output_dir: Path, progress: Progress) -> None:
-    """A resumed run tests the best epoch's weights at the end: they must be the very file its run saved."""
+def check_best_model(output_dir: Path, progress: Progress, epoch_ended: bool = False) -> None:
+    """A run tests the best epoch's weights at the end: they must be the very file it saved.
+
+    Checked when a run resumes, and again before the test. A checkpoint taken at an epoch's last batch
+    comes before that epoch's validation, which may have saved a better model since (``epoch_ended``):
+    the resumed run validates the epoch again and saves the same file, so only the final check applies.
+    """
     path = output_dir / "model.safetensors"
+    if epoch_ended:
+        return
     if progress.best_epoch > 0 and (not path.is_file() or file_sha256(path) != progress.best_model_sha256):
         state = "was replaced" if path.is_file() else "is missing"
         raise TrainingError(f"{path}, the best model so far (epoch {progress.best_epoch}), {state}: resume in the output "

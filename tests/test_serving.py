@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from datasets import load_dataset
 from huggingface_hub import constants
 
 from catdog_model import CatDogClassifier, ModelLoadError, load_predictor
-from catdog_model.serving import SERVING_FILE, Int8Linear, make_fast, native_bf16, save_serving_file
+from catdog_model.serving import SERVING_FILE, Int8Linear, make_fast, save_serving_file
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +88,33 @@ def test_a_serving_file_that_does_not_fit_the_config_is_a_clear_error(trained_mo
         load_predictor(str(folder))
 
 
-@pytest.mark.parametrize("flags, expected", [({"avx512_bf16", "avx512f"}, True), ({"amx_bf16", "amx_tile"}, True),
-                                             ({"avx2", "avx512f", "avx512_vnni"}, False), (set(), False)])
-def test_bf16_is_chosen_by_cpu_flags(flags, expected):
-    assert native_bf16(frozenset(flags)) is expected
+def _count_batches(predictor) -> list[int]:
+    """Record the batch size of every forward pass the predictor's model makes."""
+    sizes, forward = [], predictor.model.forward
+    predictor.model.forward = lambda pixels: (sizes.append(len(pixels)), forward(pixels))[1]
+    return sizes
+
+
+def test_concurrent_callers_share_batches_and_each_gets_its_own_answer(trained_model, mini_images):
+    predictor = load_predictor(str(trained_model))
+    images = mini_images[:24]
+    expected = predictor.predict(images)
+    sizes = _count_batches(predictor)
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(predictor.predict_shared, images))
+    for answer, reference in zip(answers, expected):
+        assert answer.keys() == reference.keys()
+        assert abs(answer["dog"] - reference["dog"]) < 2e-3  # bf16 kernels may block a batch differently
+    assert sum(sizes) == 24 and max(sizes) > 1 and max(sizes) <= predictor.max_shared_batch
+
+
+def test_a_lone_caller_waits_for_no_batch_and_errors_reach_every_caller(trained_model, mini_images):
+    predictor = load_predictor(str(trained_model))
+    sizes = _count_batches(predictor)
+    predictor.predict_shared(mini_images[0])
+    assert sizes == [1]
+    predictor.model.forward = lambda pixels: (_ for _ in ()).throw(RuntimeError("out of memory"))
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(predictor.predict_shared, image) for image in mini_images[:4]]
+    assert all(isinstance(future.exception(), RuntimeError) for future in futures)
+    assert predictor._waiting == []  # nothing left behind for the next caller

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from catdog_model import CatDogClassifier, load_predictor
 from catdog_model.data import load_image_dataset, load_split
+from catdog_model.hardware import native_bf16
 from conftest import MINI_DATASET, ROOT, assert_clean_error, run_training
 
 
@@ -22,6 +23,9 @@ def test_run_writes_every_output_file(trained_model):
     assert len(metrics["history"]) == 6 and metrics["test"]["samples"] == 32
     assert metrics["args"]["epochs"] == 6 and metrics["seed"] == 42 and metrics["world_size"] == 1
     assert set(metrics["versions"]) >= {"torch", "timm", "accelerate"}
+    # No --mixed-precision and no accelerate config: bf16 exactly where this CPU computes it natively.
+    assert metrics["mixed_precision"] == ("bf16" if native_bf16() else "no")
+    assert metrics["mixed_precision_reason"].startswith("default: the CPU")
     assert metrics["best_epoch"] == 1 + max(range(6), key=lambda i: metrics["history"][i]["val_accuracy"])
 
 
@@ -96,7 +100,8 @@ def test_bf16_mixed_precision_runs_and_saves_float32_weights(tmp_path):
     run_training(tmp_path / "out", "--mixed-precision", "bf16", "--epochs", "1", "--batch-size", "4",
                  "--max-train-samples", "8", "--max-eval-samples", "8")
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert metrics["mixed_precision"] == "bf16" and 0 <= metrics["test"]["accuracy"] <= 1
+    assert metrics["mixed_precision"] == "bf16" and metrics["mixed_precision_reason"] == "--mixed-precision"
+    assert 0 <= metrics["test"]["accuracy"] <= 1
     assert {tensor.dtype for tensor in load_file(tmp_path / "out" / "model.safetensors").values()} <= {torch.float32, torch.int64}
 
 
