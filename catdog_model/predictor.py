@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -78,17 +80,15 @@ class Explanation:
     heatmap: np.ndarray  # Grad-CAM for the predicted label, float32 in [0, 1], the picture's aspect ratio
 
 
-class _Request:
-    """One picture waiting for the shared model (see ``Predictor.predict_shared``)."""
-
-    def __init__(self, pixels: torch.Tensor) -> None:
-        self.pixels, self.result, self.error, self.done = pixels, None, None, False
-
-
 @dataclass
 class Predictor:
-    """A loaded model and how to ask it. Safe to share between threads: one inference runs at a time
-    (torch already spreads one over every core), and ``predict_shared`` batches callers that wait."""
+    """A loaded model and how to ask it. Safe to share between threads: every forward pass runs on one
+    model thread, in order of arrival, and ``predict_shared`` batches the single pictures that wait there.
+
+    One thread, because torch gives each calling thread its own OpenMP team: a server calling the model
+    from many threads left the last team spinning while the next worked, which halved the throughput
+    of 8 concurrent clients on 2 cores.
+    """
 
     model: CatDogClassifier
     source: str
@@ -97,9 +97,9 @@ class Predictor:
     batch_size: int = 16
     detector: Optional[dict] = None  # the tensors of ood.safetensors
     max_shared_batch: int = 8  # predict_shared's largest batch: more adds latency on a 2-core CPU, not throughput
-    _model_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-    _waiting_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-    _waiting: list = field(default_factory=list, repr=False, compare=False)
+    _jobs: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, repr=False, compare=False)
+    _model_thread: Optional[threading.Thread] = field(default=None, repr=False, compare=False)
+    _start_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def serving_path(self) -> str:
@@ -124,44 +124,66 @@ class Predictor:
         results = []
         for start in range(0, len(images), self.batch_size):
             batch = torch.stack([preprocess(image, self.image_size) for image in images[start : start + self.batch_size]])
-            with self._model_lock:
-                results.extend(self._probabilities(batch))
+            results.extend(self._on_model_thread(self._probabilities, batch))
         return results
 
     @torch.inference_mode()
     def _probabilities(self, batch: torch.Tensor) -> list[dict[str, float]]:
-        """The model on a batch of preprocessed pictures; the caller holds the model lock."""
         negative, positive = self.labels
         return [{negative: 1.0 - p, positive: p} for p in self.model.probability(self.model(batch)).tolist()]
 
     def predict_shared(self, image: Image.Image) -> dict[str, float]:
-        """``predict([image])[0]`` for servers whose threads share this predictor: the calls that arrive while
-        the model is busy run together as one batch next (up to ``max_shared_batch``), so that eight clients
-        get more answers per second than one, and a lone client waits for no batch to fill.
+        """``predict([image])[0]`` for servers whose threads share this predictor: the pictures that wait
+        while the model is busy run together as its next batch (up to ``max_shared_batch``), so that eight
+        clients get more answers per second than one, and a lone client waits for no batch to fill.
+        The resize happens in the caller's thread, in parallel with the model."""
+        return self._submit(None, preprocess(image, self.image_size))
 
-        The picture is resized in the caller's thread, in parallel with the model; whichever waiting
-        caller gets the model first computes the batch for all of them.
-        """
-        request = _Request(preprocess(image, self.image_size))
-        with self._waiting_lock:
-            self._waiting.append(request)
-        while not request.done:
-            with self._model_lock:
-                with self._waiting_lock:
-                    batch, self._waiting = self._waiting[:self.max_shared_batch], self._waiting[self.max_shared_batch:]
-                if not batch:  # another caller served ours while we waited for the model
-                    continue
-                try:
-                    for waiting, result in zip(batch, self._probabilities(torch.stack([r.pixels for r in batch]))):
-                        waiting.result = result
-                except Exception as error:  # every caller in the batch hears of it, not only this one
-                    for waiting in batch:
-                        waiting.error = error
+    def _on_model_thread(self, function: Callable, *args):
+        """``function(*args)``, run on the model thread; its result, or its exception raised here."""
+        return self._submit(lambda: function(*args), None)
+
+    def _submit(self, function: Optional[Callable], pixels: Optional[torch.Tensor]):
+        with self._start_lock:
+            if self._model_thread is None:
+                self._model_thread = threading.Thread(target=self._serve, name="catdog-model", daemon=True)
+                self._model_thread.start()
+        future = Future()
+        self._jobs.put((function, pixels, future))
+        return future.result()
+
+    def _serve(self) -> None:
+        """The model thread: calls run alone; waiting single pictures run as one batch."""
+        held = None
+        while True:
+            function, pixels, future = held or self._jobs.get()
+            held = None
+            if function is not None:
+                batch, run = [future], function
+            else:
+                batch, images = [future], [pixels]
+                while len(batch) < self.max_shared_batch:
+                    try:
+                        job = self._jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                    if job[0] is not None:  # a call: it runs after this batch, in its turn
+                        held = job
+                        break
+                    images.append(job[1])
+                    batch.append(job[2])
+                run = lambda images=images: self._probabilities(torch.stack(images))  # noqa: E731
+            try:
+                result = run()
+            except BaseException as error:  # every caller waiting on this pass hears of it, not only one
                 for waiting in batch:
-                    waiting.done = True
-        if request.error is not None:
-            raise request.error
-        return request.result
+                    waiting.set_exception(error)
+                continue
+            if function is not None:
+                future.set_result(result)
+            else:
+                for waiting, answer in zip(batch, result):
+                    waiting.set_result(answer)
 
     def explain(self, image: Image.Image) -> Explanation:
         """Probabilities, whether the picture looks like a cat or a dog at all, and where the model looked.
@@ -170,8 +192,7 @@ class Predictor:
         """
         upright = to_rgb(check_image(image))
         pixels = preprocess(upright, self.image_size)[None]
-        with self._model_lock:
-            logits, features, heatmaps = grad_cam(self.model, pixels)
+        logits, features, heatmaps = self._on_model_thread(grad_cam, self.model, pixels)
         p = float(self.model.probability(logits)[0])
         negative, positive = self.labels
         score, looks_right = None, True

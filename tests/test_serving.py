@@ -113,8 +113,11 @@ def test_a_lone_caller_waits_for_no_batch_and_errors_reach_every_caller(trained_
     sizes = _count_batches(predictor)
     predictor.predict_shared(mini_images[0])
     assert sizes == [1]
+    forward = predictor.model.forward
     predictor.model.forward = lambda pixels: (_ for _ in ()).throw(RuntimeError("out of memory"))
     with ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(predictor.predict_shared, image) for image in mini_images[:4]]
     assert all(isinstance(future.exception(), RuntimeError) for future in futures)
-    assert predictor._waiting == []  # nothing left behind for the next caller
+    predictor.model.forward = forward  # the model thread lives on for the next caller
+    assert predictor.predict_shared(mini_images[0]).keys() == {"cat", "dog"}
+    assert predictor.explain(mini_images[0]).heatmap.size > 0
