@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from catdog_model import CatDogClassifier
 from catdog_model.card import make_model_card
 from catdog_model.data import (DatasetError, check_classes, collate, dataset_fingerprint, load_image_dataset, load_split,
-                               make_transform, save_split, split_dataset)
+                               make_transform, save_split, split_dataset, undecoded)
 from catdog_model.evaluate import EVALUATION_FILE, FIGURES, REPORT_FILE, report_training_run
 from catdog_model.hardware import default_mixed_precision, default_num_workers
 from catdog_model.ood import OOD_FILE, fit_detector, save_detector
@@ -142,7 +142,8 @@ def load_splits(args, accelerator: Accelerator, output_dir: Path):
     if accelerator.is_main_process:
         save_split(output_dir / SPLIT_FILE, splits, used, data, dataset=args.dataset, revision=args.dataset_revision, seed=args.seed)
     for name, split in used.items():
-        split.set_transform(transforms[name])
+        used[name] = undecoded(split, data)  # the transforms decode: JPEGs straight from their bytes
+        used[name].set_transform(transforms[name])
     logger.info(
         "dataset %s: %s; %d rows skipped (undecodable)",
         args.dataset, ", ".join(f"{n} {len(s)}" for n, s in used.items()), len(data.skipped_rows),

@@ -9,7 +9,7 @@ import torch
 from datasets import ClassLabel, Dataset, Features, Image as ImageFeature, Value
 from PIL import Image
 
-from catdog_model.data import (DatasetError, check_classes, load_image_dataset, load_split, make_transform, save_split,
+from catdog_model.data import (DatasetError, check_classes, load_image_dataset, load_split, make_transform, save_split, undecoded,
                                split_dataset)
 
 
@@ -132,3 +132,24 @@ def test_augmentation_is_a_function_of_seed_epoch_and_row_only(dataset_with_brok
     assert not all(torch.equal(a, b) for a, b in zip(first, make_transform(data, 24, train=True, seed=4)(rows)["pixels"]))
     plain = make_transform(data, 24, train=False)(rows)["pixels"]
     assert not all(torch.equal(a, b) for a, b in zip(first, plain))
+
+
+def test_undecoded_rows_give_what_decoded_ones_do(tmp_path, mini_dataset):
+    # JPEGs from the mini set (decoded by libjpeg-turbo from their bytes), plus a PNG and an EXIF-rotated JPEG.
+    photos = load_image_dataset(str(mini_dataset)).dataset.select([0, 1500])["image"]
+    rotated, exif = io.BytesIO(), Image.Exif()
+    exif[0x0112] = 6  # orientation: stored sideways, shown upright
+    photos[0].save(rotated, "JPEG", exif=exif)
+    png = io.BytesIO()
+    photos[1].save(png, "PNG")
+    rows = [(rotated.getvalue(), 0), (png.getvalue(), 1)] + [(_jpeg(i), i % 2) for i in range(4)]
+    data = load_image_dataset(str(write_parquet_dataset(tmp_path / "mixed", rows)))
+    decoded, raw = data.dataset[:], undecoded(data.dataset, data)[:]
+    assert isinstance(raw["img"][0], dict) and isinstance(decoded["img"][0], Image.Image)
+    for train in (True, False):
+        transform = make_transform(data, 64, train=train, seed=1)
+        for a, b in zip(transform(decoded)["pixels"], transform(raw)["pixels"]):
+            assert a.shape == b.shape == (3, 64, 64) and a.dtype == b.dtype == torch.uint8
+            assert (a.int() - b.int()).abs().float().mean() < 2  # the two JPEG decoders may round apart
+            if not train:
+                assert torch.equal(a, b)  # evaluation decodes with Pillow either way, as the predictor does

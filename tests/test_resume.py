@@ -148,7 +148,8 @@ def test_a_resume_whose_best_model_is_gone_or_replaced_is_refused(full_run, tmp_
 def test_a_checkpoint_at_an_epochs_last_batch_resumes_though_validation_saved_a_model_after_it(full_run, tmp_path):
     # Step 6 was written before epoch 2's validation, which may have saved a better model than the one the
     # checkpoint knows (it does with bf16 on this project's CPUs): the resumed run validates epoch 2 again.
-    shutil.copy(full_run / "model.safetensors", tmp_path / "model.safetensors")
+    for name in ("config.json", "model.safetensors"):  # what the run's validation saved, together
+        shutil.copy(full_run / name, tmp_path / name)
     result = _resume_from(full_run, tmp_path, 6)
     assert "at epoch 2, batch 3" in result.stderr
     assert weights_equal(full_run, tmp_path) and _history(tmp_path) == _history(full_run)

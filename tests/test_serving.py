@@ -11,7 +11,7 @@ from datasets import load_dataset
 from huggingface_hub import constants
 
 from catdog_model import CatDogClassifier, ModelLoadError, load_predictor
-from catdog_model.serving import SERVING_FILE, Int8Linear, make_fast, save_serving_file
+from catdog_model.serving import SERVING_FILE, Int8Linear, fold_batch_norms, make_fast, save_serving_file
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +121,20 @@ def test_a_lone_caller_waits_for_no_batch_and_errors_reach_every_caller(trained_
     predictor.model.forward = forward  # the model thread lives on for the next caller
     assert predictor.predict_shared(mini_images[0]).keys() == {"cat", "dog"}
     assert predictor.explain(mini_images[0]).heatmap.size > 0
+
+
+def test_batch_norms_fold_into_their_convolutions_and_the_answers_stay():
+    torch.manual_seed(0)
+    model = CatDogClassifier(image_size=64).eval()
+    for module in model.backbone.modules():  # non-trivial statistics, as a trained model has
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5), module.running_var.uniform_(0.5, 2), module.weight.data.uniform_(0.5, 1.5)
+    pixels = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        before, (_, stages_before) = model(pixels), model.inspect(pixels)
+        assert fold_batch_norms(model.backbone) == 53  # every one of resnet50's
+        after, (_, stages_after) = model(pixels), model.inspect(pixels)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules())
+    assert torch.allclose(before, after, atol=1e-4) and all(
+        torch.allclose(stages_before[k], stages_after[k], atol=1e-4) for k in stages_before)
+    assert fold_batch_norms(model.backbone) == 0  # nothing left to fold
