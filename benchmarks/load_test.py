@@ -15,7 +15,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -32,25 +31,11 @@ import psutil
 from gradio_client import Client, handle_file
 from PIL import Image
 
+from catdog_model.hardware import describe
+
 ROOT = Path(__file__).resolve().parents[1]
 BAD_FILES = {"notes.txt": (b"not a picture", "not an image"), "empty.jpg": (b"", "empty"),
              "truncated.jpg": (None, "damaged or truncated")}
-
-
-def machine() -> dict:
-    flags = set()
-    name = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    wanted = ["avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16"]
-    return {"cpu": name, "flags": [f for f in wanted if f in flags], "cores": len(os.sched_getaffinity(0)),
-            "python": platform.python_version()}
 
 
 def make_files(folder: Path) -> tuple[list[Path], dict[Path, str]]:
@@ -178,7 +163,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
 
-    results = {"machine": machine(), "args": vars(args)}
+    results = {"machine": describe(), "args": vars(args)}
     with tempfile.TemporaryDirectory() as folder:
         results["as shipped"] = run(args.model, {}, args, Path(folder), "shipped")
         results["arena cap off"] = run(args.model, {"CATDOG_MALLOC_ARENAS": "0"}, args, Path(folder), "uncapped")
