@@ -24,7 +24,7 @@ from pathlib import Path
 
 from gradio_client import Client, handle_file
 
-from benchmarks.load_test import start_app
+from benchmarks.load_test import running_app
 from catdog_model import CatDogClassifier
 from catdog_model.data import load_image_dataset
 from catdog_model.hardware import describe
@@ -96,12 +96,8 @@ def main() -> None:
         pictures = photos(folder, args.dataset, 16)
         requests = [pictures[i % len(pictures)] for i in range(args.requests)]
         for name, env in VARIANTS.items():
-            url, process = start_app(model, env, folder / f"{name.split()[0]}.log")
-            try:
+            with running_app(model, env, folder / f"{name.split()[0]}.log") as (url, _):
                 results["apps"][name] = {clients: send(url, requests, clients) for clients in (1, 8)}
-            finally:
-                process.terminate()
-                process.wait(timeout=30)
 
     machine, apps = results["machine"], results["apps"]
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, app with {min(2, machine['cores'])} torch threads; "

@@ -12,6 +12,7 @@ round, and how fast a client hears "busy" when the queue is full. Bounded: at mo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -24,6 +25,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import numpy as np
@@ -83,6 +85,17 @@ def start_app(model: str | None, extra_env: dict, log: Path, cwd: Path = ROOT) -
     raise RuntimeError("the app did not start within 180 s")
 
 
+@contextlib.contextmanager
+def running_app(model: str | None, extra_env: dict, log: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``start_app``, stopped when the block ends, however it ends."""
+    url, process = start_app(model, extra_env, log)
+    try:
+        yield url, process
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 def rss_mb(process: subprocess.Popen) -> float:
     return psutil.Process(process.pid).memory_info().rss / 2**20
 
@@ -138,8 +151,7 @@ def run(model: str, extra_env: dict, args, folder: Path, label: str) -> dict:
     valid, bad = make_files(folder)
     rng = np.random.default_rng(1)
     mix = [*valid] * 4 + list(bad)  # about one bad file in six
-    url, process = start_app(model, extra_env, folder / f"{label}.log")
-    try:
+    with running_app(model, extra_env, folder / f"{label}.log") as (url, process):
         send_round(url, [mix[i] for i in rng.integers(0, len(mix), args.clients * 4)], bad, args.clients)  # warm-up
         report = {"rss_after_warmup_mb": rss_mb(process), "rounds": []}
         for _ in range(args.rounds):
@@ -148,9 +160,6 @@ def run(model: str, extra_env: dict, args, folder: Path, label: str) -> dict:
         report["rss_growth"] = report["rounds"][-1]["rss_mb"] / report["rss_after_warmup_mb"] - 1
         report["queue_full"] = queue_full(url, valid[2], args.flood)
         return report
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def main() -> None:

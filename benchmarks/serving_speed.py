@@ -87,17 +87,13 @@ def _app_cold_start(folder: str, exact: bool, photo: Path, threads: int) -> floa
     """`python app.py` started → its first /predict answered, through gradio_client, on loopback."""
     from gradio_client import Client, handle_file
 
-    from benchmarks.load_test import start_app
+    from benchmarks.load_test import running_app
 
     env = {"CATDOG_EXACT": "1" if exact else "0", "CATDOG_TORCH_THREADS": str(threads)}
     start = time.monotonic()
-    url, process = start_app(folder, env, photo.with_name(f"app-{exact}.log"))
-    try:
+    with running_app(folder, env, photo.with_name(f"app-{exact}.log")) as (url, _):
         Client(url, verbose=False).predict(handle_file(str(photo)), api_name="/predict")
         return time.monotonic() - start
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def main() -> None:

@@ -153,37 +153,38 @@ class Predictor:
         return future.result()
 
     def _serve(self) -> None:
-        """The model thread: calls run alone; waiting single pictures run as one batch."""
+        """The model thread: a call runs alone; single pictures that wait together run as one batch."""
         held = None
         while True:
             function, pixels, future = held or self._jobs.get()
-            held = None
             if function is not None:
-                batch, run = [future], function
+                futures, run, held = [future], lambda function=function: [function()], None
             else:
-                batch, images = [future], [pixels]
-                while len(batch) < self.max_shared_batch:
-                    try:
-                        job = self._jobs.get_nowait()
-                    except queue.Empty:
-                        break
-                    if job[0] is not None:  # a call: it runs after this batch, in its turn
-                        held = job
-                        break
-                    images.append(job[1])
-                    batch.append(job[2])
+                futures, images, held = self._waiting_pictures(future, pixels)
                 run = lambda images=images: self._probabilities(torch.stack(images))  # noqa: E731
             try:
-                result = run()
+                results = run()
             except BaseException as error:  # every caller waiting on this pass hears of it, not only one
-                for waiting in batch:
+                for waiting in futures:
                     waiting.set_exception(error)
                 continue
-            if function is not None:
-                future.set_result(result)
-            else:
-                for waiting, answer in zip(batch, result):
-                    waiting.set_result(answer)
+            for waiting, result in zip(futures, results):
+                waiting.set_result(result)
+
+    def _waiting_pictures(self, future: Future, pixels: torch.Tensor) -> tuple[list, list, Optional[tuple]]:
+        """This picture and those queued behind it, up to ``max_shared_batch``; and the call that stopped
+        the batch, if one did (it runs next, in its turn)."""
+        futures, images = [future], [pixels]
+        while len(futures) < self.max_shared_batch:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job[0] is not None:
+                return futures, images, job
+            images.append(job[1])
+            futures.append(job[2])
+        return futures, images, None
 
     def explain(self, image: Image.Image) -> Explanation:
         """Probabilities, whether the picture looks like a cat or a dog at all, and where the model looked.
