@@ -1,6 +1,8 @@
 """Shared fixtures. Everything runs offline and writes only under temporary folders."""
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -8,6 +10,7 @@ from pathlib import Path
 
 # Before any Hugging Face library is imported: a private, temporary cache and no network.
 _CACHE = tempfile.mkdtemp(prefix="catdog-tests-hf-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)  # the datasets cache of the mini set is 130 MB a run
 os.environ["HF_HOME"] = _CACHE
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
