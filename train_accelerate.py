@@ -15,7 +15,6 @@ continue the run that wrote them, bit for bit.
 """
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -25,41 +24,29 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-import accelerate
-import datasets
 import safetensors.torch
-import timm
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
-from huggingface_hub import HfApi, get_token
+from huggingface_hub import get_token
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from catdog_model import CatDogClassifier
-from catdog_model.card import make_model_card
-from catdog_model.data import (DatasetError, check_classes, collate, dataset_fingerprint, load_image_dataset, load_split,
+from catdog_model.data import (DatasetError, check_classes, collate, dataset_fingerprint, load_image_dataset,
                                make_transform, save_split, split_dataset, undecoded)
-from catdog_model.evaluate import EVALUATION_FILE, FIGURES, REPORT_FILE, report_training_run
 from catdog_model.hardware import default_mixed_precision, default_num_workers
-from catdog_model.ood import OOD_FILE, fit_detector, save_detector
-from catdog_model.serving import SERVING_FILE, save_serving_file
-from catdog_model.training import (CHECKPOINTS, LOCK_FILE, Progress, RunningMetrics, TrainingError, calibrate,
-                                   check_best_model, check_finite, claim_output_dir, evaluate, exit_with_parent,
-                                   find_resume_checkpoint, model_outputs, on_main_process, save_checkpoint,
-                                   save_file_atomically, save_model)
+from catdog_model.ood import fit_detector
+from catdog_model.run_files import (RUN_FILES, SPLIT_FILE, TRACKER_PROJECT, backbone_init, push_run, write_evaluation,
+                                    write_metrics_and_card)
+from catdog_model.training import (CHECKPOINTS, Progress, RunningMetrics, TrainingError, calibrate, check_best_model,
+                                   check_finite, claim_output_dir, evaluate, exit_with_parent, find_resume_checkpoint,
+                                   model_outputs, on_main_process, save_checkpoint, save_model)
 
 logger = get_logger(__name__)
-
-SPLIT_FILE = "split.json"
-TRACKER_PROJECT = "catdog"  # trackers log under output_dir/catdog
-# What a run writes into its output folder (with checkpoints/): --overwrite-output-dir removes these, nothing else.
-RUN_FILES = ("config.json", "model.safetensors", SERVING_FILE, OOD_FILE, "metrics.json", SPLIT_FILE, "README.md", EVALUATION_FILE,
-             REPORT_FILE, *(f"{name}.png" for name in FIGURES), TRACKER_PROJECT)
-NOT_PUSHED = (f"{CHECKPOINTS}/*", f"{TRACKER_PROJECT}/*", LOCK_FILE, ".tmp-*")
 
 
 # ---- Fail fast: every flag is checked within seconds, before the dataset is touched.
@@ -97,12 +84,6 @@ def check_args(args) -> None:
                 model.load_backbone_weights(args.pretrained_weights)
         except (ValueError, OSError) as error:
             raise TrainingError(f"--pretrained-weights: {str(error).splitlines()[0]}") from None
-
-
-def backbone_init(args) -> str:
-    if args.pretrained_weights:
-        return "ImageNet weights from " + args.pretrained_weights
-    return "random (--no-pretrained)" if args.no_pretrained else "timm ImageNet weights"
 
 
 def run_identity(args, accelerator: Accelerator) -> dict:
@@ -303,10 +284,10 @@ def training_function(args) -> None:
 
     if accelerator.is_main_process:
         evaluation = write_evaluation(args, accelerator.unwrap_model(model), output_dir, progress, test_outputs, detector, data)
-        write_outputs(args, accelerator, output_dir, progress, test, calibration, evaluation, data, splits, used,
+        write_metrics_and_card(args, accelerator, output_dir, progress, test, calibration, evaluation, data, splits, used,
                       identity["dataset content"])
         if args.push_to_hub:
-            push(args, output_dir)
+            push_run(args, output_dir)
         lock.release()
 
 
@@ -331,64 +312,6 @@ def calibrate_and_test(args, accelerator: Accelerator, model, progress: Progress
                 calibration["validation"]["ece_before"], calibration["validation"]["ece_after"],
                 calibration["test"]["ece_before"], calibration["test"]["ece_after"])
     return test, calibration, test_outputs, detector
-
-
-def write_evaluation(args, model: CatDogClassifier, output_dir: Path, progress: Progress, test_outputs, detector: dict,
-                     data) -> dict:
-    """ood.safetensors and model.serving.safetensors, then the evaluation report on the test split."""
-    save_file_atomically(output_dir / OOD_FILE, lambda path: save_detector(detector, path))
-    save_file_atomically(output_dir / SERVING_FILE, lambda path: save_serving_file(model, path))
-    test_rows = load_split(output_dir / SPLIT_FILE, data, "test", used=True)
-    return report_training_run(model, detector, test_outputs, lambda i: test_rows[i][data.image_column], output_dir,
-                               progress.history, title=f"catdog evaluation: {args.hub_model_id or args.output_dir}, test split")
-
-
-def write_outputs(args, accelerator, output_dir: Path, progress: Progress, test: dict, calibration: dict, evaluation: dict,
-                  data, splits, used, fingerprint: str) -> None:
-    # The temperature and the "neither" threshold join the model's config, the one source of truth the predictor reads.
-    config = {**json.loads((output_dir / "config.json").read_text()), "temperature": calibration["temperature"],
-              "ood_threshold": evaluation["ood"]["threshold"]}
-    save_file_atomically(output_dir / "config.json", lambda path: Path(path).write_text(json.dumps(config, indent=2)))
-    metrics = {
-        "history": progress.history,
-        "best_epoch": progress.best_epoch,
-        "test": test,
-        "calibration": calibration,
-        "evaluation": {k: v for k, v in evaluation.items() if k not in ("figures", "report")},
-        "dataset": args.dataset,
-        "dataset_revision": args.dataset_revision,
-        "dataset_fingerprint": fingerprint,
-        "split_sizes": {name: len(split) for name, split in used.items()},
-        "full_split_sizes": {name: len(split) for name, split in splits.items()},
-        "skipped_rows": len(data.skipped_rows),
-        "backbone_init": backbone_init(args),
-        "world_size": accelerator.num_processes,
-        "mixed_precision": accelerator.mixed_precision,
-        "mixed_precision_reason": args.precision_reason,
-        "seed": args.seed,
-        "args": {k: v for k, v in vars(args).items() if k != "hub_token"},
-        "versions": {"torch": torch.__version__, "timm": timm.__version__, "accelerate": accelerate.__version__,
-                     "datasets": datasets.__version__},
-    }
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    make_model_card(metrics, config, args.hub_model_id or args.output_dir, evaluation["figures"]).save(output_dir / "README.md")
-    logger.info("saved the model, metrics.json, %s and the model card to %s", SPLIT_FILE, output_dir)
-
-
-def push(args, output_dir: Path) -> None:
-    """Upload the output folder; the local files stay whatever happens."""
-    api = HfApi(token=args.hub_token)
-    try:
-        api.create_repo(args.hub_model_id, private=args.hub_private, exist_ok=True)
-        commit = api.upload_folder(repo_id=args.hub_model_id, folder_path=output_dir, ignore_patterns=list(NOT_PUSHED),
-                                   commit_message="Upload catdog model from train_accelerate.py")
-    except (HfHubHTTPError, OSError, ValueError) as error:
-        raise TrainingError(
-            f"Could not push to {args.hub_model_id}: {str(error).splitlines()[0]}. The files are kept in {output_dir}; "
-            f"upload them later with `hf upload {args.hub_model_id} {output_dir} "
-            + " ".join(f"--exclude '{pattern}'" for pattern in NOT_PUSHED) + "`."
-        ) from None
-    logger.info("pushed to %s", commit.commit_url)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
