@@ -7,6 +7,8 @@
 The model is loaded once, at start-up, through ``catdog_model.load_predictor``. If it cannot be
 loaded the app still starts, shows what is missing, and the API answers with the same message.
 Sized for a 2-vCPU Space: one shared model, one inference at a time, a bounded queue.
+The fast path is compiled with OpenVINO in the background after start-up (``CATDOG_OPENVINO=off`` keeps
+torch; ``--exact`` serves the eager float32 model).
 """
 
 from __future__ import annotations
@@ -252,7 +254,7 @@ CSS = "@media (max-width: 640px) { #result-column { order: -1; } }"
 
 with gr.Blocks(title="catdog: cat or dog?") as demo:
     gr.Markdown(f"# 🐱 catdog 🐶\nDrop a photo of a cat or a dog, paste one, or use your webcam. {_headline()}")
-    gr.Markdown(_model_panel(), elem_id="model-panel")
+    model_panel = gr.Markdown(_model_panel(), elem_id="model-panel")
     ready = predictor is not None
     with gr.Tab("One picture"):
         with gr.Row():
@@ -302,6 +304,8 @@ with gr.Blocks(title="catdog: cat or dog?") as demo:
     batch_button.click(predict_batch, inputs=files, outputs=[table, csv_file], api_name="predict_batch",
                        concurrency_id="model", show_progress_on=table, api_description=predict_batch.__doc__
                        ).success(lambda: gr.File(visible=True), outputs=csv_file, api_visibility="private", queue=False)
+    # Each page load reads the panel again: it says "OpenVINO" once the background compile has finished.
+    demo.load(_model_panel, outputs=model_panel, api_visibility="private", queue=False)
 
 demo.queue(max_size=32, default_concurrency_limit=1)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -114,15 +115,17 @@ def load_detector(path: str | Path, model: CatDogClassifier) -> dict[str, torch.
     return detector
 
 
-def grad_cam(model: CatDogClassifier, pixels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+def grad_cam(model: CatDogClassifier, pixels: torch.Tensor, forward: Optional[Callable] = None,
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """(logits, the detector's features, heatmaps (N, h, w) in [0, 1]) for a batch, from one backbone pass.
 
     Each heatmap shows the evidence for the label the model predicts for that image. Grad-CAM weighs each
     channel by the mean gradient of that label's logit over the map. The head is Linear → ReLU → Linear on
     the flattened map, so that mean is exact in closed form: (w2 ⊙ relu'(hidden)) · W1 summed over each
     channel's positions, divided by their number. No autograd is needed, and a quantized head works too.
+    ``forward`` computes what ``_forward`` does another way (the OpenVINO engine); the head's weights are the model's.
     """
-    feature_map, logits, features = _forward(model, pixels)
+    feature_map, logits, features = forward(pixels) if forward is not None else _forward(model, pixels)
     sign = torch.where(logits >= 0, 1.0, -1.0)[:, None]
     upstream = (features["hidden"] > 0).float() * model.head[4].weight.detach().float() * sign  # d(±logit)/d(hidden)
     weights = upstream @ model.pooled_head_weight() / (feature_map.shape[2] * feature_map.shape[3])

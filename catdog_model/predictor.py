@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import threading
 from concurrent.futures import Future
@@ -29,6 +30,7 @@ from safetensors import SafetensorError
 from .images import check_image, preprocess, to_rgb
 from .model import CatDogClassifier
 from .ood import OOD_FILE, grad_cam, load_detector, ood_score, resize_heatmap
+from .openvino_engine import OpenVINOForward, try_openvino
 from .serving import SERVING_FILE, Int8Linear, load_serving_file, make_fast
 
 __all__ = ["Explanation", "ModelLoadError", "Predictor", "load_predictor", "parse_source"]
@@ -97,6 +99,8 @@ class Predictor:
     batch_size: int = 16
     detector: Optional[dict] = None  # the tensors of ood.safetensors
     max_shared_batch: int = 8  # predict_shared's largest batch: more adds latency on a 2-core CPU, not throughput
+    openvino: Optional[OpenVINOForward] = None  # computes the forward pass once compiled (openvino_engine.py)
+    _openvino_thread: Optional[threading.Thread] = field(default=None, repr=False, compare=False)
     _jobs: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, repr=False, compare=False)
     _model_thread: Optional[threading.Thread] = field(default=None, repr=False, compare=False)
     _start_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -106,7 +110,32 @@ class Predictor:
         """How the model computes: "exact fp32", or the fast path's precision."""
         if not isinstance(self.model.head[1], Int8Linear):
             return "exact fp32"
-        return f"{'bf16' if self.model.compute_dtype == torch.bfloat16 else 'fp32'} backbone + int8 head"
+        path = f"{'bf16' if self.model.compute_dtype == torch.bfloat16 else 'fp32'} backbone + int8 head"
+        return path + (", OpenVINO" if self.openvino is not None else "")
+
+    def start_openvino(self, wait: bool = False) -> None:
+        """Compile the fast path with OpenVINO: now, or on a background thread once the first answer is out,
+        so that a server's first request is not slowed; torch serves until it is done. Where OpenVINO is
+        missing or fails, torch goes on serving (logged)."""
+        if not isinstance(self.model.head[1], Int8Linear) or self._openvino_thread is not None:
+            return
+        threads = torch.get_num_threads()
+        compile_now = lambda: setattr(self, "openvino", try_openvino(self.model, threads))  # noqa: E731
+        self._openvino_thread = threading.Thread(target=compile_now, name="catdog-openvino", daemon=True)
+        if wait:
+            self.wait_for_openvino()
+
+    def wait_for_openvino(self, timeout: Optional[float] = None) -> bool:
+        """Start a pending compile if it has not started, wait for it; True if OpenVINO now serves."""
+        self._begin_openvino()
+        if self._openvino_thread is not None:
+            self._openvino_thread.join(timeout)
+        return self.openvino is not None
+
+    def _begin_openvino(self) -> None:
+        with self._start_lock:
+            if self._openvino_thread is not None and self._openvino_thread.ident is None:
+                self._openvino_thread.start()
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -130,7 +159,8 @@ class Predictor:
     @torch.inference_mode()
     def _probabilities(self, batch: torch.Tensor) -> list[dict[str, float]]:
         negative, positive = self.labels
-        return [{negative: 1.0 - p, positive: p} for p in self.model.probability(self.model(batch)).tolist()]
+        logits = self.openvino(batch)[1] if self.openvino is not None else self.model(batch)
+        return [{negative: 1.0 - p, positive: p} for p in self.model.probability(logits).tolist()]
 
     def predict_shared(self, image: Image.Image) -> dict[str, float]:
         """``predict([image])[0]`` for servers whose threads share this predictor: the pictures that wait
@@ -170,6 +200,8 @@ class Predictor:
                 continue
             for waiting, result in zip(futures, results):
                 waiting.set_result(result)
+            if self._openvino_thread is not None and self._openvino_thread.ident is None:
+                self._begin_openvino()  # the first answer is out: compile OpenVINO now, in the background
 
     def _waiting_pictures(self, future: Future, pixels: torch.Tensor) -> tuple[list, list, Optional[tuple]]:
         """This picture and those queued behind it, up to ``max_shared_batch``; and the call that stopped
@@ -193,7 +225,7 @@ class Predictor:
         """
         upright = to_rgb(check_image(image))
         pixels = preprocess(upright, self.image_size)[None]
-        logits, features, heatmaps = self._on_model_thread(grad_cam, self.model, pixels)
+        logits, features, heatmaps = self._on_model_thread(lambda: grad_cam(self.model, pixels, self.openvino))
         p = float(self.model.probability(logits)[0])
         negative, positive = self.labels
         score, looks_right = None, True
@@ -277,19 +309,30 @@ def _load_detector(source: str, repo_id: str, revision: Optional[str], model: Ca
         raise ModelLoadError(f"{source}: {str(error).splitlines()[0]}") from None
 
 
-def load_predictor(source: str, batch_size: int = 16, exact: bool = False) -> Predictor:
+OPENVINO_MODES = ("background", "now", "off")
+
+
+def load_predictor(source: str, batch_size: int = 16, exact: bool = False, openvino: Optional[str] = None) -> Predictor:
     """Load a model from a local folder, "user/repo" or "user/repo@revision", in eval mode.
 
     By default it serves the fast CPU path (serving.py), from ``model.serving.safetensors`` when the model
     has one, so that only that file and config.json are read or downloaded. ``exact=True`` serves the
     eager float32 model from ``model.safetensors``. Raises ``ModelLoadError``, and only that, with a
     one-line message naming the source and the reason.
+
+    ``openvino`` (default: $CATDOG_OPENVINO, else "background"): compile the fast path with OpenVINO on a
+    background thread while torch serves ("background"), before returning ("now"), or not at all ("off").
     """
+    mode = openvino or os.environ.get("CATDOG_OPENVINO") or "background"
+    if mode not in OPENVINO_MODES:
+        raise ModelLoadError(f"openvino (or $CATDOG_OPENVINO) must be one of {', '.join(OPENVINO_MODES)}, got {mode!r}.")
     repo_id, revision = parse_source(source)
     model = _load_model(str(source).strip(), repo_id, revision, exact)
     model.eval()
     detector = _load_detector(str(source).strip(), repo_id, revision, model)
     predictor = Predictor(model, source=repo_id, revision=revision, metrics=_read_metrics(repo_id, revision),
                           batch_size=batch_size, detector=detector)
+    if not exact and mode != "off":
+        predictor.start_openvino(wait=mode == "now")
     logger.info("serving %s: %s", source, predictor.serving_path)
     return predictor

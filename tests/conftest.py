@@ -16,6 +16,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.pop("HF_TOKEN", None)
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# Torch serves unless a test asks for OpenVINO: a compile on a background thread would make answers depend on timing.
+os.environ["CATDOG_OPENVINO"] = "off"
 
 import pytest  # noqa: E402
 

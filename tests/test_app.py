@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import httpx
 import numpy as np
@@ -13,6 +14,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
+from benchmarks import load_test
 from conftest import ROOT, start_app
 
 
@@ -256,3 +258,23 @@ def test_explain_api_says_neither_for_noise(client, tmp_path):
     noise = np.random.default_rng(9).integers(0, 256, (240, 320, 3), dtype=np.uint8)
     result = client.predict(handle_file(str(_save(Image.fromarray(noise), tmp_path / "noise.png"))), api_name="/explain")
     assert result["is_cat_or_dog"] is False and set(result["probabilities"]) == {"cat", "dog"}
+
+
+def test_the_space_answers_with_torch_first_then_with_openvino(trained_model, tmp_path):
+    """As shipped (CATDOG_OPENVINO unset): the first request is answered at once, OpenVINO takes over after it."""
+    env = {"GRADIO_TEMP_DIR": str(tmp_path / "gradio"), "CATDOG_TORCH_THREADS": "2", "CATDOG_OPENVINO": ""}
+    url, process = load_test.start_app(str(trained_model), env, tmp_path / "app.log")
+    try:
+        client, photo = Client(url, verbose=False), handle_file(str(ROOT / "examples" / "chelsea_cat.jpg"))
+        by_torch = client.predict(photo, api_name="/predict")
+        deadline = time.monotonic() + 120
+        while "compiled the model" not in (tmp_path / "app.log").read_text() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert "OpenVINO" in (tmp_path / "app.log").read_text()
+        by_openvino = client.predict(photo, api_name="/predict")
+        dog = [{c["label"]: c["confidence"] for c in result["confidences"]}["dog"] for result in (by_torch, by_openvino)]
+        assert by_openvino["label"] == by_torch["label"] and abs(dog[1] - dog[0]) < 0.01
+        assert client.predict(photo, api_name="/explain")["probabilities"]["dog"] == pytest.approx(dog[1], abs=1e-5)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -1,7 +1,10 @@
 """The fast CPU serving path: same answers as the exact model, a small file, chosen by CPU features."""
 
 import json
+import logging
 import shutil
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -10,7 +13,8 @@ import torch
 from datasets import load_dataset
 from huggingface_hub import constants
 
-from catdog_model import CatDogClassifier, ModelLoadError, load_predictor
+from catdog_model import CatDogClassifier, ModelLoadError, load_predictor, openvino_engine
+from catdog_model.ood import synthetic_ood_images
 from catdog_model.serving import SERVING_FILE, Int8Linear, fold_batch_norms, make_fast, save_serving_file
 
 
@@ -25,9 +29,12 @@ def _p_dog(predictor, images) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_fast_path_keeps_the_answers_on_all_3000_mini_photos(trained_model, mini_images):
+@pytest.mark.parametrize("openvino", ["off", "now"])
+def test_fast_path_keeps_the_answers_on_all_3000_mini_photos(trained_model, mini_images, openvino):
     exact = _p_dog(load_predictor(str(trained_model), exact=True), mini_images)
-    fast = _p_dog(load_predictor(str(trained_model)), mini_images)
+    predictor = load_predictor(str(trained_model), openvino=openvino)
+    assert ("OpenVINO" in predictor.serving_path) == (openvino == "now")
+    fast = _p_dog(predictor, mini_images)
     difference = np.abs(fast - exact)
     summary = f"max {difference.max():.4f}, mean {difference.mean():.5f}"
     assert len(exact) == 3000
@@ -138,3 +145,61 @@ def test_batch_norms_fold_into_their_convolutions_and_the_answers_stay():
     assert torch.allclose(before, after, atol=1e-4) and all(
         torch.allclose(stages_before[k], stages_after[k], atol=1e-4) for k in stages_before)
     assert fold_batch_norms(model.backbone) == 0  # nothing left to fold
+
+
+def test_openvino_explains_like_torch_on_photos_and_on_pictures_of_neither(trained_model, mini_images):
+    torch_path = load_predictor(str(trained_model), openvino="off")
+    openvino_path = load_predictor(str(trained_model), openvino="now")
+    assert openvino_path.serving_path == torch_path.serving_path + ", OpenVINO"
+    for image in [*mini_images[::300], *synthetic_ood_images(count=6, size=128)]:
+        expected, got = torch_path.explain(image), openvino_path.explain(image)
+        assert abs(got.probabilities["dog"] - expected.probabilities["dog"]) < 0.01
+        assert got.ood_score == pytest.approx(expected.ood_score, rel=0.02)
+        assert got.heatmap.shape == expected.heatmap.shape and np.abs(got.heatmap - expected.heatmap).max() < 0.15
+
+
+def test_openvino_compiles_in_the_background_while_torch_serves(trained_model, mini_images, monkeypatch):
+    compiling, started = threading.Event(), []
+    real_init = openvino_engine.OpenVINOForward.__init__
+
+    def slow_init(self, *args):
+        started.append(True)
+        compiling.wait(30)  # held until torch has answered again, so the test sees both engines in turn
+        real_init(self, *args)
+
+    monkeypatch.setattr(openvino_engine.OpenVINOForward, "__init__", slow_init)
+    monkeypatch.setenv("CATDOG_OPENVINO", "background")  # what app.py and a plain load_predictor do
+    predictor = load_predictor(str(trained_model))
+    time.sleep(0.5)
+    assert not started and "OpenVINO" not in predictor.serving_path  # nothing competes with the first answer
+    by_torch = _p_dog(predictor, mini_images[:4])
+    assert _p_dog(predictor, mini_images[:1])[0] == by_torch[0] and "OpenVINO" not in predictor.serving_path
+    compiling.set()
+    assert predictor.wait_for_openvino(timeout=120) and predictor.serving_path.endswith(", OpenVINO")
+    assert np.abs(_p_dog(predictor, mini_images[:4]) - by_torch).max() < 0.01
+
+
+def test_torch_serves_where_openvino_is_missing_or_fails(trained_model, mini_images, monkeypatch, caplog):
+    expected = _p_dog(load_predictor(str(trained_model), openvino="off"), mini_images[:4])
+    monkeypatch.setattr(openvino_engine, "openvino", None)
+    with caplog.at_level(logging.INFO, logger="catdog_model.openvino_engine"):
+        missing = load_predictor(str(trained_model), openvino="now")
+    assert not missing.wait_for_openvino() and "not installed" in caplog.text
+    assert np.array_equal(_p_dog(missing, mini_images[:4]), expected)
+    monkeypatch.undo()
+
+    def broken(*args):
+        raise RuntimeError("Exception from src/frontends/pytorch: unsupported op\nand a long trace")
+
+    monkeypatch.setattr(openvino_engine.OpenVINOForward, "__init__", broken)
+    with caplog.at_level(logging.WARNING, logger="catdog_model.openvino_engine"):
+        failed = load_predictor(str(trained_model), openvino="now")
+    assert "OpenVINO" not in failed.serving_path and "unsupported op" in caplog.text and "long trace" not in caplog.text
+    assert np.array_equal(_p_dog(failed, mini_images[:4]), expected)
+
+
+def test_an_unknown_openvino_mode_is_a_clear_error(trained_model, monkeypatch):
+    monkeypatch.setenv("CATDOG_OPENVINO", "yes")
+    with pytest.raises(ModelLoadError, match=r"CATDOG_OPENVINO\) must be one of background, now, off"):
+        load_predictor(str(trained_model))
+    assert load_predictor(str(trained_model), exact=True, openvino="off").openvino is None
