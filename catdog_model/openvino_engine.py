@@ -4,8 +4,8 @@ The same weights as serving.py's model (bf16-able backbone with folded batch nor
 converted once at load time into one OpenVINO model whose outputs are everything a prediction or an
 explanation needs: the last feature map, the logits, the hidden layer and the early stages' statistics.
 OpenVINO's CPU plugin then runs the convolutions in bf16 where the CPU has AVX-512 BF16 or AMX (fp32
-elsewhere) and the Linear straight from its int8 weights: about 0.7x the time of the torch fast path on
-an AVX-512 BF16 EPYC (benchmarks/serving_speed.py), with the same answers within 0.001.
+elsewhere) and the Linear straight from its int8 weights: 0.5-0.7x the time of the torch fast path on an
+AVX-512 BF16 EPYC (benchmarks/serving_speed.py), with the same answers to within 0.003.
 
 Converting takes a few seconds (torch tracing), so ``Predictor`` does it on a background thread and serves
 with torch until it is done; ``CATDOG_OPENVINO=off`` or ``load_predictor(..., openvino="off")`` keeps torch.
