@@ -32,13 +32,9 @@ try:  # optional at import: without it the torch fast path serves, as before
 except ImportError:  # pragma: no cover - depends on the environment
     openvino = None
 
-__all__ = ["OpenVINOForward", "openvino_available", "try_openvino"]
+__all__ = ["OpenVINOForward", "try_openvino"]
 
 logger = logging.getLogger(__name__)
-
-
-def openvino_available() -> bool:
-    return openvino is not None
 
 
 class _AllOutputs(nn.Module):
@@ -80,11 +76,10 @@ class OpenVINOForward:
             converted = openvino.convert_model(exportable, example_input=torch.rand(1, 3, size, size),
                                                input=[(-1, 3, size, size)])
         precision = "bf16" if model.compute_dtype == torch.bfloat16 else "f32"
-        self.compiled = openvino.Core().compile_model(converted, "CPU", {
+        compiled = openvino.Core().compile_model(converted, "CPU", {
             "INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads})
-        self._request = self.compiled.create_infer_request()
+        self._request = compiled.create_infer_request()
         self._weights = exportable  # OpenVINO may read the fp32 constants in place: they live as long as it does
-        self.precision = precision
         logger.info("OpenVINO %s compiled the model (%s) in %.1f s", openvino.__version__, precision,
                     time.perf_counter() - start)
 

@@ -133,6 +133,7 @@ class Predictor:
         return self.openvino is not None
 
     def _begin_openvino(self) -> None:
+        """Start the compile thread that ``start_openvino`` prepared, once; a no-op otherwise."""
         with self._start_lock:
             if self._openvino_thread is not None and self._openvino_thread.ident is None:
                 self._openvino_thread.start()
@@ -200,8 +201,7 @@ class Predictor:
                 continue
             for waiting, result in zip(futures, results):
                 waiting.set_result(result)
-            if self._openvino_thread is not None and self._openvino_thread.ident is None:
-                self._begin_openvino()  # the first answer is out: compile OpenVINO now, in the background
+            self._begin_openvino()  # the first answer is out: a pending OpenVINO compile may start now
 
     def _waiting_pictures(self, future: Future, pixels: torch.Tensor) -> tuple[list, list, Optional[tuple]]:
         """This picture and those queued behind it, up to ``max_shared_batch``; and the call that stopped
