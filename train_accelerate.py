@@ -43,8 +43,8 @@ from catdog_model.ood import fit_detector
 from catdog_model.run_files import (RUN_FILES, SPLIT_FILE, TRACKER_PROJECT, backbone_init, push_run, write_evaluation,
                                     write_metrics_and_card)
 from catdog_model.training import (CHECKPOINTS, Progress, RunningMetrics, TrainingError, calibrate, check_best_model,
-                                   check_finite, claim_output_dir, evaluate, exit_with_parent, find_resume_checkpoint,
-                                   model_outputs, on_main_process, save_checkpoint, save_model)
+                                   check_finite, claim_output_dir, evaluate, exit_with_parent, exit_with_parent_worker,
+                                   find_resume_checkpoint, model_outputs, on_main_process, save_checkpoint, save_model)
 
 logger = get_logger(__name__)
 
@@ -229,7 +229,8 @@ def training_function(args) -> None:
     set_seed(args.seed)
 
     data, splits, used, train_transform = load_splits(args, accelerator, output_dir)
-    loader_kwargs = dict(batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers)
+    loader_kwargs = dict(batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers,
+                         worker_init_fn=exit_with_parent_worker)
     # Its own generator: creating a loader iterator must not draw from the global RNG (dropout),
     # or a resumed run would not continue the same random stream.
     train_loader = DataLoader(used["train"], shuffle=True, generator=torch.Generator().manual_seed(args.seed), **loader_kwargs)

@@ -115,6 +115,12 @@ def exit_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
         os.kill(os.getpid(), sig)
 
 
+def exit_with_parent_worker(worker_id: int) -> None:
+    """A DataLoader ``worker_init_fn``: the worker dies with its training process. A fork does not inherit
+    the death signal, and torch's own check of the parent only runs while the worker waits for work."""
+    exit_with_parent(os.getppid())
+
+
 # ---- Evaluation, calibration, and what may be saved.
 
 def evaluate(model, loader, accelerator: Accelerator, desc: str) -> dict:
