@@ -7,8 +7,7 @@
 The model is loaded once, at start-up, through ``catdog_model.load_predictor``. If it cannot be
 loaded the app still starts, shows what is missing, and the API answers with the same message.
 Sized for a 2-vCPU Space: one shared model, one inference at a time, a bounded queue.
-The fast path is compiled with OpenVINO in the background after start-up (``CATDOG_OPENVINO=off`` keeps
-torch; ``--exact`` serves the eager float32 model).
+The model's OpenVINO engine serves from the first request; ``--exact`` serves the eager float32 model.
 """
 
 from __future__ import annotations
@@ -75,7 +74,7 @@ def _model_source(argv: list[str]) -> tuple[str, str, bool]:
              f"exists, else {DEFAULT_MODEL})",
     )
     parser.add_argument("--exact", action="store_true",
-                        help="serve the eager float32 model (model.safetensors) instead of the fast CPU path")
+                        help="serve the eager float32 model (model.safetensors) instead of the OpenVINO engine")
     parsed = parser.parse_args(argv)
     exact = parsed.exact or os.environ.get("CATDOG_EXACT", "") == "1"
     model = parsed.model
@@ -122,7 +121,7 @@ def _headline() -> str:
     how = "trained from scratch" if init.startswith("random") else "fine-tuned from ImageNet weights" if init else "trained"
     dataset = f" on `{Path(metrics['dataset']).name if Path(metrics['dataset']).exists() else metrics['dataset']}`" \
         if metrics.get("dataset") else ""
-    return f"A {predictor.model.backbone_name} {how}{dataset}, at {predictor.image_size} px, tells which it is."
+    return f"A {predictor.backbone} {how}{dataset}, at {predictor.image_size} px, tells which it is."
 
 
 def _model_panel() -> str:
@@ -136,8 +135,8 @@ def _model_panel() -> str:
     else:
         name, where = f"[`{predictor.source}`](https://huggingface.co/{predictor.source})", f"revision `{predictor.revision or 'main'}`"
     return (f"**Model** {name} · {where} · "
-            f"{predictor.model.backbone_name} at {predictor.image_size} px · test accuracy {accuracy} · "
-            f"computed as {predictor.serving_path}")
+            f"{predictor.backbone} at {predictor.image_size} px · test accuracy {accuracy} · "
+            f"engine `{predictor.engine}`")
 
 
 def _open_upload(path: str):
@@ -304,8 +303,6 @@ with gr.Blocks(title="catdog: cat or dog?") as demo:
     batch_button.click(predict_batch, inputs=files, outputs=[table, csv_file], api_name="predict_batch",
                        concurrency_id="model", show_progress_on=table, api_description=predict_batch.__doc__
                        ).success(lambda: gr.File(visible=True), outputs=csv_file, api_visibility="private", queue=False)
-    # Each page load reads the panel again: it says "OpenVINO" once the background compile has finished.
-    demo.load(_model_panel, outputs=model_panel, api_visibility="private", queue=False)
 
 demo.queue(max_size=32, default_concurrency_limit=1)
 

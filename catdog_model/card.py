@@ -29,13 +29,15 @@ pip install "catdog-classifier @ git+https://github.com/catdog-project/catdog"
 ```python
 from catdog_model import load_predictor
 from PIL import Image
-predictor = load_predictor("{{ repo_id }}")  # reads config.json and model.serving.safetensors only
+predictor = load_predictor("{{ repo_id }}")  # downloads config.json, the OpenVINO IR and ood.safetensors
 print(predictor.predict([Image.open("pet.jpg")]))  # [{'cat': ..., 'dog': ...}]
 explanation = predictor.explain(Image.open("pet.jpg"))  # + is_cat_or_dog, ood_score, heatmap (Grad-CAM)
 ```
 
-`load_predictor(..., exact=True)` serves the float32 weights of `model.safetensors` instead of the
-fast CPU path (bf16 backbone where the CPU supports it, int8 head).
+The OpenVINO engine (`openvino_model.xml`/`.bin`: int8 weights, run in bf16 where the CPU computes it
+natively) serves by default; `load_predictor(..., exact=True)` serves the float32 weights of
+`model.safetensors` instead. `config.json` lists every file's sha256, and `load_predictor` refuses a file
+that does not match.
 
 ## Results
 

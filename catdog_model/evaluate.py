@@ -232,10 +232,10 @@ def _model_outputs(predictor, images: Iterable[Image.Image], description: str, t
     batch = []
 
     def flush() -> None:
-        batch_logits, features = detector_features(predictor.model, torch.stack(batch))
-        logits.append(batch_logits)
+        outputs = predictor.outputs(torch.stack(batch))
+        logits.append(outputs.logits)
         if predictor.detector is not None:
-            scores.append(ood_score(features, predictor.detector))
+            scores.append(ood_score(outputs.features, predictor.detector))
         batch.clear()
 
     for image in tqdm(images, desc=description, total=total):
@@ -292,10 +292,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         out_scores = torch.empty(0)
         if args.ood_dir:
             _, out_scores = _model_outputs(predictor, _ood_images(Path(args.ood_dir)), "out-of-distribution")
-        ood = {"threshold": predictor.model.ood_threshold, "in_scores": in_scores, "out_scores": out_scores}
+        ood = {"threshold": predictor.ood_threshold, "in_scores": in_scores, "out_scores": out_scores}
     elif args.ood_dir:
         logger.warning("this model has no 'neither' detector (no ood_threshold in its config); --ood-dir is ignored")
-    results = write_report(Path(args.output_dir), logits, torch.tensor(rows[data.label_column]), predictor.model.temperature,
+    results = write_report(Path(args.output_dir), logits, torch.tensor(rows[data.label_column]), predictor.temperature,
                            predictor.labels, lambda i: rows[i][data.image_column], history=predictor.metrics.get("history"), ood=ood,
                            title=f"catdog evaluation: {args.model} on {args.dataset}")
     summary = f"accuracy {results['accuracy']:.4f}, ROC AUC {results['roc_auc']:.4f}, ECE {results['ece']:.4f}"

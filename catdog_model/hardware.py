@@ -1,6 +1,6 @@
 """What this machine computes fast: the one place that reads CPU flags and picks precisions from them.
 
-Serving (serving.py) runs the backbone in bf16 where ``native_bf16()``; training (train_accelerate.py)
+The serving engine (engine.py) is compiled in bf16 where ``native_bf16()``; training (train_accelerate.py)
 trains in bf16 autocast there unless told otherwise; the benchmarks record ``describe()`` next to
 every number they print.
 """

@@ -23,7 +23,7 @@ from torch import nn
 
 from .images import to_float
 
-__all__ = ["DEFAULT_LABELS", "CatDogClassifier"]
+__all__ = ["DEFAULT_LABELS", "CatDogClassifier", "calibrated_probability"]
 
 DEFAULT_LABELS = ("cat", "dog")  # the order of microsoft/cats_vs_dogs: cat=0, dog=1
 
@@ -34,6 +34,13 @@ logger = logging.getLogger(__name__)
 MAX_HEAD_PARAMETERS = 1_000_000_000
 # The backbone stages (timm's forward_intermediates indices) whose statistics feed the "neither" detector.
 STAT_STAGES = (1, 2)
+# The layers the "neither" detector reads, by name: the head's hidden layer and those stages' statistics.
+FEATURE_NAMES = ("hidden", *(f"stage{index}" for index in STAT_STAGES))
+
+
+def calibrated_probability(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """P(``labels[1]``): the sigmoid of the logit divided by the temperature fitted after training."""
+    return torch.sigmoid(logits.float() / temperature)
 
 
 def _check_labels(labels) -> tuple[str, str]:
@@ -110,8 +117,6 @@ class CatDogClassifier(
         self.register_buffer("mean", torch.zeros(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.ones(1, 3, 1, 1), persistent=False)
         self.reset_normalisation()
-        # What the backbone computes in: float32, or bfloat16 on the fast serving path (serving.py).
-        self.compute_dtype = torch.float32
 
         # Measure the feature map instead of assuming a stride: any backbone or size works.
         # Eval mode, so the probe leaves batch-norm statistics untouched and works at any size.
@@ -147,19 +152,15 @@ class CatDogClassifier(
         """Map (N, 3, H, W) images in [0, 1] (or uint8 in 0..255) to (N,) logits for ``labels[1]``."""
         return self.classify(self.hidden(self.feature_map(pixels)))
 
-    # The forward pass in named steps, for the "neither" detector and Grad-CAM (see ood.py).
+    # The forward pass in named steps, for the "neither" detector and Grad-CAM (see ood.py and engine.py).
     def _normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         if pixels.dtype == torch.uint8:  # the training loaders' batches: converted here, on the device
             pixels = to_float(pixels)
-        pixels = (pixels - self.mean.to(pixels.dtype)) / self.std.to(pixels.dtype)
-        if self.compute_dtype != torch.float32:
-            pixels = pixels.to(self.compute_dtype, memory_format=torch.channels_last)
-        return pixels
+        return (pixels - self.mean.to(pixels.dtype)) / self.std.to(pixels.dtype)
 
     def feature_map(self, pixels: torch.Tensor) -> torch.Tensor:
         """The backbone's last feature map, (N, C, h, w), from images in [0, 1]."""
-        features = self.backbone(self._normalise(pixels))
-        return features if self.compute_dtype == torch.float32 else features.float()
+        return self.backbone(self._normalise(pixels))
 
     def inspect(self, pixels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One backbone pass: the last feature map, and each early stage's per-channel mean and spread.
@@ -182,23 +183,16 @@ class CatDogClassifier(
         """Dropout and the last Linear: the (N,) logits."""
         return self.head[3:](hidden).squeeze(-1)
 
-    def pooled_head_weight(self) -> torch.Tensor:
-        """The hidden layer's weights summed over each channel's map positions, (hidden_size, channels).
-
-        Grad-CAM needs only this (see ood.py); it is computed once, from the weights as loaded.
-        """
-        if getattr(self, "_pooled_head_weight", None) is None:
-            linear, channels = self.head[1], self.backbone.num_features
-            if hasattr(linear, "pooled_weight"):  # the int8 head of the fast serving path
-                self._pooled_head_weight = linear.pooled_weight(channels)
-            else:
-                weight = linear.weight.detach().float()
-                self._pooled_head_weight = weight.view(weight.shape[0], channels, -1).sum(-1)
-        return self._pooled_head_weight
+    def forward_with_features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(last feature map, logits, {name in FEATURE_NAMES: features}) from one pass: what the "neither"
+        detector and Grad-CAM read."""
+        feature_map, features = self.inspect(pixels)
+        features["hidden"] = self.hidden(feature_map)
+        return feature_map, self.classify(features["hidden"]), features
 
     def probability(self, logits: torch.Tensor) -> torch.Tensor:
-        """Calibrated P(``labels[1]``): the sigmoid of the logit divided by the fitted temperature."""
-        return torch.sigmoid(logits.float() / self.temperature)
+        """Calibrated P(``labels[1]``) (see ``calibrated_probability``)."""
+        return calibrated_probability(logits, self.temperature)
 
     def load_backbone_weights(self, path: str | Path) -> None:
         """Load ImageNet weights for the backbone from a local timm checkpoint (.pth or .safetensors).

@@ -1,4 +1,4 @@
-"""The "neither a cat nor a dog" detector, and Grad-CAM: both read the classifier itself, no second model.
+"""The "neither a cat nor a dog" detector: it reads the classifier itself, no second model.
 
 The detector follows Lee et al. ("A Simple Unified Framework for Detecting Out-of-Distribution Samples
 and Adversarial Attacks", 2018, https://arxiv.org/abs/1807.03888): for each of a few layers it keeps
@@ -11,16 +11,13 @@ Above the threshold, the validation split's 95th percentile, a picture is "neith
 real cats and dogs are flagged. The statistics live in ``ood.safetensors`` next to the weights; the
 threshold is ``ood_threshold`` in config.json.
 
-Grad-CAM (Selvaraju et al., 2017, https://arxiv.org/abs/1610.02391) weighs the backbone's last
-feature map by the gradient of the predicted label's logit. The head (Linear → ReLU → Linear on the
-flattened map) gives that gradient in closed form, so the heatmap costs little more than a prediction.
+Grad-CAM is computed by the serving engine (engine.py); this module also draws its heatmap.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -30,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from .model import STAT_STAGES, CatDogClassifier
 
-__all__ = ["OOD_FILE", "OOD_PERCENTILE", "detector_features", "fit_detector", "grad_cam", "load_detector",
+__all__ = ["OOD_FILE", "OOD_PERCENTILE", "detector_features", "fit_detector", "load_detector",
            "ood_score", "overlay_heatmap", "resize_heatmap", "save_detector", "synthetic_ood_images"]
 
 OOD_FILE = "ood.safetensors"
@@ -40,17 +37,10 @@ OOD_PERCENTILE = 95
 SHRINKAGE = 0.1
 
 
-def _forward(model: CatDogClassifier, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """(last feature map, logits, {layer: detector features}) for a batch, from one pass without gradients."""
-    with torch.no_grad():
-        feature_map, features = model.inspect(pixels)
-        features["hidden"] = model.hidden(feature_map)
-        return feature_map, model.classify(features["hidden"]), features
-
-
 def detector_features(model: CatDogClassifier, pixels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(logits, {layer: features}) for a batch, from one forward pass (no gradients)."""
-    _, logits, features = _forward(model, pixels)
+    with torch.no_grad():
+        _, logits, features = model.forward_with_features(pixels)
     return logits, features
 
 
@@ -112,26 +102,10 @@ def load_detector(path: str | Path, model: CatDogClassifier) -> dict[str, torch.
             if name not in detector or tuple(detector[name].shape) != shape:
                 found = list(detector[name].shape) if name in detector else "nothing"
                 raise ValueError(f"{OOD_FILE} does not fit this model: {name} should be {list(shape)}, found {found}")
+    broken = sorted(name for name, tensor in detector.items() if not torch.isfinite(tensor).all())
+    if broken:  # NaN statistics would call every picture "neither"
+        raise ValueError(f"{OOD_FILE} holds non-finite values in {broken[0]}")
     return detector
-
-
-def grad_cam(model: CatDogClassifier, pixels: torch.Tensor, forward: Optional[Callable] = None,
-             ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-    """(logits, the detector's features, heatmaps (N, h, w) in [0, 1]) for a batch, from one backbone pass.
-
-    Each heatmap shows the evidence for the label the model predicts for that image. Grad-CAM weighs each
-    channel by the mean gradient of that label's logit over the map. The head is Linear → ReLU → Linear on
-    the flattened map, so that mean is exact in closed form: (w2 ⊙ relu'(hidden)) · W1 summed over each
-    channel's positions, divided by their number. No autograd is needed, and a quantized head works too.
-    ``forward`` computes what ``_forward`` does another way (the OpenVINO engine); the head's weights are the model's.
-    """
-    feature_map, logits, features = forward(pixels) if forward is not None else _forward(model, pixels)
-    sign = torch.where(logits >= 0, 1.0, -1.0)[:, None]
-    upstream = (features["hidden"] > 0).float() * model.head[4].weight.detach().float() * sign  # d(±logit)/d(hidden)
-    weights = upstream @ model.pooled_head_weight() / (feature_map.shape[2] * feature_map.shape[3])
-    cams = F.relu(torch.einsum("nc,nchw->nhw", weights, feature_map))
-    peak = cams.flatten(1).max(dim=1).values.clamp_min(1e-12)[:, None, None]
-    return logits, features, cams / peak
 
 
 def resize_heatmap(heatmap: torch.Tensor, width: int, height: int, longest: int) -> np.ndarray:

@@ -1,17 +1,20 @@
-"""The one serving path: load a trained model from a folder or the Hub, then predict in batches.
+"""The one serving path: load a trained model from a folder or the Hub, check it, then predict in batches.
 
     predictor = load_predictor("user/catdog")            # or "user/catdog@v1", or a local folder
     predictor.predict([Image.open("cat.jpg")])           # [{"cat": 0.97, "dog": 0.03}]
     predictor.explain(Image.open("car.jpg"))             # Explanation(probabilities, ood_score, is_cat_or_dog, heatmap)
 
-The Gradio app and the benchmarks use exactly this object.
+One engine serves, chosen at load and named by ``predictor.engine`` (see engine.py): the OpenVINO IR
+shipped next to the weights, or eager torch fp32 for ``exact=True`` and where OpenVINO cannot serve.
+Every file read is checked against the manifest in config.json (manifest.py). The Gradio app, the
+evaluation command and the benchmarks use exactly this object.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
-import os
 import queue
 import threading
 from concurrent.futures import Future
@@ -27,19 +30,24 @@ from huggingface_hub.utils import validate_repo_id
 from PIL import Image
 from safetensors import SafetensorError
 
+from . import engine as engines
+from .engine import IR_FILES, EngineOutputs, TorchEngine
 from .images import check_image, preprocess, to_rgb
-from .model import CatDogClassifier
-from .ood import OOD_FILE, grad_cam, load_detector, ood_score, resize_heatmap
-from .openvino_engine import OpenVINOForward, try_openvino
-from .serving import SERVING_FILE, Int8Linear, load_serving_file, make_fast
+from .manifest import MANIFEST_KEY, WEIGHTS, ManifestError, check_file
+from .model import CatDogClassifier, calibrated_probability
+from .ood import OOD_FILE, load_detector, ood_score, resize_heatmap
 
-__all__ = ["Explanation", "ModelLoadError", "Predictor", "load_predictor", "parse_source"]
+__all__ = ["Explanation", "ModelLoadError", "PredictionError", "Predictor", "load_predictor", "parse_source"]
 
 logger = logging.getLogger(__name__)
 
 
 class ModelLoadError(RuntimeError):
     """The model could not be loaded; the message says what is missing and how to fix it."""
+
+
+class PredictionError(RuntimeError):
+    """The model computed no usable answer (a non-finite output): never passed on as a prediction."""
 
 
 def parse_source(source: str) -> tuple[str, Optional[str]]:
@@ -87,64 +95,46 @@ class Predictor:
     """A loaded model and how to ask it. Safe to share between threads: every forward pass runs on one
     model thread, in order of arrival, and ``predict_shared`` batches the single pictures that wait there.
 
-    One thread, because torch gives each calling thread its own OpenMP team: a server calling the model
-    from many threads left the last team spinning while the next worked, which halved the throughput
-    of 8 concurrent clients on 2 cores.
+    One thread, because a torch or OpenVINO pass called from many threads at once gives each its own
+    thread team: on 2 cores those teams spun against each other and halved a server's throughput.
     """
 
-    model: CatDogClassifier
+    backend: Callable[[torch.Tensor], EngineOutputs]  # engine.py: OpenVINOEngine or TorchEngine
+    config: dict  # the model's own config.json, checked: labels, image_size, temperature, ood_threshold, ...
     source: str
     revision: Optional[str] = None
     metrics: dict = field(default_factory=dict)
     batch_size: int = 16
     detector: Optional[dict] = None  # the tensors of ood.safetensors
     max_shared_batch: int = 8  # predict_shared's largest batch: more adds latency on a 2-core CPU, not throughput
-    openvino: Optional[OpenVINOForward] = None  # computes the forward pass once compiled (openvino_engine.py)
-    _openvino_thread: Optional[threading.Thread] = field(default=None, repr=False, compare=False)
     _jobs: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, repr=False, compare=False)
     _model_thread: Optional[threading.Thread] = field(default=None, repr=False, compare=False)
     _start_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
-    def serving_path(self) -> str:
-        """How the model computes: "exact fp32", or the fast path's precision."""
-        if not isinstance(self.model.head[1], Int8Linear):
-            return "exact fp32"
-        path = f"{'bf16' if self.model.compute_dtype == torch.bfloat16 else 'fp32'} backbone + int8 head"
-        return path + (", OpenVINO" if self.openvino is not None else "")
-
-    def start_openvino(self, wait: bool = False) -> None:
-        """Compile the fast path with OpenVINO: now, or on a background thread once the first answer is out,
-        so that a server's first request is not slowed; torch serves until it is done. Where OpenVINO is
-        missing or fails, torch goes on serving (logged)."""
-        if not isinstance(self.model.head[1], Int8Linear) or self._openvino_thread is not None:
-            return
-        threads = torch.get_num_threads()
-        compile_now = lambda: setattr(self, "openvino", try_openvino(self.model, threads))  # noqa: E731
-        self._openvino_thread = threading.Thread(target=compile_now, name="catdog-openvino", daemon=True)
-        if wait:
-            self.wait_for_openvino()
-
-    def wait_for_openvino(self, timeout: Optional[float] = None) -> bool:
-        """Start a pending compile if it has not started, wait for it; True if OpenVINO now serves."""
-        self._begin_openvino()
-        if self._openvino_thread is not None:
-            self._openvino_thread.join(timeout)
-        return self.openvino is not None
-
-    def _begin_openvino(self) -> None:
-        """Start the compile thread that ``start_openvino`` prepared, once; a no-op otherwise."""
-        with self._start_lock:
-            if self._openvino_thread is not None and self._openvino_thread.ident is None:
-                self._openvino_thread.start()
+    def engine(self) -> str:
+        """What computes the answers: "openvino-bf16", "openvino-f32" or "torch-fp32"."""
+        return self.backend.name
 
     @property
     def labels(self) -> tuple[str, ...]:
-        return self.model.labels
+        return tuple(self.config["labels"])
 
     @property
     def image_size(self) -> int:
-        return self.model.image_size
+        return self.config["image_size"]
+
+    @property
+    def backbone(self) -> str:
+        return self.config["backbone"]
+
+    @property
+    def ood_threshold(self) -> Optional[float]:
+        return self.config["ood_threshold"]
+
+    @property
+    def temperature(self) -> float:
+        return self.config["temperature"]
 
     def predict(self, images: Sequence[Image.Image]) -> list[dict[str, float]]:
         """One ``{label: probability}`` per image, in order, batched."""
@@ -157,11 +147,21 @@ class Predictor:
             results.extend(self._on_model_thread(self._probabilities, batch))
         return results
 
-    @torch.inference_mode()
+    def outputs(self, pixels: torch.Tensor) -> EngineOutputs:
+        """The engine's outputs for a batch of preprocessed pictures; ``PredictionError`` if any is not finite."""
+        return self._on_model_thread(self._checked_outputs, pixels)
+
+    def _checked_outputs(self, pixels: torch.Tensor) -> EngineOutputs:
+        outputs = self.backend(pixels)
+        if not all(bool(torch.isfinite(tensor).all()) for tensor in (outputs.logits, *outputs.features.values())):
+            raise PredictionError(f"The model {self.source} computed a non-finite output: its weights are damaged. "
+                                  "Retrain it, or load another revision.")
+        return outputs
+
     def _probabilities(self, batch: torch.Tensor) -> list[dict[str, float]]:
         negative, positive = self.labels
-        logits = self.openvino(batch)[1] if self.openvino is not None else self.model(batch)
-        return [{negative: 1.0 - p, positive: p} for p in self.model.probability(logits).tolist()]
+        p = calibrated_probability(self._checked_outputs(batch).logits, self.temperature)
+        return [{negative: 1.0 - value, positive: value} for value in p.tolist()]
 
     def predict_shared(self, image: Image.Image) -> dict[str, float]:
         """``predict([image])[0]`` for servers whose threads share this predictor: the pictures that wait
@@ -201,7 +201,6 @@ class Predictor:
                 continue
             for waiting, result in zip(futures, results):
                 waiting.set_result(result)
-            self._begin_openvino()  # the first answer is out: a pending OpenVINO compile may start now
 
     def _waiting_pictures(self, future: Future, pixels: torch.Tensor) -> tuple[list, list, Optional[tuple]]:
         """This picture and those queued behind it, up to ``max_shared_batch``; and the call that stopped
@@ -219,120 +218,141 @@ class Predictor:
         return futures, images, None
 
     def explain(self, image: Image.Image) -> Explanation:
-        """Probabilities, whether the picture looks like a cat or a dog at all, and where the model looked.
-
-        One backbone pass; the heatmap's gradient is computed in closed form from the head's weights.
-        """
+        """Probabilities, whether the picture looks like a cat or a dog at all, and where the model looked:
+        all from the one forward pass a prediction makes (the engine computes the heatmap too)."""
         upright = to_rgb(check_image(image))
-        pixels = preprocess(upright, self.image_size)[None]
-        logits, features, heatmaps = self._on_model_thread(lambda: grad_cam(self.model, pixels, self.openvino))
-        p = float(self.model.probability(logits)[0])
+        outputs = self.outputs(preprocess(upright, self.image_size)[None])
+        p = float(calibrated_probability(outputs.logits, self.temperature)[0])
         negative, positive = self.labels
         score, looks_right = None, True
         if self.detector is not None:
-            score = float(ood_score(features, self.detector)[0])
-            looks_right = score <= self.model.ood_threshold
-        heatmap = resize_heatmap(heatmaps[0], upright.width, upright.height, longest=self.image_size)
+            score = float(ood_score(outputs.features, self.detector)[0])
+            looks_right = score <= self.ood_threshold
+        heatmap = resize_heatmap(outputs.heatmaps[0], upright.width, upright.height, longest=self.image_size)
         return Explanation({negative: 1.0 - p, positive: p}, score, looks_right, heatmap)
 
 
-def _read_json(repo_id: str, filename: str, revision: Optional[str]) -> object:
-    """A JSON file next to the weights, from the folder or the Hub (huggingface_hub caches it)."""
-    path = Path(repo_id) / filename if Path(repo_id).is_dir() else hf_hub_download(repo_id, filename, revision=revision)
-    return json.loads(Path(path).read_text())
+class _ModelFiles:
+    """The files of one model, from a local folder or the Hub (huggingface_hub caches them), each checked
+    against the manifest in config.json before it is used."""
 
+    def __init__(self, source: str, repo_id: str, revision: Optional[str]) -> None:
+        self.source, self.repo_id, self.revision = source, repo_id, revision
+        self.local = Path(repo_id).is_dir()
+        self.where = repo_id if self.local else f"{source!r} on the Hub"
+        self.manifest: Optional[dict] = None
 
-def _read_metrics(repo_id: str, revision: Optional[str]) -> dict:
-    """metrics.json, if the training script wrote one; {} otherwise: it only feeds the model panel."""
-    try:
-        metrics = _read_json(repo_id, "metrics.json", revision)
-    except (OSError, ValueError, EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError):
-        return {}
-    return metrics if isinstance(metrics, dict) else {}
+    def path(self, name: str, required: bool = True) -> Optional[Path]:
+        """The file's local path, checked; None for a missing file that is not ``required``."""
+        path = Path(self.repo_id) / name
+        if not self.local:
+            try:
+                path = Path(hf_hub_download(self.repo_id, name, revision=self.revision))
+            except (EntryNotFoundError, LocalEntryNotFoundError):  # offline and not cached counts as missing
+                path = None
+            except HfHubHTTPError as error:
+                raise ModelLoadError(f"The Hub refused {self.source!r}: {str(error).splitlines()[0]}") from None
+        if path is None or not path.is_file():
+            if not required:
+                return None
+            if self.local:
+                raise ModelLoadError(f"Could not read the model in {self.repo_id}: {name} is missing.")
+            raise ModelLoadError(f"Could not download {self.source!r} from the Hugging Face Hub "
+                                 f"(offline, no access, or {name} is missing).")
+        try:
+            check_file(self.manifest, name, path)
+        except ManifestError as error:
+            raise ModelLoadError(f"{self.where}: {error}.") from None
+        return path
 
-
-def _serving_file(repo_id: str, revision: Optional[str]) -> Optional[str]:
-    """model.serving.safetensors if the model has one (models trained before it existed do not)."""
-    if Path(repo_id).is_dir():
-        path = Path(repo_id) / SERVING_FILE
-        return str(path) if path.is_file() else None
-    try:
-        return hf_hub_download(repo_id, SERVING_FILE, revision=revision)
-    except (EntryNotFoundError, LocalEntryNotFoundError):  # none, or not cached offline: model.safetensors may be
-        return None
-
-
-def _load_model(source: str, repo_id: str, revision: Optional[str], exact: bool) -> CatDogClassifier:
-    local = Path(repo_id).is_dir()
-    where = repo_id if local else f"{source!r} on the Hub"
-    if local and not (Path(repo_id) / "config.json").is_file():
-        raise ModelLoadError(f"{repo_id} has no config.json: it is not a folder written by train_accelerate.py.")
-    try:
-        serving = None if exact else _serving_file(repo_id, revision)
-        if local and not serving and not (Path(repo_id) / "model.safetensors").is_file():
-            raise ModelLoadError(f"Could not read the model in {repo_id}: model.safetensors is missing.")
-        config = _read_json(repo_id, "config.json", revision)
+    def config(self) -> dict:
+        """config.json, checked by building the model it describes on the meta device (no memory, no weights)."""
+        if self.local and not (Path(self.repo_id) / "config.json").is_file():
+            raise ModelLoadError(f"{self.repo_id} has no config.json: it is not a folder written by train_accelerate.py.")
+        try:
+            config = json.loads(self.path("config.json").read_text())
+        except json.JSONDecodeError as error:
+            raise ModelLoadError(f"The config.json of {self.where} is not valid JSON ({error}).") from None
         if not isinstance(config, dict):
-            raise ModelLoadError(f"The config.json of {where} is a JSON {type(config).__name__}, not an object.")
-        if serving:
-            return load_serving_file(config, serving)
-        model = CatDogClassifier.from_pretrained(repo_id, revision=revision)
-        return model if exact else make_fast(model)
-    except (LocalEntryNotFoundError, EntryNotFoundError) as error:
-        if local:
-            raise ModelLoadError(f"Could not read the model in {repo_id}: {error}") from None
-        raise ModelLoadError(
-            f"Could not download {source!r} from the Hugging Face Hub (offline, no access, or a file is missing)."
-        ) from None
-    except HfHubHTTPError as error:
-        raise ModelLoadError(f"The Hub refused {source!r}: {str(error).splitlines()[0]}") from None
-    except json.JSONDecodeError as error:
-        raise ModelLoadError(f"The config.json of {where} is not valid JSON ({error}).") from None
-    except ModelLoadError:
-        raise
-    except (RuntimeError, ValueError, TypeError, KeyError, AttributeError, SafetensorError, OSError) as error:
-        # Weights that do not fit the config (strict loading), or a config this code cannot build.
+            raise ModelLoadError(f"The config.json of {self.where} is a JSON {type(config).__name__}, not an object.")
+        names = [name for name in inspect.signature(CatDogClassifier.__init__).parameters if name in config]
+        try:
+            with torch.device("meta"):
+                spec = CatDogClassifier(**{**{name: config[name] for name in names}, "pretrained": False})
+        except (ValueError, TypeError, RuntimeError) as error:
+            self.invalid(error)
+        self.manifest = config.get(MANIFEST_KEY) if isinstance(config.get(MANIFEST_KEY), dict) else None
+        if self.manifest is None:
+            logger.warning("%s has no manifest in its config.json (trained before models carried one): its files "
+                           "are not verified", self.where)
+        self.spec = spec
+        return {"backbone": spec.backbone_name, "image_size": spec.image_size, "labels": spec.labels,
+                "temperature": spec.temperature, "ood_threshold": spec.ood_threshold}
+
+    def invalid(self, error: Exception) -> None:
         reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
-        raise ModelLoadError(f"The files of {where} do not form a valid model: {reason}") from None
+        raise ModelLoadError(f"The files of {self.where} do not form a valid model: {reason}") from None
+
+    def torch_model(self) -> CatDogClassifier:
+        """The fp32 model from model.safetensors, strict and finite."""
+        self.path(WEIGHTS)
+        try:
+            model = CatDogClassifier.from_pretrained(self.repo_id, revision=self.revision).eval()
+        except (RuntimeError, ValueError, TypeError, KeyError, AttributeError, SafetensorError, OSError) as error:
+            self.invalid(error)
+        broken = next((name for name, tensor in model.state_dict().items()
+                       if tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
+        if broken:
+            raise ModelLoadError(f"{self.where}: {WEIGHTS} holds non-finite weights ({broken}); retrain the model.")
+        return model
 
 
-def _load_detector(source: str, repo_id: str, revision: Optional[str], model: CatDogClassifier) -> Optional[dict]:
-    """ood.safetensors when the config has a threshold (models trained before the detector have neither)."""
-    if model.ood_threshold is None:
-        return None
-    try:
-        path = Path(repo_id) / OOD_FILE if Path(repo_id).is_dir() else hf_hub_download(repo_id, OOD_FILE, revision=revision)
-        return load_detector(path, model)
-    except (OSError, EntryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError):
-        raise ModelLoadError(f"{source}: config.json sets ood_threshold but {OOD_FILE} could not be read.") from None
-    except (ValueError, SafetensorError) as error:
-        raise ModelLoadError(f"{source}: {str(error).splitlines()[0]}") from None
+def _load_engine(files: _ModelFiles, exact: bool):
+    """The OpenVINO IR where it can serve, else torch fp32 (logged)."""
+    threads = torch.get_num_threads()
+    if not exact and engines.openvino is None:
+        logger.warning("OpenVINO is not installed: torch (fp32) serves, several times slower (pip install openvino)")
+    elif not exact:
+        xml = files.path(IR_FILES[0], required=False)
+        binary = files.path(IR_FILES[1], required=False) if xml else None
+        try:
+            if xml and binary:
+                return engines.compile_openvino(xml, threads)
+            logger.info("%s has no OpenVINO IR (a model trained before it shipped one): exporting it from %s now",
+                        files.where, WEIGHTS)
+            return engines.compile_openvino(engines.export_openvino(files.torch_model()), threads)
+        except ModelLoadError:
+            raise
+        except Exception as error:  # OpenVINO's reader, converter and compiler raise their own types
+            reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+            logger.warning("OpenVINO cannot serve %s (%s): torch (fp32) serves instead", files.where, reason)
+    return TorchEngine(files.torch_model())
 
 
-OPENVINO_MODES = ("background", "now", "off")
+def load_predictor(source: str, batch_size: int = 16, exact: bool = False) -> Predictor:
+    """Load a model from a local folder, "user/repo" or "user/repo@revision", ready to serve.
 
-
-def load_predictor(source: str, batch_size: int = 16, exact: bool = False, openvino: Optional[str] = None) -> Predictor:
-    """Load a model from a local folder, "user/repo" or "user/repo@revision", in eval mode.
-
-    By default it serves the fast CPU path (serving.py), from ``model.serving.safetensors`` when the model
-    has one, so that only that file and config.json are read or downloaded. ``exact=True`` serves the
-    eager float32 model from ``model.safetensors``. Raises ``ModelLoadError``, and only that, with a
-    one-line message naming the source and the reason.
-
-    ``openvino`` (default: $CATDOG_OPENVINO, else "background"): compile the fast path with OpenVINO on a
-    background thread while torch serves ("background"), before returning ("now"), or not at all ("off").
+    By default the OpenVINO IR shipped next to the weights serves (engine.py), so a Hub model downloads
+    config.json, the IR and ood.safetensors only; ``exact=True`` serves the eager float32 model from
+    model.safetensors. Each file is checked against the manifest in config.json. Raises
+    ``ModelLoadError``, and only that, with a one-line message naming the source and the reason.
     """
-    mode = openvino or os.environ.get("CATDOG_OPENVINO") or "background"
-    if mode not in OPENVINO_MODES:
-        raise ModelLoadError(f"openvino (or $CATDOG_OPENVINO) must be one of {', '.join(OPENVINO_MODES)}, got {mode!r}.")
     repo_id, revision = parse_source(source)
-    model = _load_model(str(source).strip(), repo_id, revision, exact)
-    model.eval()
-    detector = _load_detector(str(source).strip(), repo_id, revision, model)
-    predictor = Predictor(model, source=repo_id, revision=revision, metrics=_read_metrics(repo_id, revision),
-                          batch_size=batch_size, detector=detector)
-    if not exact and mode != "off":
-        predictor.start_openvino(wait=mode == "now")
-    logger.info("serving %s: %s", source, predictor.serving_path)
+    files = _ModelFiles(str(source).strip(), repo_id, revision)
+    config = files.config()
+    backend = _load_engine(files, exact)
+    detector = None
+    if config["ood_threshold"] is not None:  # models trained before the detector have neither
+        try:
+            detector = load_detector(files.path(OOD_FILE), files.spec)
+        except (OSError, ValueError, SafetensorError) as error:
+            raise ModelLoadError(f"{files.source}: {str(error).splitlines()[0]}") from None
+    metrics_path = files.path("metrics.json", required=False)
+    try:
+        metrics = json.loads(metrics_path.read_text()) if metrics_path else {}
+    except (OSError, ValueError):
+        metrics = {}
+    predictor = Predictor(backend, config, source=repo_id, revision=revision,
+                          metrics=metrics if isinstance(metrics, dict) else {}, batch_size=batch_size, detector=detector)
+    logger.info("serving %s with %s", source, predictor.engine)
     return predictor

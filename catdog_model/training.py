@@ -10,7 +10,6 @@ so a kill at any moment leaves the previous complete checkpoint or the new one, 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import logging
 import os
@@ -30,6 +29,7 @@ from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
 from .calibration import ECE_BINS, expected_calibration_error, fit_temperature
+from .manifest import file_sha256
 from .model import CatDogClassifier
 from .ood import detector_features
 
@@ -235,11 +235,6 @@ def check_best_model(output_dir: Path, progress: Progress, epoch_ended: bool = F
         state = "was replaced" if path.is_file() else "is missing"
         raise TrainingError(f"{path}, the best model so far (epoch {progress.best_epoch}), {state}: resume in the output "
                             "folder of the run that wrote the checkpoint, or start afresh with --overwrite-output-dir.")
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def read_manifest(folder: Path) -> dict:
