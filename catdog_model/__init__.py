@@ -2,7 +2,7 @@
 
 from .images import ImageError, open_image, preprocess, to_rgb
 from .model import DEFAULT_LABELS, CatDogClassifier
-from .predictor import Explanation, ModelLoadError, Predictor, load_predictor
+from .predictor import Explanation, ModelLoadError, PredictionError, Predictor, load_predictor
 
 __all__ = [
     "CatDogClassifier",
@@ -10,6 +10,7 @@ __all__ = [
     "Explanation",
     "ImageError",
     "ModelLoadError",
+    "PredictionError",
     "Predictor",
     "load_predictor",
     "open_image",

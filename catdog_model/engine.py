@@ -38,12 +38,16 @@ try:  # in requirements.txt; without it the torch engine serves
 except ImportError:  # pragma: no cover - depends on the environment
     openvino = None
 
-__all__ = ["IR_FILES", "EngineOutputs", "OpenVINOEngine", "ServingGraph", "TorchEngine", "compile_openvino",
+__all__ = ["IR_FILES", "EngineOutputs", "NonFiniteWeightError", "OpenVINOEngine", "ServingGraph", "TorchEngine", "compile_openvino",
            "export_openvino", "save_openvino"]
 
 logger = logging.getLogger(__name__)
 
 IR_FILES = ("openvino_model.xml", "openvino_model.bin")
+
+
+class NonFiniteWeightError(ValueError):
+    """The IR holds a NaN or infinite weight: it would answer every picture with NaN."""
 
 
 @dataclass
@@ -209,4 +213,4 @@ def _check_constants_finite(model: "openvino.Model") -> None:
     for op in model.get_ops():
         if op.get_type_name() == "Constant" and op.get_element_type().is_real():
             if not np.isfinite(op.get_data()).all():
-                raise ValueError(f"{IR_FILES[1]} holds a non-finite weight ({op.get_friendly_name()})")
+                raise NonFiniteWeightError(f"{IR_FILES[1]} holds a non-finite weight ({op.get_friendly_name()})")

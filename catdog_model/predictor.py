@@ -323,6 +323,8 @@ def _load_engine(files: _ModelFiles, exact: bool):
             return engines.compile_openvino(engines.export_openvino(files.torch_model()), threads)
         except ModelLoadError:
             raise
+        except engines.NonFiniteWeightError as error:
+            raise ModelLoadError(f"{files.where}: {error}; retrain the model.") from None
         except Exception as error:  # OpenVINO's reader, converter and compiler raise their own types
             reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
             logger.warning("OpenVINO cannot serve %s (%s): torch (fp32) serves instead", files.where, reason)

@@ -16,8 +16,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.pop("HF_TOKEN", None)
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-# Torch serves unless a test asks for OpenVINO: a compile on a background thread would make answers depend on timing.
-os.environ["CATDOG_OPENVINO"] = "off"
 
 import pytest  # noqa: E402
 
@@ -59,6 +57,17 @@ def weights_equal(folder_a: Path, folder_b: Path) -> bool:
     from safetensors.torch import load_file
     a, b = load_file(folder_a / "model.safetensors"), load_file(folder_b / "model.safetensors")
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def hub_snapshot(cache: Path, repo_id: str, folder: Path, commit: str = "c" * 40, refs=("main",)) -> Path:
+    """Lay ``folder``'s files out in a Hugging Face cache as a download of ``repo_id`` would leave them."""
+    repo_dir = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo_dir / "snapshots" / commit
+    shutil.copytree(folder, snapshot, ignore=shutil.ignore_patterns(".*", "checkpoints"))
+    (repo_dir / "refs").mkdir(exist_ok=True)
+    for ref in refs:
+        (repo_dir / "refs" / ref).write_text(commit)
+    return snapshot
 
 
 @pytest.fixture(scope="session")

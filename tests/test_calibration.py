@@ -55,12 +55,11 @@ def test_the_training_run_stores_the_temperature_and_reports_the_ece(trained_mod
 def test_the_predictor_applies_the_temperature(trained_model):
     predictor = load_predictor(str(trained_model))
     temperature = json.loads((trained_model / "config.json").read_text())["temperature"]
-    assert predictor.model.temperature == temperature
+    assert predictor.temperature == temperature
     pixels = torch.rand(1, 3, 64, 64)
     image = __import__("torchvision").transforms.v2.functional.to_pil_image(pixels[0])
-    with torch.no_grad():
-        from catdog_model import preprocess
-        logit = predictor.model(preprocess(image, 64)[None])
+    from catdog_model import preprocess
+    logit = predictor.outputs(preprocess(image, 64)[None]).logits
     assert predictor.predict([image])[0]["dog"] == pytest.approx(float(torch.sigmoid(logit / temperature)), abs=1e-6)
 
 
@@ -69,4 +68,4 @@ def test_a_model_saved_before_calibration_loads_with_temperature_one(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     del config["temperature"]
     (tmp_path / "config.json").write_text(json.dumps(config))
-    assert load_predictor(str(tmp_path)).model.temperature == 1.0
+    assert load_predictor(str(tmp_path)).temperature == 1.0

@@ -10,7 +10,8 @@ from datasets import load_dataset
 from PIL import Image, ImageDraw
 
 from catdog_model import CatDogClassifier, ModelLoadError, load_predictor
-from catdog_model.ood import OOD_FILE, grad_cam, load_detector
+from catdog_model.engine import TorchEngine
+from catdog_model.ood import OOD_FILE, load_detector
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def _not_pets() -> dict[str, Image.Image]:
 def test_noise_flat_colour_and_text_are_neither(predictor, name):
     explanation = predictor.explain(_not_pets()[name])
     assert explanation.is_cat_or_dog is False
-    assert explanation.ood_score > predictor.model.ood_threshold
+    assert explanation.ood_score > predictor.ood_threshold
     assert sum(explanation.probabilities.values()) == pytest.approx(1.0)  # the raw answer is still there
 
 
@@ -57,7 +58,7 @@ def test_few_real_photos_of_the_test_split_are_flagged(predictor, trained_model,
 def test_threshold_is_the_validation_splits_95th_percentile(predictor, trained_model, mini_rows):
     config = json.loads((trained_model / "config.json").read_text())
     evaluation = json.loads((trained_model / "evaluation.json").read_text())
-    assert config["ood_threshold"] == evaluation["ood"]["threshold"] == predictor.model.ood_threshold
+    assert config["ood_threshold"] == evaluation["ood"]["threshold"] == predictor.ood_threshold
     validation = json.loads((trained_model / "split.json").read_text())["used"]["validation"]
     scores = np.array([predictor.explain(mini_rows[row]["image"]).ood_score for row in validation])
     # The predictor's scores are the training run's: 5% of the validation split lie above, to one picture.
@@ -76,13 +77,18 @@ def test_a_missing_or_foreign_detector_file_is_a_clear_load_error(trained_model,
     copy = tmp_path / "model"
     shutil.copytree(trained_model, copy)
     (copy / OOD_FILE).unlink()
-    with pytest.raises(ModelLoadError, match="ood_threshold but ood.safetensors could not be read"):
+    with pytest.raises(ModelLoadError, match="ood.safetensors is missing"):
         load_predictor(str(copy))
-    detector = load_detector(trained_model / OOD_FILE, load_predictor(str(trained_model)).model)
+    detector = load_detector(trained_model / OOD_FILE, CatDogClassifier.from_pretrained(str(trained_model)))
     detector["hidden.means"] = detector["hidden.means"][:, :10].contiguous()
     from safetensors.torch import save_file
 
     save_file(detector, str(copy / OOD_FILE))
+    with pytest.raises(ModelLoadError, match="ood.safetensors is not the file its training run wrote"):
+        load_predictor(str(copy))
+    config = json.loads((copy / "config.json").read_text())
+    del config["manifest"]  # a model from before the manifest: the shapes are still checked
+    (copy / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match=r"does not fit this model: hidden.means should be \[2, 1024\], found \[2, 10\]"):
         load_predictor(str(copy))
 
@@ -132,9 +138,10 @@ def test_grad_cam_equals_captums_layer_grad_cam(trained_model, mini_rows):
 
     from catdog_model import preprocess
 
-    model = load_predictor(str(trained_model), exact=True).model  # captum needs autograd: the fp32 model
+    model = CatDogClassifier.from_pretrained(str(trained_model)).eval()  # captum needs autograd: the fp32 model
     pixels = torch.stack([preprocess(mini_rows[row]["image"], model.image_size) for row in (0, 1600, 2999, 700)])
-    logits, _, ours = grad_cam(model, pixels)
+    outputs = TorchEngine(model)(pixels)
+    logits, ours = outputs.logits, outputs.heatmaps
     sign = torch.where(logits >= 0, 1.0, -1.0)
     reference = LayerGradCam(lambda x: model(x) * sign, model.backbone).attribute(pixels, relu_attributions=True)
     reference = reference[:, 0] / reference.flatten(1).max(dim=1).values.clamp_min(1e-12)[:, None, None]
