@@ -17,6 +17,7 @@ import csv
 import ctypes
 import logging
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -306,5 +307,11 @@ with gr.Blocks(title="catdog: cat or dog?") as demo:
 
 demo.queue(max_size=32, default_concurrency_limit=1)
 
+def _stop_on_sigterm(signum, frame) -> None:
+    """A Space (or docker, or systemd) stops the app with SIGTERM: close the server as Ctrl+C does, exit 0."""
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     demo.launch(max_file_size=f"{SERVER_CAP_MB}mb", css=CSS)

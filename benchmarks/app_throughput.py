@@ -3,10 +3,8 @@
     python -m benchmarks.app_throughput                      # a random-weight 224 px model (speed needs no training)
     python -m benchmarks.app_throughput --model catdog-model --json benchmarks/results/app_throughput.json
 
-Starts `python app.py` three times on loopback: unbatched (CATDOG_MAX_BATCH=1: one /predict at a time, as
-before batching), as it ships (concurrent /predict calls share forward passes, up to 8; OpenVINO computes
-them once compiled) and batched with torch computing (CATDOG_OPENVINO=off). Each gets the
-same photos through gradio_client, from 1 client and then from 8, one Client per thread. It reports
+Starts `python app.py` twice on loopback: unbatched (CATDOG_MAX_BATCH=1: one /predict at a time) and as
+it ships (concurrent /predict calls share forward passes of its engine, up to 8). Each gets the same photos through gradio_client, from 1 client and then from 8, one Client per thread. It reports
 requests/s and the p50 latency, and the two ratios that matter: throughput at 8 clients, batched over
 unbatched, and the lone client's latency, batched over unbatched.
 """
@@ -28,20 +26,18 @@ from gradio_client import Client, handle_file
 from benchmarks.load_test import running_app
 from catdog_model import CatDogClassifier
 from catdog_model.data import load_image_dataset
+from catdog_model.engine import save_openvino
 from catdog_model.hardware import describe
-from catdog_model.serving import SERVING_FILE, save_serving_file
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = {"unbatched": {"CATDOG_MAX_BATCH": "1"}, "batched (as shipped)": {},
-            "batched, torch": {"CATDOG_OPENVINO": "off"}}
-ENGINE_SETTLED = ("compiled the model", "OpenVINO is not installed", "OpenVINO could not compile")
+VARIANTS = {"unbatched": {"CATDOG_MAX_BATCH": "1"}, "batched (as shipped)": {}}
 
 
 def random_model(folder: Path, image_size: int) -> str:
-    """A spec model with random weights, saved as training saves it (config, fp32 and serving files)."""
+    """A model with random weights, saved as training saves it (config, fp32 weights and the OpenVINO IR)."""
     model = CatDogClassifier(image_size=image_size).eval()
     model.save_pretrained(folder)
-    save_serving_file(model, folder / SERVING_FILE)
+    save_openvino(model, folder)
     return str(folder)
 
 
@@ -58,16 +54,6 @@ def photos(folder: Path, dataset: str, count: int) -> list[Path]:
         paths.append(folder / f"photo{index}.jpg")
         paths[-1].write_bytes(buffer.getvalue())
     return paths
-
-
-def settle(url: str, log: Path, timeout: float = 180) -> None:
-    """One request, then wait until OpenVINO serves (its compile starts after the first answer) or has
-    said why not, so that no timed request is answered by the engine in transition."""
-    Client(url, verbose=False, ssl_verify=False).predict(handle_file(str(ROOT / "examples" / "chelsea_cat.jpg")),
-                                                         api_name="/predict")
-    deadline = time.monotonic() + timeout
-    while not any(line in log.read_text() for line in ENGINE_SETTLED) and time.monotonic() < deadline:
-        time.sleep(0.5)
 
 
 def send(url: str, requests: list[Path], clients: int) -> dict:
@@ -110,9 +96,7 @@ def main() -> None:
         requests = [pictures[i % len(pictures)] for i in range(args.requests)]
         for index, (name, env) in enumerate(VARIANTS.items()):
             log = folder / f"app{index}.log"
-            with running_app(model, {"CATDOG_OPENVINO": "background", **env}, log) as (url, _):
-                if env.get("CATDOG_OPENVINO") != "off":
-                    settle(url, log)
+            with running_app(model, env, log) as (url, _):
                 results["apps"][name] = {clients: send(url, requests, clients) for clients in (1, 8)}
 
     machine, apps = results["machine"], results["apps"]

@@ -20,7 +20,7 @@ from PIL import Image
 
 from catdog_model import CatDogClassifier, load_predictor, preprocess
 from catdog_model.hardware import cpu_name
-from catdog_model.ood import detector_features, fit_detector
+from catdog_model.ood import fit_detector
 
 
 def _images(count: int, seed: int = 0) -> list[Image.Image]:
@@ -53,10 +53,10 @@ def _explain_rate(predictor, images, repeats: int) -> float:
 
 def _add_timing_detector(predictor, images) -> None:
     """A model saved before the detector has none: fit one on these images, only so that its cost is timed."""
-    pixels = torch.stack([preprocess(image, predictor.image_size) for image in images[:32]])
-    _, features = detector_features(predictor.model, pixels)
-    labels = torch.arange(len(pixels)) % 2
-    predictor.detector, predictor.model.ood_threshold = fit_detector(features, labels, features)
+    features = predictor.outputs(torch.stack([preprocess(image, predictor.image_size) for image in images[:32]])).features
+    labels = torch.arange(32) % 2
+    predictor.detector, threshold = fit_detector(features, labels, features)
+    predictor.config = {**predictor.config, "ood_threshold": threshold}
 
 
 def main() -> None:
@@ -82,7 +82,8 @@ def main() -> None:
     batched = _throughput(predictor, images, args.batch_size, args.repeats)
     explained = _explain_rate(predictor, images, args.repeats)
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads")
-    print(f"model:   {args.model or 'random-init spec model'} at {predictor.image_size} px, {args.images} images, best of {args.repeats}")
+    print(f"model:   {args.model or 'random-init spec model'} at {predictor.image_size} px, engine {predictor.engine}, "
+          f"{args.images} images, best of {args.repeats}")
     print(f"one image per call      : {single:7.1f} images/s")
     print(f"batches of {args.batch_size:<3}          : {batched:7.1f} images/s")
     print(f"ratio batched / single  : {batched / single:7.2f}x")

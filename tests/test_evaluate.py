@@ -79,8 +79,10 @@ def test_the_command_reproduces_the_training_runs_numbers(trained_model, mini_da
     training = json.loads((trained_model / "evaluation.json").read_text())
     assert ours["samples"] == training["samples"] and ours["accuracy"] == training["accuracy"]
     assert ours["confusion_matrix"] == training["confusion_matrix"]
-    for key in ("loss", "roc_auc", "ece"):
-        assert ours[key] == pytest.approx(training[key], abs=1e-4)
+    # The command evaluates the shipped engine (int8 weights, bf16 where native), training its torch model: they
+    # agree to the engine's parity (|ΔP| ≤ 0.01), and this barely trained model's ranking is mostly ties near 0.5.
+    for key, tolerance in (("loss", 2e-3), ("roc_auc", 0.02), ("ece", 0.01)):
+        assert ours[key] == pytest.approx(training[key], abs=tolerance)
     assert ours["ood"]["out_of_distribution"] == 12 and ours["ood"]["auroc"] > 0.9
     assert ours["ood"]["flagged_out_of_distribution"] >= 0.9
     assert (tmp_path / "report" / "evaluation.html").is_file() and (tmp_path / "report" / "mistakes.png").is_file()
