@@ -39,7 +39,6 @@ def _cap_malloc_arenas(arenas: int) -> None:
 _cap_malloc_arenas(int(os.environ.get("CATDOG_MALLOC_ARENAS", "2")))
 
 import gradio as gr  # noqa: E402
-import torch  # noqa: E402
 from gradio.utils import get_upload_folder  # noqa: E402
 from gradio_client import handle_file  # noqa: E402
 
@@ -90,12 +89,12 @@ def _model_source(argv: list[str]) -> tuple[str, str, bool]:
 
 # Flags are read only when run as a script, so that tests can import `demo`.
 MODEL_SOURCE, WHY, EXACT = _model_source(sys.argv[1:] if __name__ == "__main__" else [])
-# Inference is the only heavy work: use the cores deliberately, not whatever torch guesses.
-torch.set_num_threads(int(os.environ.get("CATDOG_TORCH_THREADS", min(2, os.cpu_count() or 1))))
+# Inference is the only heavy work: use the cores deliberately, not whatever a library guesses.
+THREADS = int(os.environ.get("CATDOG_THREADS", min(2, os.cpu_count() or 1)))
 
 logger.info("loading the model %s (%s)", MODEL_SOURCE, WHY)
 try:
-    predictor = load_predictor(MODEL_SOURCE, exact=EXACT)
+    predictor = load_predictor(MODEL_SOURCE, exact=EXACT, threads=THREADS)
     predictor.max_shared_batch = MAX_BATCH
     load_error = None
     if Path(predictor.source).is_dir():

@@ -26,7 +26,7 @@ from gradio_client import Client, handle_file
 from benchmarks.load_test import running_app
 from catdog_model import CatDogClassifier
 from catdog_model.data import load_image_dataset
-from catdog_model.engine import save_openvino
+from catdog_model.export import save_openvino
 from catdog_model.hardware import describe
 
 ROOT = Path(__file__).resolve().parents[1]

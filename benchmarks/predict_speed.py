@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from catdog_model import CatDogClassifier, load_predictor, preprocess
+from catdog_model import CatDogClassifier, load_predictor
+from catdog_model.images import image_array
 from catdog_model.hardware import cpu_name
 from catdog_model.ood import fit_detector
 
@@ -53,8 +54,8 @@ def _explain_rate(predictor, images, repeats: int) -> float:
 
 def _add_timing_detector(predictor, images) -> None:
     """A model saved before the detector has none: fit one on these images, only so that its cost is timed."""
-    features = predictor.outputs(torch.stack([preprocess(image, predictor.image_size) for image in images[:32]])).features
-    labels = torch.arange(32) % 2
+    features = predictor.outputs(np.stack([image_array(image, predictor.image_size) for image in images[:32]])).features
+    labels = np.arange(32) % 2
     predictor.detector, threshold = fit_detector(features, labels, features)
     predictor.config = {**predictor.config, "ood_threshold": threshold}
 

@@ -33,7 +33,8 @@ import torch
 from PIL import Image
 
 from catdog_model import CatDogClassifier, load_predictor, open_image
-from catdog_model.engine import IR_FILES, save_openvino
+from catdog_model.engine import IR_FILES
+from catdog_model.export import save_openvino
 from catdog_model.hardware import describe
 from catdog_model.ood import OOD_FILE
 
@@ -102,7 +103,7 @@ def _app_cold_start(folder: str, exact: bool, photo: Path, threads: int) -> floa
 
     from benchmarks.load_test import running_app
 
-    env = {"CATDOG_EXACT": "1" if exact else "0", "CATDOG_TORCH_THREADS": str(threads)}
+    env = {"CATDOG_EXACT": "1" if exact else "0", "CATDOG_THREADS": str(threads)}
     start = time.monotonic()
     with running_app(folder, env, photo.with_name(f"app-{exact}.log")) as (url, _):
         Client(url, verbose=False).predict(handle_file(str(photo)), api_name="/predict")

@@ -1,7 +1,7 @@
 """catdog: a cat-vs-dog classifier, trained with Accelerate and shared on the Hugging Face Hub."""
 
+from .config import DEFAULT_LABELS
 from .images import ImageError, open_image, preprocess, to_rgb
-from .model import DEFAULT_LABELS, CatDogClassifier
 from .predictor import Explanation, ModelLoadError, PredictionError, Predictor, load_predictor
 
 __all__ = [
@@ -17,3 +17,12 @@ __all__ = [
     "preprocess",
     "to_rgb",
 ]
+
+
+def __getattr__(name: str):
+    # The model class needs torch and timm (seconds to import); serving the OpenVINO engine needs neither.
+    if name == "CatDogClassifier":
+        from .model import CatDogClassifier
+
+        return CatDogClassifier
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

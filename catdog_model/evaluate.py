@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -29,8 +30,8 @@ from torchmetrics.functional.classification import (binary_auroc, binary_calibra
 from tqdm.auto import tqdm
 
 from .calibration import ECE_BINS
-from .images import ImageError, open_image, preprocess
-from .ood import detector_features, ood_score, synthetic_ood_images
+from .images import ImageError, image_array, open_image, preprocess
+from .ood import ood_score, synthetic_ood_images
 
 __all__ = ["EVALUATION_FILE", "FIGURES", "compute_metrics", "report_training_run", "write_report", "main"]
 
@@ -213,10 +214,11 @@ def report_training_run(model, detector: dict, test_outputs: tuple, image_of: Ca
     """The training script's report: its test split's (logits, labels, detector features), and for the
     "neither" AUROC, synthetic pictures that are plainly neither (noise, flat colours, stripes, text)."""
     synthetic = torch.stack([preprocess(image, model.image_size) for image in synthetic_ood_images()])
-    _, synthetic_features = detector_features(model, synthetic.to(next(model.parameters()).device))
+    with torch.no_grad():
+        _, _, synthetic_features = model.forward_with_features(synthetic.to(next(model.parameters()).device))
     logits, labels, features = test_outputs
-    ood = {"threshold": model.ood_threshold, "in_scores": ood_score(features, detector),
-           "out_scores": ood_score({k: v.cpu() for k, v in synthetic_features.items()}, detector)}
+    ood = {"threshold": model.ood_threshold, "in_scores": torch.from_numpy(ood_score(features, detector)),
+           "out_scores": torch.from_numpy(ood_score(synthetic_features, detector))}
     results = write_report(output_dir, logits, labels, model.temperature, model.labels, image_of, history, ood, title)
     results["ood"]["out_of_distribution_images"] = "synthetic: noise, flat colours, gradients, stripes, text"
     (Path(output_dir) / EVALUATION_FILE).write_text(json.dumps(results, indent=2))
@@ -232,14 +234,14 @@ def _model_outputs(predictor, images: Iterable[Image.Image], description: str, t
     batch = []
 
     def flush() -> None:
-        outputs = predictor.outputs(torch.stack(batch))
-        logits.append(outputs.logits)
+        outputs = predictor.outputs(np.stack(batch))
+        logits.append(torch.from_numpy(outputs.logits))
         if predictor.detector is not None:
-            scores.append(ood_score(outputs.features, predictor.detector))
+            scores.append(torch.from_numpy(ood_score(outputs.features, predictor.detector)))
         batch.clear()
 
     for image in tqdm(images, desc=description, total=total):
-        batch.append(preprocess(image, predictor.image_size))
+        batch.append(image_array(image, predictor.image_size))
         if len(batch) == predictor.batch_size:
             flush()
     if batch:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 import platform
 
-import torch
-
 __all__ = ["cpu_flags", "cpu_name", "default_mixed_precision", "default_num_workers", "describe", "native_bf16"]
 
 
@@ -38,7 +36,7 @@ def native_bf16(flags: frozenset[str] | None = None) -> bool:
     return bool({"amx_bf16", "avx512_bf16"} & flags)
 
 
-def default_mixed_precision(device: torch.device, configured: str | None = None,
+def default_mixed_precision(device: "torch.device", configured: str | None = None,
                             flags: frozenset[str] | None = None) -> tuple[str, str]:
     """The precision to train in when no flag names one, and why.
 
@@ -52,12 +50,14 @@ def default_mixed_precision(device: torch.device, configured: str | None = None,
         if native_bf16(flags):
             return "bf16", "default: the CPU computes bf16 natively (AVX-512 BF16 or AMX)"
         return "no", "default: the CPU has no native bf16 (fp32 is faster there)"
+    import torch  # here, not at the top: the serving engine reads CPU flags without torch
+
     if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
         return "bf16", "default: the GPU computes bf16 natively"
     return "no", f"default: no native bf16 known for {device.type}"
 
 
-def default_num_workers(device: torch.device, processes: int = 1) -> int:
+def default_num_workers(device: "torch.device", processes: int = 1) -> int:
     """DataLoader workers per process.
 
     On a GPU, the cores this process may use, shared among the processes (at most 8): decoding must keep
@@ -72,6 +72,8 @@ def default_num_workers(device: torch.device, processes: int = 1) -> int:
 
 def describe(threads: int | None = None) -> dict:
     """The machine a benchmark ran on: CPU model and flags, cores, torch threads and version, GPU if any."""
+    import torch
+
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {"cpu": cpu_name(), "native_bf16": native_bf16(), "cores": os.cpu_count(),
             "torch_threads": threads or torch.get_num_threads(), "torch": torch.__version__, "gpu": gpu,

@@ -2,8 +2,9 @@
 
 ``open_image`` reads an upload (path, bytes or file object) safely: the pixel count is checked
 from the header before anything is decoded, so a decompression bomb is refused without
-allocating it. ``to_rgb`` fixes orientation and colour mode; ``preprocess`` adds the resize and
-returns the [0, 1] tensor that ``CatDogClassifier`` expects.
+allocating it. ``to_rgb`` fixes orientation and colour mode; ``image_array`` adds the resize and
+returns the [0, 1] float32 array the serving engine takes, ``preprocess`` the same as a torch tensor
+(torch is imported only there: serving runs without it).
 """
 
 from __future__ import annotations
@@ -13,11 +14,9 @@ from pathlib import Path
 from typing import BinaryIO, Optional, Union
 
 import numpy as np
-import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
-from torchvision.transforms.v2 import functional as TF
 
-__all__ = ["ImageError", "MAX_PIXELS", "check_image", "open_image", "to_rgb", "resize", "to_float", "preprocess"]
+__all__ = ["ImageError", "MAX_PIXELS", "check_image", "open_image", "to_rgb", "resize", "image_array", "preprocess"]
 
 # 40 megapixels: larger than any phone photo, small enough to decode on a 2-vCPU Space.
 MAX_PIXELS = 40_000_000
@@ -113,11 +112,13 @@ def resize(image: Image.Image, image_size: int) -> Image.Image:
     return to_rgb(image).resize((image_size, image_size), Image.BILINEAR)
 
 
-def to_float(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels → float32 in [0, 1]; the model calls it on uint8 input, so training can stay in uint8."""
-    return TF.to_dtype(pixels, torch.float32, scale=True)
+def image_array(image: Image.Image, image_size: int) -> np.ndarray:
+    """Any PIL image → float32 array (3, image_size, image_size) in [0, 1]: the model's input."""
+    return np.ascontiguousarray(np.asarray(resize(image, image_size), dtype=np.float32).transpose(2, 0, 1)) / 255
 
 
-def preprocess(image: Image.Image, image_size: int) -> torch.Tensor:
-    """Any PIL image → float tensor (3, image_size, image_size) in [0, 1]: the model's input."""
-    return to_float(TF.pil_to_tensor(resize(image, image_size)))
+def preprocess(image: Image.Image, image_size: int) -> "torch.Tensor":
+    """``image_array`` as a torch tensor, for training, evaluation and the bare ``CatDogClassifier``."""
+    import torch
+
+    return torch.from_numpy(image_array(image, image_size))

@@ -21,37 +21,27 @@ from huggingface_hub import PyTorchModelHubMixin
 from safetensors import safe_open
 from torch import nn
 
-from .images import to_float
+from .config import DEFAULT_LABELS, check_config
+from .ood import STAT_STAGES
 
-__all__ = ["DEFAULT_LABELS", "CatDogClassifier", "calibrated_probability"]
-
-DEFAULT_LABELS = ("cat", "dog")  # the order of microsoft/cats_vs_dogs: cat=0, dog=1
+__all__ = ["DEFAULT_LABELS", "CatDogClassifier", "calibrated_probability", "to_float"]
 
 logger = logging.getLogger(__name__)
 
 # The spec head flattens the whole feature map, so its size grows with the square of the image size:
 # 224 px gives 0.1 billion weights (400 MB); 1 billion (4 GB in fp32) is far past any sensible size.
 MAX_HEAD_PARAMETERS = 1_000_000_000
-# The backbone stages (timm's forward_intermediates indices) whose statistics feed the "neither" detector.
-STAT_STAGES = (1, 2)
-# The layers the "neither" detector reads, by name: the head's hidden layer and those stages' statistics.
-FEATURE_NAMES = ("hidden", *(f"stage{index}" for index in STAT_STAGES))
+
+
+def to_float(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels → float32 in [0, 1], as ``images.image_array`` computes them; the model calls it on uint8
+    input, so training can stay in uint8 until the batch is on its device."""
+    return pixels.to(torch.float32).div(255)
 
 
 def calibrated_probability(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """P(``labels[1]``): the sigmoid of the logit divided by the temperature fitted after training."""
     return torch.sigmoid(logits.float() / temperature)
-
-
-def _check_labels(labels) -> tuple[str, str]:
-    """Exactly two distinct, non-empty strings; a bare string ("cd") is not a pair of labels."""
-    if isinstance(labels, (str, bytes)) or not isinstance(labels, (list, tuple)):
-        raise TypeError(f"labels must be a list of two names, got {labels!r}")
-    if len(labels) != 2 or not all(isinstance(name, str) and name.strip() for name in labels):
-        raise ValueError(f"a binary classifier needs exactly two non-empty label names, got {list(labels)}")
-    if labels[0] == labels[1]:
-        raise ValueError(f"the two labels must differ, got {list(labels)}")
-    return tuple(labels)
 
 
 def _close_names(name: str) -> str:
@@ -88,28 +78,16 @@ class CatDogClassifier(
         ood_threshold: float | None = None,
     ) -> None:
         super().__init__()
-        labels = _check_labels(labels)
+        checked = check_config(dict(backbone=backbone, image_size=image_size, hidden_size=hidden_size, dropout=dropout,
+                                    labels=labels, temperature=temperature, ood_threshold=ood_threshold))
         # "hf-hub:user/repo" names a backbone whose architecture timm reads from the Hub: it cannot be checked here.
         if not str(backbone).startswith(("hf-hub:", "hf_hub:")) and not timm.is_model(backbone):
             raise ValueError(f"timm has no model named {backbone!r}{_close_names(backbone)}")
-        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-            raise ValueError(f"image_size must be a positive whole number of pixels, got {image_size!r}")
-        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
-            raise ValueError(f"hidden_size must be a positive whole number, got {hidden_size!r}")
-        if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
         self.backbone_name = backbone
         self.image_size = image_size
-        self.labels = labels
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
-            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-        # Fitted on the validation split after training (temperature scaling); 1.0 for models saved before it.
-        self.temperature = float(temperature)
-        if ood_threshold is not None and (isinstance(ood_threshold, bool) or not isinstance(ood_threshold, (int, float))
-                                          or not 0 <= ood_threshold < float("inf")):
-            raise ValueError(f"ood_threshold must be a non-negative number or null, got {ood_threshold!r}")
-        # The "neither cat nor dog" cut-off on ood.safetensors' distance, fitted after training; None before it.
-        self.ood_threshold = None if ood_threshold is None else float(ood_threshold)
+        self.labels = checked["labels"]
+        self.temperature = checked["temperature"]  # see config.py, as for the threshold
+        self.ood_threshold = checked["ood_threshold"]
 
         # No classifier and no pooling: the spec's head flattens the whole feature map.
         self.backbone = timm.create_model(backbone, pretrained=pretrained, num_classes=0, global_pool="")

@@ -11,7 +11,8 @@ Above the threshold, the validation split's 95th percentile, a picture is "neith
 real cats and dogs are flagged. The statistics live in ``ood.safetensors`` next to the weights; the
 threshold is ``ood_threshold`` in config.json.
 
-Grad-CAM is computed by the serving engine (engine.py); this module also draws its heatmap.
+The detector is numpy: the predictor scores pictures without importing torch. Grad-CAM is computed by
+the serving engine (engine.py); this module also draws its heatmap.
 """
 
 from __future__ import annotations
@@ -20,14 +21,10 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
-from safetensors.torch import load_file, save_file
+from safetensors.numpy import load_file, save_file
 
-from .model import STAT_STAGES, CatDogClassifier
-
-__all__ = ["OOD_FILE", "OOD_PERCENTILE", "detector_features", "fit_detector", "load_detector",
+__all__ = ["FEATURE_NAMES", "OOD_FILE", "OOD_PERCENTILE", "STAT_STAGES", "feature_sizes", "fit_detector", "load_detector",
            "ood_score", "overlay_heatmap", "resize_heatmap", "save_detector", "synthetic_ood_images"]
 
 OOD_FILE = "ood.safetensors"
@@ -35,85 +32,90 @@ OOD_PERCENTILE = 95
 # Shrinks each covariance towards its mean variance: many ReLU units are almost never active on training
 # images, and an unshrunk inverse would let their slightest activation dominate every distance.
 SHRINKAGE = 0.1
+# The backbone stages (timm's forward_intermediates indices) whose statistics the detector reads.
+STAT_STAGES = (1, 2)
+# The detector's layers, by name: the head's hidden layer and those stages' statistics.
+FEATURE_NAMES = ("hidden", *(f"stage{index}" for index in STAT_STAGES))
 
 
-def detector_features(model: CatDogClassifier, pixels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(logits, {layer: features}) for a batch, from one forward pass (no gradients)."""
-    with torch.no_grad():
-        _, logits, features = model.forward_with_features(pixels)
-    return logits, features
+def _array(values) -> np.ndarray:
+    """A numpy array from a numpy array or a torch tensor on any device (training's features)."""
+    return values.detach().float().cpu().numpy() if hasattr(values, "detach") else np.asarray(values)
 
 
-def _layer_statistics(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, torch.Tensor]:
-    features = features.double().cpu()
-    means = torch.stack([features[labels == k].mean(0) for k in range(num_classes)])
+def _layer_statistics(features: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, np.ndarray]:
+    features = features.astype(np.float64)
+    means = np.stack([features[labels == k].mean(0) for k in range(num_classes)])
     centred = features - means[labels]
     covariance = centred.T @ centred / len(features)
-    scale = covariance.trace() / covariance.shape[0]
+    scale = np.trace(covariance) / covariance.shape[0]
     if not scale > 0:
-        scale = torch.tensor(1.0, dtype=torch.float64)  # constant features: any distance is then "unlike"
-    shrunk = (1 - SHRINKAGE) * covariance + SHRINKAGE * scale * torch.eye(covariance.shape[0], dtype=torch.float64)
-    return {"means": means.float(), "precision": torch.linalg.inv(shrunk).float()}
+        scale = 1.0  # constant features: any distance is then "unlike"
+    shrunk = (1 - SHRINKAGE) * covariance + SHRINKAGE * scale * np.eye(covariance.shape[0])
+    return {"means": means.astype(np.float32), "precision": np.linalg.inv(shrunk).astype(np.float32)}
 
 
-def _distance(features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
-    differences = features.float().cpu()[:, None, :] - means[None]  # (N, classes, d)
-    squared = torch.einsum("nkd,de,nke->nk", differences, precision, differences)
-    return squared.clamp_min(0).min(dim=1).values.sqrt()
+def _distance(features, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    differences = _array(features).astype(np.float32)[:, None, :] - means[None]  # (N, classes, d)
+    squared = ((differences @ precision) * differences).sum(-1)
+    return np.sqrt(np.clip(squared, 0, None).min(axis=1))
 
 
-def fit_detector(train: dict[str, torch.Tensor], train_labels: torch.Tensor, validation: dict[str, torch.Tensor],
-                 num_classes: int = 2) -> tuple[dict[str, torch.Tensor], float]:
-    """The detector's tensors (for ood.safetensors) and its threshold, from training and validation features."""
-    labels = train_labels.long().cpu()
-    present = labels.unique().tolist()
+def fit_detector(train: dict, train_labels, validation: dict, num_classes: int = 2) -> tuple[dict[str, np.ndarray], float]:
+    """The detector's arrays (for ood.safetensors) and its threshold, from training and validation features
+    (numpy arrays or torch tensors)."""
+    labels = _array(train_labels).astype(np.int64)
+    present = np.unique(labels).tolist()
     if present != list(range(num_classes)):
         raise ValueError(f"the detector needs training features of every class, got classes {present}")
     detector = {}
     for layer, features in train.items():
-        statistics = _layer_statistics(features, labels, num_classes)
-        median = _distance(validation[layer], statistics["means"], statistics["precision"]).median()
+        statistics = _layer_statistics(_array(features), labels, num_classes)
+        median = np.median(_distance(validation[layer], statistics["means"], statistics["precision"]))
         detector.update({f"{layer}.means": statistics["means"], f"{layer}.precision": statistics["precision"],
-                         f"{layer}.scale": median.clamp_min(1e-12).reshape(1)})
-    threshold = float(torch.quantile(ood_score(validation, detector).double(), OOD_PERCENTILE / 100))
+                         f"{layer}.scale": np.array([max(median, 1e-12)], dtype=np.float32)})
+    threshold = float(np.quantile(ood_score(validation, detector).astype(np.float64), OOD_PERCENTILE / 100))
     return detector, threshold if math.isfinite(threshold) else float("inf")
 
 
-def ood_score(features: dict[str, torch.Tensor], detector: dict[str, torch.Tensor]) -> torch.Tensor:
+def ood_score(features: dict, detector: dict[str, np.ndarray]) -> np.ndarray:
     """Each picture's score: its largest layer distance, in units of that layer's validation median."""
     layers = sorted({name.rsplit(".", 1)[0] for name in detector})
     scores = [_distance(features[layer], detector[f"{layer}.means"], detector[f"{layer}.precision"])
               / detector[f"{layer}.scale"] for layer in layers]
-    return torch.stack(scores).max(dim=0).values
+    return np.stack(scores).max(axis=0)
 
 
-def save_detector(detector: dict[str, torch.Tensor], path: str | Path) -> None:
-    save_file({name: tensor.contiguous() for name, tensor in detector.items()}, str(path))
+def save_detector(detector: dict[str, np.ndarray], path: str | Path) -> None:
+    save_file({name: np.ascontiguousarray(_array(values), dtype=np.float32) for name, values in detector.items()}, str(path))
 
 
-def load_detector(path: str | Path, model: CatDogClassifier) -> dict[str, torch.Tensor]:
-    """The tensors of ``ood.safetensors``, checked against the layers this model gives."""
+def feature_sizes(hidden_size: int, stage_channels: dict[int, int]) -> dict[str, int]:
+    """Each detector layer's width: the hidden layer's units, and each stage's channels twice (mean and spread)."""
+    return {"hidden": hidden_size, **{f"stage{index}": 2 * stage_channels[index] for index in STAT_STAGES}}
+
+
+def load_detector(path: str | Path, sizes: dict[str, int]) -> dict[str, np.ndarray]:
+    """The arrays of ``ood.safetensors``, checked against the width of each layer the engine gives."""
     detector = load_file(str(path))
-    sizes = {f"stage{i}": 2 * model.backbone.feature_info[i]["num_chs"] for i in STAT_STAGES}
-    sizes["hidden"] = model.head[1].out_features
     for layer, size in sizes.items():
         expected = {f"{layer}.means": (2, size), f"{layer}.precision": (size, size), f"{layer}.scale": (1,)}
         for name, shape in expected.items():
             if name not in detector or tuple(detector[name].shape) != shape:
                 found = list(detector[name].shape) if name in detector else "nothing"
                 raise ValueError(f"{OOD_FILE} does not fit this model: {name} should be {list(shape)}, found {found}")
-    broken = sorted(name for name, tensor in detector.items() if not torch.isfinite(tensor).all())
+    broken = sorted(name for name, values in detector.items() if not np.isfinite(values).all())
     if broken:  # NaN statistics would call every picture "neither"
         raise ValueError(f"{OOD_FILE} holds non-finite values in {broken[0]}")
-    return detector
+    return {name: values.astype(np.float32) for name, values in detector.items()}
 
 
-def resize_heatmap(heatmap: torch.Tensor, width: int, height: int, longest: int) -> np.ndarray:
-    """A (h, w) map stretched back to the picture's aspect ratio, its longest side ``longest`` pixels."""
+def resize_heatmap(heatmap: np.ndarray, width: int, height: int, longest: int) -> np.ndarray:
+    """A (h, w) map stretched back to the picture's aspect ratio, its longest side ``longest`` pixels (bilinear)."""
     scale = longest / max(width, height)
-    size = (max(1, round(height * scale)), max(1, round(width * scale)))
-    resized = F.interpolate(heatmap[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
-    return resized.clamp(0, 1).numpy().astype(np.float32)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    resized = Image.fromarray(np.asarray(heatmap, dtype=np.float32)).resize(size, Image.BILINEAR)
+    return np.clip(np.asarray(resized, dtype=np.float32), 0, 1)
 
 
 def overlay_heatmap(image: Image.Image, heatmap: np.ndarray, opacity: float = 0.45, longest: int = 384) -> Image.Image:

@@ -4,17 +4,18 @@
     predictor.predict([Image.open("cat.jpg")])           # [{"cat": 0.97, "dog": 0.03}]
     predictor.explain(Image.open("car.jpg"))             # Explanation(probabilities, ood_score, is_cat_or_dog, heatmap)
 
-One engine serves, chosen at load and named by ``predictor.engine`` (see engine.py): the OpenVINO IR
-shipped next to the weights, or eager torch fp32 for ``exact=True`` and where OpenVINO cannot serve.
-Every file read is checked against the manifest in config.json (manifest.py). The Gradio app, the
-evaluation command and the benchmarks use exactly this object.
+One engine serves, chosen at load and named by ``predictor.engine``: the OpenVINO IR shipped next to the
+weights (engine.py), or eager torch fp32 (export.py) for ``exact=True`` and where OpenVINO cannot serve.
+Every file read is checked against the manifest in config.json (manifest.py). Serving the IR needs numpy
+and OpenVINO only: torch is imported only for the torch engine. The Gradio app, the evaluation command
+and the benchmarks use exactly this object.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
+import os
 import queue
 import threading
 from concurrent.futures import Future
@@ -23,7 +24,6 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
-import torch
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 from huggingface_hub.utils import validate_repo_id
@@ -31,10 +31,10 @@ from PIL import Image
 from safetensors import SafetensorError
 
 from . import engine as engines
-from .engine import IR_FILES, EngineOutputs, TorchEngine
-from .images import check_image, preprocess, to_rgb
+from .config import check_config
+from .engine import IR_FILES, EngineOutputs
+from .images import check_image, image_array, to_rgb
 from .manifest import MANIFEST_KEY, WEIGHTS, ManifestError, check_file
-from .model import CatDogClassifier, calibrated_probability
 from .ood import OOD_FILE, load_detector, ood_score, resize_heatmap
 
 __all__ = ["Explanation", "ModelLoadError", "PredictionError", "Predictor", "load_predictor", "parse_source"]
@@ -99,7 +99,7 @@ class Predictor:
     thread team: on 2 cores those teams spun against each other and halved a server's throughput.
     """
 
-    backend: Callable[[torch.Tensor], EngineOutputs]  # engine.py: OpenVINOEngine or TorchEngine
+    backend: Callable[[np.ndarray], EngineOutputs]  # OpenVINOEngine (engine.py) or TorchEngine (export.py)
     config: dict  # the model's own config.json, checked: labels, image_size, temperature, ood_threshold, ...
     source: str
     revision: Optional[str] = None
@@ -143,24 +143,29 @@ class Predictor:
             raise TypeError(f"predict takes a list of PIL images, got {type(images).__name__}{hint}")
         results = []
         for start in range(0, len(images), self.batch_size):
-            batch = torch.stack([preprocess(image, self.image_size) for image in images[start : start + self.batch_size]])
+            batch = np.stack([image_array(image, self.image_size) for image in images[start : start + self.batch_size]])
             results.extend(self._on_model_thread(self._probabilities, batch))
         return results
 
-    def outputs(self, pixels: torch.Tensor) -> EngineOutputs:
-        """The engine's outputs for a batch of preprocessed pictures; ``PredictionError`` if any is not finite."""
-        return self._on_model_thread(self._checked_outputs, pixels)
+    def outputs(self, pixels) -> EngineOutputs:
+        """The engine's outputs for a batch of preprocessed pictures (N, 3, S, S) in [0, 1], numpy or torch;
+        ``PredictionError`` if any is not finite."""
+        return self._on_model_thread(self._checked_outputs, np.asarray(pixels, dtype=np.float32))
 
-    def _checked_outputs(self, pixels: torch.Tensor) -> EngineOutputs:
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """Calibrated P(``labels[1]``): the sigmoid of the logit divided by the fitted temperature."""
+        return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64) / self.temperature))
+
+    def _checked_outputs(self, pixels: np.ndarray) -> EngineOutputs:
         outputs = self.backend(pixels)
-        if not all(bool(torch.isfinite(tensor).all()) for tensor in (outputs.logits, *outputs.features.values())):
+        if not all(np.isfinite(values).all() for values in (outputs.logits, *outputs.features.values())):
             raise PredictionError(f"The model {self.source} computed a non-finite output: its weights are damaged. "
                                   "Retrain it, or load another revision.")
         return outputs
 
-    def _probabilities(self, batch: torch.Tensor) -> list[dict[str, float]]:
+    def _probabilities(self, batch: np.ndarray) -> list[dict[str, float]]:
         negative, positive = self.labels
-        p = calibrated_probability(self._checked_outputs(batch).logits, self.temperature)
+        p = self.probabilities(self._checked_outputs(batch).logits)
         return [{negative: 1.0 - value, positive: value} for value in p.tolist()]
 
     def predict_shared(self, image: Image.Image) -> dict[str, float]:
@@ -168,13 +173,13 @@ class Predictor:
         while the model is busy run together as its next batch (up to ``max_shared_batch``), so that eight
         clients get more answers per second than one, and a lone client waits for no batch to fill.
         The resize happens in the caller's thread, in parallel with the model."""
-        return self._submit(None, preprocess(image, self.image_size))
+        return self._submit(None, image_array(image, self.image_size))
 
     def _on_model_thread(self, function: Callable, *args):
         """``function(*args)``, run on the model thread; its result, or its exception raised here."""
         return self._submit(lambda: function(*args), None)
 
-    def _submit(self, function: Optional[Callable], pixels: Optional[torch.Tensor]):
+    def _submit(self, function: Optional[Callable], pixels: Optional[np.ndarray]):
         with self._start_lock:
             if self._model_thread is None:
                 self._model_thread = threading.Thread(target=self._serve, name="catdog-model", daemon=True)
@@ -192,7 +197,7 @@ class Predictor:
                 futures, run, held = [future], lambda function=function: [function()], None
             else:
                 futures, images, held = self._waiting_pictures(future, pixels)
-                run = lambda images=images: self._probabilities(torch.stack(images))  # noqa: E731
+                run = lambda images=images: self._probabilities(np.stack(images))  # noqa: E731
             try:
                 results = run()
             except BaseException as error:  # every caller waiting on this pass hears of it, not only one
@@ -202,7 +207,7 @@ class Predictor:
             for waiting, result in zip(futures, results):
                 waiting.set_result(result)
 
-    def _waiting_pictures(self, future: Future, pixels: torch.Tensor) -> tuple[list, list, Optional[tuple]]:
+    def _waiting_pictures(self, future: Future, pixels: np.ndarray) -> tuple[list, list, Optional[tuple]]:
         """This picture and those queued behind it, up to ``max_shared_batch``; and the call that stopped
         the batch, if one did (it runs next, in its turn)."""
         futures, images = [future], [pixels]
@@ -221,8 +226,8 @@ class Predictor:
         """Probabilities, whether the picture looks like a cat or a dog at all, and where the model looked:
         all from the one forward pass a prediction makes (the engine computes the heatmap too)."""
         upright = to_rgb(check_image(image))
-        outputs = self.outputs(preprocess(upright, self.image_size)[None])
-        p = float(calibrated_probability(outputs.logits, self.temperature)[0])
+        outputs = self.outputs(image_array(upright, self.image_size)[None])
+        p = float(self.probabilities(outputs.logits)[0])
         negative, positive = self.labels
         score, looks_right = None, True
         if self.detector is not None:
@@ -266,7 +271,7 @@ class _ModelFiles:
         return path
 
     def config(self) -> dict:
-        """config.json, checked by building the model it describes on the meta device (no memory, no weights)."""
+        """config.json, checked (config.py), its manifest kept to check every other file against."""
         if self.local and not (Path(self.repo_id) / "config.json").is_file():
             raise ModelLoadError(f"{self.repo_id} has no config.json: it is not a folder written by train_accelerate.py.")
         try:
@@ -275,26 +280,26 @@ class _ModelFiles:
             raise ModelLoadError(f"The config.json of {self.where} is not valid JSON ({error}).") from None
         if not isinstance(config, dict):
             raise ModelLoadError(f"The config.json of {self.where} is a JSON {type(config).__name__}, not an object.")
-        names = [name for name in inspect.signature(CatDogClassifier.__init__).parameters if name in config]
         try:
-            with torch.device("meta"):
-                spec = CatDogClassifier(**{**{name: config[name] for name in names}, "pretrained": False})
-        except (ValueError, TypeError, RuntimeError) as error:
+            checked = check_config(config)
+        except (ValueError, TypeError) as error:
             self.invalid(error)
         self.manifest = config.get(MANIFEST_KEY) if isinstance(config.get(MANIFEST_KEY), dict) else None
         if self.manifest is None:
             logger.warning("%s has no manifest in its config.json (trained before models carried one): its files "
                            "are not verified", self.where)
-        self.spec = spec
-        return {"backbone": spec.backbone_name, "image_size": spec.image_size, "labels": spec.labels,
-                "temperature": spec.temperature, "ood_threshold": spec.ood_threshold}
+        return checked
 
     def invalid(self, error: Exception) -> None:
         reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
         raise ModelLoadError(f"The files of {self.where} do not form a valid model: {reason}") from None
 
-    def torch_model(self) -> CatDogClassifier:
-        """The fp32 model from model.safetensors, strict and finite."""
+    def torch_model(self):
+        """The fp32 ``CatDogClassifier`` from model.safetensors, strict and finite (this imports torch and timm)."""
+        import torch
+
+        from .model import CatDogClassifier
+
         self.path(WEIGHTS)
         try:
             model = CatDogClassifier.from_pretrained(self.repo_id, revision=self.revision).eval()
@@ -307,9 +312,8 @@ class _ModelFiles:
         return model
 
 
-def _load_engine(files: _ModelFiles, exact: bool):
+def _load_engine(files: _ModelFiles, exact: bool, threads: int):
     """The OpenVINO IR where it can serve, else torch fp32 (logged)."""
-    threads = torch.get_num_threads()
     if not exact and engines.openvino is None:
         logger.warning("OpenVINO is not installed: torch (fp32) serves, several times slower (pip install openvino)")
     elif not exact:
@@ -318,9 +322,11 @@ def _load_engine(files: _ModelFiles, exact: bool):
         try:
             if xml and binary:
                 return engines.compile_openvino(xml, threads)
+            from .export import export_openvino
+
             logger.info("%s has no OpenVINO IR (a model trained before it shipped one): exporting it from %s now",
                         files.where, WEIGHTS)
-            return engines.compile_openvino(engines.export_openvino(files.torch_model()), threads)
+            return engines.compile_openvino(export_openvino(files.torch_model()), threads)
         except ModelLoadError:
             raise
         except engines.NonFiniteWeightError as error:
@@ -328,25 +334,32 @@ def _load_engine(files: _ModelFiles, exact: bool):
         except Exception as error:  # OpenVINO's reader, converter and compiler raise their own types
             reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
             logger.warning("OpenVINO cannot serve %s (%s): torch (fp32) serves instead", files.where, reason)
-    return TorchEngine(files.torch_model())
+    from .export import TorchEngine
+
+    return TorchEngine(files.torch_model(), threads)
 
 
-def load_predictor(source: str, batch_size: int = 16, exact: bool = False) -> Predictor:
+def load_predictor(source: str, batch_size: int = 16, exact: bool = False, threads: Optional[int] = None) -> Predictor:
     """Load a model from a local folder, "user/repo" or "user/repo@revision", ready to serve.
 
     By default the OpenVINO IR shipped next to the weights serves (engine.py), so a Hub model downloads
     config.json, the IR and ood.safetensors only; ``exact=True`` serves the eager float32 model from
     model.safetensors. Each file is checked against the manifest in config.json. Raises
     ``ModelLoadError``, and only that, with a one-line message naming the source and the reason.
+    ``threads``: how many the engine computes with (default: every core this process may use).
     """
     repo_id, revision = parse_source(source)
     files = _ModelFiles(str(source).strip(), repo_id, revision)
     config = files.config()
-    backend = _load_engine(files, exact)
+    threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    backend = _load_engine(files, exact, threads)
+    if backend.image_size != config["image_size"]:
+        raise ModelLoadError(f"{files.where}: the engine takes {backend.image_size} px pictures, config.json says "
+                             f"{config['image_size']}: its files come from different models.")
     detector = None
     if config["ood_threshold"] is not None:  # models trained before the detector have neither
         try:
-            detector = load_detector(files.path(OOD_FILE), files.spec)
+            detector = load_detector(files.path(OOD_FILE), backend.feature_sizes)
         except (OSError, ValueError, SafetensorError) as error:
             raise ModelLoadError(f"{files.source}: {str(error).splitlines()[0]}") from None
     metrics_path = files.path("metrics.json", required=False)

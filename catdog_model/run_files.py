@@ -23,7 +23,8 @@ from huggingface_hub.errors import HfHubHTTPError
 from .card import make_model_card
 from .data import load_split
 from .evaluate import EVALUATION_FILE, FIGURES, REPORT_FILE, report_training_run
-from .engine import IR_FILES, save_openvino
+from .engine import IR_FILES
+from .export import save_openvino
 from .manifest import MANIFEST_KEY, WEIGHTS, make_manifest
 from .model import CatDogClassifier
 from .ood import OOD_FILE, save_detector

@@ -31,7 +31,6 @@ from tqdm.auto import tqdm
 from .calibration import ECE_BINS, expected_calibration_error, fit_temperature
 from .manifest import file_sha256
 from .model import CatDogClassifier
-from .ood import detector_features
 
 __all__ = [
     "CHECKPOINTS", "CheckpointError", "LOCK_FILE", "MANIFEST", "Progress", "RunningMetrics", "TrainingError",
@@ -148,7 +147,8 @@ def model_outputs(model, loader, accelerator: Accelerator, desc: str) -> tuple[t
     inner = accelerator.unwrap_model(model)
     logits, labels, features = [], [], {}
     for batch in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
-        batch_logits, batch_features = detector_features(inner, batch["pixels"])
+        with torch.no_grad():
+            _, batch_logits, batch_features = inner.forward_with_features(batch["pixels"])
         batch_logits, batch_labels, batch_features = accelerator.gather_for_metrics(
             (batch_logits, batch["labels"], batch_features))
         logits.append(batch_logits.float().cpu())

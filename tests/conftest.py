@@ -90,7 +90,7 @@ def trained_model(mini_dataset, tmp_path_factory) -> Path:
 
 def start_app(model: str | None, tmp_path, cwd=ROOT):
     """`python app.py --model ...` (or with no model named) on a free loopback port; returns (url, process)."""
-    env = {"GRADIO_TEMP_DIR": str(tmp_path / "gradio"), "CATDOG_TORCH_THREADS": "1"}
+    env = {"GRADIO_TEMP_DIR": str(tmp_path / "gradio"), "CATDOG_THREADS": "1"}
     return load_test.start_app(model, env, tmp_path / "app.log", cwd=cwd)
 
 

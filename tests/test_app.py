@@ -262,7 +262,7 @@ def test_explain_api_says_neither_for_noise(client, tmp_path):
 
 def test_the_space_serves_its_engine_from_the_first_request_and_stops_cleanly_on_sigterm(trained_model, tmp_path):
     """As shipped: the OpenVINO engine answers the first request; SIGTERM (how a Space stops) exits 0."""
-    env = {"GRADIO_TEMP_DIR": str(tmp_path / "gradio"), "CATDOG_TORCH_THREADS": "2"}
+    env = {"GRADIO_TEMP_DIR": str(tmp_path / "gradio"), "CATDOG_THREADS": "2"}
     url, process = load_test.start_app(str(trained_model), env, tmp_path / "app.log")
     try:
         client, photo = Client(url, verbose=False), handle_file(str(ROOT / "examples" / "chelsea_cat.jpg"))

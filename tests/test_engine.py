@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from catdog_model import CatDogClassifier, ModelLoadError, PredictionError, load_predictor
 from catdog_model import engine as engines
-from catdog_model.engine import IR_FILES, save_openvino
+from catdog_model.engine import IR_FILES
+from catdog_model.export import save_openvino
 from catdog_model.ood import OOD_FILE, save_detector
 from conftest import hub_snapshot
 
@@ -93,7 +94,7 @@ def test_what_a_space_downloads_is_under_0_3_of_the_fp32_weights_at_224_px(tmp_p
     model.save_pretrained(tmp_path)
     save_openvino(model, tmp_path)
     sizes = {f"stage{i}": 2 * model.backbone.feature_info[i]["num_chs"] for i in (1, 2)} | {"hidden": 1024}
-    save_detector({f"{layer}.{part}": torch.zeros(shape) for layer, size in sizes.items()
+    save_detector({f"{layer}.{part}": np.zeros(shape, np.float32) for layer, size in sizes.items()
                    for part, shape in (("means", (2, size)), ("precision", (size, size)), ("scale", (1,)))},
                   tmp_path / OOD_FILE)
     space = sum((tmp_path / name).stat().st_size for name in SPACE_FILES)
@@ -146,7 +147,7 @@ def other_run(trained_model, tmp_path_factory):
     model.save_pretrained(folder)
     save_openvino(model, folder)
     detector = load_file(trained_model / OOD_FILE)
-    save_detector({name: tensor * 1.5 for name, tensor in detector.items()}, folder / OOD_FILE)
+    save_detector({name: tensor.numpy() * 1.5 for name, tensor in detector.items()}, folder / OOD_FILE)
     return folder
 
 
@@ -235,7 +236,7 @@ def test_a_non_finite_output_is_an_error_never_an_answer(trained_model, mini_ima
 
         def __call__(self, pixels):
             outputs = real(pixels)
-            outputs.logits[:] = float("nan")
+            outputs.logits[:] = np.nan
             return outputs
 
     predictor.backend = Broken()

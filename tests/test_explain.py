@@ -10,7 +10,7 @@ from datasets import load_dataset
 from PIL import Image, ImageDraw
 
 from catdog_model import CatDogClassifier, ModelLoadError, load_predictor
-from catdog_model.engine import TorchEngine
+from catdog_model.export import TorchEngine
 from catdog_model.ood import OOD_FILE, load_detector
 
 
@@ -79,9 +79,9 @@ def test_a_missing_or_foreign_detector_file_is_a_clear_load_error(trained_model,
     (copy / OOD_FILE).unlink()
     with pytest.raises(ModelLoadError, match="ood.safetensors is missing"):
         load_predictor(str(copy))
-    detector = load_detector(trained_model / OOD_FILE, CatDogClassifier.from_pretrained(str(trained_model)))
-    detector["hidden.means"] = detector["hidden.means"][:, :10].contiguous()
-    from safetensors.torch import save_file
+    detector = load_detector(trained_model / OOD_FILE, load_predictor(str(trained_model)).backend.feature_sizes)
+    detector["hidden.means"] = np.ascontiguousarray(detector["hidden.means"][:, :10])
+    from safetensors.numpy import save_file
 
     save_file(detector, str(copy / OOD_FILE))
     with pytest.raises(ModelLoadError, match="ood.safetensors is not the file its training run wrote"):
@@ -140,8 +140,8 @@ def test_grad_cam_equals_captums_layer_grad_cam(trained_model, mini_rows):
 
     model = CatDogClassifier.from_pretrained(str(trained_model)).eval()  # captum needs autograd: the fp32 model
     pixels = torch.stack([preprocess(mini_rows[row]["image"], model.image_size) for row in (0, 1600, 2999, 700)])
-    outputs = TorchEngine(model)(pixels)
-    logits, ours = outputs.logits, outputs.heatmaps
+    outputs = TorchEngine(model)(pixels.numpy())
+    logits, ours = torch.from_numpy(outputs.logits), torch.from_numpy(outputs.heatmaps)
     sign = torch.where(logits >= 0, 1.0, -1.0)
     reference = LayerGradCam(lambda x: model(x) * sign, model.backbone).attribute(pixels, relu_attributions=True)
     reference = reference[:, 0] / reference.flatten(1).max(dim=1).values.clamp_min(1e-12)[:, None, None]

@@ -89,7 +89,7 @@ def test_load_by_repo_id_and_revision_through_the_hub_cache(tmp_path, monkeypatc
     predictor = load_predictor("someone/catdog@v1", exact=True)
     assert (predictor.source, predictor.revision, predictor.image_size) == ("someone/catdog", "v1", 32)
     with torch.no_grad():
-        assert torch.equal(predictor.outputs(pixels[:, :, :32, :32]).logits, tagged(pixels[:, :, :32, :32]))
+        assert torch.equal(torch.from_numpy(predictor.outputs(pixels[:, :, :32, :32]).logits), tagged(pixels[:, :, :32, :32]))
 
 
 def test_unknown_repo_offline_is_a_clear_error():

@@ -1,0 +1,64 @@
+"""The model's config.json: what it may hold, checked without building the model (no torch, no timm).
+
+The architecture arguments of ``CatDogClassifier`` (backbone, image_size, hidden_size, dropout, labels) and
+what training fits after them (temperature, ood_threshold) live in config.json, next to the weights; the
+training script, the predictor and the benchmarks all read them from there. ``check_config`` is the one
+place that says what a valid value is: the model's ``__init__`` calls it, and so does ``load_predictor``,
+which serves the OpenVINO engine without importing torch.
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["DEFAULT_LABELS", "check_config", "check_labels"]
+
+DEFAULT_LABELS = ("cat", "dog")  # the order of microsoft/cats_vs_dogs: cat=0, dog=1
+DEFAULTS = {"backbone": "resnet50", "image_size": 224, "hidden_size": 1024, "dropout": 0.2, "labels": DEFAULT_LABELS,
+            "temperature": 1.0, "ood_threshold": None}
+
+
+def check_labels(labels) -> tuple[str, str]:
+    """Exactly two distinct, non-empty strings; a bare string ("cd") is not a pair of labels."""
+    if isinstance(labels, (str, bytes)) or not isinstance(labels, (list, tuple)):
+        raise TypeError(f"labels must be a list of two names, got {labels!r}")
+    if len(labels) != 2 or not all(isinstance(name, str) and name.strip() for name in labels):
+        raise ValueError(f"a binary classifier needs exactly two non-empty label names, got {list(labels)}")
+    if labels[0] == labels[1]:
+        raise ValueError(f"the two labels must differ, got {list(labels)}")
+    return tuple(labels)
+
+
+def _whole(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value >= 1
+
+
+def _number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def check_config(config: dict) -> dict:
+    """The model's arguments from a config dict, defaults filled in and each value checked.
+
+    Raises ValueError or TypeError naming the first value that cannot work. Keys it does not know
+    (the manifest, ``pretrained``) are left out of the result."""
+    checked = {name: config.get(name, default) for name, default in DEFAULTS.items()}
+    if not isinstance(checked["backbone"], str) or not checked["backbone"]:
+        raise ValueError(f"backbone must be a timm model name, got {checked['backbone']!r}")
+    if not _whole(checked["image_size"]):
+        raise ValueError(f"image_size must be a positive whole number of pixels, got {checked['image_size']!r}")
+    if not _whole(checked["hidden_size"]):
+        raise ValueError(f"hidden_size must be a positive whole number, got {checked['hidden_size']!r}")
+    if not _number(checked["dropout"]) or not 0 <= checked["dropout"] < 1:
+        raise ValueError(f"dropout must be a probability in [0, 1), got {checked['dropout']!r}")
+    checked["labels"] = check_labels(checked["labels"])
+    # Fitted on the validation split after training (temperature scaling); 1.0 for models saved before it.
+    if not _number(checked["temperature"]) or checked["temperature"] <= 0:
+        raise ValueError(f"temperature must be a positive number, got {checked['temperature']!r}")
+    checked["temperature"] = float(checked["temperature"])
+    # The "neither cat nor dog" cut-off on ood.safetensors' distance, fitted after training; None before it.
+    threshold = checked["ood_threshold"]
+    if threshold is not None and (not _number(threshold) or threshold < 0):
+        raise ValueError(f"ood_threshold must be a non-negative number or null, got {threshold!r}")
+    checked["ood_threshold"] = None if threshold is None else float(threshold)
+    return checked
