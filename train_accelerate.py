@@ -1,4 +1,4 @@
-"""Fine-tune the catdog classifier (timm ResNet50 + the spec head) on cats_vs_dogs with 🤗 Accelerate.
+"""Fine-tune the catdog classifier (timm ResNet50 + the fixed head) on cats_vs_dogs with 🤗 Accelerate.
 
 Runs unchanged wherever `accelerate config` points: CPU, one GPU, several GPUs, several machines. Unless
 --mixed-precision or accelerate config says otherwise, it trains in bf16 autocast wherever the hardware
@@ -8,8 +8,10 @@ computes bf16 natively (AVX-512 BF16 or AMX CPUs, recent GPUs), with float32 wei
     accelerate launch train_accelerate.py --mixed-precision bf16 --push-to-hub --hub-model-id you/catdog
     accelerate launch --multi_gpu --num_processes 2 train_accelerate.py --cpu ...   # two CPU processes
 
-The output folder receives config.json + model.safetensors (best validation epoch), metrics.json,
-split.json (row indices of train/validation/test) and README.md (the model card). One run owns the
+The output folder receives config.json + model.safetensors (best validation epoch), the serving engine
+exported from them (openvino_model.xml/.bin), ood.safetensors (the "neither" detector), metrics.json,
+split.json (row indices of train/validation/test), the evaluation report and README.md (the model card);
+config.json, written last, lists every file's size and sha256. One run owns the
 folder at a time (a lock), and its checkpoints record the run's identity, so that a resume can only
 continue the run that wrote them, bit for bit.
 """

@@ -220,7 +220,7 @@ class _Transform:
         return TF.pil_to_tensor(to_rgb(self._pil(image)))
 
     def _augmented(self, pixels: torch.Tensor, row: int) -> torch.Tensor:
-        """Keras-style augmentation from the spec: horizontal flip, rotation ±20° and zoom 0.8–1.2 (the
+        """Keras-style augmentation: horizontal flip, rotation ±20° and zoom 0.8–1.2 (the
         parameters of v2.RandomHorizontalFlip + v2.RandomAffine, and its default nearest interpolation),
         after an antialiased resize to the model's square (torchvision's uint8 kernel). The flip, rotation
         and zoom are one Pillow affine warp of the small picture: 0.07 ms, where a bilinear one took 1 ms."""

@@ -39,37 +39,33 @@ def _int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (weight / scale).round().clamp(-127, 127).to(torch.int8), scale
 
 
-class _Int8Conv2d(nn.Module):
-    """A Conv2d whose weight is stored in int8 and dequantized where it is used: OpenVINO keeps such a
-    weight compressed in the IR and expands it once, at compile time."""
+class _Int8Weight(nn.Module):
+    """A layer whose weight is stored in int8 and dequantized where it is used. OpenVINO keeps such a weight
+    compressed in the IR: it runs a Linear straight from it as an int8 matmul (a quarter of the bytes to
+    stream), and expands a convolution's once, at compile time."""
 
-    def __init__(self, conv: nn.Conv2d) -> None:
+    def __init__(self, layer: nn.Module) -> None:
         super().__init__()
-        weight, scale = _int8(conv.weight)
+        weight, scale = _int8(layer.weight)
         self.register_buffer("weight_int8", weight)
         self.register_buffer("scale", scale)
-        self.bias = conv.bias
-        self.options = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.weight_int8.float() * self.scale, self.bias, **self.options)
-
-
-class _Int8Linear(nn.Module):
-    """A Linear with int8 weights, dequantized in the graph: OpenVINO's CPU plugin runs this pattern as an
-    int8 matmul, streaming a quarter of the bytes of the float32 weight."""
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        weight, scale = _int8(linear.weight)
-        self.register_buffer("weight_int8", weight)
-        self.register_buffer("scale", scale)
-        self.bias = linear.bias
+        self.bias = layer.bias
 
     @property
     def weight(self) -> torch.Tensor:
         return self.weight_int8.float() * self.scale
 
+
+class _Int8Conv2d(_Int8Weight):
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__(conv)
+        self.options = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight, self.bias, **self.options)
+
+
+class _Int8Linear(_Int8Weight):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 

@@ -4,7 +4,7 @@ Every architecture choice is a plain, typed ``__init__`` argument. ``PyTorchMode
 stores those arguments in config.json next to model.safetensors, so that file alone rebuilds
 the model for training, serving and benchmarks alike.
 
-    model = CatDogClassifier(pretrained=False)          # the spec model, no network needed
+    model = CatDogClassifier(pretrained=False)          # the project's model, no network needed
     model.save_pretrained("out")                        # config.json + model.safetensors
     model = CatDogClassifier.from_pretrained("out")     # or "user/repo", revision="..."
 """
@@ -28,7 +28,7 @@ __all__ = ["DEFAULT_LABELS", "CatDogClassifier", "calibrated_probability", "to_f
 
 logger = logging.getLogger(__name__)
 
-# The spec head flattens the whole feature map, so its size grows with the square of the image size:
+# The fixed head flattens the whole feature map, so its size grows with the square of the image size:
 # 224 px gives 0.1 billion weights (400 MB); 1 billion (4 GB in fp32) is far past any sensible size.
 MAX_HEAD_PARAMETERS = 1_000_000_000
 
@@ -89,7 +89,7 @@ class CatDogClassifier(
         self.temperature = checked["temperature"]  # see config.py, as for the threshold
         self.ood_threshold = checked["ood_threshold"]
 
-        # No classifier and no pooling: the spec's head flattens the whole feature map.
+        # No classifier and no pooling: the fixed head flattens the whole feature map.
         self.backbone = timm.create_model(backbone, pretrained=pretrained, num_classes=0, global_pool="")
         # Non-persistent: they come from timm's config for this backbone, not from the weights file.
         self.register_buffer("mean", torch.zeros(1, 3, 1, 1), persistent=False)
