@@ -100,7 +100,7 @@ def main() -> None:
                 results["apps"][name] = {clients: send(url, requests, clients) for clients in (1, 8)}
 
     machine, apps = results["machine"], results["apps"]
-    print(f"machine: {machine['cpu']}, {machine['cores']} cores, app with {min(2, machine['cores'])} torch threads; "
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores, app with {min(2, machine['cores'])} threads; "
           f"model {args.model or f'random weights, {args.image_size} px'}; {args.requests} requests per row")
     print(f"{'app':24}{'1 client req/s':>16}{'p50 ms':>9}{'8 clients req/s':>17}{'p50 ms':>9}")
     for name, rounds in apps.items():
@@ -110,8 +110,8 @@ def main() -> None:
     unbatched, batched = apps["unbatched"], apps["batched (as shipped)"]
     results["throughput_ratio_8_clients"] = batched[8]["requests_per_s"] / unbatched[8]["requests_per_s"]
     results["latency_ratio_1_client"] = batched[1]["p50_s"] / unbatched[1]["p50_s"]
-    print(f"8 clients, batched / unbatched throughput: {results['throughput_ratio_8_clients']:.2f}x (target >= 1.5x); "
-          f"1 client, batched / unbatched p50 latency: {results['latency_ratio_1_client']:.2f}x (target <= 1.10x)")
+    print(f"8 clients, batched / unbatched throughput: {results['throughput_ratio_8_clients']:.2f}x; "
+          f"1 client, batched / unbatched p50 latency: {results['latency_ratio_1_client']:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
