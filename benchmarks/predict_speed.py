@@ -55,7 +55,7 @@ def _explain_rate(predictor, images, repeats: int) -> float:
 def _add_timing_detector(predictor, images) -> None:
     """A model saved before the detector has none: fit one on these images, only so that its cost is timed."""
     features = predictor.outputs(np.stack([image_array(image, predictor.image_size) for image in images[:32]])).features
-    labels = np.arange(32) % 2
+    labels = np.arange(len(features["hidden"])) % 2
     predictor.detector, threshold = fit_detector(features, labels, features)
     predictor.config = {**predictor.config, "ood_threshold": threshold}
 
