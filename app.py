@@ -42,7 +42,8 @@ import gradio as gr  # noqa: E402
 from gradio.utils import get_upload_folder  # noqa: E402
 from gradio_client import handle_file  # noqa: E402
 
-from catdog_model import DEFAULT_LABELS, ImageError, ModelLoadError, load_predictor, open_image, to_rgb  # noqa: E402
+from catdog_model import (DEFAULT_LABELS, ImageError, ModelLoadError, PredictionError, load_predictor,  # noqa: E402
+                          open_image, to_rgb)
 from catdog_model.ood import overlay_heatmap  # noqa: E402
 
 DEFAULT_MODEL = "catdog-project/catdog-resnet50"  # the published model: named here and in README.md only
@@ -169,10 +170,18 @@ def _api_image(upload: str | dict | None):
         raise gr.Error(str(error), title="Cannot read this file", print_exception=False) from None
 
 
+def _model_failed(error: PredictionError) -> gr.Error:
+    logger.error("%s", error)
+    return gr.Error(str(error), title="The model failed", print_exception=False)
+
+
 def predict(upload: str | dict | None) -> dict[str, float]:
     """Classify one picture (JPEG, PNG, WebP, GIF, ... up to 10 MB); returns the label and each class's probability."""
     image = _api_image(upload)  # first: it checks that a model is loaded
-    return predictor.predict_shared(image)  # batched with the other /predict calls waiting for the model
+    try:
+        return predictor.predict_shared(image)  # batched with the other /predict calls waiting for the model
+    except PredictionError as error:
+        raise _model_failed(error) from None
 
 
 def _status(text: str = "") -> dict:
@@ -182,7 +191,10 @@ def _status(text: str = "") -> dict:
 def explain(upload: str | dict | None) -> dict:
     """Classify one picture and say whether it looks like a cat or a dog at all: {"probabilities", "is_cat_or_dog", "ood_score"}."""
     image = _api_image(upload)  # first: it checks that a model is loaded
-    explanation = predictor.explain(image)
+    try:
+        explanation = predictor.explain(image)
+    except PredictionError as error:
+        raise _model_failed(error) from None
     return {"probabilities": explanation.probabilities, "is_cat_or_dog": explanation.is_cat_or_dog,
             "ood_score": explanation.ood_score}
 
@@ -206,6 +218,9 @@ def predict_on_page(upload: str | dict | None) -> tuple:
         explanation = predictor.explain(image)
     except ImageError as error:
         return _page(status=f"⚠️ **Cannot read this file.** {error}")
+    except PredictionError as error:
+        logger.error("%s", error)
+        return _page(status=f"⚠️ **The model failed on this picture.** {error}")
     probabilities = explanation.probabilities
     heatmap = overlay_heatmap(to_rgb(image), explanation.heatmap)
     if not explanation.is_cat_or_dog:
@@ -232,7 +247,7 @@ def predict_batch(files: list[str] | None, progress=gr.Progress()) -> tuple[list
         name = Path(path).name
         try:
             probabilities = predictor.predict([_open_upload(path)])[0]
-        except ImageError as error:
+        except (ImageError, PredictionError) as error:
             rows.append([name, f"error: {error}", None, None])
             continue
         label = max(probabilities, key=probabilities.get)

@@ -245,6 +245,32 @@ def test_the_page_says_neither_instead_of_a_label_and_keeps_the_raw_answer(monke
     assert heatmap is not None and not status["visible"]
 
 
+def test_a_model_that_computes_nan_gets_a_clear_message_not_an_answer(monkeypatch, tmp_path):
+    import app
+    from catdog_model import PredictionError
+
+    class Broken(_FixedPredictor):
+        def explain(self, image):
+            raise PredictionError("The model x computed a non-finite output: its weights are damaged.")
+
+        predict = predict_shared = explain
+
+    monkeypatch.setattr(app, "predictor", Broken(0.5))
+    photo = str(ROOT / "examples" / "chelsea_cat.jpg")
+    label, status, _, heatmap = app.predict_on_page(photo)
+    assert label["value"] is None and heatmap is None and "The model failed" in status["value"]
+    for endpoint in (app.predict, app.explain):
+        with pytest.raises(app.gr.Error, match="non-finite output"):
+            endpoint(photo)
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))  # where the batch's CSV goes
+
+    class NoProgress:
+        tqdm = staticmethod(lambda items, **kwargs: items)
+
+    rows, _ = app.predict_batch([photo], progress=NoProgress())
+    assert rows[0][1].startswith("error: The model x computed a non-finite output")
+
+
 def test_hub_warnings_are_logged_once_in_the_apps_format():
     code = ("import app\nfrom huggingface_hub.utils import logging\n"
             "logging.get_logger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].')\n")
