@@ -17,6 +17,7 @@ continue the run that wrote them, bit for bit.
 """
 
 import argparse
+import functools
 import logging
 import math
 import os
@@ -42,10 +43,10 @@ from catdog_model.data import (DatasetError, check_classes, collate, dataset_fin
                                make_transform, save_split, split_dataset, undecoded)
 from catdog_model.hardware import default_mixed_precision, default_num_workers
 from catdog_model.ood import fit_detector
-from catdog_model.run_files import (RUN_FILES, SPLIT_FILE, TRACKER_PROJECT, backbone_init, push_run, write_evaluation,
-                                    write_metrics_and_card)
+from catdog_model.run_files import (SPLIT_FILE, TRACKER_PROJECT, backbone_init, claim_output_dir, push_run, start_run,
+                                    write_evaluation, write_metrics_and_card)
 from catdog_model.training import (CHECKPOINTS, Progress, RunningMetrics, TrainingError, calibrate, check_best_model,
-                                   check_finite, claim_output_dir, evaluate, exit_with_parent, exit_with_parent_worker,
+                                   check_finite, evaluate, exit_with_parent, exit_with_parent_worker,
                                    find_resume_checkpoint, model_outputs, on_main_process, save_checkpoint, save_model)
 
 logger = get_logger(__name__)
@@ -111,7 +112,8 @@ def run_identity(args, accelerator: Accelerator) -> dict:
 # ---- Data, model and the steps of training.
 
 def load_splits(args, accelerator: Accelerator, output_dir: Path):
-    """Check every image once (cached by datasets), split, cap, and record the rows in split.json."""
+    """Check every image once (cached by datasets), split and cap; returns, with them, the function that
+    records the rows in split.json (called once the run may write)."""
     with accelerator.main_process_first():
         data = load_image_dataset(args.dataset, args.dataset_revision)
     splits = split_dataset(data, args.test_split, args.val_split, args.seed)
@@ -122,8 +124,9 @@ def load_splits(args, accelerator: Accelerator, output_dir: Path):
     check_classes(data, used, hint=" (raise --max-train-samples / --max-eval-samples)")
     transforms = {name: make_transform(data, args.image_size, train=name == "train" and not args.no_augmentation, seed=args.seed)
                   for name in used}
-    if accelerator.is_main_process:
-        save_split(output_dir / SPLIT_FILE, splits, used, data, dataset=args.dataset, revision=args.dataset_revision, seed=args.seed)
+    # The rows as selected, before the transforms are set on them: what split.json records.
+    write_split = functools.partial(save_split, output_dir / SPLIT_FILE, splits, dict(used), data, dataset=args.dataset,
+                                    revision=args.dataset_revision, seed=args.seed)
     for name, split in used.items():
         used[name] = undecoded(split, data)  # the transforms decode: JPEGs straight from their bytes
         used[name].set_transform(transforms[name])
@@ -131,7 +134,7 @@ def load_splits(args, accelerator: Accelerator, output_dir: Path):
         "dataset %s: %s; %d rows skipped (undecodable)",
         args.dataset, ", ".join(f"{n} {len(s)}" for n, s in used.items()), len(data.skipped_rows),
     )
-    return data, splits, used, transforms["train"]
+    return data, splits, used, transforms["train"], write_split
 
 
 def build_model(args, labels: tuple[str, ...]) -> CatDogClassifier:
@@ -227,10 +230,10 @@ def training_function(args) -> None:
     )
     identity = run_identity(args, accelerator)
     resume_from = find_resume_checkpoint(args.resume_from_checkpoint, output_dir, identity, args.epochs)
-    lock = on_main_process(accelerator, claim_output_dir, output_dir, args.overwrite_output_dir, bool(resume_from), RUN_FILES)
+    lock = on_main_process(accelerator, claim_output_dir, output_dir, args.overwrite_output_dir, bool(resume_from))
     set_seed(args.seed)
 
-    data, splits, used, train_transform = load_splits(args, accelerator, output_dir)
+    data, splits, used, train_transform, write_split = load_splits(args, accelerator, output_dir)
     loader_kwargs = dict(batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers,
                          worker_init_fn=exit_with_parent_worker)
     # Its own generator: creating a loader iterator must not draw from the global RNG (dropout),
@@ -240,6 +243,10 @@ def training_function(args) -> None:
     test_loader = DataLoader(used["test"], **loader_kwargs)
 
     model = build_model(args, data.labels)
+    # Every check has passed, the data's included: only now may a previous run be cleared and the folder written.
+    on_main_process(accelerator, start_run, output_dir, args.overwrite_output_dir)
+    if accelerator.is_main_process:
+        write_split()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
 
     # One prepare for everything: device placement, DDP wrapping, sharded loaders, mixed precision.

@@ -1,6 +1,9 @@
 """What a training run leaves behind: its files in the output folder, and their copy on the Hub.
 
-Used by train_accelerate.py once the kept weights are calibrated and tested.
+A run writes only into a folder that is new, empty, or a previous run's. A run's folder holds
+``.catdog-run.json``, the record of the names this script writes there; anything else in the folder is
+the user's, so the run is refused before any work, and ``--overwrite-output-dir`` removes only what the
+record names, once every check (the data's included) has passed. Used by train_accelerate.py.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -17,6 +21,7 @@ import datasets
 import timm
 import torch
 from accelerate import Accelerator
+from filelock import FileLock, Timeout
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
 
@@ -28,10 +33,10 @@ from .export import save_openvino
 from .manifest import MANIFEST_KEY, WEIGHTS, make_manifest
 from .model import CatDogClassifier
 from .ood import OOD_FILE, save_detector
-from .training import CHECKPOINTS, LOCK_FILE, Progress, TrainingError, save_file_atomically
+from .training import CHECKPOINTS, Progress, TrainingError, save_file_atomically
 
-__all__ = ["NOT_PUSHED", "RUN_FILES", "SPLIT_FILE", "TRACKER_PROJECT", "backbone_init", "push_run",
-           "write_evaluation", "write_metrics_and_card"]
+__all__ = ["LOCK_FILE", "NOT_PUSHED", "RUN_FILES", "RUN_RECORD", "SPLIT_FILE", "TRACKER_PROJECT", "backbone_init",
+           "claim_output_dir", "push_run", "start_run", "write_evaluation", "write_metrics_and_card"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +45,77 @@ TRACKER_PROJECT = "catdog"  # trackers log under output_dir/catdog
 # What a run writes into its output folder (with checkpoints/): --overwrite-output-dir removes these, nothing else.
 RUN_FILES = ("config.json", WEIGHTS, *IR_FILES, OOD_FILE, "metrics.json", SPLIT_FILE, "README.md", EVALUATION_FILE,
              REPORT_FILE, *(f"{name}.png" for name in FIGURES), TRACKER_PROJECT)
-NOT_PUSHED = (f"{CHECKPOINTS}/*", f"{TRACKER_PROJECT}/*", LOCK_FILE, ".tmp-*")
+LOCK_FILE = ".catdog.lock"
+RUN_RECORD = ".catdog-run.json"
+OWN_NAMES = (*RUN_FILES, CHECKPOINTS, LOCK_FILE, RUN_RECORD)
+# What this script's own interrupted writes leave (a model, engine or file save cut short by a kill).
+OWN_TEMPORARY = (".tmp-model-", ".tmp-engine-", *(f".tmp-{name}" for name in (*RUN_FILES, ".catdog-run.json")))
+NOT_PUSHED = (f"{CHECKPOINTS}/*", f"{TRACKER_PROJECT}/*", LOCK_FILE, RUN_RECORD, ".tmp-*")
+
+
+def _recorded_names(output_dir: Path) -> tuple[str, ...]:
+    """The names a previous run of this script recorded writing here; () if nothing says it was one.
+
+    A folder written before runs kept a record counts as a run's when it holds a model or checkpoints."""
+    try:
+        return tuple(json.loads((output_dir / RUN_RECORD).read_text())["files"])
+    except FileNotFoundError:
+        older = (output_dir / WEIGHTS).is_file() or (output_dir / CHECKPOINTS).is_dir()
+        return OWN_NAMES if older else ()
+    except (OSError, ValueError, KeyError, TypeError):
+        return ()
+
+
+def claim_output_dir(output_dir: Path, overwrite: bool, resuming: bool) -> FileLock:
+    """Lock the folder for this run, once it is known to be writable and new, empty or a previous run's.
+
+    Nothing is deleted here: ``start_run`` clears a previous run once every check has passed."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=output_dir).close()
+    except OSError as error:
+        raise TrainingError(f"--output-dir {output_dir} is not writable: {error.strerror or error}.") from None
+    recorded = _recorded_names(output_dir)
+    foreign = sorted(entry.name for entry in output_dir.iterdir()
+                     if entry.name not in (*recorded, LOCK_FILE) and not entry.name.startswith(OWN_TEMPORARY))
+    if foreign:  # refused before the lock file is made: the folder is left exactly as it was
+        listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise TrainingError(f"--output-dir {output_dir} holds files this script did not write ({listed}); pick a new "
+                            "or empty folder (--overwrite-output-dir replaces only a previous run's own files).")
+    lock = FileLock(output_dir / LOCK_FILE, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise TrainingError(f"Another training run is writing to {output_dir}; wait for it, or pick another --output-dir.") from None
+    problem = None
+    if not overwrite and not resuming and (output_dir / WEIGHTS).exists():
+        problem = f"{output_dir} already holds a model; pass --overwrite-output-dir or another --output-dir."
+    elif not overwrite and not resuming and any((output_dir / CHECKPOINTS).glob("step_*")):
+        problem = (f"{output_dir} holds checkpoints of an earlier run: continue it with --resume-from-checkpoint "
+                   "latest, or start afresh with --overwrite-output-dir.")
+    if problem:
+        lock.release()
+        raise TrainingError(problem)
+    if not (output_dir / RUN_RECORD).is_file():  # from now on the folder is known as a run's, even if this one is killed
+        save_file_atomically(output_dir / RUN_RECORD, lambda path: Path(path).write_text(
+            json.dumps({"written_by": "train_accelerate.py", "files": list(OWN_NAMES)}, indent=2)))
+    return lock
+
+
+def start_run(output_dir: Path, overwrite: bool) -> None:
+    """Every check has passed: remove this script's interrupted writes and, with ``overwrite``, what the
+    previous run recorded writing here. Nothing else is touched."""
+    stale = [entry for entry in output_dir.iterdir() if entry.name.startswith(OWN_TEMPORARY)]
+    if overwrite:
+        stale += [output_dir / name for name in _recorded_names(output_dir) if name not in (LOCK_FILE, RUN_RECORD)]
+    try:
+        for path in stale:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+    except OSError as error:
+        raise TrainingError(f"Could not clear the previous run in {output_dir}: {error.strerror or error}.") from None
 
 
 def backbone_init(args: argparse.Namespace) -> str:

@@ -1,5 +1,5 @@
-"""A training run's state and folder: progress and running metrics, evaluation and calibration, the lock,
-and checkpoints that survive kills and refuse the wrong run. Used by train_accelerate.py.
+"""A training run's state: progress and running metrics, evaluation and calibration, and checkpoints that
+survive kills and refuse the wrong run. Used by train_accelerate.py.
 
 Layout: ``output_dir/checkpoints/step_<8 digits>/``, each holding what ``Accelerator.save_state`` writes
 plus ``checkpoint.json``: the run's identity and the size of every file. Every process writes into
@@ -19,13 +19,12 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
-from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
 from .calibration import ECE_BINS, expected_calibration_error, fit_temperature
@@ -33,8 +32,8 @@ from .manifest import file_sha256
 from .model import CatDogClassifier
 
 __all__ = [
-    "CHECKPOINTS", "CheckpointError", "LOCK_FILE", "MANIFEST", "Progress", "RunningMetrics", "TrainingError",
-    "claim_output_dir", "exit_with_parent", "file_sha256", "find_latest", "find_resume_checkpoint", "identity_changes",
+    "CHECKPOINTS", "CheckpointError", "MANIFEST", "Progress", "RunningMetrics", "TrainingError",
+    "exit_with_parent", "file_sha256", "find_latest", "find_resume_checkpoint", "identity_changes",
     "on_main_process", "read_manifest", "save_checkpoint", "evaluate", "model_outputs", "calibrate", "save_file_atomically", "check_finite", "save_model",
     "check_best_model",
 ]
@@ -43,7 +42,6 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "checkpoint.json"
 CHECKPOINTS = "checkpoints"  # output_dir/checkpoints/step_<8 digits>
-LOCK_FILE = ".catdog.lock"
 _NAME = re.compile(r"step_(\d{8})")
 _TEMP_PREFIX = ".tmp-"
 
@@ -360,34 +358,6 @@ def find_resume_checkpoint(resume_from: Optional[str], output_dir: Path, identit
     if reached > epochs:
         raise TrainingError(f"{path} has already reached epoch {reached}; --epochs {epochs} would end the run before it.")
     return path
-
-
-def claim_output_dir(output_dir: Path, overwrite: bool, resuming: bool, run_files: Sequence[str]) -> FileLock:
-    """Lock the folder for this run, check it is writable, and clear a previous run when asked to.
-
-    ``run_files`` are the names a run writes there (files or folders): overwriting removes exactly those."""
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=output_dir).close()
-    except OSError as error:
-        raise TrainingError(f"--output-dir {output_dir} is not writable: {error.strerror or error}.") from None
-    lock = FileLock(output_dir / LOCK_FILE, timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise TrainingError(f"Another training run is writing to {output_dir}; wait for it, or pick another --output-dir.") from None
-    for stale in output_dir.glob(".tmp-*"):  # a model save cut short by a kill
-        shutil.rmtree(stale, ignore_errors=True)
-    has_checkpoints = any((output_dir / CHECKPOINTS).glob("step_*"))
-    if overwrite:
-        for path in (output_dir / name for name in (*run_files, CHECKPOINTS)):
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    elif not resuming and (output_dir / "model.safetensors").exists():
-        raise TrainingError(f"{output_dir} already holds a model; pass --overwrite-output-dir or another --output-dir.")
-    elif not resuming and has_checkpoints:
-        raise TrainingError(f"{output_dir} holds checkpoints of an earlier run: continue it with "
-                            "--resume-from-checkpoint latest, or start afresh with --overwrite-output-dir.")
-    return lock
 
 
 def on_main_process(accelerator: Accelerator, check: Callable, *check_args):

@@ -111,8 +111,12 @@ def _two_ranks_training(tmp_path):
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     agent, family = psutil.Process(launcher.pid), []
+    # split.json is written once both ranks have passed the dataset check, so each has long since asked to die
+    # with its launcher; without it, short-lived children of still-importing ranks (a library's subprocess)
+    # could pass for the loader workers.
+    started = lambda: (tmp_path / "out" / "split.json").exists() and _descendants(agent, at_least=4)  # noqa: E731
     try:
-        family = _wait_for(lambda: _descendants(agent, at_least=4), 300, "two ranks training")
+        family = _wait_for(started, 300, "two ranks training")
         yield launcher, agent, family
     finally:
         for process in [agent, *family]:

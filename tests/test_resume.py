@@ -14,7 +14,8 @@ import pytest
 from filelock import FileLock
 from safetensors.torch import load_file
 
-from catdog_model.training import LOCK_FILE, CheckpointError, find_latest, read_manifest, save_checkpoint
+from catdog_model.run_files import LOCK_FILE
+from catdog_model.training import CheckpointError, find_latest, read_manifest, save_checkpoint
 from conftest import ROOT, assert_clean_error, run_training, training_command, weights_equal
 
 # Augmentation on, two loader workers: the hard case for an exact resume.
@@ -160,19 +161,42 @@ def test_checkpoints_total_limit_keeps_the_newest(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002", "step_00000003"]
 
 
-def test_overwrite_removes_the_previous_run_before_writing_but_only_after_the_flags_are_checked(full_run, tmp_path):
+def test_overwrite_removes_the_previous_run_only_after_the_flags_and_the_data_are_checked(full_run, tmp_path):
     old = tmp_path / "out"
     shutil.copytree(full_run, old)
-    (old / "notes.txt").write_text("mine")  # not the run's: never deleted
     assert_clean_error(run_training(old, "--overwrite-output-dir", "--batch-size", "0", check=False), "--batch-size")
+    # A training split of one photo holds one class: refused by the data check, after the dataset is read.
+    assert_clean_error(run_training(old, "--overwrite-output-dir", "--max-train-samples", "1", check=False),
+                       "The train split (1 images) holds no")
     assert (old / "checkpoints").is_dir() and weights_equal(full_run, old)
+    assert (old / "split.json").read_text() == (full_run / "split.json").read_text()
 
     run_training(old, "--overwrite-output-dir", "--epochs", "1", "--max-train-samples", "8", "--max-eval-samples", "8",
                  "--seed", "1")
-    assert not (old / "checkpoints").exists() and (old / "notes.txt").read_text() == "mine"
+    assert not (old / "checkpoints").exists()
     assert json.loads((old / "metrics.json").read_text())["seed"] == 1
     assert json.loads((old / "split.json").read_text())["seed"] == 1
     assert_clean_error(run_training(old, *RESUME, check=False), "no complete checkpoint")
+
+
+@pytest.mark.parametrize("flags", [(), ("--overwrite-output-dir",)])
+def test_a_folder_holding_what_the_script_did_not_write_is_refused_before_any_work(full_run, tmp_path, flags):
+    clone = tmp_path / "clone"  # `--output-dir .` in a clone of this project
+    clone.mkdir()
+    (clone / "README.md").write_text("the project's own README")
+    (clone / "catdog").mkdir()  # the name trackers log under: still the user's, the folder has no run record
+    (clone / "catdog" / "main.py").write_text("print('mine')")
+    (clone / ".tmp-mywork").mkdir()
+    run = tmp_path / "run"  # a previous run's folder, into which the user put a file of theirs
+    shutil.copytree(full_run, run)
+    (run / "notes.txt").write_text("mine")
+    for folder, named in ((clone, ".tmp-mywork, README.md, catdog"), (run, "notes.txt")):
+        before = sorted(path.relative_to(folder) for path in folder.rglob("*"))
+        result = run_training(folder, "--epochs", "1", *flags, check=False)
+        assert_clean_error(result, "holds files this script did not write", named)
+        assert "rows skipped" not in result.stderr  # refused before the dataset was read
+        assert sorted(path.relative_to(folder) for path in folder.rglob("*")) == before
+    assert (clone / "README.md").read_text() == "the project's own README" and weights_equal(full_run, run)
 
 
 def test_a_fresh_run_into_a_folder_with_checkpoints_is_refused(full_run, tmp_path):
