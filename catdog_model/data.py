@@ -27,7 +27,7 @@ from .images import ImageError, open_image, resize, to_rgb
 
 __all__ = [
     "DatasetError", "LoadedDataset", "load_image_dataset", "dataset_fingerprint", "split_dataset", "check_classes",
-    "make_transform", "undecoded", "collate",
+    "make_transform", "undecoded", "collate", "read_split_file", "load_split", "save_split",
 ]
 
 logger = logging.getLogger(__name__)
@@ -171,10 +171,24 @@ def save_split(path: Path, splits: dict[str, Dataset], used: dict[str, Dataset],
     path.write_text(json.dumps(content))
 
 
+def read_split_file(path: Path) -> dict:
+    """A split.json written by ``save_split``; DatasetError naming what is wrong with any other file."""
+    try:
+        saved = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise DatasetError(f"{path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DatasetError(f"{path} is not a readable split.json ({type(error).__name__})") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("used"), dict) or not all(
+            isinstance(saved.get(name), list) and isinstance(saved["used"].get(name), list) for name in ("train", "test")):
+        raise DatasetError(f"{path} is not a split.json written by train_accelerate.py (no train and test rows)")
+    return saved
+
+
 def load_split(path: Path, data: LoadedDataset, name: str, used: bool = False) -> Dataset:
     """The rows of one saved split (or only those used), looked up by their original index."""
     position = {row: i for i, row in enumerate(data.dataset[ROW_COLUMN])}
-    saved = json.loads(Path(path).read_text())
+    saved = read_split_file(path)
     try:
         return data.dataset.select([position[row] for row in (saved["used"] if used else saved)[name]])
     except KeyError as error:

@@ -1,11 +1,13 @@
 """An evaluation report anyone can rerun, on any saved or Hub model:
 
     python -m catdog_model.evaluate MODEL --dataset DATASET [--split-file split.json] [--ood-dir DIR] --output-dir DIR
+                                    [--serving-engine]
 
 MODEL is a folder written by train_accelerate.py or a Hub id. With ``--split-file`` (the model's own
 ``split.json`` by default, when there is one) the rows of its held-out test split are evaluated,
 else the whole dataset. ``--ood-dir`` adds pictures that are neither cats nor dogs, for the AUROC of
-the "neither" detector. It writes ``evaluation.json``, PNG figures (confusion matrix, ROC, reliability
+the "neither" detector. It evaluates the fp32 weights, as the training run's report did;
+``--serving-engine`` evaluates the OpenVINO engine ``load_predictor`` serves instead. It writes ``evaluation.json``, PNG figures (confusion matrix, ROC, reliability
 diagram, training curves, the most confident mistakes) and ``evaluation.html``, which holds all of it.
 The training script calls ``write_report`` on its test split, so the model card shows the same numbers.
 """
@@ -18,6 +20,7 @@ import html
 import json
 import logging
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -250,13 +253,40 @@ def _model_outputs(predictor, images: Iterable[Image.Image], description: str, t
 
 
 def _ood_images(folder: Path) -> list[Image.Image]:
+    """The readable pictures of --ood-dir (others are skipped with a warning); DatasetError if there are none."""
+    from .data import DatasetError
+
+    if not folder.is_dir():
+        raise DatasetError(f"--ood-dir {folder} is not a folder")
     images = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         try:
             images.append(open_image(path))
         except ImageError as error:
             logger.warning("skipping %s: %s", path, error)
+    if not images:
+        raise DatasetError(f"--ood-dir {folder} holds no picture that can be read")
     return images
+
+
+def _check_output_dir(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        raise OSError(f"--output-dir {folder} is not a writable folder ({error.strerror or type(error).__name__})") from None
+
+
+def _check_split_is_the_models(split_file: Path, metrics: dict) -> None:
+    """A split file made by another run (another seed or dataset) would mix the model's training rows into its
+    "test" rows: refuse it, naming what differs. Nothing to compare against without the model's metrics.json."""
+    from .data import DatasetError, read_split_file
+
+    saved = read_split_file(split_file)
+    for key, flag in (("seed", "--seed"), ("dataset", "--dataset")):
+        if key in metrics and key in saved and saved[key] != metrics[key]:
+            raise DatasetError(f"--split-file {split_file} was made with {flag} {saved[key]}, but the model was trained "
+                               f"with {flag} {metrics[key]}: its test rows would include the model's training rows")
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -271,19 +301,23 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--all-rows", action="store_true", help="evaluate the whole dataset instead of a test split")
     parser.add_argument("--ood-dir", default=None, help="a folder of pictures that are neither cats nor dogs")
     parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--serving-engine", action="store_true",
+                        help="evaluate the engine load_predictor serves (the OpenVINO IR) instead of the fp32 weights "
+                             "the training run's report used")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    try:
-        predictor = load_predictor(args.model)
+    try:  # every input is checked before the evaluation, which may take a while
+        _check_output_dir(Path(args.output_dir))
+        ood_images = _ood_images(Path(args.ood_dir)) if args.ood_dir else []
+        predictor = load_predictor(args.model, exact=not args.serving_engine)
         data = load_image_dataset(args.dataset, args.dataset_revision)
         split_file = args.split_file or (Path(args.model) / "split.json" if (Path(args.model) / "split.json").is_file() else None)
         if args.all_rows or split_file is None:
             logger.info("evaluating every row of %s (no split file)", args.dataset)
             rows = data.dataset
         else:
+            _check_split_is_the_models(Path(split_file), predictor.metrics)
             rows = load_split(Path(split_file), data, "test", used=True)
-        if args.ood_dir and not Path(args.ood_dir).is_dir():
-            raise DatasetError(f"--ood-dir {args.ood_dir} is not a folder")
     except (ModelLoadError, DatasetError, OSError) as error:
         sys.exit(f"error: {error}")
     if tuple(data.labels) != tuple(predictor.labels):
@@ -292,8 +326,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ood = None
     if predictor.detector is not None:
         out_scores = torch.empty(0)
-        if args.ood_dir:
-            _, out_scores = _model_outputs(predictor, _ood_images(Path(args.ood_dir)), "out-of-distribution")
+        if ood_images:
+            _, out_scores = _model_outputs(predictor, ood_images, "out-of-distribution")
         ood = {"threshold": predictor.ood_threshold, "in_scores": in_scores, "out_scores": out_scores}
     elif args.ood_dir:
         logger.warning("this model has no 'neither' detector (no ood_threshold in its config); --ood-dir is ignored")

@@ -92,3 +92,39 @@ def test_the_command_fails_in_one_line(tmp_path, mini_dataset):
     assert_clean_error(_evaluate(str(tmp_path / "no-such-model"), "--output-dir", str(tmp_path / "r")), "No such model folder")
     assert_clean_error(_evaluate(str(ROOT / "examples"), "--dataset", str(mini_dataset), "--output-dir", str(tmp_path / "r")),
                        "has no config.json")
+
+
+def test_every_input_is_checked_before_the_evaluation(trained_model, mini_dataset, tmp_path):
+    a_file = tmp_path / "report.txt"
+    a_file.write_text("not a folder")
+    empty, not_pictures = tmp_path / "empty", tmp_path / "notes"
+    empty.mkdir()
+    not_pictures.mkdir()
+    (not_pictures / "notes.txt").write_text("not a picture")
+    bad_json, a_list, no_used = (tmp_path / name for name in ("bad.json", "list.json", "no-used.json"))
+    bad_json.write_text("{not json")
+    a_list.write_text("[1, 2]")
+    no_used.write_text(json.dumps({"train": [1], "test": [2]}))
+    other_seed = tmp_path / "other-seed.json"
+    other_seed.write_text(json.dumps({**json.loads((trained_model / "split.json").read_text()), "seed": 7}))
+    common = (str(trained_model), "--dataset", str(mini_dataset))
+    for flags, message in (
+        (("--output-dir", str(a_file)), "is not a writable folder"),
+        (("--output-dir", str(tmp_path / "r"), "--ood-dir", str(empty)), "holds no picture that can be read"),
+        (("--output-dir", str(tmp_path / "r"), "--ood-dir", str(not_pictures)), "holds no picture that can be read"),
+        (("--output-dir", str(tmp_path / "r"), "--split-file", str(bad_json)), "is not a readable split.json"),
+        (("--output-dir", str(tmp_path / "r"), "--split-file", str(a_list)), "is not a split.json written by"),
+        (("--output-dir", str(tmp_path / "r"), "--split-file", str(no_used)), "is not a split.json written by"),
+        (("--output-dir", str(tmp_path / "r"), "--split-file", str(other_seed)), "was made with --seed 7, but the model"),
+    ):
+        result = _evaluate(*common, *flags)
+        assert_clean_error(result, message)
+        assert "evaluating" not in result.stderr  # refused before the first picture was classified
+    assert not (tmp_path / "r" / "evaluation.json").exists()
+
+
+def test_the_fp32_weights_are_evaluated_unless_the_serving_engine_is_asked_for(trained_model, mini_dataset, tmp_path):
+    for flags, engine in (((), "torch-fp32"), (("--serving-engine",), "openvino-")):
+        result = _evaluate(str(trained_model), "--dataset", str(mini_dataset), "--output-dir", str(tmp_path / "r"), *flags)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"with {engine}" in result.stderr
