@@ -23,6 +23,18 @@ import tempfile
 from pathlib import Path
 
 
+def _setting(name: str, default: str, minimum: int | None = None) -> int | bool:
+    """$name as a whole number (at least ``minimum``) or, with no minimum, as a yes/no switch. A value that is
+    neither stops the app with one line: a Space's log should say what is wrong, not run on another setting."""
+    value = os.environ.get(name, default).strip()
+    if minimum is None and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
+        return value.lower() in ("1", "true", "yes", "on")
+    if minimum is not None and value.isdecimal() and int(value) >= minimum:
+        return int(value)
+    meaning = "1/true/yes or 0/false/no" if minimum is None else f"a whole number from {minimum}"
+    sys.exit(f"error: ${name} must be {meaning}, got {value!r} (see the settings table in README.md)")
+
+
 def _cap_malloc_arenas(arenas: int) -> None:
     """glibc gives each thread that allocates its own malloc arena (up to 8 per core) and rarely hands the
     memory back; Gradio answers requests on many worker threads, so the server's memory grew by hundreds
@@ -36,7 +48,7 @@ def _cap_malloc_arenas(arenas: int) -> None:
 
 
 # Before torch and gradio start any thread. CATDOG_MALLOC_ARENAS=0 switches it off (for the load test).
-_cap_malloc_arenas(int(os.environ.get("CATDOG_MALLOC_ARENAS", "2")))
+_cap_malloc_arenas(_setting("CATDOG_MALLOC_ARENAS", "2", minimum=0))
 
 import gradio as gr  # noqa: E402
 from gradio.utils import get_upload_folder  # noqa: E402
@@ -52,7 +64,7 @@ MAX_FILE_MB = 10  # per picture: a larger one gets its own clear error (a row of
 SERVER_CAP_MB = 50  # Gradio refuses anything larger outright, against abuse
 MAX_BATCH_FILES = 100
 # /predict calls that arrive together share one forward pass, up to this many (CATDOG_MAX_BATCH=1: one at a time).
-MAX_BATCH = max(1, int(os.environ.get("CATDOG_MAX_BATCH", "8")))
+MAX_BATCH = _setting("CATDOG_MAX_BATCH", "8", minimum=1)
 UNSURE_BELOW = 0.70  # below this probability for the top label, the page says the model is not sure
 EXAMPLES_DIR = Path(__file__).parent / "examples"
 # The API page's sample inputs: the project's own photos, where anyone can fetch them.
@@ -77,7 +89,7 @@ def _model_source(argv: list[str]) -> tuple[str, str, bool]:
     parser.add_argument("--exact", action="store_true",
                         help="serve the eager float32 model (model.safetensors) instead of the OpenVINO engine")
     parsed = parser.parse_args(argv)
-    exact = parsed.exact or os.environ.get("CATDOG_EXACT", "") == "1"
+    exact = parsed.exact or _setting("CATDOG_EXACT", "0")
     model = parsed.model
     if model:
         return model, "--model", exact
@@ -91,7 +103,7 @@ def _model_source(argv: list[str]) -> tuple[str, str, bool]:
 # Flags are read only when run as a script, so that tests can import `demo`.
 MODEL_SOURCE, WHY, EXACT = _model_source(sys.argv[1:] if __name__ == "__main__" else [])
 # Inference is the only heavy work: use the cores deliberately, not whatever a library guesses.
-THREADS = int(os.environ.get("CATDOG_THREADS", min(2, os.cpu_count() or 1)))
+THREADS = _setting("CATDOG_THREADS", str(min(2, os.cpu_count() or 1)), minimum=1)
 
 logger.info("loading the model %s (%s)", MODEL_SOURCE, WHY)
 try:
@@ -113,24 +125,39 @@ FIX_HINT = (
 NO_MODEL_MESSAGE = f"No model is loaded: {load_error} {FIX_HINT.replace('`', '')}"  # API text: no markdown
 
 
+def _facts(metrics: dict) -> dict:
+    """What the panel shows of metrics.json, each field checked: a malformed one is left out, with a log line,
+    since that file only describes the model."""
+    test = metrics.get("test") if isinstance(metrics.get("test"), dict) else {}
+    facts = {"backbone_init": metrics.get("backbone_init"), "dataset": metrics.get("dataset"),
+             "accuracy": test.get("accuracy"), "samples": test.get("samples")}
+    kinds = {"backbone_init": str, "dataset": str, "accuracy": (int, float), "samples": int}
+    for key, kind in kinds.items():
+        if facts[key] is not None and (not isinstance(facts[key], kind) or isinstance(facts[key], bool)):
+            logger.warning("metrics.json: %s is %r, not a %s; the model panel leaves it out", key, facts[key],
+                           getattr(kind, "__name__", "number"))
+            facts[key] = None
+    return facts
+
+
 def _headline() -> str:
     """What is loaded, from its own config.json and metrics.json: never a claim about another model."""
     if predictor is None:
         return "No model is loaded yet: see below."
-    metrics = predictor.metrics
-    init = metrics.get("backbone_init", "")
+    facts = _facts(predictor.metrics)
+    init, dataset = facts["backbone_init"] or "", facts["dataset"]
     how = "trained from scratch" if init.startswith("random") else "fine-tuned from ImageNet weights" if init else "trained"
-    dataset = f" on `{Path(metrics['dataset']).name if Path(metrics['dataset']).exists() else metrics['dataset']}`" \
-        if metrics.get("dataset") else ""
-    return f"A {predictor.backbone} {how}{dataset}, at {predictor.image_size} px, tells which it is."
+    where = f" on `{Path(dataset).name if Path(dataset).exists() else dataset}`" if dataset else ""
+    return f"A {predictor.backbone} {how}{where}, at {predictor.image_size} px, tells which it is."
 
 
 def _model_panel() -> str:
     if predictor is None:
         return f"### ⚠️ No model loaded\n\n{load_error}\n\n**To fix it:** {FIX_HINT}"
-    test = predictor.metrics.get("test", {})
-    accuracy = (f"**{test['accuracy']:.2%}** on {test['samples']:,} held-out test images"
-                if "accuracy" in test else "not recorded (no metrics.json next to the weights)")
+    facts = _facts(predictor.metrics)
+    accuracy = "not recorded (no metrics.json next to the weights)"
+    if facts["accuracy"] is not None:
+        accuracy = f"**{facts['accuracy']:.2%}**" + (f" on {facts['samples']:,} held-out test images" if facts["samples"] else "")
     if Path(predictor.source).is_dir():
         name, where = f"`{predictor.source}`", "local folder"
     else:

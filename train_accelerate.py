@@ -176,7 +176,7 @@ def train_one_epoch(args, accelerator: Accelerator, model, optimizer, loader, pr
             bar.set_postfix(loss=f"{running['loss']:.4f}", acc=f"{running['accuracy']:.3f}")
         if accelerator.sync_gradients:
             progress.optimizer_steps += 1
-            if args.checkpointing_steps.isdigit() and progress.optimizer_steps % int(args.checkpointing_steps) == 0:
+            if args.checkpointing_steps.isdecimal() and progress.optimizer_steps % int(args.checkpointing_steps) == 0:
                 checkpoint(unchecked_losses)
     check_finite(unchecked_losses, model, progress)
 
@@ -370,7 +370,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     out.add_argument("--hub-private", action="store_true")
     out.add_argument("--hub-token", default=None, help="default: the logged-in token")
     args = parser.parse_args(argv)
-    if args.checkpointing_steps not in (None, "epoch") and not (args.checkpointing_steps.isdigit() and int(args.checkpointing_steps) > 0):
+    if args.checkpointing_steps not in (None, "epoch") and not (args.checkpointing_steps.isdecimal() and int(args.checkpointing_steps) > 0):
         parser.error('--checkpointing-steps takes a number of steps (1 or more) or "epoch"')
     args.checkpointing_steps = args.checkpointing_steps or ""
     return args

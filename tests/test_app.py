@@ -271,6 +271,38 @@ def test_a_model_that_computes_nan_gets_a_clear_message_not_an_answer(monkeypatc
     assert rows[0][1].startswith("error: The model x computed a non-finite output")
 
 
+@pytest.mark.parametrize("name, value", [("CATDOG_MAX_BATCH", "abc"), ("CATDOG_MAX_BATCH", "0"), ("CATDOG_MAX_BATCH", "-1"),
+                                         ("CATDOG_THREADS", "abc"), ("CATDOG_THREADS", "0"),
+                                         ("CATDOG_MALLOC_ARENAS", "x"), ("CATDOG_EXACT", "maybe")])
+def test_a_setting_that_cannot_work_stops_the_app_in_one_line(name, value):
+    env = {**os.environ, name: value, "CATDOG_MODEL": "no/such-model"}
+    result = subprocess.run([sys.executable, "-c", "import app"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"${name} must be" in result.stderr and repr(value) in result.stderr
+
+
+@pytest.mark.parametrize("value, expected", [("true", True), ("yes", True), ("1", True), ("false", False), ("0", False)])
+def test_switches_read_as_people_write_them(monkeypatch, value, expected):
+    import app
+    monkeypatch.setenv("CATDOG_EXACT", value)
+    assert app._model_source([])[2] is expected
+
+
+def test_a_malformed_metrics_json_blanks_the_panels_numbers_with_a_log_line(monkeypatch, caplog):
+    import app
+
+    class Described(_FixedPredictor):
+        source, revision, backbone, engine = "someone/catdog", None, "resnet50", "openvino-bf16"
+        metrics = {"test": {"accuracy": "n/a", "samples": 300}, "dataset": 123, "backbone_init": None}
+
+    monkeypatch.setattr(app, "predictor", Described(0.5))
+    with caplog.at_level("WARNING", logger="catdog.app"):
+        panel, headline = app._model_panel(), app._headline()
+    assert "not recorded" in panel and "A resnet50 trained, at 64 px" in headline
+    assert "accuracy is 'n/a'" in caplog.text and "dataset is 123" in caplog.text
+
+
 def test_hub_warnings_are_logged_once_in_the_apps_format():
     code = ("import app\nfrom huggingface_hub.utils import logging\n"
             "logging.get_logger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].')\n")

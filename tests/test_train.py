@@ -149,6 +149,7 @@ def test_every_flag_is_checked_before_any_work(weight_files, flags, message):
     (("--learning-rate", "nan"), "--learning-rate must be a finite number"),
     (("--pretrained-weights", "{dir}/notes.txt"), "is not a readable"),
     (("--checkpointing-steps", "0"), "--checkpointing-steps takes a number of steps (1 or more)"),
+    (("--checkpointing-steps", "²"), "--checkpointing-steps takes a number of steps (1 or more)"),  # isdigit() took it
 ])
 def test_bad_flags_fail_in_one_line_before_the_dataset_check(tmp_path, weight_files, flags, message):
     result = run_training(tmp_path / "out", *(f.format(dir=weight_files) for f in flags), check=False)
