@@ -10,6 +10,7 @@ returns the [0, 1] float32 array the serving engine takes, ``preprocess`` the sa
 from __future__ import annotations
 
 import io
+import logging
 from pathlib import Path
 from typing import BinaryIO, Optional, Union
 
@@ -21,6 +22,8 @@ __all__ = ["ImageError", "MAX_PIXELS", "check_image", "open_image", "to_rgb", "r
 # 40 megapixels: larger than any phone photo, small enough to decode on a 2-vCPU Space.
 MAX_PIXELS = 40_000_000
 ImageSource = Union[str, Path, bytes, BinaryIO]
+
+logger = logging.getLogger(__name__)
 
 
 class ImageError(ValueError):
@@ -46,7 +49,7 @@ def open_image(source: ImageSource, max_pixels: int = MAX_PIXELS, draft_size: Op
         raise ImageError(f"No such file: {source}") from None
     except Image.DecompressionBombError:  # Pillow's own header check, far above our limit
         raise ImageError(f"The image is too large; the limit is {max_pixels / 1e6:.0f} megapixels.") from None
-    except (UnidentifiedImageError, OSError):
+    except Exception:  # each format's parser fails its own way on bad bytes (ValueError, struct.error, IndexError, ...)
         raise ImageError("This file is not an image that can be read (try JPEG, PNG, WebP or GIF).") from None
     # Image.open only reads the header, so this check costs nothing and allocates nothing.
     width, height = image.size
@@ -56,11 +59,20 @@ def open_image(source: ImageSource, max_pixels: int = MAX_PIXELS, draft_size: Op
         )
     if draft_size and image.format == "JPEG":
         image.draft(image.mode, (draft_size, draft_size))
+    _decode(image)
+    return image
+
+
+def _decode(image: Image.Image) -> None:
+    """``image.load()``, with any decoder's failure as an ``ImageError``."""
     try:
         image.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    except ValueError as error:
+        if "closed image" in str(error):  # Pillow's "Operation on closed image"
+            raise ImageError("The image was closed before it could be classified.") from None
         raise ImageError("The image is damaged or truncated and cannot be decoded.") from None
-    return image
+    except Exception:  # OSError ("truncated"), SyntaxError, struct.error, ...: the decoders' own types
+        raise ImageError("The image is damaged or truncated and cannot be decoded.") from None
 
 
 def _scale_to_8bit(image: Image.Image) -> Image.Image:
@@ -80,10 +92,17 @@ def check_image(image: object) -> Image.Image:
         raise TypeError(f"expected a PIL image, got {type(image).__name__}: open files with catdog_model.open_image first")
     if image.width == 0 or image.height == 0:
         raise ImageError(f"The image has no pixels ({image.width}×{image.height}).")
+    _decode(image)  # an image opened lazily from a truncated file fails here
+    return image
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The picture turned as its EXIF orientation says; unturned, with a log line, when the EXIF is broken."""
     try:
-        image.load()
-    except ValueError:  # Pillow's "Operation on closed image"
-        raise ImageError("The image was closed before it could be classified.") from None
+        if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # only then: exif_transpose always copies
+            return ImageOps.exif_transpose(image)
+    except Exception as error:  # a malformed tag: the pixels are still good
+        logger.warning("ignoring the picture's broken EXIF orientation (%s: %s)", type(error).__name__, error)
     return image
 
 
@@ -92,8 +111,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     check_image(image)
     if getattr(image, "is_animated", False):
         image.seek(0)
-    if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # only then: exif_transpose always copies
-        image = ImageOps.exif_transpose(image)
+    image = _upright(image)
     mode = image.mode
     if mode in ("P", "PA"):
         # Palette images may carry transparency; RGBA keeps it so it is composited below.
@@ -101,7 +119,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     elif mode.startswith("I") or mode == "F":
         image = _scale_to_8bit(image)
     if image.mode in ("RGBA", "LA", "La", "RGBa"):
-        rgba = image.convert("RGBA")
+        # Premultiplied La converts only to LA; the others straight to RGBA.
+        rgba = (image.convert("LA") if image.mode == "La" else image).convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
     return image if image.mode == "RGB" else image.convert("RGB")

@@ -124,16 +124,17 @@ def test_upload_over_10_mb_is_refused(client, tmp_path):
 def test_batch_gives_a_table_and_a_csv(client, tmp_path):
     files = _valid_files(tmp_path)
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
-    paths = [files["rgb.jpg"], files["grayscale.png"], tmp_path / "broken.jpg"]
+    (tmp_path / "text.ppm").write_bytes(b"P6 a text file\n")  # its decoder raised a raw ValueError: no table at all
+    paths = [files["rgb.jpg"], files["grayscale.png"], tmp_path / "broken.jpg", tmp_path / "text.ppm"]
     table, csv_path = client.predict([handle_file(str(p)) for p in paths], api_name="/predict_batch")
     rows = table["data"]
-    assert [row[0] for row in rows] == ["rgb.jpg", "grayscale.png", "broken.jpg"]
+    assert [row[0] for row in rows] == ["rgb.jpg", "grayscale.png", "broken.jpg", "text.ppm"]
     for row in rows[:2]:
         assert row[1] in ("cat", "dog") and abs(row[2] + row[3] - 1) < 1e-3
-    assert rows[2][1].startswith("error:")
+    assert rows[2][1].startswith("error:") and rows[3][1].startswith("error: This file is not an image")
     assert os.path.basename(csv_path) == "catdog-predictions.csv"
     lines = open(csv_path).read().splitlines()
-    assert lines[0] == "file,label,P(cat),P(dog)" and len(lines) == 4
+    assert lines[0] == "file,label,P(cat),P(dog)" and len(lines) == 5
 
 
 def test_missing_model_starts_with_a_notice_and_a_clear_api_error(tmp_path):

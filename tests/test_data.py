@@ -2,6 +2,7 @@
 
 import io
 import json
+import struct
 
 import numpy as np
 import pytest
@@ -73,8 +74,10 @@ def test_class_subfolders_work_too(tmp_path):
         for i in range(3):
             (tmp_path / "pets" / name / f"{i}.jpg").write_bytes(_jpeg(i))
     (tmp_path / "pets" / "dog" / "broken.jpg").write_bytes(b"")
+    # A PNG whose header chunk is cut short: Pillow raised ValueError("Truncated IHDR chunk") through the check.
+    (tmp_path / "pets" / "cat" / "damaged.png").write_bytes(b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 5) + b"IHDR" + b"\x00" * 9)
     data = load_image_dataset(str(tmp_path / "pets"))
-    assert data.labels == ("cat", "dog") and len(data.dataset) == 6 and len(data.skipped_rows) == 1
+    assert data.labels == ("cat", "dog") and len(data.dataset) == 6 and len(data.skipped_rows) == 2
 
 
 def test_split_is_stratified_disjoint_seeded_and_saved(mini_dataset, tmp_path):

@@ -1,6 +1,7 @@
 """The one preprocessing path: every image mode, orientation, and every kind of bad file."""
 
 import io
+import struct
 
 import numpy as np
 import pytest
@@ -94,8 +95,12 @@ def test_preprocess_gives_the_models_input():
         (b"", "empty"),
         (b"this is a text file, not a picture", "not an image"),
         (b"\x89PNG\r\n\x1a\n" + b"\x00" * 20, "not an image"),
+        # Each raised its decoder's own exception (ValueError, SyntaxError, ...) instead of an ImageError:
+        (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 5) + b"IHDR" + b"\x00" * 9, "not an image"),  # truncated IHDR
+        (b"P6 this is a text file, not a picture\n", "not an image"),
+        (b"qoif" + struct.pack(">II", 64, 64) + b"\x03\x00" + b"\xfe\x01\x02" * 3, "damaged or truncated"),
     ],
-    ids=["empty", "text", "garbage-png"],
+    ids=["empty", "text", "garbage-png", "truncated-ihdr", "text-as-ppm", "broken-qoi"],
 )
 def test_bad_files_are_refused_clearly(data, message):
     with pytest.raises(ImageError, match=message):
@@ -107,6 +112,34 @@ def test_truncated_image_is_refused():
     data = _encode(Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)), "JPEG")
     with pytest.raises(ImageError, match="damaged or truncated"):
         open_image(data[: len(data) // 2])
+
+
+def test_a_lazily_opened_truncated_image_given_to_the_predictor_path_is_an_image_error():
+    rng = np.random.default_rng(0)
+    data = _encode(Image.fromarray(rng.integers(0, 255, (200, 300, 3), dtype=np.uint8)), "JPEG")
+    lazy = Image.open(io.BytesIO(data[:2000]))  # as a user's script opens it: not decoded yet
+    with pytest.raises(ImageError, match="damaged or truncated"):
+        preprocess(lazy, 32)
+
+
+def test_an_in_memory_premultiplied_la_image_is_read():
+    image = Image.new("La", (10, 6), 0)
+    assert preprocess(image, 8).shape == (3, 8, 8)
+
+
+def test_a_broken_exif_keeps_the_picture_unturned_with_a_log_line(monkeypatch, caplog):
+    from PIL import ImageOps
+
+    def broken(image):
+        raise SyntaxError("not a TIFF IFD")  # what a malformed tag makes Pillow's EXIF parser raise
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo = open_image(_encode(Image.new("RGB", (40, 20), (200, 10, 10)), "JPEG", exif=exif.tobytes()))
+    monkeypatch.setattr(ImageOps, "exif_transpose", broken)
+    with caplog.at_level("WARNING", logger="catdog_model.images"):
+        upright = to_rgb(photo)
+    assert upright.size == (40, 20) and "broken EXIF orientation" in caplog.text
 
 
 def test_pixel_bomb_is_refused_from_the_header():
