@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import ctypes
+import html
 import logging
 import os
 import signal
@@ -256,12 +257,24 @@ def predict_on_page(upload: str | dict | None) -> tuple:
     top = max(probabilities, key=probabilities.get)
     if probabilities[top] < UNSURE_BELOW:
         return _page(probabilities, heatmap=heatmap, status=(
-            f"🤔 **Not sure.** The model leans to *{top}* with only {probabilities[top]:.0%}; it may not be a clear "
+            f"🤔 **Not sure.** The model leans to *{html.escape(top)}* with only {probabilities[top]:.0%}; it may not be a clear "
             "photo of a cat or a dog."))
     return _page(probabilities, heatmap=heatmap)
 
 
-def predict_batch(files: list[str] | None, progress=gr.Progress()) -> tuple[list[list], str]:
+def _upload_name(upload) -> str:
+    """The name the file had on the user's machine (Gradio stores it under a name of its own)."""
+    name = upload.get("orig_name") if isinstance(upload, dict) else getattr(upload, "orig_name", None)
+    return name or Path(_upload_path(upload) or "").name
+
+
+def _spreadsheet_safe(cell):
+    """A cell a spreadsheet shows as text: OWASP's defence against CSV injection (a leading =, +, -, @, tab or
+    carriage return would make it a formula) is a leading apostrophe."""
+    return "'" + cell if isinstance(cell, str) and cell.startswith(("=", "+", "-", "@", "\t", "\r")) else cell
+
+
+def predict_batch(files: list | None, progress=gr.Progress()) -> tuple[list[list], str]:
     """Classify up to 100 pictures: one table row per file (a file that cannot be read gets an error row) and a CSV of it."""
     _require_model()
     if not files:
@@ -270,10 +283,10 @@ def predict_batch(files: list[str] | None, progress=gr.Progress()) -> tuple[list
         raise gr.Error(f"At most {MAX_BATCH_FILES} files at a time, please.", print_exception=False)
     negative, positive = predictor.labels
     rows = []
-    for path in progress.tqdm(files, desc="Classifying"):
-        name = Path(path).name
+    for upload in progress.tqdm(files, desc="Classifying"):
+        name = _upload_name(upload)
         try:
-            probabilities = predictor.predict([_open_upload(path)])[0]
+            probabilities = predictor.predict([_open_upload(_upload_path(upload))])[0]
         except (ImageError, PredictionError) as error:
             rows.append([name, f"error: {error}", None, None])
             continue
@@ -282,7 +295,7 @@ def predict_batch(files: list[str] | None, progress=gr.Progress()) -> tuple[list
     # Inside Gradio's own upload cache, so the app writes nowhere else; a folder per run keeps the plain name.
     csv_path = Path(tempfile.mkdtemp(prefix="catdog-", dir=get_upload_folder())) / "catdog-predictions.csv"
     with open(csv_path, "w", newline="") as out:
-        csv.writer(out).writerows([TABLE_HEADERS, *rows])
+        csv.writer(out).writerows([TABLE_HEADERS, *([_spreadsheet_safe(cell) for cell in row] for row in rows)])
     return rows, str(csv_path)
 
 
@@ -342,8 +355,10 @@ with gr.Blocks(title="catdog: cat or dog?") as demo:
     files.example_payload = lambda: [handle_file(url) for url in API_EXAMPLES]
     files.example_value = lambda: API_EXAMPLES
 
+    # preprocess=False: the handler gets each upload's FileData, with the name the file had on the user's machine.
     batch_button.click(predict_batch, inputs=files, outputs=[table, csv_file], api_name="predict_batch",
-                       concurrency_id="model", show_progress_on=table, api_description=predict_batch.__doc__
+                       concurrency_id="model", show_progress_on=table, api_description=predict_batch.__doc__,
+                       preprocess=False
                        ).success(lambda: gr.File(visible=True), outputs=csv_file, api_visibility="private", queue=False)
 
 demo.queue(max_size=32, default_concurrency_limit=1)

@@ -24,8 +24,8 @@ def check_labels(labels) -> tuple[str, str]:
         raise TypeError(f"labels must be a list of two names, got {labels!r}")
     if len(labels) != 2 or not all(isinstance(name, str) and name.strip() for name in labels):
         raise ValueError(f"a binary classifier needs exactly two non-empty label names, got {list(labels)}")
-    if labels[0] == labels[1]:
-        raise ValueError(f"the two labels must differ, got {list(labels)}")
+    if labels[0].strip().casefold() == labels[1].strip().casefold():  # "Cat" and "cat " would read as one answer
+        raise ValueError(f"the two labels must differ (not only in case or spaces), got {list(labels)}")
     return tuple(labels)
 
 

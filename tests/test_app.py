@@ -1,5 +1,6 @@
 """The Space, driven through its API with gradio_client, as a real server on a loopback port."""
 
+import csv
 import io
 import os
 import shutil
@@ -137,6 +138,20 @@ def test_batch_gives_a_table_and_a_csv(client, tmp_path):
     assert lines[0] == "file,label,P(cat),P(dog)" and len(lines) == 5
 
 
+def test_the_batch_keeps_the_uploaded_names_and_its_csv_is_safe_in_a_spreadsheet(client, tmp_path):
+    names = ["=1+1.png", "+cmd.png", "@SUM(A1).png", "-2+3.png"]  # OWASP's CSV-injection openers
+    photo = _photo()
+    for name in names:
+        (tmp_path / name).mkdir()  # each in its own folder, under its exact name
+        photo.save(tmp_path / name / name)
+    table, csv_path = client.predict([handle_file(str(tmp_path / name / name)) for name in names],
+                                     api_name="/predict_batch")
+    assert [row[0] for row in table["data"]] == names
+    with open(csv_path, newline="") as file:
+        cells = [row[0] for row in list(csv.reader(file))[1:]]
+    assert cells == ["'" + name for name in names]
+
+
 def test_missing_model_starts_with_a_notice_and_a_clear_api_error(tmp_path):
     url, process = start_app(str(tmp_path / "no-such-model"), tmp_path)
     try:
@@ -224,6 +239,21 @@ def test_the_page_says_when_the_model_is_not_sure(monkeypatch, p_dog, shown):
     if shown:
         top = max(p_dog, 1 - p_dog)
         assert shown in status["value"] and f"{top:.0%}" in status["value"] and top < app.UNSURE_BELOW
+
+
+def test_a_label_is_text_on_the_page_never_markup(monkeypatch):
+    import app
+
+    class Odd(_FixedPredictor):
+        def explain(self, image):
+            explanation = super().explain(image)
+            explanation.probabilities = {"<img src=x onerror=alert(1)>": 0.6, "dog": 0.4}  # "not sure": named
+            return explanation
+
+    monkeypatch.setattr(app, "predictor", Odd(0.4))
+    _, status, _, _ = app.predict_on_page(str(ROOT / "examples" / "chelsea_cat.jpg"))
+    assert "Not sure" in status["value"] and "&lt;img src=x onerror=alert(1)&gt;" in status["value"]
+    assert "<img" not in status["value"]
 
 
 def test_the_page_shows_problems_inline_instead_of_raising(monkeypatch, tmp_path):

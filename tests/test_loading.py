@@ -34,6 +34,7 @@ def _copy_with_config(saved_model, tmp_path, **changes):
     ('{"labels": ["cat", "dog", "bird"]}', "exactly two non-empty label names"),
     ('{"labels": "cd"}', "labels must be a list of two names"),
     ('{"labels": ["dog", "dog"]}', "the two labels must differ"),
+    ('{"labels": ["Cat", " cat"]}', "not only in case or spaces"),
     ('{"labels": ["", "dog"]}', "exactly two non-empty label names"),
     ('{"labels": null}', "labels must be a list"),
     ('{"backbone": "resnet5O"}', "timm has no model named 'resnet5O'"),
