@@ -18,9 +18,11 @@ import ctypes
 import html
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -67,6 +69,9 @@ MAX_BATCH_FILES = 100
 # /predict calls that arrive together share one forward pass, up to this many (CATDOG_MAX_BATCH=1: one at a time).
 MAX_BATCH = _setting("CATDOG_MAX_BATCH", "8", minimum=1)
 UNSURE_BELOW = 0.70  # below this probability for the top label, the page says the model is not sure
+# Uploads and batch CSVs are deleted this many seconds after they were made, so a Space that runs for months
+# keeps a bounded disk (Gradio's delete_cache for its uploads and outputs; our own CSV folders in predict_batch).
+UPLOAD_TTL_S = _setting("CATDOG_UPLOAD_TTL", "3600", minimum=1)
 EXAMPLES_DIR = Path(__file__).parent / "examples"
 # The API page's sample inputs: the project's own photos, where anyone can fetch them.
 EXAMPLES_URL = "https://raw.githubusercontent.com/catdog-project/catdog/main/examples"
@@ -274,6 +279,16 @@ def _spreadsheet_safe(cell):
     return "'" + cell if isinstance(cell, str) and cell.startswith(("=", "+", "-", "@", "\t", "\r")) else cell
 
 
+def _delete_old_csv_folders() -> None:
+    """Gradio deletes the CSV files it serves once they are old; their folders, ours, go here."""
+    for folder in Path(get_upload_folder()).glob("catdog-*"):
+        try:
+            if time.time() - folder.stat().st_mtime > UPLOAD_TTL_S:
+                shutil.rmtree(folder, ignore_errors=True)
+        except FileNotFoundError:  # another batch removed it first
+            pass
+
+
 def predict_batch(files: list | None, progress=gr.Progress()) -> tuple[list[list], str]:
     """Classify up to 100 pictures: one table row per file (a file that cannot be read gets an error row) and a CSV of it."""
     _require_model()
@@ -293,6 +308,7 @@ def predict_batch(files: list | None, progress=gr.Progress()) -> tuple[list[list
         label = max(probabilities, key=probabilities.get)
         rows.append([name, label, round(probabilities[negative], 4), round(probabilities[positive], 4)])
     # Inside Gradio's own upload cache, so the app writes nowhere else; a folder per run keeps the plain name.
+    _delete_old_csv_folders()
     csv_path = Path(tempfile.mkdtemp(prefix="catdog-", dir=get_upload_folder())) / "catdog-predictions.csv"
     with open(csv_path, "w", newline="") as out:
         csv.writer(out).writerows([TABLE_HEADERS, *([_spreadsheet_safe(cell) for cell in row] for row in rows)])
@@ -306,7 +322,7 @@ examples = sorted(str(p) for p in EXAMPLES_DIR.iterdir() if p.suffix.lower() in 
 # On a phone the columns stack: put the result first, so that it is in view after an upload.
 CSS = "@media (max-width: 640px) { #result-column { order: -1; } }"
 
-with gr.Blocks(title="catdog: cat or dog?") as demo:
+with gr.Blocks(title="catdog: cat or dog?", delete_cache=(min(600, UPLOAD_TTL_S), UPLOAD_TTL_S)) as demo:
     gr.Markdown(f"# 🐱 catdog 🐶\nDrop a photo of a cat or a dog, paste one, or use your webcam. {_headline()}")
     model_panel = gr.Markdown(_model_panel(), elem_id="model-panel")
     ready = predictor is not None

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import httpx
 import numpy as np
@@ -150,6 +151,31 @@ def test_the_batch_keeps_the_uploaded_names_and_its_csv_is_safe_in_a_spreadsheet
     with open(csv_path, newline="") as file:
         cells = [row[0] for row in list(csv.reader(file))[1:]]
     assert cells == ["'" + name for name in names]
+
+
+@pytest.mark.slow
+def test_uploads_and_batch_files_do_not_pile_up_on_disk(trained_model, tmp_path):
+    """A Space runs for months: what 40 uploads and 4 batches leave is deleted once older than the TTL."""
+    cache = tmp_path / "gradio"
+    env = {"GRADIO_TEMP_DIR": str(cache), "CATDOG_THREADS": "1", "CATDOG_UPLOAD_TTL": "2"}
+    url, process = load_test.start_app(str(trained_model), env, tmp_path / "app.log")
+    try:
+        client = Client(url, verbose=False)
+        stored = lambda: {str(p.relative_to(cache)) for p in cache.rglob("*") if p.is_file()}  # noqa: E731
+        examples = stored()  # the page's example photos, copied there at start-up: kept
+        pictures = [_save(_photo(size=(400, 300), seed=seed), tmp_path / f"photo{seed}.png") for seed in range(4)]
+        for index in range(40):
+            client.predict(handle_file(str(pictures[index % 4])), api_name="/predict")
+        for _ in range(4):
+            client.predict([handle_file(str(path)) for path in pictures], api_name="/predict_batch")
+        assert len(stored() - examples) >= 8  # the uploads and the CSVs were there
+        time.sleep(6)  # past the TTL, and past a run of Gradio's clean-up, which comes every TTL seconds
+        assert stored() == examples
+        client.predict([handle_file(str(pictures[0]))], api_name="/predict_batch")
+        assert len(list(cache.glob("catdog-*"))) == 1  # the older CSV folders went with the new batch
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 def test_missing_model_starts_with_a_notice_and_a_clear_api_error(tmp_path):
