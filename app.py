@@ -59,6 +59,7 @@ from gradio_client import handle_file  # noqa: E402
 
 from catdog_model import (DEFAULT_LABELS, ImageError, ModelLoadError, PredictionError, load_predictor,  # noqa: E402
                           open_image, to_rgb)
+from catdog_model.images import MAX_PIXELS, PixelBudget  # noqa: E402
 from catdog_model.ood import overlay_heatmap  # noqa: E402
 
 DEFAULT_MODEL = "catdog-project/catdog-resnet50"  # the published model: named here and in README.md only
@@ -173,6 +174,11 @@ def _model_panel() -> str:
             f"engine `{predictor.engine}`")
 
 
+# Decoded pixels the requests in flight may hold together: two of the largest pictures allowed. A flat
+# 40-megapixel PNG is 128 KB on the wire and 120 MB decoded; eight at once took the server from 1.3 to 2.5 GB.
+PIXELS_IN_FLIGHT = PixelBudget(2 * MAX_PIXELS)
+
+
 def _open_upload(path: str):
     """Size limit first (cheap), then the header's pixel count, then a decode no larger than the model needs."""
     size_mb = os.path.getsize(path) / 2**20
@@ -210,11 +216,12 @@ def _model_failed(error: PredictionError) -> gr.Error:
 
 def predict(upload: str | dict | None) -> dict[str, float]:
     """Classify one picture (JPEG, PNG, WebP, GIF, ... up to 10 MB); returns the label and each class's probability."""
-    image = _api_image(upload)  # first: it checks that a model is loaded
-    try:
-        return predictor.predict_shared(image)  # batched with the other /predict calls waiting for the model
-    except PredictionError as error:
-        raise _model_failed(error) from None
+    with PIXELS_IN_FLIGHT.hold(_upload_path(upload)):
+        image = _api_image(upload)  # first: it checks that a model is loaded
+        try:
+            return predictor.predict_shared(image)  # batched with the other /predict calls waiting for the model
+        except PredictionError as error:
+            raise _model_failed(error) from None
 
 
 def _status(text: str = "") -> dict:
@@ -223,11 +230,12 @@ def _status(text: str = "") -> dict:
 
 def explain(upload: str | dict | None) -> dict:
     """Classify one picture and say whether it looks like a cat or a dog at all: {"probabilities", "is_cat_or_dog", "ood_score"}."""
-    image = _api_image(upload)  # first: it checks that a model is loaded
-    try:
-        explanation = predictor.explain(image)
-    except PredictionError as error:
-        raise _model_failed(error) from None
+    with PIXELS_IN_FLIGHT.hold(_upload_path(upload)):
+        image = _api_image(upload)  # first: it checks that a model is loaded
+        try:
+            explanation = predictor.explain(image)
+        except PredictionError as error:
+            raise _model_failed(error) from None
     return {"probabilities": explanation.probabilities, "is_cat_or_dog": explanation.is_cat_or_dog,
             "ood_score": explanation.ood_score}
 
@@ -247,15 +255,17 @@ def predict_on_page(upload: str | dict | None) -> tuple:
     if not path:
         return _page()
     try:
-        image = _open_upload(path)
-        explanation = predictor.explain(image)
+        with PIXELS_IN_FLIGHT.hold(_upload_path(upload)):  # the full picture lives until its overlay is drawn
+            image = _open_upload(path)
+            explanation = predictor.explain(image)
+            heatmap = overlay_heatmap(to_rgb(image), explanation.heatmap)
+            del image
     except ImageError as error:
         return _page(status=f"⚠️ **Cannot read this file.** {error}")
     except PredictionError as error:
         logger.error("%s", error)
         return _page(status=f"⚠️ **The model failed on this picture.** {error}")
     probabilities = explanation.probabilities
-    heatmap = overlay_heatmap(to_rgb(image), explanation.heatmap)
     if not explanation.is_cat_or_dog:
         return _page(probabilities, verdict="### 🚫 This doesn't look like a cat or a dog\nThe model's raw answer, for what it is worth:",
                      heatmap=heatmap, heading=False)
@@ -301,7 +311,8 @@ def predict_batch(files: list | None, progress=gr.Progress()) -> tuple[list[list
     for upload in progress.tqdm(files, desc="Classifying"):
         name = _upload_name(upload)
         try:
-            probabilities = predictor.predict([_open_upload(_upload_path(upload))])[0]
+            with PIXELS_IN_FLIGHT.hold(_upload_path(upload)):
+                probabilities = predictor.predict([_open_upload(_upload_path(upload))])[0]
         except (ImageError, PredictionError) as error:
             rows.append([name, f"error: {error}", None, None])
             continue

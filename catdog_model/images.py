@@ -9,15 +9,17 @@ returns the [0, 1] float32 array the serving engine takes, ``preprocess`` the sa
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import threading
 from pathlib import Path
-from typing import BinaryIO, Optional, Union
+from typing import BinaryIO, Iterator, Optional, Union
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ImageError", "MAX_PIXELS", "check_image", "open_image", "to_rgb", "resize", "image_array", "preprocess"]
+__all__ = ["ImageError", "MAX_PIXELS", "PixelBudget", "check_image", "open_image", "to_rgb", "resize", "image_array", "preprocess"]
 
 # 40 megapixels: larger than any phone photo, small enough to decode on a 2-vCPU Space.
 MAX_PIXELS = 40_000_000
@@ -141,3 +143,36 @@ def preprocess(image: Image.Image, image_size: int) -> "torch.Tensor":
     import torch
 
     return torch.from_numpy(image_array(image, image_size))
+
+
+class PixelBudget:
+    """Decoded pixels that concurrent requests may hold together, so that a server's memory stays bounded
+    however many large pictures arrive at once. ``with budget.hold(path):`` takes the picture's pixel count,
+    read from its header (nothing is decoded), until the block ends; it waits while that would pass the
+    budget. A picture larger than the whole budget takes all of it."""
+
+    def __init__(self, pixels: int) -> None:
+        self.total, self.free = pixels, pixels
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, path: Optional[str]) -> Iterator[None]:
+        pixels = min(self.total, _header_pixels(path))
+        with self._changed:
+            self._changed.wait_for(lambda: self.free >= pixels)
+            self.free -= pixels
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.free += pixels
+                self._changed.notify_all()
+
+
+def _header_pixels(path: Optional[str]) -> int:
+    """Width × height from the file's header; 0 for what is no picture (``open_image`` then says why)."""
+    try:
+        with Image.open(path) as image:
+            return image.width * image.height
+    except Exception:  # any unreadable file counts as nothing here
+        return 0

@@ -7,7 +7,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -176,6 +178,36 @@ def test_uploads_and_batch_files_do_not_pile_up_on_disk(trained_model, tmp_path)
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_eight_40_megapixel_uploads_at_once_stay_within_a_memory_bound(trained_model, tmp_path):
+    huge = tmp_path / "flat.png"  # 40 megapixels that compress to almost nothing
+    Image.new("RGB", (8000, 5000), (120, 140, 160)).save(huge)
+    env = {"GRADIO_TEMP_DIR": str(tmp_path / "gradio"), "CATDOG_THREADS": "2"}
+    url, process = load_test.start_app(str(trained_model), env, tmp_path / "app.log")
+    try:
+        Client(url, verbose=False).predict(handle_file(str(ROOT / "examples" / "chelsea_cat.jpg")), api_name="/predict")
+        baseline, peak, done = load_test.rss_mb(process), [0.0], threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], load_test.rss_mb(process))
+                time.sleep(0.05)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: Client(url, verbose=False).predict(handle_file(str(huge)),
+                                                                                 api_name="/predict"), range(8)))
+        done.set()
+        sampler.join()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert all(answer["label"] in ("cat", "dog") for answer in answers)
+    # Two decodes at a time (120 MB each, and as much again while resized); without the budget it grew ~1.2 GB.
+    assert peak[0] - baseline < 700, (baseline, peak[0])
 
 
 def test_missing_model_starts_with_a_notice_and_a_clear_api_error(tmp_path):
