@@ -98,7 +98,7 @@ def test_preprocess_gives_the_models_input():
         # Each raised its decoder's own exception (ValueError, SyntaxError, ...) instead of an ImageError:
         (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 5) + b"IHDR" + b"\x00" * 9, "not an image"),  # truncated IHDR
         (b"P6 this is a text file, not a picture\n", "not an image"),
-        (b"qoif" + struct.pack(">II", 64, 64) + b"\x03\x00" + b"\xfe\x01\x02" * 3, "damaged or truncated"),
+        (b"qoif" + struct.pack(">II", 64, 64) + b"\x03\x00" + b"\x80", "damaged or truncated"),  # IndexError
     ],
     ids=["empty", "text", "garbage-png", "truncated-ihdr", "text-as-ppm", "broken-qoi"],
 )
