@@ -199,6 +199,27 @@ def finish_epoch(args, accelerator: Accelerator, model, val_loader, progress: Pr
     progress.epoch, progress.batches_in_epoch, progress.train_metrics = epoch, 0, RunningMetrics()
 
 
+def choose_workers(args, accelerator: Accelerator) -> None:
+    """--num-workers, else the device's default; logged with the rest of the run's setup."""
+    if args.num_workers is None:
+        args.num_workers = default_num_workers(accelerator.device, accelerator.num_processes)
+    logger.info(
+        "world size %d (%s, device %s, mixed precision %s: %s, %d data workers per process)",
+        accelerator.num_processes, accelerator.distributed_type, accelerator.device, accelerator.mixed_precision,
+        args.precision_reason, args.num_workers,
+    )
+
+
+def make_loaders(args, used: dict) -> tuple[tuple[DataLoader, DataLoader, DataLoader], dict]:
+    """The train, validation and test loaders, and the settings they share (for later loaders of the run)."""
+    loader_kwargs = dict(batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers,
+                         worker_init_fn=exit_with_parent_worker)
+    # Its own generator: creating a loader iterator must not draw from the global RNG (dropout),
+    # or a resumed run would not continue the same random stream.
+    train_loader = DataLoader(used["train"], shuffle=True, generator=torch.Generator().manual_seed(args.seed), **loader_kwargs)
+    return (train_loader, DataLoader(used["validation"], **loader_kwargs), DataLoader(used["test"], **loader_kwargs)), loader_kwargs
+
+
 def choose_precision(args) -> str:
     """--mixed-precision, else accelerate config's choice, else bf16 where the device computes it natively."""
     if args.mixed_precision:
@@ -221,26 +242,14 @@ def training_function(args) -> None:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
     output_dir = Path(args.output_dir)
-    if args.num_workers is None:
-        args.num_workers = default_num_workers(accelerator.device, accelerator.num_processes)
-    logger.info(
-        "world size %d (%s, device %s, mixed precision %s: %s, %d data workers per process)",
-        accelerator.num_processes, accelerator.distributed_type, accelerator.device, accelerator.mixed_precision,
-        args.precision_reason, args.num_workers,
-    )
+    choose_workers(args, accelerator)
     identity = run_identity(args, accelerator)
     resume_from = find_resume_checkpoint(args.resume_from_checkpoint, output_dir, identity, args.epochs)
     lock = on_main_process(accelerator, claim_output_dir, output_dir, args.overwrite_output_dir, bool(resume_from))
     set_seed(args.seed)
 
     data, splits, used, train_transform, write_split = load_splits(args, accelerator, output_dir)
-    loader_kwargs = dict(batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers,
-                         worker_init_fn=exit_with_parent_worker)
-    # Its own generator: creating a loader iterator must not draw from the global RNG (dropout),
-    # or a resumed run would not continue the same random stream.
-    train_loader = DataLoader(used["train"], shuffle=True, generator=torch.Generator().manual_seed(args.seed), **loader_kwargs)
-    val_loader = DataLoader(used["validation"], **loader_kwargs)
-    test_loader = DataLoader(used["test"], **loader_kwargs)
+    (train_loader, val_loader, test_loader), loader_kwargs = make_loaders(args, used)
 
     model = build_model(args, data.labels)
     # Every check has passed, the data's included: only now may a previous run be cleared and the folder written.

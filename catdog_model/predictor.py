@@ -13,6 +13,7 @@ and the benchmarks use exactly this object.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -237,6 +238,11 @@ class Predictor:
         return Explanation({negative: 1.0 - p, positive: p}, score, looks_right, heatmap)
 
 
+def _first_line(error: Exception) -> str:
+    """An exception's first non-empty line (libraries' messages run to many), or its type's name."""
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+
+
 class _ModelFiles:
     """The files of one model, from a local folder or the Hub (huggingface_hub caches them), each checked
     against the manifest in config.json before it is used."""
@@ -291,11 +297,12 @@ class _ModelFiles:
         return checked
 
     def invalid(self, error: Exception) -> None:
-        reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
-        raise ModelLoadError(f"The files of {self.where} do not form a valid model: {reason}") from None
+        raise ModelLoadError(f"The files of {self.where} do not form a valid model: {_first_line(error)}") from None
 
+    @functools.cached_property
     def torch_model(self):
-        """The fp32 ``CatDogClassifier`` from model.safetensors, strict and finite (this imports torch and timm)."""
+        """The fp32 ``CatDogClassifier`` from model.safetensors, strict and finite (this imports torch and timm);
+        read once, whether it is exported or served."""
         import torch
 
         from .model import CatDogClassifier
@@ -326,17 +333,16 @@ def _load_engine(files: _ModelFiles, exact: bool, threads: int):
 
             logger.info("%s has no OpenVINO IR (a model trained before it shipped one): exporting it from %s now",
                         files.where, WEIGHTS)
-            return engines.compile_openvino(export_openvino(files.torch_model()), threads)
+            return engines.compile_openvino(export_openvino(files.torch_model), threads)
         except ModelLoadError:
             raise
         except engines.NonFiniteWeightError as error:
             raise ModelLoadError(f"{files.where}: {error}; retrain the model.") from None
         except Exception as error:  # OpenVINO's reader, converter and compiler raise their own types
-            reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
-            logger.warning("OpenVINO cannot serve %s (%s): torch (fp32) serves instead", files.where, reason)
+            logger.warning("OpenVINO cannot serve %s (%s): torch (fp32) serves instead", files.where, _first_line(error))
     from .export import TorchEngine
 
-    return TorchEngine(files.torch_model(), threads)
+    return TorchEngine(files.torch_model, threads)
 
 
 def load_predictor(source: str, batch_size: int = 16, exact: bool = False, threads: Optional[int] = None) -> Predictor:
