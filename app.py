@@ -1,20 +1,18 @@
-"""catdog Space: drag, paste or snap a picture and the model says cat or dog.
+"""catdog Space: drag, paste or snap a picture and the model says cat, dog, not sure, or neither.
 
     python app.py                              # ./catdog-model if it exists, else the published model
     CATDOG_MODEL=some/folder python app.py     # a folder written by train_accelerate.py
     python app.py --model user/repo@v1         # any Hub repo, pinned to a revision
 
-The model is loaded once, at start-up, through ``catdog_model.load_predictor``. If it cannot be
-loaded the app still starts, shows what is missing, and the API answers with the same message.
-Sized for a 2-vCPU Space: one shared model, one inference at a time, a bounded queue.
-The model's OpenVINO engine serves from the first request; ``--exact`` serves the eager float32 model.
+``build_demo(predictor)`` builds the page (tests pass their own predictor); importing this file loads
+nothing. ``main()`` reads the settings, loads the model once and launches; without a model the app still
+starts and says what is missing. Sized for a 2-vCPU Space: one shared model and a bounded queue.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import ctypes
 import html
 import logging
 import os
@@ -23,10 +21,328 @@ import signal
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
+
+import gradio as gr
+import numpy as np
+from gradio.components.label import LabelConfidence, LabelData
+from gradio.utils import get_upload_folder
+from gradio_client import handle_file
+
+from catdog_model import DEFAULT_LABELS, ImageError, ModelLoadError, PredictionError, Predictor, load_predictor, open_image, to_rgb
+from catdog_model.describe import demonstration_notice, details, headline, report
+from catdog_model.hardware import cap_malloc_arenas, setup_logging, usable_cores
+from catdog_model.images import MAX_PIXELS, PixelBudget, image_array
+from catdog_model.ood import overlay_heatmap
+from catdog_model.verdict import NEITHER, NOT_SURE, Verdict
+
+DEFAULT_MODEL = "catdog-project/catdog-resnet50"  # the published model: named here and in README.md only
+LOCAL_MODEL = "catdog-model"  # train_accelerate.py's default --output-dir, relative to where the app starts
+MAX_FILE_MB = 10  # per picture: a larger one gets its own clear error (a row of its own in a batch)
+SERVER_CAP_MB = 50  # Gradio refuses anything larger outright, against abuse
+MAX_BATCH_FILES = 100
+EXAMPLES_DIR = Path(__file__).parent / "examples"
+# The API page's sample inputs: the project's own photos, where anyone can fetch them.
+EXAMPLES_URL = "https://raw.githubusercontent.com/catdog-project/catdog/main/examples"
+API_EXAMPLES = [f"{EXAMPLES_URL}/chelsea_cat.jpg", f"{EXAMPLES_URL}/beagle_puppy.jpg"]
+FIX_HINT = (f"Train a small model offline with `make train-mini`, then run `make demo` again: it serves ./{LOCAL_MODEL} "
+            "when that folder exists. Or set `CATDOG_MODEL` (or `--model`) to a Hub repo you can reach, e.g. `user/repo@v1`.")
+# Decoded pixels the requests in flight may hold together: two of the largest pictures allowed. A flat
+# 40-megapixel PNG is 128 KB on the wire and 120 MB decoded; eight at once took the server from 1.3 to 2.5 GB.
+PIXELS_IN_FLIGHT = PixelBudget(2 * MAX_PIXELS)
+# After an answer, bring it into view: on a phone the columns stack and it lies below the picture.
+SHOW_ANSWER_JS = "() => document.querySelector('#verdict')?.scrollIntoView({block: 'start', behavior: 'instant'})"
+# On a phone, the heatmap and the probabilities share a row under the verdict.
+CSS = "#answer-row { flex-wrap: nowrap; } #answer-row > * { min-width: 0 !important; }"
+EXPLAIN_SCHEMA = {"type": "object", "properties": {  # what the API page shows /explain returning
+    "verdict": {"type": "string"}, "label": {"type": "string"}, "is_cat_or_dog": {"type": "boolean"},
+    "probabilities": {"type": "object", "additionalProperties": {"type": "number"}},
+    "ood_score": {"anyOf": [{"type": "number"}, {"type": "null"}]},
+    "ood_threshold": {"anyOf": [{"type": "number"}, {"type": "null"}]}}}
+
+logger = logging.getLogger("catdog.app")
 
 
-def _setting(name: str, default: str, minimum: int | None = None) -> int | bool:
+class VerdictLabel(gr.Label):
+    """A gr.Label whose headline is the verdict ("not sure" and "neither" included) over both probabilities."""
+
+    def postprocess(self, value):
+        if isinstance(value, tuple):  # (Verdict, probabilities)
+            verdict, probabilities = value
+            ranked = sorted(probabilities.items(), key=lambda item: -item[1])
+            return LabelData(label=verdict.answer, confidences=[LabelConfidence(label=k, confidence=p) for k, p in ranked])
+        return super().postprocess(value)
+
+
+class ExplanationJSON(gr.JSON):
+    def api_info(self) -> dict:  # the API page documents the fields, not "any JSON"
+        return EXPLAIN_SCHEMA
+
+
+def _upload_path(upload) -> Optional[str]:
+    # Gradio hands the raw upload over as a cached file path, a FileData dict or a FileData object.
+    return upload if isinstance(upload, str) else upload.get("path") if isinstance(upload, dict) else getattr(upload, "path", None)
+
+
+def _upload_name(upload) -> str:  # the name the file had on the user's machine, not Gradio's cache name
+    name = upload.get("orig_name") if isinstance(upload, dict) else getattr(upload, "orig_name", None)
+    return name or Path(_upload_path(upload) or "").name
+
+
+def _spreadsheet_safe(cell):
+    """A cell a spreadsheet shows as text: OWASP's defence against CSV injection (a leading =, +, -, @, tab or
+    carriage return would make it a formula) is a leading apostrophe."""
+    return "'" + cell if isinstance(cell, str) and cell.startswith(("=", "+", "-", "@", "\t", "\r")) else cell
+
+
+@dataclass
+class Space:
+    """The app's handlers, bound to one loaded predictor (or to the reason there is none)."""
+
+    predictor: Optional[Predictor]
+    load_error: Optional[str] = None
+    upload_ttl_s: int = 3600
+
+    @property
+    def table_headers(self) -> list[str]:
+        negative, positive = self.predictor.labels if self.predictor else DEFAULT_LABELS
+        return ["file", "verdict", f"P({negative})", f"P({positive})", "note"]
+
+    def _require_model(self) -> None:
+        if self.predictor is None:
+            raise gr.Error(f"No model is loaded: {self.load_error} {FIX_HINT.replace('`', '')}", title="No model",
+                           print_exception=False)
+
+    def _open(self, path: str):
+        """File size, then the header's pixel count, then a decode no larger than the model needs."""
+        return open_image(path, draft_size=self.predictor.image_size, max_megabytes=MAX_FILE_MB)
+
+    def _api_explanation(self, upload):
+        """The API's upload, explained with the other /predict and /explain calls waiting for the model; or a
+        gr.Error that gradio_client raises as AppError with the reason."""
+        self._require_model()
+        path = _upload_path(upload)
+        if not path:
+            raise gr.Error("Upload a picture of a cat or a dog first.", print_exception=False)
+        with PIXELS_IN_FLIGHT.hold(path):
+            try:
+                return self.predictor.explain_shared(self._open(path))
+            except ImageError as error:
+                raise gr.Error(str(error), title=error.title, print_exception=False) from None
+            except PredictionError as error:
+                logger.error("%s", error)
+                raise gr.Error(str(error), title="The model failed", print_exception=False) from None
+
+    def predict(self, upload: str | dict | None):
+        """Classify one picture (JPEG, PNG, WebP, GIF, ... up to 10 MB). The label is the verdict: "cat", "dog",
+        "not sure" (under 70% either way) or "neither" (unlike every training photo); confidences are both labels' probabilities."""
+        explanation = self._api_explanation(upload)
+        return explanation.verdict, explanation.probabilities
+
+    def explain(self, upload: str | dict | None) -> dict:
+        """Classify one picture and say why: {"verdict", "label", "probabilities", "is_cat_or_dog", "ood_score", "ood_threshold"}."""
+        explanation = self._api_explanation(upload)
+        return {"verdict": explanation.verdict.answer, "label": explanation.verdict.leaning,
+                "probabilities": explanation.probabilities, "is_cat_or_dog": explanation.is_cat_or_dog,
+                "ood_score": explanation.ood_score, "ood_threshold": self.predictor.ood_threshold}
+
+    def predict_on_page(self, upload: str | dict | None) -> tuple:
+        """The page's version of ``explain``: the verdict, the probabilities and the heatmap; problems are
+        shown next to the picture, where they stay until the next upload, instead of in a toast that fades."""
+        if self.predictor is None:
+            return _page(status=f"⚠️ **No model is loaded**, so nothing can be classified. {FIX_HINT}")
+        path = _upload_path(upload)
+        if not path:
+            return _page(status="👆 **Choose a picture first:** drop one above, paste one, or tap an example.")
+        try:
+            with PIXELS_IN_FLIGHT.hold(path):  # the full picture lives until its overlay is drawn
+                image = self._open(path)
+                explanation = self.predictor.explain(image)
+                heatmap = overlay_heatmap(to_rgb(image), explanation.heatmap)
+                del image
+        except ImageError as error:
+            return _page(status=f"⚠️ **{error.title}.** {error}")
+        except PredictionError as error:
+            logger.error("%s", error)
+            return _page(status=f"⚠️ **The model failed on this picture.** {error}")
+        verdict = explanation.verdict
+        return _page((verdict, explanation.probabilities), verdict=_verdict_markdown(verdict), heatmap=heatmap)
+
+    def predict_batch(self, files: list | None, progress=gr.Progress()) -> tuple[list[list], str]:
+        """Classify up to 100 pictures: one row per file (file, verdict, both probabilities, note), the verdict as on the
+        page; a file that cannot be read gets verdict "error" and the reason as its note. Returns the rows and a CSV of them."""
+        self._require_model()
+        if not files:
+            raise gr.Error("Choose one or more pictures first.", print_exception=False)
+        if len(files) > MAX_BATCH_FILES:
+            raise gr.Error(f"At most {MAX_BATCH_FILES} files at a time, please.", print_exception=False)
+        rows: list[Optional[list]] = [None] * len(files)
+        step = self.predictor.batch_size
+        for start in progress.tqdm(range(0, len(files), step), desc=f"Classifying, {step} pictures a pass"):
+            self._classify_chunk(files, range(start, min(start + step, len(files))), rows)
+        return rows, self._write_csv(rows)
+
+    def _classify_chunk(self, files: list, indices: range, rows: list) -> None:
+        """One forward pass for these files: each is decoded under the memory budget and kept only as the
+        model's small input array; unreadable files get their error row."""
+        pixels, readable = [], []
+        for index in indices:
+            path = _upload_path(files[index])
+            try:
+                with PIXELS_IN_FLIGHT.hold(path):
+                    pixels.append(image_array(self._open(path), self.predictor.image_size))
+                readable.append(index)
+            except ImageError as error:
+                rows[index] = [_upload_name(files[index]), "error", None, None, f"{error.title}: {error}"]
+        try:
+            explanations = self.predictor.explain_pixels(np.stack(pixels)) if pixels else []
+        except PredictionError as error:
+            for index in readable:
+                rows[index] = [_upload_name(files[index]), "error", None, None, f"The model failed: {error}"]
+            return
+        negative, positive = self.predictor.labels
+        for index, explanation in zip(readable, explanations):
+            verdict, p = explanation.verdict, explanation.probabilities
+            rows[index] = [_upload_name(files[index]), verdict.answer, round(p[negative], 3), round(p[positive], 3),
+                           "" if verdict.is_confident else verdict.sentence()]
+
+    def _write_csv(self, rows: list[list]) -> str:
+        """The table as CSV, inside Gradio's own upload cache (the app writes nowhere else); a folder per run
+        keeps the plain file name, and old folders are removed here, Gradio removing their files."""
+        for folder in Path(get_upload_folder()).glob("catdog-*"):
+            try:
+                if time.time() - folder.stat().st_mtime > self.upload_ttl_s:
+                    shutil.rmtree(folder, ignore_errors=True)
+            except FileNotFoundError:  # another batch removed it first
+                pass
+        csv_path = Path(tempfile.mkdtemp(prefix="catdog-", dir=get_upload_folder())) / "catdog-predictions.csv"
+        with open(csv_path, "w", newline="") as out:
+            csv.writer(out).writerows([self.table_headers, *([_spreadsheet_safe(cell) for cell in row] for row in rows)])
+        return str(csv_path)
+
+    def predict_batch_on_page(self, files: list | None, progress=gr.Progress()) -> tuple:
+        """The page's batch: the same rows, with problems shown inline as on the first tab."""
+        try:
+            rows, csv_path = self.predict_batch(files, progress)
+        except gr.Error as error:
+            return gr.update(), gr.update(visible=False), _status(f"👆 **{error.message}**")
+        return rows, gr.update(value=csv_path, visible=True), _status()
+
+
+def _status(text: str = "") -> dict:
+    return gr.update(value=text, visible=bool(text))
+
+
+def _verdict_markdown(verdict: Verdict) -> str:
+    icon = {NEITHER: "🚫", NOT_SURE: "🤔"}.get(verdict.answer, "🐱" if verdict.leaning == DEFAULT_LABELS[0] else "🐶")
+    title = {NEITHER: "Neither a cat nor a dog", NOT_SURE: "Not sure"}.get(verdict.answer, verdict.answer.capitalize())
+    return f"### {icon} {html.escape(title)}\n{html.escape(verdict.sentence())}"
+
+
+def _page(label=None, status: str = "", verdict: str = "", heatmap=None) -> tuple:
+    """The first tab's four outputs: the probabilities, the inline status, the verdict and the heatmap."""
+    return label, _status(status), gr.update(value=verdict, visible=bool(verdict)), heatmap
+
+
+def _examples() -> tuple[list[str], list[str]]:
+    """The pictures examples/README.md credits, with its captions: an uncredited picture is not shown."""
+    credits = (EXAMPLES_DIR / "README.md").read_text() if (EXAMPLES_DIR / "README.md").is_file() else ""
+    captions = {}
+    for line in credits.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) >= 4 and cells[0].startswith("`") and (EXAMPLES_DIR / cells[0].strip("`")).is_file():
+            captions[str(EXAMPLES_DIR / cells[0].strip("`"))] = cells[1]
+    return list(captions), list(captions.values())
+
+
+def build_demo(predictor: Optional[Predictor], load_error: Optional[str] = None, max_batch: int = 8,
+               upload_ttl_s: int = 3600) -> gr.Blocks:
+    """The Space's page and API for this predictor (None: a page that says why, with ``load_error``)."""
+    space, ready = Space(predictor, load_error, upload_ttl_s), predictor is not None
+    with gr.Blocks(title="catdog: cat or dog?", delete_cache=(min(600, upload_ttl_s), upload_ttl_s)) as demo:
+        gr.Markdown("# 🐱 catdog 🐶\nDrop a photo of a cat or a dog, paste one, or use your webcam. "
+                    + (headline(predictor) if ready else "No model is loaded yet: see below."))
+        notice = demonstration_notice(predictor) if ready else None
+        gr.Markdown(notice or "", visible=bool(notice), elem_id="demo-notice")
+        with gr.Tab("One picture"):
+            _picture_tab(space, ready, max_batch)
+        with gr.Tab("Many pictures"):
+            _batch_tab(space, ready)
+        if ready:
+            with gr.Accordion("How good is this model?", open=False, elem_id="report"):
+                text, figures = report(predictor)
+                gr.Markdown(text)
+                if figures:
+                    gr.Gallery(figures, columns=3, height="auto", label="Evaluation on the test photos", allow_preview=True)
+        with gr.Accordion("About the model", open=not ready, elem_id="model-panel"):
+            gr.Markdown(details(predictor) if ready else f"### ⚠️ No model loaded\n\n{load_error}\n\n**To fix it:** {FIX_HINT}")
+    demo.queue(max_size=32, default_concurrency_limit=1)
+    return demo
+
+
+def _picture_tab(space: Space, ready: bool, max_batch: int) -> None:
+    with gr.Row():
+        with gr.Column():
+            image = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard", "webcam"],
+                             label="Picture", height=300, interactive=ready)
+            status = gr.Markdown(visible=False, elem_id="upload-status")
+            button = gr.Button("Classify", variant="primary", interactive=ready)
+        with gr.Column(elem_id="result-column"):
+            verdict = gr.Markdown(visible=False, elem_id="verdict")
+            with gr.Row(elem_id="answer-row"):
+                heatmap = gr.Image(label="Where it looked (red counted most)", elem_id="heatmap", interactive=False,
+                                   height=220, buttons=["download", "fullscreen"])
+                result = VerdictLabel(num_top_classes=2, label="Verdict", elem_id="result", show_heading=False)
+            show_heatmap = gr.Checkbox(value=True, label="Show where the model looked (Grad-CAM)", interactive=ready)
+    outputs = [result, status, verdict, heatmap]
+    # preprocess=False: gr.Image would open every upload with Pillow before our checks run, so a non-image
+    # would fail with a generic error; the handlers get the uploaded file itself instead. One model and
+    # two cores: the page's events take turns in a single slot; /predict and /explain calls run side by
+    # side up to max_batch, and the predictor batches those that wait for the model.
+    gr.on([image.upload, button.click], space.predict_on_page, inputs=image, outputs=outputs,
+          concurrency_id="model", preprocess=False, api_visibility="private").then(None, js=SHOW_ANSWER_JS)
+    image.clear(_page, outputs=outputs, api_visibility="private", queue=False)
+    show_heatmap.change(lambda shown: gr.update(visible=shown), inputs=show_heatmap, outputs=heatmap,
+                        api_visibility="private", queue=False)
+    # The API's endpoints raise their errors (gradio_client turns them into exceptions); the page shows them.
+    api_button = gr.Button(visible=False)
+    api_button.click(space.predict, inputs=image, outputs=VerdictLabel(label="Verdict", visible=False),
+                     api_name="predict", concurrency_limit=max_batch, concurrency_id="shared", preprocess=False,
+                     api_description=Space.predict.__doc__)
+    api_button.click(space.explain, inputs=image, outputs=ExplanationJSON(label="Explanation", visible=False),
+                     api_name="explain", concurrency_limit=max_batch, concurrency_id="shared", preprocess=False,
+                     api_description=Space.explain.__doc__)
+    examples, captions = _examples()
+    if examples:
+        gallery = gr.Examples(examples, inputs=image, label="Examples: tap one", example_labels=captions,
+                              examples_per_page=len(examples))
+        gallery.load_input_event.then(space.predict_on_page, inputs=image, outputs=outputs, concurrency_id="model",
+                                      api_visibility="private").then(None, js=SHOW_ANSWER_JS)
+    # Gradio's API page would otherwise offer its own bus.png as the sample input.
+    image.example_payload, image.example_value = lambda: handle_file(API_EXAMPLES[0]), lambda: API_EXAMPLES[0]
+
+
+def _batch_tab(space: Space, ready: bool) -> None:
+    files = gr.File(file_count="multiple", file_types=["image"], label=f"Pictures (up to {MAX_BATCH_FILES})",
+                    height=180, interactive=ready)
+    status = gr.Markdown(visible=False, elem_id="batch-status")
+    button = gr.Button("Classify all", variant="primary", interactive=ready)
+    table = gr.Dataframe(headers=space.table_headers, label="Results", interactive=False, wrap=True,
+                         column_widths=["30%", "15%", "12%", "12%", "31%"])
+    csv_file = gr.File(label="Download as CSV", visible=False)
+    files.example_payload = lambda: [handle_file(url) for url in API_EXAMPLES]
+    files.example_value = lambda: API_EXAMPLES
+    # preprocess=False: the handler gets each upload's FileData, with the name the file had on the user's machine.
+    button.click(space.predict_batch_on_page, inputs=files, outputs=[table, csv_file, status], concurrency_id="model",
+                 show_progress_on=table, preprocess=False, api_visibility="private")
+    gr.Button(visible=False).click(space.predict_batch, inputs=files, outputs=[table, gr.File(label="CSV", visible=False)],
+                                   api_name="predict_batch", concurrency_id="model", preprocess=False,
+                                   api_description=Space.predict_batch.__doc__)
+
+
+def _setting(name: str, default: str, minimum: Optional[int] = None) -> int | bool:
     """$name as a whole number (at least ``minimum``) or, with no minimum, as a yes/no switch. A value that is
     neither stops the app with one line: a Space's log should say what is wrong, not run on another setting."""
     value = os.environ.get(name, default).strip()
@@ -38,68 +354,17 @@ def _setting(name: str, default: str, minimum: int | None = None) -> int | bool:
     sys.exit(f"error: ${name} must be {meaning}, got {value!r} (see the settings table in README.md)")
 
 
-def _cap_malloc_arenas(arenas: int) -> None:
-    """glibc gives each thread that allocates its own malloc arena (up to 8 per core) and rarely hands the
-    memory back; Gradio answers requests on many worker threads, so the server's memory grew by hundreds
-    of MB per few hundred requests without levelling off. A cap keeps it flat (benchmarks/load_test.py).
-    It must be set here, not in the environment: a Space starts `python app.py` with none of ours."""
-    if arenas > 0 and sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # -8 = M_ARENA_MAX
-        except (OSError, AttributeError):  # not glibc: nothing to cap
-            pass
-
-
-# Before torch and gradio start any thread. CATDOG_MALLOC_ARENAS=0 switches it off (for the load test).
-_cap_malloc_arenas(_setting("CATDOG_MALLOC_ARENAS", "2", minimum=0))
-
-import gradio as gr  # noqa: E402
-from gradio.utils import get_upload_folder  # noqa: E402
-from gradio_client import handle_file  # noqa: E402
-
-from catdog_model import (DEFAULT_LABELS, ImageError, ModelLoadError, PredictionError, load_predictor,  # noqa: E402
-                          open_image, to_rgb)
-from catdog_model.images import MAX_PIXELS, PixelBudget  # noqa: E402
-from catdog_model.ood import overlay_heatmap  # noqa: E402
-
-DEFAULT_MODEL = "catdog-project/catdog-resnet50"  # the published model: named here and in README.md only
-LOCAL_MODEL = "catdog-model"  # train_accelerate.py's default --output-dir, relative to where the app starts
-MAX_FILE_MB = 10  # per picture: a larger one gets its own clear error (a row of its own in a batch)
-SERVER_CAP_MB = 50  # Gradio refuses anything larger outright, against abuse
-MAX_BATCH_FILES = 100
-# /predict calls that arrive together share one forward pass, up to this many (CATDOG_MAX_BATCH=1: one at a time).
-MAX_BATCH = _setting("CATDOG_MAX_BATCH", "8", minimum=1)
-UNSURE_BELOW = 0.70  # below this probability for the top label, the page says the model is not sure
-# Uploads and batch CSVs are deleted this many seconds after they were made, so a Space that runs for months
-# keeps a bounded disk (Gradio's delete_cache for its uploads and outputs; our own CSV folders in predict_batch).
-UPLOAD_TTL_S = _setting("CATDOG_UPLOAD_TTL", "3600", minimum=1)
-EXAMPLES_DIR = Path(__file__).parent / "examples"
-# The API page's sample inputs: the project's own photos, where anyone can fetch them.
-EXAMPLES_URL = "https://raw.githubusercontent.com/catdog-project/catdog/main/examples"
-API_EXAMPLES = [f"{EXAMPLES_URL}/chelsea_cat.jpg", f"{EXAMPLES_URL}/german_shepherd_camera_trap.jpg"]
-
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-# huggingface_hub prints through a handler of its own and also passes records on to ours: each Hub retry
-# warning came out twice. Keep one, in this format.
-logging.getLogger("huggingface_hub").handlers.clear()
-logger = logging.getLogger("catdog.app")
-
-
 def _model_source(argv: list[str]) -> tuple[str, str, bool]:
     """The model to serve, why that one (--model, then $CATDOG_MODEL, then ./catdog-model, then the Hub), and --exact."""
     parser = argparse.ArgumentParser(description="Serve the catdog demo.")
-    parser.add_argument(
-        "--model", default=None,
-        help=f"Hub repo id, id@revision, or a local folder (default: $CATDOG_MODEL, else ./{LOCAL_MODEL} if it "
-             f"exists, else {DEFAULT_MODEL})",
-    )
+    parser.add_argument("--model", default=None, help=f"Hub repo id, id@revision, or a local folder (default: "
+                        f"$CATDOG_MODEL, else ./{LOCAL_MODEL} if it exists, else {DEFAULT_MODEL})")
     parser.add_argument("--exact", action="store_true",
                         help="serve the eager float32 model (model.safetensors) instead of the OpenVINO engine")
     parsed = parser.parse_args(argv)
     exact = parsed.exact or _setting("CATDOG_EXACT", "0")
-    model = parsed.model
-    if model:
-        return model, "--model", exact
+    if parsed.model:
+        return parsed.model, "--model", exact
     if os.environ.get("CATDOG_MODEL"):
         return os.environ["CATDOG_MODEL"], "$CATDOG_MODEL", exact
     if (Path(LOCAL_MODEL) / "config.json").is_file():
@@ -107,294 +372,31 @@ def _model_source(argv: list[str]) -> tuple[str, str, bool]:
     return DEFAULT_MODEL, f"no --model, $CATDOG_MODEL or ./{LOCAL_MODEL}: the published model", exact
 
 
-# Flags are read only when run as a script, so that tests can import `demo`.
-MODEL_SOURCE, WHY, EXACT = _model_source(sys.argv[1:] if __name__ == "__main__" else [])
-# Inference is the only heavy work: use the cores deliberately, not whatever a library guesses.
-THREADS = _setting("CATDOG_THREADS", str(min(2, os.cpu_count() or 1)), minimum=1)
-
-logger.info("loading the model %s (%s)", MODEL_SOURCE, WHY)
-try:
-    predictor = load_predictor(MODEL_SOURCE, exact=EXACT, threads=THREADS)
-    predictor.max_shared_batch = MAX_BATCH
-    load_error = None
-    if Path(predictor.source).is_dir():
-        logger.info("serving the local folder %s", predictor.source)
-    else:
-        logger.info("serving %s from the Hub (revision %s)", predictor.source, predictor.revision or "main")
-except ModelLoadError as error:
-    predictor, load_error = None, str(error)
-    logger.error("no model: %s", load_error)
-
-FIX_HINT = (
-    f"Train a small model offline with `make train-mini`, then run `make demo` again: it serves ./{LOCAL_MODEL} "
-    "when that folder exists. Or set `CATDOG_MODEL` (or `--model`) to a Hub repo you can reach, e.g. `user/repo@v1`."
-)
-NO_MODEL_MESSAGE = f"No model is loaded: {load_error} {FIX_HINT.replace('`', '')}"  # API text: no markdown
-
-
-def _facts(metrics: dict) -> dict:
-    """What the panel shows of metrics.json, each field checked: a malformed one is left out, with a log line,
-    since that file only describes the model."""
-    test = metrics.get("test") if isinstance(metrics.get("test"), dict) else {}
-    facts = {"backbone_init": metrics.get("backbone_init"), "dataset": metrics.get("dataset"),
-             "accuracy": test.get("accuracy"), "samples": test.get("samples")}
-    kinds = {"backbone_init": str, "dataset": str, "accuracy": (int, float), "samples": int}
-    for key, kind in kinds.items():
-        if facts[key] is not None and (not isinstance(facts[key], kind) or isinstance(facts[key], bool)):
-            logger.warning("metrics.json: %s is %r, not a %s; the model panel leaves it out", key, facts[key],
-                           getattr(kind, "__name__", "number"))
-            facts[key] = None
-    return facts
-
-
-def _headline() -> str:
-    """What is loaded, from its own config.json and metrics.json: never a claim about another model."""
-    if predictor is None:
-        return "No model is loaded yet: see below."
-    facts = _facts(predictor.metrics)
-    init, dataset = facts["backbone_init"] or "", facts["dataset"]
-    how = "trained from scratch" if init.startswith("random") else "fine-tuned from ImageNet weights" if init else "trained"
-    where = f" on `{Path(dataset).name if Path(dataset).exists() else dataset}`" if dataset else ""
-    return f"A {predictor.backbone} {how}{where}, at {predictor.image_size} px, tells which it is."
-
-
-def _model_panel() -> str:
-    if predictor is None:
-        return f"### ⚠️ No model loaded\n\n{load_error}\n\n**To fix it:** {FIX_HINT}"
-    facts = _facts(predictor.metrics)
-    accuracy = "not recorded (no metrics.json next to the weights)"
-    if facts["accuracy"] is not None:
-        accuracy = f"**{facts['accuracy']:.2%}**" + (f" on {facts['samples']:,} held-out test images" if facts["samples"] else "")
-    if Path(predictor.source).is_dir():
-        name, where = f"`{predictor.source}`", "local folder"
-    else:
-        name, where = f"[`{predictor.source}`](https://huggingface.co/{predictor.source})", f"revision `{predictor.revision or 'main'}`"
-    return (f"**Model** {name} · {where} · "
-            f"{predictor.backbone} at {predictor.image_size} px · test accuracy {accuracy} · "
-            f"engine `{predictor.engine}`")
-
-
-# Decoded pixels the requests in flight may hold together: two of the largest pictures allowed. A flat
-# 40-megapixel PNG is 128 KB on the wire and 120 MB decoded; eight at once took the server from 1.3 to 2.5 GB.
-PIXELS_IN_FLIGHT = PixelBudget(2 * MAX_PIXELS)
-
-
-def _open_upload(path: str):
-    """Size limit first (cheap), then the header's pixel count, then a decode no larger than the model needs."""
-    size_mb = os.path.getsize(path) / 2**20
-    if size_mb > MAX_FILE_MB:
-        raise ImageError(f"The file is too large ({size_mb:.1f} MB); the limit is {MAX_FILE_MB} MB.")
-    return open_image(path, draft_size=predictor.image_size if predictor else None)
-
-
-def _require_model() -> None:
-    if predictor is None:
-        raise gr.Error(NO_MODEL_MESSAGE, title="No model", print_exception=False)
-
-
-def _upload_path(upload) -> str | None:
-    # Gradio hands the raw upload over as a cached file path, a FileData dict or a FileData object.
-    return upload if isinstance(upload, str) else upload.get("path") if isinstance(upload, dict) else getattr(upload, "path", None)
-
-
-def _api_image(upload: str | dict | None):
-    """The API's upload, opened, or a gr.Error that gradio_client raises as AppError with the reason."""
-    _require_model()
-    path = _upload_path(upload)
-    if not path:
-        raise gr.Error("Upload a picture of a cat or a dog first.", print_exception=False)
+def main(argv: list[str]) -> None:
+    # Before the model's threads start. CATDOG_MALLOC_ARENAS=0 switches it off (for the load test).
+    cap_malloc_arenas(_setting("CATDOG_MALLOC_ARENAS", "2", minimum=0))
+    max_batch = _setting("CATDOG_MAX_BATCH", "8", minimum=1)  # /predict calls that share one forward pass
+    upload_ttl_s = _setting("CATDOG_UPLOAD_TTL", "3600", minimum=1)  # uploads and CSVs are deleted after this
+    threads = _setting("CATDOG_THREADS", str(min(2, usable_cores())), minimum=1)
+    source, why, exact = _model_source(argv)
+    setup_logging()
+    # huggingface_hub prints through a handler of its own and also passes records on to ours: each Hub retry
+    # warning came out twice. Keep one, in this format.
+    logging.getLogger("huggingface_hub").handlers.clear()
+    logger.info("loading the model %s (%s)", source, why)
     try:
-        return _open_upload(path)
-    except ImageError as error:
-        raise gr.Error(str(error), title="Cannot read this file", print_exception=False) from None
-
-
-def _model_failed(error: PredictionError) -> gr.Error:
-    logger.error("%s", error)
-    return gr.Error(str(error), title="The model failed", print_exception=False)
-
-
-def predict(upload: str | dict | None) -> dict[str, float]:
-    """Classify one picture (JPEG, PNG, WebP, GIF, ... up to 10 MB); returns the label and each class's probability."""
-    with PIXELS_IN_FLIGHT.hold(_upload_path(upload)):
-        image = _api_image(upload)  # first: it checks that a model is loaded
-        try:
-            return predictor.predict_shared(image)  # batched with the other /predict calls waiting for the model
-        except PredictionError as error:
-            raise _model_failed(error) from None
-
-
-def _status(text: str = "") -> dict:
-    return gr.update(value=text, visible=bool(text))
-
-
-def explain(upload: str | dict | None) -> dict:
-    """Classify one picture and say whether it looks like a cat or a dog at all: {"probabilities", "is_cat_or_dog", "ood_score"}."""
-    with PIXELS_IN_FLIGHT.hold(_upload_path(upload)):
-        image = _api_image(upload)  # first: it checks that a model is loaded
-        try:
-            explanation = predictor.explain(image)
-        except PredictionError as error:
-            raise _model_failed(error) from None
-    return {"probabilities": explanation.probabilities, "is_cat_or_dog": explanation.is_cat_or_dog,
-            "ood_score": explanation.ood_score}
-
-
-def _page(label=None, status: str = "", verdict: str = "", heatmap=None, heading: bool = True) -> tuple:
-    """The result column's four outputs: the probabilities, the inline status, the verdict and the heatmap."""
-    return (gr.update(value=label, show_heading=heading), _status(status),
-            gr.update(value=verdict, visible=bool(verdict)), heatmap)
-
-
-def predict_on_page(upload: str | dict | None) -> tuple:
-    """The page's version of ``explain``: problems and doubts are shown next to the picture, where they
-    stay until the next upload, instead of in a toast that fades; the heatmap goes to the result column."""
-    if predictor is None:
-        return _page(status=f"⚠️ **No model is loaded**, so nothing can be classified. {FIX_HINT}")
-    path = _upload_path(upload)
-    if not path:
-        return _page()
-    try:
-        with PIXELS_IN_FLIGHT.hold(_upload_path(upload)):  # the full picture lives until its overlay is drawn
-            image = _open_upload(path)
-            explanation = predictor.explain(image)
-            heatmap = overlay_heatmap(to_rgb(image), explanation.heatmap)
-            del image
-    except ImageError as error:
-        return _page(status=f"⚠️ **Cannot read this file.** {error}")
-    except PredictionError as error:
-        logger.error("%s", error)
-        return _page(status=f"⚠️ **The model failed on this picture.** {error}")
-    probabilities = explanation.probabilities
-    if not explanation.is_cat_or_dog:
-        return _page(probabilities, verdict="### 🚫 This doesn't look like a cat or a dog\nThe model's raw answer, for what it is worth:",
-                     heatmap=heatmap, heading=False)
-    top = max(probabilities, key=probabilities.get)
-    if probabilities[top] < UNSURE_BELOW:
-        return _page(probabilities, heatmap=heatmap, status=(
-            f"🤔 **Not sure.** The model leans to *{html.escape(top)}* with only {probabilities[top]:.0%}; it may not be a clear "
-            "photo of a cat or a dog."))
-    return _page(probabilities, heatmap=heatmap)
-
-
-def _upload_name(upload) -> str:
-    """The name the file had on the user's machine (Gradio stores it under a name of its own)."""
-    name = upload.get("orig_name") if isinstance(upload, dict) else getattr(upload, "orig_name", None)
-    return name or Path(_upload_path(upload) or "").name
-
-
-def _spreadsheet_safe(cell):
-    """A cell a spreadsheet shows as text: OWASP's defence against CSV injection (a leading =, +, -, @, tab or
-    carriage return would make it a formula) is a leading apostrophe."""
-    return "'" + cell if isinstance(cell, str) and cell.startswith(("=", "+", "-", "@", "\t", "\r")) else cell
-
-
-def _delete_old_csv_folders() -> None:
-    """Gradio deletes the CSV files it serves once they are old; their folders, ours, go here."""
-    for folder in Path(get_upload_folder()).glob("catdog-*"):
-        try:
-            if time.time() - folder.stat().st_mtime > UPLOAD_TTL_S:
-                shutil.rmtree(folder, ignore_errors=True)
-        except FileNotFoundError:  # another batch removed it first
-            pass
-
-
-def predict_batch(files: list | None, progress=gr.Progress()) -> tuple[list[list], str]:
-    """Classify up to 100 pictures: one table row per file (a file that cannot be read gets an error row) and a CSV of it."""
-    _require_model()
-    if not files:
-        raise gr.Error("Choose one or more pictures first.", print_exception=False)
-    if len(files) > MAX_BATCH_FILES:
-        raise gr.Error(f"At most {MAX_BATCH_FILES} files at a time, please.", print_exception=False)
-    negative, positive = predictor.labels
-    rows = []
-    for upload in progress.tqdm(files, desc="Classifying"):
-        name = _upload_name(upload)
-        try:
-            with PIXELS_IN_FLIGHT.hold(_upload_path(upload)):
-                probabilities = predictor.predict([_open_upload(_upload_path(upload))])[0]
-        except (ImageError, PredictionError) as error:
-            rows.append([name, f"error: {error}", None, None])
-            continue
-        label = max(probabilities, key=probabilities.get)
-        rows.append([name, label, round(probabilities[negative], 4), round(probabilities[positive], 4)])
-    # Inside Gradio's own upload cache, so the app writes nowhere else; a folder per run keeps the plain name.
-    _delete_old_csv_folders()
-    csv_path = Path(tempfile.mkdtemp(prefix="catdog-", dir=get_upload_folder())) / "catdog-predictions.csv"
-    with open(csv_path, "w", newline="") as out:
-        csv.writer(out).writerows([TABLE_HEADERS, *([_spreadsheet_safe(cell) for cell in row] for row in rows)])
-    return rows, str(csv_path)
-
-
-labels = predictor.labels if predictor else DEFAULT_LABELS
-TABLE_HEADERS = ["file", "label", f"P({labels[0]})", f"P({labels[1]})"]
-examples = sorted(str(p) for p in EXAMPLES_DIR.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".webp"})
-
-# On a phone the columns stack: put the result first, so that it is in view after an upload.
-CSS = "@media (max-width: 640px) { #result-column { order: -1; } }"
-
-with gr.Blocks(title="catdog: cat or dog?", delete_cache=(min(600, UPLOAD_TTL_S), UPLOAD_TTL_S)) as demo:
-    gr.Markdown(f"# 🐱 catdog 🐶\nDrop a photo of a cat or a dog, paste one, or use your webcam. {_headline()}")
-    model_panel = gr.Markdown(_model_panel(), elem_id="model-panel")
-    ready = predictor is not None
-    with gr.Tab("One picture"):
-        with gr.Row():
-            with gr.Column():
-                image = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard", "webcam"],
-                                 label="Picture", height=320, interactive=ready)
-                status = gr.Markdown(visible=False, elem_id="upload-status")
-                button = gr.Button("Classify", variant="primary", interactive=ready)
-            with gr.Column(elem_id="result-column"):
-                verdict = gr.Markdown(visible=False, elem_id="verdict")
-                result = gr.Label(num_top_classes=2, label="Prediction", elem_id="result")
-                show_heatmap = gr.Checkbox(value=True, label="Show where the model looked (Grad-CAM)", interactive=ready)
-                heatmap = gr.Image(label="Where the model looked: red counted most for its answer", elem_id="heatmap",
-                                   interactive=False, height=240, buttons=["download", "fullscreen"])
-        page_outputs = [result, status, verdict, heatmap]
-        # preprocess=False: gr.Image would open every upload with Pillow before our checks run, so a
-        # non-image would fail with a generic error; the handlers get the uploaded file itself instead.
-        # One model and two cores: the page's events take turns in a single slot; /predict calls run
-        # side by side up to MAX_BATCH, and the predictor batches those that wait for the model.
-        gr.on([image.upload, button.click], predict_on_page, inputs=image, outputs=page_outputs,
-              concurrency_id="model", preprocess=False, api_visibility="private")
-        image.clear(_page, outputs=page_outputs, api_visibility="private", queue=False)
-        show_heatmap.change(lambda shown: gr.update(visible=shown), inputs=show_heatmap, outputs=heatmap,
-                            api_visibility="private", queue=False)
-        # The API's /predict raises its errors (gradio_client turns them into exceptions); the page shows them.
-        api_button = gr.Button(visible=False)
-        api_button.click(predict, inputs=image, outputs=result, api_name="predict", concurrency_limit=MAX_BATCH,
-                         preprocess=False, api_description=predict.__doc__)
-        api_button.click(explain, inputs=image, outputs=gr.JSON(visible=False), api_name="explain",
-                         concurrency_id="model", preprocess=False, api_description=explain.__doc__)
-        if examples:
-            gallery = gr.Examples(examples, inputs=image, label="Examples (click one)")
-            gallery.load_input_event.then(predict_on_page, inputs=image, outputs=page_outputs,
-                                          concurrency_id="model", api_visibility="private")
-    with gr.Tab("Many pictures"):
-        files = gr.File(file_count="multiple", file_types=["image"], label=f"Pictures (up to {MAX_BATCH_FILES})",
-                        height=180, interactive=ready)
-        batch_button = gr.Button("Classify all", variant="primary", interactive=ready)
-        table = gr.Dataframe(headers=TABLE_HEADERS, label="Results", interactive=False)
-        csv_file = gr.File(label="Download as CSV", visible=False)
-
-    # Gradio's API page would otherwise offer its own bus.png as the sample input.
-    image.example_payload, image.example_value = lambda: handle_file(API_EXAMPLES[0]), lambda: API_EXAMPLES[0]
-    files.example_payload = lambda: [handle_file(url) for url in API_EXAMPLES]
-    files.example_value = lambda: API_EXAMPLES
-
-    # preprocess=False: the handler gets each upload's FileData, with the name the file had on the user's machine.
-    batch_button.click(predict_batch, inputs=files, outputs=[table, csv_file], api_name="predict_batch",
-                       concurrency_id="model", show_progress_on=table, api_description=predict_batch.__doc__,
-                       preprocess=False
-                       ).success(lambda: gr.File(visible=True), outputs=csv_file, api_visibility="private", queue=False)
-
-demo.queue(max_size=32, default_concurrency_limit=1)
-
-def _stop_on_sigterm(signum, frame) -> None:
-    """A Space (or docker, or systemd) stops the app with SIGTERM: close the server as Ctrl+C does, exit 0."""
-    raise KeyboardInterrupt
+        predictor, load_error = load_predictor(source, exact=exact, threads=threads), None
+        predictor.max_shared_batch = max_batch
+        where = "the local folder" if Path(predictor.source).is_dir() else f"revision {predictor.revision or 'main'} of"
+        logger.info("serving %s %s", where, predictor.source)
+    except ModelLoadError as error:
+        predictor, load_error = None, str(error)
+        logger.error("no model: %s", load_error)
+    demo = build_demo(predictor, load_error, max_batch=max_batch, upload_ttl_s=upload_ttl_s)
+    # A Space (or docker, or systemd) stops the app with SIGTERM: close the server as Ctrl+C does, and exit 0.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    demo.launch(max_file_size=f"{SERVER_CAP_MB}mb", css=CSS)
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    demo.launch(max_file_size=f"{SERVER_CAP_MB}mb", css=CSS)
+    main(sys.argv[1:])

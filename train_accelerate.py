@@ -18,7 +18,6 @@ continue the run that wrote them, bit for bit.
 
 import argparse
 import functools
-import logging
 import math
 import os
 import signal
@@ -41,7 +40,7 @@ from tqdm.auto import tqdm
 from catdog_model import CatDogClassifier
 from catdog_model.data import (DatasetError, check_classes, collate, dataset_fingerprint, load_image_dataset,
                                make_transform, save_split, split_dataset, undecoded)
-from catdog_model.hardware import default_mixed_precision, default_num_workers
+from catdog_model.hardware import default_mixed_precision, default_num_workers, setup_logging
 from catdog_model.ood import fit_detector
 from catdog_model.run_files import (SPLIT_FILE, TRACKER_PROJECT, backbone_init, claim_output_dir, push_run, start_run,
                                     write_evaluation, write_metrics_and_card)
@@ -386,7 +385,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    setup_logging()
     if "LOCAL_RANK" in os.environ:  # started by torchrun (accelerate launch): never outlive the launcher
         exit_with_parent(os.getppid(), signal.SIGTERM)
     args = parse_args(argv)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from gradio_client import Client, handle_file
 
-from benchmarks.load_test import running_app
+from tests.app_server import running_app
 from catdog_model import CatDogClassifier
 from catdog_model.data import load_image_dataset
 from catdog_model.export import save_openvino

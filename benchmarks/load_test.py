@@ -12,28 +12,23 @@ round, and how fast a client hears "busy" when the queue is full. Bounded: at mo
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
-import os
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
 
-import httpx
 import numpy as np
 import psutil
 from gradio_client import Client, handle_file
 from PIL import Image
 
 from catdog_model.hardware import describe
+from tests.app_server import running_app
 
 ROOT = Path(__file__).resolve().parents[1]
 BAD_FILES = {"notes.txt": (b"not a picture", "not an image"), "empty.jpg": (b"", "empty"),
@@ -58,42 +53,6 @@ def make_files(folder: Path) -> tuple[list[Path], dict[Path, str]]:
         path.write_bytes(buffer.getvalue()[:2000] if content is None else content)
         bad[path] = message
     return valid, bad
-
-
-def start_app(model: str | None, extra_env: dict, log: Path, cwd: Path = ROOT) -> tuple[str, subprocess.Popen]:
-    """`python app.py [--model MODEL]` on a free loopback port, started from ``cwd``; returns (url, process).
-
-    $CATDOG_MODEL is not passed on: the model is the one named, or the app's own default."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
-           "GRADIO_ANALYTICS_ENABLED": "False", **extra_env}
-    env.pop("CATDOG_MODEL", None)
-    command = [sys.executable, str(ROOT / "app.py"), *(["--model", model] if model else [])]
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    url, deadline = f"http://127.0.0.1:{port}/", time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the app exited:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return url, process
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    process.kill()
-    raise RuntimeError("the app did not start within 180 s")
-
-
-@contextlib.contextmanager
-def running_app(model: str | None, extra_env: dict, log: Path) -> Iterator[tuple[str, subprocess.Popen]]:
-    """``start_app``, stopped when the block ends, however it ends."""
-    url, process = start_app(model, extra_env, log)
-    try:
-        yield url, process
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def rss_mb(process: subprocess.Popen) -> float:

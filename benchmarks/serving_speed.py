@@ -101,7 +101,7 @@ def _app_cold_start(folder: str, exact: bool, photo: Path, threads: int) -> floa
     """`python app.py` started → its first /predict answered, through gradio_client, on loopback."""
     from gradio_client import Client, handle_file
 
-    from benchmarks.load_test import running_app
+    from tests.app_server import running_app
 
     env = {"CATDOG_EXACT": "1" if exact else "0", "CATDOG_THREADS": str(threads)}
     start = time.monotonic()

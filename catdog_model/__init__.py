@@ -3,6 +3,7 @@
 from .config import DEFAULT_LABELS
 from .images import ImageError, open_image, preprocess, to_rgb
 from .predictor import Explanation, ModelLoadError, PredictionError, Predictor, load_predictor
+from .verdict import Verdict, decide
 
 __all__ = [
     "CatDogClassifier",
@@ -16,6 +17,8 @@ __all__ = [
     "open_image",
     "preprocess",
     "to_rgb",
+    "Verdict",
+    "decide",
 ]
 
 

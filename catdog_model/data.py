@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from datasets import ClassLabel, Dataset
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
+from .hardware import usable_cores
 from .images import ImageError, open_image, resize, to_rgb
 
 __all__ = [
@@ -42,12 +42,10 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
                         category=DeprecationWarning, module="torchvision")
 
 ROW_COLUMN = "__row__"  # the row's index in the original split, kept through filtering and splitting
-_CHECK_THREADS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-
+_CHECK_THREADS = min(8, usable_cores())
 
 class DatasetError(ValueError):
     """The dataset cannot be used as given; the message says why."""
-
 
 @dataclass
 class LoadedDataset:
@@ -56,7 +54,6 @@ class LoadedDataset:
     label_column: str
     labels: tuple[str, ...]
     skipped_rows: list[int] = field(default_factory=list)
-
 
 def _find_columns(features: datasets.Features) -> tuple[str, str]:
     images = [name for name, feature in features.items() if isinstance(feature, datasets.Image)]
@@ -69,7 +66,6 @@ def _find_columns(features: datasets.Features) -> tuple[str, str]:
         )
     return images[0], labels[0]
 
-
 def _is_decodable(image: dict) -> bool:
     try:
         open_image(image["bytes"] if image.get("bytes") is not None else image["path"])
@@ -77,13 +73,11 @@ def _is_decodable(image: dict) -> bool:
         return False
     return True
 
-
 def _decodable_batch(images: list[dict]) -> list[bool]:
     # Threads, not processes: Pillow decodes with the GIL released, so this uses every core, and a
     # kill -9 of the training process cannot leave a pool of forked workers behind.
     with ThreadPoolExecutor(max_workers=_CHECK_THREADS) as pool:
         return list(pool.map(_is_decodable, images))
-
 
 def load_image_dataset(name: str, revision: Optional[str] = None, split: str = "train") -> LoadedDataset:
     """Load one split of a two-class image dataset and drop the rows whose image cannot be decoded."""
@@ -118,7 +112,6 @@ def load_image_dataset(name: str, revision: Optional[str] = None, split: str = "
         raise DatasetError(f"No row of {name!r} has an image that can be decoded.")
     return LoadedDataset(dataset, image_column, label_column, labels, skipped)
 
-
 def split_dataset(
     data: LoadedDataset, test_split: float, val_split: float, seed: int
 ) -> dict[str, Dataset]:
@@ -132,7 +125,6 @@ def split_dataset(
     check_classes(data, splits)
     return splits
 
-
 def check_classes(data: LoadedDataset, splits: dict[str, Dataset], hint: str = "") -> None:
     """Every split must hold both classes: accuracy on one class alone says nothing."""
     for name, split in splits.items():
@@ -142,7 +134,6 @@ def check_classes(data: LoadedDataset, splits: dict[str, Dataset], hint: str = "
                 raise DatasetError(
                     f"The {name} split ({len(split)} images) holds no {label!r} image, too few to train or evaluate{hint}."
                 )
-
 
 def dataset_fingerprint(name: str, revision: Optional[str] = None) -> str:
     """What the data is, for a checkpoint's run identity: a content hash of a local folder, or the
@@ -161,7 +152,6 @@ def dataset_fingerprint(name: str, revision: Optional[str] = None) -> str:
         raise DatasetError(f"Could not load the dataset {name!r}: {str(error).splitlines()[0]}") from None
     return f"{name}@{builder.hash or revision or 'main'}"
 
-
 def save_split(path: Path, splits: dict[str, Dataset], used: dict[str, Dataset], data: LoadedDataset, **info) -> None:
     """Write the row indices of each split, and of the rows actually used (``--max-*-samples``),
     so that the test set can be evaluated again later."""
@@ -169,7 +159,6 @@ def save_split(path: Path, splits: dict[str, Dataset], used: dict[str, Dataset],
     content.update({name: list(split[ROW_COLUMN]) for name, split in splits.items()})
     content["used"] = {name: list(split[ROW_COLUMN]) for name, split in used.items()}
     path.write_text(json.dumps(content))
-
 
 def read_split_file(path: Path) -> dict:
     """A split.json written by ``save_split``; DatasetError naming what is wrong with any other file."""
@@ -184,7 +173,6 @@ def read_split_file(path: Path) -> dict:
         raise DatasetError(f"{path} is not a split.json written by train_accelerate.py (no train and test rows)")
     return saved
 
-
 def load_split(path: Path, data: LoadedDataset, name: str, used: bool = False) -> Dataset:
     """The rows of one saved split (or only those used), looked up by their original index."""
     position = {row: i for i, row in enumerate(data.dataset[ROW_COLUMN])}
@@ -193,7 +181,6 @@ def load_split(path: Path, data: LoadedDataset, name: str, used: bool = False) -
         return data.dataset.select([position[row] for row in (saved["used"] if used else saved)[name]])
     except KeyError as error:
         raise DatasetError(f"{path} names row {error} that this dataset does not have: another dataset or revision?") from None
-
 
 class _Transform:
     """A ``Dataset.set_transform`` function yielding uint8 ``pixels`` and ``label``; augments only for training.
@@ -264,16 +251,13 @@ class _Transform:
             pixels = [TF.pil_to_tensor(resize(self._pil(image), self.image_size)) for image in batch[self.image_column]]
         return {"pixels": pixels, "label": batch[self.label_column]}
 
-
 def undecoded(split: Dataset, data: LoadedDataset) -> Dataset:
     """The split with its images left undecoded, as the transforms decode fastest (no copy of the data)."""
     return split.cast_column(data.image_column, datasets.Image(decode=False))
 
-
 def make_transform(data: LoadedDataset, image_size: int, train: bool, seed: int = 0) -> _Transform:
     """The one training/evaluation transform for ``Dataset.set_transform``; see ``_Transform``."""
     return _Transform(data, image_size, train, seed)
-
 
 def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
     return {

@@ -50,6 +50,12 @@ class EngineOutputs:
         logits, heatmaps, *features = values
         return cls(logits, heatmaps, dict(zip(FEATURE_NAMES, features)))
 
+    def split(self) -> list[EngineOutputs]:
+        """One EngineOutputs per picture (batches of one), in order."""
+        return [EngineOutputs(self.logits[i : i + 1], self.heatmaps[i : i + 1],
+                              {name: values[i : i + 1] for name, values in self.features.items()})
+                for i in range(len(self.logits))]
+
 
 class OpenVINOEngine:
     """pixels (N, 3, S, S) float32 in [0, 1] → EngineOutputs, compiled for this CPU.

@@ -33,6 +33,7 @@ from torchmetrics.functional.classification import (binary_auroc, binary_calibra
 from tqdm.auto import tqdm
 
 from .calibration import ECE_BINS
+from .hardware import setup_logging
 from .images import ImageError, image_array, open_image, preprocess
 from .ood import ood_score, synthetic_ood_images
 
@@ -305,7 +306,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="evaluate the engine load_predictor serves (the OpenVINO IR) instead of the fp32 weights "
                              "the training run's report used")
     args = parser.parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    setup_logging()
     try:  # every input is checked before the evaluation, which may take a while
         _check_output_dir(Path(args.output_dir))
         ood_images = _ood_images(Path(args.ood_dir)) if args.ood_dir else []

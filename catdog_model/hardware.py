@@ -1,4 +1,5 @@
-"""What this machine computes fast: the one place that reads CPU flags and picks precisions from them.
+"""What this machine computes fast: the one place that reads CPU flags and cores and picks precisions from them,
+and sets up the process every entry point shares (its log format, glibc's malloc arenas).
 
 The serving engine (engine.py) is compiled in bf16 where ``native_bf16()``; training (train_accelerate.py)
 trains in bf16 autocast there unless told otherwise; the benchmarks record ``describe()`` next to
@@ -7,10 +8,38 @@ every number they print.
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
 import platform
+import sys
 
-__all__ = ["cpu_flags", "cpu_name", "default_mixed_precision", "default_num_workers", "describe", "native_bf16"]
+__all__ = ["cap_malloc_arenas", "cpu_flags", "cpu_name", "default_mixed_precision", "default_num_workers", "describe",
+           "native_bf16", "setup_logging", "usable_cores"]
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging() -> None:
+    """The one log format of the training script, the evaluation command and the app."""
+    logging.basicConfig(format=LOG_FORMAT, level=logging.INFO)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def cap_malloc_arenas(arenas: int) -> None:
+    """glibc gives each thread that allocates its own malloc arena (up to 8 per core) and rarely hands the
+    memory back; a server answering on many worker threads grew by hundreds of MB per few hundred requests
+    without levelling off. A cap keeps it flat (benchmarks/load_test.py). It is set in the process, not
+    the environment, because a Space starts `python app.py` with none of ours. 0 leaves glibc's default."""
+    if arenas > 0 and sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # -8 = M_ARENA_MAX
+        except (OSError, AttributeError):  # not glibc: nothing to cap
+            pass
 
 
 def cpu_flags() -> frozenset[str]:
@@ -66,8 +95,7 @@ def default_num_workers(device: "torch.device", processes: int = 1) -> int:
     """
     if device.type == "cpu":
         return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores // max(1, processes)))
+    return max(1, min(8, usable_cores() // max(1, processes)))
 
 
 def describe(threads: int | None = None) -> dict:
@@ -75,6 +103,6 @@ def describe(threads: int | None = None) -> dict:
     import torch
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"cpu": cpu_name(), "native_bf16": native_bf16(), "cores": os.cpu_count(),
+    return {"cpu": cpu_name(), "native_bf16": native_bf16(), "cores": usable_cores(),
             "torch_threads": threads or torch.get_num_threads(), "torch": torch.__version__, "gpu": gpu,
             "flags": sorted(f for f in cpu_flags() if f.startswith(("avx", "amx")))}

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator, Optional, Union
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps
 
 __all__ = ["ImageError", "MAX_PIXELS", "PixelBudget", "check_image", "open_image", "to_rgb", "resize", "image_array", "preprocess"]
 
@@ -29,11 +29,21 @@ logger = logging.getLogger(__name__)
 
 
 class ImageError(ValueError):
-    """A picture that cannot be used, with a message fit to show the user."""
+    """A picture that cannot be used, with a message fit to show the user (and a title for it)."""
+
+    title = "Cannot read this file"
 
 
-def open_image(source: ImageSource, max_pixels: int = MAX_PIXELS, draft_size: Optional[int] = None) -> Image.Image:
-    """Open and fully decode a picture, or raise ``ImageError`` with a short reason.
+class TooLargeError(ImageError):
+    """A file or picture over the limits; the message says which limit."""
+
+    title = "Too large"
+
+
+def open_image(source: ImageSource, max_pixels: int = MAX_PIXELS, draft_size: Optional[int] = None,
+               max_megabytes: Optional[float] = None) -> Image.Image:
+    """Open and fully decode a picture, or raise ``ImageError`` with a short reason (``TooLargeError`` for a
+    file over ``max_megabytes`` or a picture over ``max_pixels``, checked before anything is decoded).
 
     With ``draft_size``, a JPEG is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling), as far
     as both sides stay at least ``draft_size``: a 12-megapixel phone photo bound for a 224-pixel
@@ -43,22 +53,24 @@ def open_image(source: ImageSource, max_pixels: int = MAX_PIXELS, draft_size: Op
         if not source:
             raise ImageError("The file is empty.")
         source = io.BytesIO(source)
-    elif isinstance(source, (str, Path)) and Path(source).is_file() and Path(source).stat().st_size == 0:
-        raise ImageError("The file is empty.")
+    elif isinstance(source, (str, Path)) and Path(source).is_file():
+        megabytes = Path(source).stat().st_size / 2**20
+        if megabytes == 0:
+            raise ImageError("The file is empty.")
+        if max_megabytes and megabytes > max_megabytes:
+            raise TooLargeError(f"The file is {megabytes:.1f} MB; the limit is {max_megabytes:g} MB a picture.")
     try:
         image = Image.open(source)
     except FileNotFoundError:
         raise ImageError(f"No such file: {source}") from None
     except Image.DecompressionBombError:  # Pillow's own header check, far above our limit
-        raise ImageError(f"The image is too large; the limit is {max_pixels / 1e6:.0f} megapixels.") from None
+        raise TooLargeError(f"The image is too large; the limit is {max_pixels / 1e6:.0f} megapixels.") from None
     except Exception:  # each format's parser fails its own way on bad bytes (ValueError, struct.error, IndexError, ...)
         raise ImageError("This file is not an image that can be read (try JPEG, PNG, WebP or GIF).") from None
     # Image.open only reads the header, so this check costs nothing and allocates nothing.
     width, height = image.size
     if width * height > max_pixels:
-        raise ImageError(
-            f"The image is too large ({width}×{height} pixels); the limit is {max_pixels / 1e6:.0f} megapixels."
-        )
+        raise TooLargeError(f"The image is too large ({width}×{height} pixels); the limit is {max_pixels / 1e6:.0f} megapixels.")
     if draft_size and image.format == "JPEG":
         image.draft(image.mode, (draft_size, draft_size))
     _decode(image)

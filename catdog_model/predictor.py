@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import queue
 import threading
 from concurrent.futures import Future
@@ -34,9 +33,11 @@ from safetensors import SafetensorError
 from . import engine as engines
 from .config import check_config
 from .engine import IR_FILES, EngineOutputs
-from .images import check_image, image_array, to_rgb
+from .hardware import usable_cores
+from .images import image_array, to_rgb
 from .manifest import MANIFEST_KEY, WEIGHTS, ManifestError, check_file
 from .ood import OOD_FILE, load_detector, ood_score, resize_heatmap
+from .verdict import Verdict, decide
 
 __all__ = ["Explanation", "ModelLoadError", "PredictionError", "Predictor", "load_predictor", "parse_source"]
 
@@ -90,11 +91,16 @@ class Explanation:
     is_cat_or_dog: bool  # False when ood_score is above the model's threshold
     heatmap: np.ndarray  # Grad-CAM for the predicted label, float32 in [0, 1], the picture's aspect ratio
 
+    @property
+    def verdict(self) -> Verdict:
+        """What to tell a person: a label, "not sure" or "neither" (verdict.py, the rule every output uses)."""
+        return decide(self.probabilities, self.is_cat_or_dog)
+
 
 @dataclass
 class Predictor:
     """A loaded model and how to ask it. Safe to share between threads: every forward pass runs on one
-    model thread, in order of arrival, and ``predict_shared`` batches the single pictures that wait there.
+    model thread, in order of arrival, and ``explain_shared`` batches the single pictures that wait there.
 
     One thread, because a torch or OpenVINO pass called from many threads at once gives each its own
     thread team: on 2 cores those teams spun against each other and halved a server's throughput.
@@ -107,7 +113,8 @@ class Predictor:
     metrics: dict = field(default_factory=dict)
     batch_size: int = 16
     detector: Optional[dict] = None  # the tensors of ood.safetensors
-    max_shared_batch: int = 8  # predict_shared's largest batch: more adds latency on a 2-core CPU, not throughput
+    max_shared_batch: int = 8  # explain_shared's largest batch: more adds latency on a 2-core CPU, not throughput
+    _files: Optional["_ModelFiles"] = field(default=None, repr=False, compare=False)
     _jobs: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, repr=False, compare=False)
     _model_thread: Optional[threading.Thread] = field(default=None, repr=False, compare=False)
     _start_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -138,15 +145,43 @@ class Predictor:
         return self.config["temperature"]
 
     def predict(self, images: Sequence[Image.Image]) -> list[dict[str, float]]:
-        """One ``{label: probability}`` per image, in order, batched."""
+        """One ``{label: probability}`` per image, in order, batched: the model's raw answer. For what to
+        tell a person ("not sure" and "neither" included) use ``explain(...).verdict``."""
+        return [explanation.probabilities for explanation in self.explain_many(images, heatmaps=False)]
+
+    def explain(self, image: Image.Image) -> Explanation:
+        """Probabilities, the verdict, whether the picture looks like a cat or a dog at all, and where the
+        model looked: all from the one forward pass a prediction makes (the engine computes the heatmap too)."""
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"explain takes a PIL image, got {type(image).__name__}")
+        return self.explain_many([image])[0]
+
+    def explain_many(self, images: Sequence[Image.Image], heatmaps: bool = True) -> list[Explanation]:
+        """``explain`` for each image, in order, ``batch_size`` pictures per forward pass."""
         if isinstance(images, (str, bytes, Image.Image)) or not isinstance(images, Sequence):
             hint = ": wrap it in a list" if isinstance(images, Image.Image) else ""
-            raise TypeError(f"predict takes a list of PIL images, got {type(images).__name__}{hint}")
-        results = []
+            raise TypeError(f"takes a list of PIL images, got {type(images).__name__}{hint}")
+        explanations = []
         for start in range(0, len(images), self.batch_size):
-            batch = np.stack([image_array(image, self.image_size) for image in images[start : start + self.batch_size]])
-            results.extend(self._on_model_thread(self._probabilities, batch))
-        return results
+            batch = images[start : start + self.batch_size]
+            upright = [to_rgb(image) for image in batch] if heatmaps else batch  # image_array turns the rest
+            outputs = self.outputs(np.stack([image_array(image, self.image_size) for image in upright]))
+            explanations.extend(self._explanations(outputs, upright if heatmaps else None))
+        return explanations
+
+    def explain_shared(self, image: Image.Image) -> Explanation:
+        """``explain(image)`` for servers whose threads share this predictor: the pictures that wait
+        while the model is busy run together as its next batch (up to ``max_shared_batch``), so that eight
+        clients get more answers per second than one, and a lone client waits for no batch to fill.
+        The resize happens in the caller's thread, in parallel with the model."""
+        upright = to_rgb(image)
+        outputs = self._submit(None, image_array(upright, self.image_size))
+        return self._explanations(outputs, [upright])[0]
+
+    def explain_pixels(self, pixels) -> list[Explanation]:
+        """``explain`` without heatmaps for a batch already turned into model input (``image_array``):
+        for servers that decode each picture under a memory budget and batch the small arrays."""
+        return self._explanations(self.outputs(pixels), None)
 
     def outputs(self, pixels) -> EngineOutputs:
         """The engine's outputs for a batch of preprocessed pictures (N, 3, S, S) in [0, 1], numpy or torch;
@@ -164,17 +199,20 @@ class Predictor:
                                   "Retrain it, or load another revision.")
         return outputs
 
-    def _probabilities(self, batch: np.ndarray) -> list[dict[str, float]]:
+    def _explanations(self, outputs: EngineOutputs, upright: Optional[list[Image.Image]]) -> list[Explanation]:
+        """One Explanation per picture of a forward pass; heatmaps resized to ``upright``'s shapes, or empty."""
         negative, positive = self.labels
-        p = self.probabilities(self._checked_outputs(batch).logits)
-        return [{negative: 1.0 - value, positive: value} for value in p.tolist()]
-
-    def predict_shared(self, image: Image.Image) -> dict[str, float]:
-        """``predict([image])[0]`` for servers whose threads share this predictor: the pictures that wait
-        while the model is busy run together as its next batch (up to ``max_shared_batch``), so that eight
-        clients get more answers per second than one, and a lone client waits for no batch to fill.
-        The resize happens in the caller's thread, in parallel with the model."""
-        return self._submit(None, image_array(image, self.image_size))
+        p = self.probabilities(outputs.logits).tolist()
+        scores = ood_score(outputs.features, self.detector).tolist() if self.detector is not None else [None] * len(p)
+        explanations = []
+        for index, (value, score) in enumerate(zip(p, scores)):
+            heatmap = np.zeros((0, 0), np.float32)
+            if upright is not None:
+                picture = upright[index]
+                heatmap = resize_heatmap(outputs.heatmaps[index], picture.width, picture.height, longest=self.image_size)
+            looks_right = score is None or score <= self.ood_threshold
+            explanations.append(Explanation({negative: 1.0 - value, positive: value}, score, looks_right, heatmap))
+        return explanations
 
     def _on_model_thread(self, function: Callable, *args):
         """``function(*args)``, run on the model thread; its result, or its exception raised here."""
@@ -190,7 +228,8 @@ class Predictor:
         return future.result()
 
     def _serve(self) -> None:
-        """The model thread: a call runs alone; single pictures that wait together run as one batch."""
+        """The model thread: a call runs alone; single pictures that wait together run as one batch,
+        each waiting caller getting its own picture's outputs."""
         held = None
         while True:
             function, pixels, future = held or self._jobs.get()
@@ -198,7 +237,7 @@ class Predictor:
                 futures, run, held = [future], lambda function=function: [function()], None
             else:
                 futures, images, held = self._waiting_pictures(future, pixels)
-                run = lambda images=images: self._probabilities(np.stack(images))  # noqa: E731
+                run = lambda images=images: self._checked_outputs(np.stack(images)).split()  # noqa: E731
             try:
                 results = run()
             except BaseException as error:  # every caller waiting on this pass hears of it, not only one
@@ -223,19 +262,10 @@ class Predictor:
             futures.append(job[2])
         return futures, images, None
 
-    def explain(self, image: Image.Image) -> Explanation:
-        """Probabilities, whether the picture looks like a cat or a dog at all, and where the model looked:
-        all from the one forward pass a prediction makes (the engine computes the heatmap too)."""
-        upright = to_rgb(check_image(image))
-        outputs = self.outputs(image_array(upright, self.image_size)[None])
-        p = float(self.probabilities(outputs.logits)[0])
-        negative, positive = self.labels
-        score, looks_right = None, True
-        if self.detector is not None:
-            score = float(ood_score(outputs.features, self.detector)[0])
-            looks_right = score <= self.ood_threshold
-        heatmap = resize_heatmap(outputs.heatmaps[0], upright.width, upright.height, longest=self.image_size)
-        return Explanation({negative: 1.0 - p, positive: p}, score, looks_right, heatmap)
+    def model_file(self, name: str) -> Optional[Path]:
+        """One of the model's own files (an evaluation figure, say), checked against its manifest and
+        downloaded if it lives on the Hub; None if the model has no such file."""
+        return self._files.path(name, required=False) if self._files is not None else None
 
 
 def _first_line(error: Exception) -> str:
@@ -357,7 +387,7 @@ def load_predictor(source: str, batch_size: int = 16, exact: bool = False, threa
     repo_id, revision = parse_source(source)
     files = _ModelFiles(str(source).strip(), repo_id, revision)
     config = files.config()
-    threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    threads = threads or usable_cores()
     backend = _load_engine(files, exact, threads)
     if backend.image_size != config["image_size"]:
         raise ModelLoadError(f"{files.where}: the engine takes {backend.image_size} px pictures, config.json says "
@@ -374,6 +404,7 @@ def load_predictor(source: str, batch_size: int = 16, exact: bool = False, threa
     except (OSError, ValueError):
         metrics = {}
     predictor = Predictor(backend, config, source=repo_id, revision=revision,
-                          metrics=metrics if isinstance(metrics, dict) else {}, batch_size=batch_size, detector=detector)
+                          metrics=metrics if isinstance(metrics, dict) else {}, batch_size=batch_size, detector=detector,
+                          _files=files)
     logger.info("serving %s with %s", source, predictor.engine)
     return predictor

@@ -1,0 +1,108 @@
+"""A loaded model described in plain words, from its own files (config.json and metrics.json) only.
+
+The Space shows these to visitors: what the model is, whether it is only a demonstration, how good it
+is and what computes its answers. Nothing here is hard-coded about any particular model.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+from .predictor import Predictor
+
+__all__ = ["DEMONSTRATION_BELOW", "REPORT_FIGURES", "demonstration_notice", "details", "engine_in_words", "facts", "headline",
+           "report"]
+
+logger = logging.getLogger(__name__)
+
+# A model right on fewer of its held-out test photos than this is called a demonstration model.
+DEMONSTRATION_BELOW = 0.90
+# The evaluation figures a training run writes next to the weights, in the order a visitor should see them.
+REPORT_FIGURES = {"confusion_matrix.png": "Confusion matrix: the test photos, by true and predicted label",
+                  "reliability.png": "Reliability: how often it is right at each stated confidence",
+                  "mistakes.png": "Its most confident mistakes on the test photos"}
+
+
+def facts(metrics: dict) -> dict:
+    """What the page shows of metrics.json, each field checked: a malformed one is left out, with a log
+    line, since that file only describes the model."""
+    test = metrics.get("test") if isinstance(metrics.get("test"), dict) else {}
+    sizes = metrics.get("split_sizes") if isinstance(metrics.get("split_sizes"), dict) else {}
+    found = {"backbone_init": metrics.get("backbone_init"), "dataset": metrics.get("dataset"),
+             "accuracy": test.get("accuracy"), "samples": test.get("samples"), "trained_on": sizes.get("train")}
+    kinds = {"backbone_init": str, "dataset": str, "accuracy": (int, float), "samples": int, "trained_on": int}
+    for key, kind in kinds.items():
+        if found[key] is not None and (not isinstance(found[key], kind) or isinstance(found[key], bool)):
+            logger.warning("metrics.json: %s is %r, not a %s; the page leaves it out", key, found[key],
+                           getattr(kind, "__name__", "number"))
+            found[key] = None
+    return found
+
+
+def _dataset_name(dataset: Optional[str]) -> Optional[str]:
+    """A local dataset folder by its name only: its full path means nothing to a visitor."""
+    return (Path(dataset).name if Path(dataset).exists() else dataset) if dataset else None
+
+
+def headline(predictor: Predictor) -> str:
+    """One sentence: the backbone, how it was trained, on what, at which size."""
+    found = facts(predictor.metrics)
+    init, dataset = found["backbone_init"] or "", _dataset_name(found["dataset"])
+    how = "trained from scratch" if init.startswith("random") else "fine-tuned from ImageNet weights" if init else "trained"
+    where = f" on `{dataset}`" if dataset else ""
+    return f"A {predictor.backbone} {how}{where}, at {predictor.image_size} px, tells which it is."
+
+
+def demonstration_notice(predictor: Predictor) -> Optional[str]:
+    """A plain warning when the model was not pretrained, or is right on under 90% of its test photos
+    (or never recorded how often): what it is, what it was trained on and what to expect. None otherwise."""
+    found = facts(predictor.metrics)
+    from_scratch = (found["backbone_init"] or "").startswith("random")
+    accuracy = found["accuracy"]
+    if not from_scratch and accuracy is not None and accuracy >= DEMONSTRATION_BELOW:
+        return None
+    trained = "trained from scratch, without ImageNet weights," if from_scratch else "trained"
+    photos = f"{found['trained_on']:,} photos" if found["trained_on"] else "photos"
+    dataset = f" from `{_dataset_name(found['dataset'])}`" if found["dataset"] else ""
+    how_good = (f"It is right on **{accuracy:.0%}** of the photos held out to test it"
+                if accuracy is not None else "It recorded no test accuracy")
+    return (f"⚠️ **This is a demonstration model.** It was {trained} on {photos}{dataset} at "
+            f"{predictor.image_size} px. {how_good}, so expect many \"not sure\" answers and some confident "
+            "mistakes: it shows how the app works, not how well a cat-vs-dog classifier can do.")
+
+
+def engine_in_words(engine: str) -> str:
+    """``Predictor.engine`` for a visitor."""
+    if engine.startswith("openvino"):
+        precision = "bfloat16" if engine.endswith("bf16") else "float32"
+        return f"a fast CPU engine (OpenVINO, {precision} arithmetic, 8-bit weights)"
+    return "the original PyTorch model (float32), unchanged"
+
+
+def details(predictor: Predictor) -> str:
+    """Where the model comes from and what computes its answers, for the page's "About the model"."""
+    if Path(predictor.source).is_dir():
+        name, where = f"`{predictor.source}`", "a local folder"
+    else:
+        name, where = f"[`{predictor.source}`](https://huggingface.co/{predictor.source})", f"revision `{predictor.revision or 'main'}`"
+    return (f"**Model** {name} ({where}): a {predictor.backbone} at {predictor.image_size} px. "
+            f"**Answers computed by** {engine_in_words(predictor.engine)} (`{predictor.engine}`).")
+
+
+def report(predictor: Predictor) -> tuple[str, list[tuple[str, str]]]:
+    """"How good is this model?": a few sentences, and the evaluation figures (path, caption) the model ships."""
+    found = facts(predictor.metrics)
+    if found["accuracy"] is None:
+        return "This model recorded no evaluation (no metrics.json next to its weights).", []
+    test = predictor.metrics["test"]
+    lines = [f"Right on **{found['accuracy']:.1%}** of {found['samples'] or 'its'} photos held out from training."]
+    if isinstance(test.get("ece"), (int, float)) and not isinstance(test.get("ece"), bool):
+        lines.append(f"When it says 80%, it is right about 80% of the time, give or take {test['ece']:.1%} "
+                     "(expected calibration error).")
+    if not Path(predictor.source).is_dir():
+        lines.append(f"The full report: [evaluation.html](https://huggingface.co/{predictor.source}/blob/"
+                     f"{predictor.revision or 'main'}/evaluation.html).")
+    figures = [(str(path), caption) for name, caption in REPORT_FIGURES.items() if (path := predictor.model_file(name))]
+    return "\n\n".join(lines), figures
