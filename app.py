@@ -4,9 +4,8 @@
     CATDOG_MODEL=some/folder python app.py     # a folder written by train_accelerate.py
     python app.py --model user/repo@v1         # any Hub repo, pinned to a revision
 
-``build_demo(predictor)`` builds the page (tests pass their own predictor); importing this file loads
-nothing. ``main()`` reads the settings, loads the model once and launches; without a model the app still
-starts and says what is missing. Sized for a 2-vCPU Space: one shared model and a bounded queue.
+``build_demo(predictor)`` builds the page (tests pass their own predictor): importing this file loads nothing.
+``main()`` reads the settings, loads the model once and launches; without a model it says what is missing.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ import csv
 import html
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -54,8 +54,10 @@ FIX_HINT = (f"Train a small model offline with `make train-mini`, then run `make
 PIXELS_IN_FLIGHT = PixelBudget(2 * MAX_PIXELS)
 # After an answer, bring it into view: on a phone the columns stack and it lies below the picture.
 SHOW_ANSWER_JS = "() => document.querySelector('#verdict')?.scrollIntoView({block: 'start', behavior: 'instant'})"
-# On a phone, the heatmap and the probabilities share a row under the verdict.
-CSS = "#answer-row { flex-wrap: nowrap; } #answer-row > * { min-width: 0 !important; }"
+# On a phone, the heatmap and the probabilities share a row under the verdict, and the examples fit 4 a row.
+CSS = ("#answer-row { flex-wrap: nowrap; } #answer-row > * { min-width: 0 !important; } "
+       "#examples .grid-container { grid-template-columns: repeat(auto-fit, minmax(72px, 1fr)); grid-template-rows: none; "
+       "grid-auto-rows: auto; } #examples .grid-wrap { height: auto !important; min-height: 0 !important; }")
 EXPLAIN_SCHEMA = {"type": "object", "properties": {  # what the API page shows /explain returning
     "verdict": {"type": "string"}, "label": {"type": "string"}, "is_cat_or_dog": {"type": "boolean"},
     "probabilities": {"type": "object", "additionalProperties": {"type": "number"}},
@@ -65,20 +67,27 @@ EXPLAIN_SCHEMA = {"type": "object", "properties": {  # what the API page shows /
 logger = logging.getLogger("catdog.app")
 
 
-class VerdictLabel(gr.Label):
+# Two components with a twist, set on the instance: a subclass would make Gradio write an app.pyi stub here.
+def _verdict_label(**kwargs) -> gr.Label:
     """A gr.Label whose headline is the verdict ("not sure" and "neither" included) over both probabilities."""
+    label, plain = gr.Label(num_top_classes=2, **kwargs), gr.Label.postprocess
 
-    def postprocess(self, value):
-        if isinstance(value, tuple):  # (Verdict, probabilities)
-            verdict, probabilities = value
-            ranked = sorted(probabilities.items(), key=lambda item: -item[1])
-            return LabelData(label=verdict.answer, confidences=[LabelConfidence(label=k, confidence=p) for k, p in ranked])
-        return super().postprocess(value)
+    def postprocess(value):
+        if not isinstance(value, tuple):
+            return plain(label, value)
+        verdict, probabilities = value
+        ranked = sorted(probabilities.items(), key=lambda item: -item[1])
+        return LabelData(label=verdict.answer, confidences=[LabelConfidence(label=k, confidence=p) for k, p in ranked])
+
+    label.postprocess = postprocess
+    return label
 
 
-class ExplanationJSON(gr.JSON):
-    def api_info(self) -> dict:  # the API page documents the fields, not "any JSON"
-        return EXPLAIN_SCHEMA
+def _explanation_json(**kwargs) -> gr.JSON:
+    """A gr.JSON whose API page lists the fields /explain returns, not "any JSON"."""
+    component = gr.JSON(**kwargs)
+    component.api_info = lambda: EXPLAIN_SCHEMA
+    return component
 
 
 def _upload_path(upload) -> Optional[str]:
@@ -120,8 +129,7 @@ class Space:
         return open_image(path, draft_size=self.predictor.image_size, max_megabytes=MAX_FILE_MB)
 
     def _api_explanation(self, upload):
-        """The API's upload, explained with the other /predict and /explain calls waiting for the model; or a
-        gr.Error that gradio_client raises as AppError with the reason."""
+        """The API's upload, explained; or a gr.Error, which gradio_client raises as AppError with the reason."""
         self._require_model()
         path = _upload_path(upload)
         if not path:
@@ -149,8 +157,7 @@ class Space:
                 "ood_score": explanation.ood_score, "ood_threshold": self.predictor.ood_threshold}
 
     def predict_on_page(self, upload: str | dict | None) -> tuple:
-        """The page's version of ``explain``: the verdict, the probabilities and the heatmap; problems are
-        shown next to the picture, where they stay until the next upload, instead of in a toast that fades."""
+        """The verdict, the probabilities and the heatmap; problems stay next to the picture, not in a toast that fades."""
         if self.predictor is None:
             return _page(status=f"⚠️ **No model is loaded**, so nothing can be classified. {FIX_HINT}")
         path = _upload_path(upload)
@@ -185,8 +192,7 @@ class Space:
         return rows, self._write_csv(rows)
 
     def _classify_chunk(self, files: list, indices: range, rows: list) -> None:
-        """One forward pass for these files: each is decoded under the memory budget and kept only as the
-        model's small input array; unreadable files get their error row."""
+        """One forward pass for these files, each decoded under the memory budget and kept as the model's input only."""
         pixels, readable = [], []
         for index in indices:
             path = _upload_path(files[index])
@@ -249,12 +255,8 @@ def _page(label=None, status: str = "", verdict: str = "", heatmap=None) -> tupl
 def _examples() -> tuple[list[str], list[str]]:
     """The pictures examples/README.md credits, with its captions: an uncredited picture is not shown."""
     credits = (EXAMPLES_DIR / "README.md").read_text() if (EXAMPLES_DIR / "README.md").is_file() else ""
-    captions = {}
-    for line in credits.splitlines():
-        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-        if len(cells) >= 4 and cells[0].startswith("`") and (EXAMPLES_DIR / cells[0].strip("`")).is_file():
-            captions[str(EXAMPLES_DIR / cells[0].strip("`"))] = cells[1]
-    return list(captions), list(captions.values())
+    rows = [(str(EXAMPLES_DIR / name), caption.strip()) for name, caption in re.findall(r"^\| `([^`]+)` \|([^|]+)\|", credits, re.M)]
+    return [path for path, _ in rows if Path(path).is_file()], [caption for path, caption in rows if Path(path).is_file()]
 
 
 def build_demo(predictor: Optional[Predictor], load_error: Optional[str] = None, max_batch: int = 8,
@@ -275,7 +277,7 @@ def build_demo(predictor: Optional[Predictor], load_error: Optional[str] = None,
                 text, figures = report(predictor)
                 gr.Markdown(text)
                 if figures:
-                    gr.Gallery(figures, columns=3, height="auto", label="Evaluation on the test photos", allow_preview=True)
+                    gr.Gallery(figures, columns=3, height="auto", label="Evaluation on the test photos", object_fit="contain")
         with gr.Accordion("About the model", open=not ready, elem_id="model-panel"):
             gr.Markdown(details(predictor) if ready else f"### ⚠️ No model loaded\n\n{load_error}\n\n**To fix it:** {FIX_HINT}")
     demo.queue(max_size=32, default_concurrency_limit=1)
@@ -294,13 +296,12 @@ def _picture_tab(space: Space, ready: bool, max_batch: int) -> None:
             with gr.Row(elem_id="answer-row"):
                 heatmap = gr.Image(label="Where it looked (red counted most)", elem_id="heatmap", interactive=False,
                                    height=220, buttons=["download", "fullscreen"])
-                result = VerdictLabel(num_top_classes=2, label="Verdict", elem_id="result", show_heading=False)
+                result = _verdict_label(label="Verdict", elem_id="result", show_heading=False)
             show_heatmap = gr.Checkbox(value=True, label="Show where the model looked (Grad-CAM)", interactive=ready)
     outputs = [result, status, verdict, heatmap]
-    # preprocess=False: gr.Image would open every upload with Pillow before our checks run, so a non-image
-    # would fail with a generic error; the handlers get the uploaded file itself instead. One model and
-    # two cores: the page's events take turns in a single slot; /predict and /explain calls run side by
-    # side up to max_batch, and the predictor batches those that wait for the model.
+    # preprocess=False: the handlers get the uploaded file itself, before Pillow opens it, so that they can check
+    # it first. The page's events take turns in one slot; /predict and /explain calls run side by side up to
+    # max_batch, and the predictor batches those that wait for the model.
     gr.on([image.upload, button.click], space.predict_on_page, inputs=image, outputs=outputs,
           concurrency_id="model", preprocess=False, api_visibility="private").then(None, js=SHOW_ANSWER_JS)
     image.clear(_page, outputs=outputs, api_visibility="private", queue=False)
@@ -308,18 +309,21 @@ def _picture_tab(space: Space, ready: bool, max_batch: int) -> None:
                         api_visibility="private", queue=False)
     # The API's endpoints raise their errors (gradio_client turns them into exceptions); the page shows them.
     api_button = gr.Button(visible=False)
-    api_button.click(space.predict, inputs=image, outputs=VerdictLabel(label="Verdict", visible=False),
-                     api_name="predict", concurrency_limit=max_batch, concurrency_id="shared", preprocess=False,
-                     api_description=Space.predict.__doc__)
-    api_button.click(space.explain, inputs=image, outputs=ExplanationJSON(label="Explanation", visible=False),
-                     api_name="explain", concurrency_limit=max_batch, concurrency_id="shared", preprocess=False,
-                     api_description=Space.explain.__doc__)
+    for handler, output in ((space.predict, _verdict_label(label="Verdict", visible=False)),
+                            (space.explain, _explanation_json(label="Explanation", visible=False))):
+        api_button.click(handler, inputs=image, outputs=output, api_name=handler.__name__, concurrency_limit=max_batch,
+                         concurrency_id="shared", preprocess=False, api_description=handler.__doc__)
     examples, captions = _examples()
-    if examples:
-        gallery = gr.Examples(examples, inputs=image, label="Examples: tap one", example_labels=captions,
-                              examples_per_page=len(examples))
-        gallery.load_input_event.then(space.predict_on_page, inputs=image, outputs=outputs, concurrency_id="model",
-                                      api_visibility="private").then(None, js=SHOW_ANSWER_JS)
+    if examples:  # thumbnails with captions; a tap loads the picture into the input and classifies it
+        gallery = gr.Gallery(list(zip(examples, captions)), label="Examples: tap one", height="auto",
+                             allow_preview=False, interactive=False, elem_id="examples")
+
+        def pick(selected: gr.SelectData) -> str:
+            return examples[selected.index]
+
+        gallery.select(pick, outputs=image, api_visibility="private", queue=False).then(
+            space.predict_on_page, inputs=image, outputs=outputs, concurrency_id="model", preprocess=False,
+            api_visibility="private").then(None, js=SHOW_ANSWER_JS)
     # Gradio's API page would otherwise offer its own bus.png as the sample input.
     image.example_payload, image.example_value = lambda: handle_file(API_EXAMPLES[0]), lambda: API_EXAMPLES[0]
 

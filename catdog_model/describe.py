@@ -96,10 +96,10 @@ def report(predictor: Predictor) -> tuple[str, list[tuple[str, str]]]:
     found = facts(predictor.metrics)
     if found["accuracy"] is None:
         return "This model recorded no evaluation (no metrics.json next to its weights).", []
-    test = predictor.metrics["test"]
+    evaluation = predictor.metrics.get("evaluation") if isinstance(predictor.metrics.get("evaluation"), dict) else {}
     lines = [f"Right on **{found['accuracy']:.1%}** of {found['samples'] or 'its'} photos held out from training."]
-    if isinstance(test.get("ece"), (int, float)) and not isinstance(test.get("ece"), bool):
-        lines.append(f"When it says 80%, it is right about 80% of the time, give or take {test['ece']:.1%} "
+    if isinstance(evaluation.get("ece"), float):
+        lines.append(f"When it says 80%, it is right about 80% of the time, give or take {evaluation['ece']:.1%} "
                      "(expected calibration error).")
     if not Path(predictor.source).is_dir():
         lines.append(f"The full report: [evaluation.html](https://huggingface.co/{predictor.source}/blob/"
