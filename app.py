@@ -67,7 +67,7 @@ EXPLAIN_SCHEMA = {"type": "object", "properties": {  # what the API page shows /
 logger = logging.getLogger("catdog.app")
 
 
-# Two components with a twist, set on the instance: a subclass would make Gradio write an app.pyi stub here.
+# Components are adapted on the instance: a subclass would make Gradio write an app.pyi stub next to this file.
 def _verdict_label(**kwargs) -> gr.Label:
     """A gr.Label whose headline is the verdict ("not sure" and "neither" included) over both probabilities."""
     label, plain = gr.Label(num_top_classes=2, **kwargs), gr.Label.postprocess
@@ -81,13 +81,6 @@ def _verdict_label(**kwargs) -> gr.Label:
 
     label.postprocess = postprocess
     return label
-
-
-def _explanation_json(**kwargs) -> gr.JSON:
-    """A gr.JSON whose API page lists the fields /explain returns, not "any JSON"."""
-    component = gr.JSON(**kwargs)
-    component.api_info = lambda: EXPLAIN_SCHEMA
-    return component
 
 
 def _upload_path(upload) -> Optional[str]:
@@ -308,9 +301,9 @@ def _picture_tab(space: Space, ready: bool, max_batch: int) -> None:
     show_heatmap.change(lambda shown: gr.update(visible=shown), inputs=show_heatmap, outputs=heatmap,
                         api_visibility="private", queue=False)
     # The API's endpoints raise their errors (gradio_client turns them into exceptions); the page shows them.
-    api_button = gr.Button(visible=False)
-    for handler, output in ((space.predict, _verdict_label(label="Verdict", visible=False)),
-                            (space.explain, _explanation_json(label="Explanation", visible=False))):
+    api_button, explanation = gr.Button(visible=False), gr.JSON(label="Explanation", visible=False)
+    explanation.api_info = lambda: EXPLAIN_SCHEMA  # the fields, where Gradio would document "any JSON"
+    for handler, output in ((space.predict, _verdict_label(label="Verdict", visible=False)), (space.explain, explanation)):
         api_button.click(handler, inputs=image, outputs=output, api_name=handler.__name__, concurrency_limit=max_batch,
                          concurrency_id="shared", preprocess=False, api_description=handler.__doc__)
     examples, captions = _examples()
@@ -384,9 +377,6 @@ def main(argv: list[str]) -> None:
     threads = _setting("CATDOG_THREADS", str(min(2, usable_cores())), minimum=1)
     source, why, exact = _model_source(argv)
     setup_logging()
-    # huggingface_hub prints through a handler of its own and also passes records on to ours: each Hub retry
-    # warning came out twice. Keep one, in this format.
-    logging.getLogger("huggingface_hub").handlers.clear()
     logger.info("loading the model %s (%s)", source, why)
     try:
         predictor, load_error = load_predictor(source, exact=exact, threads=threads), None

@@ -15,7 +15,6 @@ import argparse
 import io
 import json
 import statistics
-import subprocess
 import tempfile
 import threading
 import time
@@ -23,12 +22,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import psutil
 from gradio_client import Client, handle_file
 from PIL import Image
 
 from catdog_model.hardware import describe
-from tests.app_server import running_app
+from tests.app_server import rss_mb, running_app
 
 ROOT = Path(__file__).resolve().parents[1]
 BAD_FILES = {"notes.txt": (b"not a picture", "not an image"), "empty.jpg": (b"", "empty"),
@@ -53,10 +51,6 @@ def make_files(folder: Path) -> tuple[list[Path], dict[Path, str]]:
         path.write_bytes(buffer.getvalue()[:2000] if content is None else content)
         bad[path] = message
     return valid, bad
-
-
-def rss_mb(process: subprocess.Popen) -> float:
-    return psutil.Process(process.pid).memory_info().rss / 2**20
 
 
 def send_round(url: str, requests: list[Path], bad: dict[Path, str], clients: int) -> dict:

@@ -23,6 +23,9 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 def setup_logging() -> None:
     """The one log format of the training script, the evaluation command and the app."""
     logging.basicConfig(format=LOG_FORMAT, level=logging.INFO)
+    # huggingface_hub prints through a handler of its own and also passes records on to ours: each Hub retry
+    # warning came out twice. Keep one, in this format.
+    logging.getLogger("huggingface_hub").handlers.clear()
 
 
 def usable_cores() -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 import httpx
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,3 +50,8 @@ def running_app(model: str | None, extra_env: dict, log: Path, cwd: Path = ROOT)
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def rss_mb(process: subprocess.Popen) -> float:
+    """The server's resident memory, in MiB."""
+    return psutil.Process(process.pid).memory_info().rss / 2**20

@@ -19,8 +19,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import pytest  # noqa: E402
 
-from benchmarks import load_test  # noqa: E402
 import torch  # noqa: E402
+
+from app_server import start_app as start_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MINI_DATASET = ROOT.parent / "shared" / "data" / "cats_vs_dogs_mini"
@@ -91,7 +92,7 @@ def trained_model(mini_dataset, tmp_path_factory) -> Path:
 def start_app(model: str | None, tmp_path, cwd=ROOT):
     """`python app.py --model ...` (or with no model named) on a free loopback port; returns (url, process)."""
     env = {"GRADIO_TEMP_DIR": str(tmp_path / "gradio"), "CATDOG_THREADS": "1"}
-    return load_test.start_app(model, env, tmp_path / "app.log", cwd=cwd)
+    return start_server(model, env, tmp_path / "app.log", cwd=cwd)
 
 
 @pytest.fixture(scope="module")

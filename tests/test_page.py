@@ -1,0 +1,239 @@
+"""The Space's handlers, page text and settings, called directly: app.Space and build_demo with a predictor
+the test controls, and the verdict rule they all share."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+CAT_PHOTO = str(ROOT / "examples" / "chelsea_cat.jpg")
+
+
+class FixedPredictor:
+    """Answers every picture with the same probabilities (and, unless told, says it looks like the training photos)."""
+
+    labels, image_size, batch_size, ood_threshold = ("cat", "dog"), 64, 16, 1.0
+    source, revision, backbone, engine = "someone/catdog", None, "resnet50", "openvino-bf16"
+    metrics: dict = {}
+
+    def __init__(self, p_dog: float, looks_right: bool = True):
+        self.p_dog, self.looks_right = p_dog, looks_right
+
+    def _explanation(self):
+        from catdog_model import Explanation
+
+        return Explanation({"cat": 1 - self.p_dog, "dog": self.p_dog}, 0.0 if self.looks_right else 9.0,
+                           self.looks_right, np.linspace(0, 1, 32 * 48, dtype=np.float32).reshape(32, 48))
+
+    def explain(self, image):
+        return self._explanation()
+
+    explain_shared = explain
+
+    def explain_pixels(self, pixels):
+        return [self._explanation() for _ in pixels]
+
+    def model_file(self, name):
+        return None
+
+
+class NoProgress:
+    tqdm = staticmethod(lambda items, **kwargs: items)
+
+
+def _space(predictor, tmp_path=None, monkeypatch=None):
+    import app
+
+    if monkeypatch is not None:
+        monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))  # where a batch's CSV goes
+    return app.Space(predictor)
+
+
+@pytest.mark.parametrize("p_dog, looks_right, answer", [(0.55, True, "not sure"), (0.31, True, "not sure"),
+                                                          (0.95, True, "dog"), (0.05, True, "cat"), (0.97, False, "neither")])
+def test_one_verdict_on_the_page_in_the_api_and_in_the_batch_and_its_csv(tmp_path, monkeypatch, p_dog, looks_right, answer):
+    from catdog_model import decide
+
+    space = _space(FixedPredictor(p_dog, looks_right), tmp_path, monkeypatch)
+    assert decide({"cat": 1 - p_dog, "dog": p_dog}, looks_right).answer == answer
+    label, status, verdict, heatmap = space.predict_on_page(CAT_PHOTO)
+    assert label[0].answer == answer and verdict["visible"] and not status["visible"]
+    assert {"not sure": "Not sure", "neither": "Neither a cat nor a dog"}.get(answer, answer.capitalize()) in verdict["value"]
+    assert space.predict(CAT_PHOTO)[0].answer == answer
+    assert space.explain(CAT_PHOTO)["verdict"] == answer and space.explain(CAT_PHOTO)["label"] == ("dog" if p_dog > 0.5 else "cat")
+    rows, csv_path = space.predict_batch([CAT_PHOTO], progress=NoProgress())
+    assert rows[0][1] == answer and (rows[0][4] == "") == (answer in ("cat", "dog"))
+    with open(csv_path, newline="") as file:
+        assert list(csv.reader(file))[1][1] == answer
+    width, height = heatmap.size  # the photo with the heatmap over it, at a size fit to look at
+    assert width == 384 and abs(width / height - 451 / 300) < 0.02
+
+
+def test_the_verdict_label_shows_the_verdict_over_both_probabilities():
+    import app
+    from catdog_model import decide
+
+    label = app._verdict_label(label="Verdict")
+    shown = label.postprocess((decide({"cat": 0.2, "dog": 0.8}, False), {"cat": 0.2, "dog": 0.8}))
+    assert shown.label == "neither" and [(c.label, c.confidence) for c in shown.confidences] == [("dog", 0.8), ("cat", 0.2)]
+    assert label.postprocess(None) == {}
+
+
+def test_a_label_is_text_on_the_page_never_markup():
+    class Odd(FixedPredictor):
+        labels = ("<img src=x onerror=alert(1)>", "dog")
+
+        def explain(self, image):
+            explanation = super().explain(image)
+            explanation.probabilities = {"<img src=x onerror=alert(1)>": 0.6, "dog": 0.4}  # "not sure": named
+            return explanation
+
+    _, _, verdict, _ = _space(Odd(0.4)).predict_on_page(CAT_PHOTO)
+    assert "Not sure" in verdict["value"] and "&lt;img src=x onerror=alert(1)&gt;" in verdict["value"]
+    assert "<img" not in verdict["value"]
+
+
+def test_the_page_shows_problems_inline_instead_of_raising(tmp_path):
+    import app
+
+    (tmp_path / "notes.jpg").write_text("not a picture")
+    assert _space(FixedPredictor(0.9)).predict_on_page(str(tmp_path / "notes.jpg"))[1]["value"].startswith(
+        "⚠️ **Cannot read this file.**")
+    big = tmp_path / "big.jpg"
+    big.write_bytes(b"\xff" * (app.MAX_FILE_MB * 2**20 + 1))
+    status = _space(FixedPredictor(0.9)).predict_on_page(str(big))[1]["value"]
+    assert status.startswith("⚠️ **Too large.** The file is 10.0 MB; the limit is 10 MB a picture.")
+    assert "Choose a picture first" in _space(FixedPredictor(0.9)).predict_on_page(None)[1]["value"]
+    result, status, _, heatmap = app.Space(None, "it is gone").predict_on_page(CAT_PHOTO)
+    assert result is None and heatmap is None
+    assert "No model is loaded" in status["value"] and "make train-mini" in status["value"]
+
+
+def test_classify_with_nothing_chosen_says_so_inline_on_both_tabs(tmp_path, monkeypatch):
+    space = _space(FixedPredictor(0.9), tmp_path, monkeypatch)
+    assert "Choose a picture first" in space.predict_on_page(None)[1]["value"]
+    table, csv_file, status = space.predict_batch_on_page(None, progress=NoProgress())
+    assert "Choose one or more pictures first" in status["value"] and csv_file["visible"] is False
+
+
+def test_a_model_that_computes_nan_gets_a_clear_message_not_an_answer(tmp_path, monkeypatch):
+    import app
+    from catdog_model import PredictionError
+
+    class Broken(FixedPredictor):
+        def explain(self, image):
+            raise PredictionError("The model x computed a non-finite output: its weights are damaged.")
+
+        explain_shared = explain_pixels = explain
+
+    space = _space(Broken(0.5), tmp_path, monkeypatch)
+    label, status, _, heatmap = space.predict_on_page(CAT_PHOTO)
+    assert label is None and heatmap is None and "The model failed" in status["value"]
+    for endpoint in (space.predict, space.explain):
+        with pytest.raises(app.gr.Error, match="non-finite output"):
+            endpoint(CAT_PHOTO)
+    rows, _ = space.predict_batch([CAT_PHOTO], progress=NoProgress())
+    assert rows[0][1] == "error" and rows[0][4].startswith("The model failed: The model x computed a non-finite output")
+
+
+def test_the_batch_reads_each_chunk_as_one_forward_pass(tmp_path, monkeypatch):
+    calls = []
+
+    class Counting(FixedPredictor):
+        def explain_pixels(self, pixels):
+            calls.append(len(pixels))
+            return super().explain_pixels(pixels)
+
+    predictor = Counting(0.9)
+    predictor.batch_size = 4
+    rows, _ = _space(predictor, tmp_path, monkeypatch).predict_batch([CAT_PHOTO] * 10, progress=NoProgress())
+    assert calls == [4, 4, 2] and [row[1] for row in rows] == ["dog"] * 10
+
+
+def test_the_demonstration_notice_reads_the_models_own_files():
+    from catdog_model.describe import demonstration_notice
+
+    weak = FixedPredictor(0.5)
+    weak.metrics = {"backbone_init": "random (--no-pretrained)", "dataset": "cats_vs_dogs_mini",
+                    "test": {"accuracy": 0.6633, "samples": 300}, "split_sizes": {"train": 2160}}
+    notice = demonstration_notice(weak)
+    assert "demonstration model" in notice and "from scratch" in notice and "2,160 photos" in notice
+    assert "**66%**" in notice and "64 px" in notice
+    strong = FixedPredictor(0.5)
+    strong.metrics = {"backbone_init": "timm ImageNet weights", "test": {"accuracy": 0.984, "samples": 4652}}
+    assert demonstration_notice(strong) is None
+    unmeasured = FixedPredictor(0.5)
+    unmeasured.metrics = {"backbone_init": "timm ImageNet weights"}
+    assert "recorded no test accuracy" in demonstration_notice(unmeasured)
+    strong.metrics["test"]["accuracy"] = 0.85
+    assert "**85%**" in demonstration_notice(strong) and "from scratch" not in demonstration_notice(strong)
+
+
+def test_the_engine_is_named_in_plain_words_with_the_details_alongside():
+    from catdog_model.describe import details
+
+    assert "a fast CPU engine (OpenVINO, bfloat16 arithmetic" in details(FixedPredictor(0.5))
+    assert "`openvino-bf16`" in details(FixedPredictor(0.5))
+
+
+def test_a_malformed_metrics_json_blanks_the_pages_numbers_with_a_log_line(caplog):
+    from catdog_model.describe import headline, report
+
+    described = FixedPredictor(0.5)
+    described.metrics = {"test": {"accuracy": "n/a", "samples": 300}, "dataset": 123, "backbone_init": None}
+    with caplog.at_level("WARNING", logger="catdog_model.describe"):
+        text, figures = report(described)
+        assert "recorded no evaluation" in text and figures == []
+        assert "A resnet50 trained, at 64 px" in headline(described)
+    assert "accuracy is 'n/a'" in caplog.text and "dataset is 123" in caplog.text
+
+
+def test_importing_the_app_loads_nothing_and_reads_no_setting():
+    env = {**os.environ, "CATDOG_MAX_BATCH": "abc", "CATDOG_MODEL": "no/such-model"}
+    code = "import sys, app\nassert 'torch' not in sys.modules and 'openvino_model.xml' not in str(vars(app))\nprint('ok')"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok" and "loading the model" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("name, value", [("CATDOG_MAX_BATCH", "abc"), ("CATDOG_MAX_BATCH", "0"), ("CATDOG_MAX_BATCH", "-1"),
+                                         ("CATDOG_THREADS", "abc"), ("CATDOG_THREADS", "0"),
+                                         ("CATDOG_MALLOC_ARENAS", "x"), ("CATDOG_EXACT", "maybe")])
+def test_a_setting_that_cannot_work_stops_the_app_in_one_line(name, value):
+    env = {**os.environ, name: value, "CATDOG_MODEL": "no/such-model"}
+    result = subprocess.run([sys.executable, "app.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"${name} must be" in result.stderr and repr(value) in result.stderr
+
+
+@pytest.mark.parametrize("value, expected", [("true", True), ("yes", True), ("1", True), ("false", False), ("0", False)])
+def test_switches_read_as_people_write_them(monkeypatch, value, expected):
+    import app
+    monkeypatch.setenv("CATDOG_EXACT", value)
+    assert app._model_source([])[2] is expected
+
+
+def test_hub_warnings_are_logged_once_in_the_shared_format():
+    code = ("from catdog_model.hardware import setup_logging\nsetup_logging()\nfrom huggingface_hub.utils import logging\n"
+            "logging.get_logger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].')\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    lines = [line for line in result.stderr.splitlines() if "Retrying in 1s" in line]
+    assert len(lines) == 1 and "WARNING huggingface_hub.utils._http:" in lines[0], result.stderr[-2000:]
+
+
+def test_every_example_is_credited_and_captioned_and_all_three_kinds_are_there():
+    import app
+
+    pictures, captions = app._examples()
+    shipped = sorted(p.name for p in (ROOT / "examples").iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
+    assert sorted(os.path.basename(p) for p in pictures) == shipped  # none uncredited, none credited but missing
+    kinds = [caption.split(":")[0] for caption in captions]
+    assert kinds.count("Cat") >= 3 and kinds.count("Dog") >= 3 and kinds.count("Neither") >= 2
+    credits = (ROOT / "examples" / "README.md").read_text()
+    for name in shipped:
+        row = next(line for line in credits.splitlines() if line.startswith(f"| `{name}` |"))
+        assert len([cell for cell in row.split("|") if cell.strip()]) == 4  # file, caption, source, licence
