@@ -35,7 +35,7 @@ from catdog_model import DEFAULT_LABELS, ImageError, ModelLoadError, PredictionE
 from catdog_model.describe import demonstration_notice, details, headline, report
 from catdog_model.hardware import cap_malloc_arenas, setup_logging, usable_cores
 from catdog_model.images import MAX_PIXELS, PixelBudget, image_array
-from catdog_model.ood import overlay_heatmap
+from catdog_model.heatmap import overlay_heatmap
 from catdog_model.verdict import NEITHER, NOT_SURE, Verdict
 
 DEFAULT_MODEL = "catdog-project/catdog-resnet50"  # the published model: named here and in README.md only

@@ -17,7 +17,9 @@ continue the run that wrote them, bit for bit.
 """
 
 import argparse
+import dataclasses
 import functools
+import json
 import math
 import os
 import signal
@@ -26,12 +28,11 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-import safetensors.torch
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from accelerate.logging import get_logger
-from accelerate.utils import set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 from huggingface_hub import get_token
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from torch.utils.data import DataLoader
@@ -41,12 +42,11 @@ from catdog_model import CatDogClassifier
 from catdog_model.data import (DatasetError, check_classes, collate, dataset_fingerprint, load_image_dataset,
                                make_transform, save_split, split_dataset, undecoded)
 from catdog_model.hardware import default_mixed_precision, default_num_workers, setup_logging
-from catdog_model.ood import fit_detector
 from catdog_model.run_files import (SPLIT_FILE, TRACKER_PROJECT, backbone_init, claim_output_dir, push_run, start_run,
                                     write_evaluation, write_metrics_and_card)
-from catdog_model.training import (CHECKPOINTS, Progress, RunningMetrics, TrainingError, calibrate, check_best_model,
-                                   check_finite, evaluate, exit_with_parent, exit_with_parent_worker,
-                                   find_resume_checkpoint, model_outputs, on_main_process, save_checkpoint, save_model)
+from catdog_model.checkpoints import CHECKPOINTS, find_resume_checkpoint, load_checkpoint, save_checkpoint
+from catdog_model.training import (Progress, RunningMetrics, TrainingError, calibrate_and_test, check_finite, evaluate,
+                                   exit_with_parent, exit_with_parent_worker, on_main_process, save_model)
 
 logger = get_logger(__name__)
 
@@ -88,76 +88,76 @@ def check_args(args) -> None:
             raise TrainingError(f"--pretrained-weights: {str(error).splitlines()[0]}") from None
 
 
-def run_identity(args, accelerator: Accelerator) -> dict:
+def run_identity(config, accelerator: Accelerator) -> dict:
     """Everything that makes a run's result what it is, keyed by the flag that sets it.
 
     Flags that only change speed (--num-workers, --with-tracking, --checkpointing-steps) are not here,
     nor --epochs: a run may be extended."""
-    local = Path(args.dataset).exists()
+    local = Path(config.dataset).exists()
     return {
-        "--dataset": None if local else args.dataset,  # a local folder is known by its content, wherever it lies
-        "dataset content": dataset_fingerprint(args.dataset, args.dataset_revision),
-        "--dataset-revision": args.dataset_revision,
-        "--seed": args.seed, "--test-split": args.test_split, "--val-split": args.val_split,
-        "--max-train-samples": args.max_train_samples, "--max-eval-samples": args.max_eval_samples,
-        "--backbone": args.backbone, "--image-size": args.image_size, "backbone initialisation": backbone_init(args),
-        "--freeze-backbone": args.freeze_backbone, "--no-augmentation": args.no_augmentation,
-        "--batch-size": args.batch_size, "number of processes": accelerator.num_processes,
-        "--gradient-accumulation-steps": args.gradient_accumulation_steps,
-        "--learning-rate": args.learning_rate, "--mixed-precision": accelerator.mixed_precision,
+        "--dataset": None if local else config.dataset,  # a local folder is known by its content, wherever it lies
+        "dataset content": dataset_fingerprint(config.dataset, config.dataset_revision),
+        "--dataset-revision": config.dataset_revision,
+        "--seed": config.seed, "--test-split": config.test_split, "--val-split": config.val_split,
+        "--max-train-samples": config.max_train_samples, "--max-eval-samples": config.max_eval_samples,
+        "--backbone": config.backbone, "--image-size": config.image_size, "backbone initialisation": backbone_init(config),
+        "--freeze-backbone": config.freeze_backbone, "--no-augmentation": config.no_augmentation,
+        "--batch-size": config.batch_size, "number of processes": accelerator.num_processes,
+        "--gradient-accumulation-steps": config.gradient_accumulation_steps,
+        "--learning-rate": config.learning_rate, "--mixed-precision": accelerator.mixed_precision,
     }
 
 
 # ---- Data, model and the steps of training.
 
-def load_splits(args, accelerator: Accelerator, output_dir: Path):
+def load_splits(config, accelerator: Accelerator, output_dir: Path):
     """Check every image once (cached by datasets), split and cap; returns, with them, the function that
     records the rows in split.json (called once the run may write)."""
     with accelerator.main_process_first():
-        data = load_image_dataset(args.dataset, args.dataset_revision)
-    splits = split_dataset(data, args.test_split, args.val_split, args.seed)
+        data = load_image_dataset(config.dataset, config.dataset_revision)
+    splits = split_dataset(data, config.test_split, config.val_split, config.seed)
     used = dict(splits)
-    for name, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples), ("test", args.max_eval_samples)):
+    for name, limit in (("train", config.max_train_samples), ("validation", config.max_eval_samples), ("test", config.max_eval_samples)):
         if limit is not None:
             used[name] = splits[name].select(range(min(limit, len(splits[name]))))
     check_classes(data, used, hint=" (raise --max-train-samples / --max-eval-samples)")
-    transforms = {name: make_transform(data, args.image_size, train=name == "train" and not args.no_augmentation, seed=args.seed)
+    transforms = {name: make_transform(data, config.image_size, train=name == "train" and not config.no_augmentation, seed=config.seed)
                   for name in used}
     # The rows as selected, before the transforms are set on them: what split.json records.
-    write_split = functools.partial(save_split, output_dir / SPLIT_FILE, splits, dict(used), data, dataset=args.dataset,
-                                    revision=args.dataset_revision, seed=args.seed)
+    write_split = functools.partial(save_split, output_dir / SPLIT_FILE, splits, dict(used), data, dataset=config.dataset,
+                                    revision=config.dataset_revision, seed=config.seed)
     for name, split in used.items():
         used[name] = undecoded(split, data)  # the transforms decode: JPEGs straight from their bytes
         used[name].set_transform(transforms[name])
     logger.info(
         "dataset %s: %s; %d rows skipped (undecodable)",
-        args.dataset, ", ".join(f"{n} {len(s)}" for n, s in used.items()), len(data.skipped_rows),
+        config.dataset, ", ".join(f"{n} {len(s)}" for n, s in used.items()), len(data.skipped_rows),
     )
     return data, splits, used, transforms["train"], write_split
 
 
-def build_model(args, labels: tuple[str, ...]) -> CatDogClassifier:
-    use_hub_weights = not args.no_pretrained and args.pretrained_weights is None
+def build_model(config, labels: tuple[str, ...]) -> CatDogClassifier:
+    use_hub_weights = not config.no_pretrained and config.pretrained_weights is None
     try:
-        model = CatDogClassifier(args.backbone, args.image_size, labels=labels, pretrained=use_hub_weights)
+        model = CatDogClassifier(config.backbone, config.image_size, labels=labels, pretrained=use_hub_weights)
     except (OSError, LocalEntryNotFoundError, HfHubHTTPError, RuntimeError) as error:
         if not use_hub_weights:
             raise
         raise TrainingError(
-            f"Could not download the ImageNet weights of {args.backbone} ({type(error).__name__}). "
+            f"Could not download the ImageNet weights of {config.backbone} ({type(error).__name__}). "
             "Train from scratch with --no-pretrained, or pass a local timm checkpoint with --pretrained-weights PATH."
         ) from None
-    if args.pretrained_weights:
-        model.load_backbone_weights(args.pretrained_weights)  # checked on the meta device at start-up
-    if args.freeze_backbone:
+    if config.pretrained_weights:
+        model.load_backbone_weights(config.pretrained_weights)  # checked on the meta device at start-up
+    if config.freeze_backbone:
         model.backbone.requires_grad_(False)
     return model
 
 
-def train_one_epoch(args, accelerator: Accelerator, model, optimizer, loader, progress: Progress, checkpoint: Callable) -> None:
+def train_one_epoch(config, accelerator: Accelerator, model, optimizer, loader, progress: Progress, checkpoint: Callable) -> None:
     """The batches of one epoch, or what is left of it after a resume."""
     unchecked_losses = []  # (batch, step, summed loss) since the last finiteness check: checked without a per-step sync
-    bar = tqdm(loader, desc=f"epoch {progress.epoch + 1}/{args.epochs}", disable=not accelerator.is_local_main_process)
+    bar = tqdm(loader, desc=f"epoch {progress.epoch + 1}/{config.epochs}", disable=not accelerator.is_local_main_process)
     for batch in bar:
         with accelerator.accumulate(model):
             # Channels-last input lets the convolutions skip a layout conversion: 2.3x per step with bf16 on CPU.
@@ -175,12 +175,12 @@ def train_one_epoch(args, accelerator: Accelerator, model, optimizer, loader, pr
             bar.set_postfix(loss=f"{running['loss']:.4f}", acc=f"{running['accuracy']:.3f}")
         if accelerator.sync_gradients:
             progress.optimizer_steps += 1
-            if args.checkpointing_steps.isdecimal() and progress.optimizer_steps % int(args.checkpointing_steps) == 0:
+            if config.checkpoint_every and progress.optimizer_steps % config.checkpoint_every == 0:
                 checkpoint(unchecked_losses)
     check_finite(unchecked_losses, model, progress)
 
 
-def finish_epoch(args, accelerator: Accelerator, model, val_loader, progress: Progress, output_dir: Path) -> None:
+def finish_epoch(config, accelerator: Accelerator, model, val_loader, progress: Progress, output_dir: Path) -> None:
     """Validate, add the epoch to the history, keep the model if it is the best so far."""
     epoch = progress.epoch + 1
     val, train = evaluate(model, val_loader, accelerator, "validation"), progress.train_metrics.result()
@@ -188,7 +188,7 @@ def finish_epoch(args, accelerator: Accelerator, model, val_loader, progress: Pr
            "val_loss": val["loss"], "val_accuracy": val["accuracy"]}
     progress.history.append(row)
     logger.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "epoch"))
-    if args.with_tracking:
+    if config.with_tracking:
         accelerator.log(row, step=epoch)
     if val["accuracy"] > progress.best_val_accuracy:
         progress.best_val_accuracy, progress.best_epoch = val["accuracy"], epoch
@@ -198,64 +198,74 @@ def finish_epoch(args, accelerator: Accelerator, model, val_loader, progress: Pr
     progress.epoch, progress.batches_in_epoch, progress.train_metrics = epoch, 0, RunningMetrics()
 
 
-def choose_workers(args, accelerator: Accelerator) -> None:
-    """--num-workers, else the device's default; logged with the rest of the run's setup."""
-    if args.num_workers is None:
-        args.num_workers = default_num_workers(accelerator.device, accelerator.num_processes)
-    logger.info(
-        "world size %d (%s, device %s, mixed precision %s: %s, %d data workers per process)",
-        accelerator.num_processes, accelerator.distributed_type, accelerator.device, accelerator.mixed_precision,
-        args.precision_reason, args.num_workers,
-    )
+def frozen_config(args: argparse.Namespace, accelerator: Accelerator, precision_reason: str):
+    """Every setting of the run, checked, with what the machine decided (workers, precision, checkpoint
+    interval), fixed from here on and logged, as nanoGPT logs its config; metrics.json records it too."""
+    values = {**vars(args), "mixed_precision": accelerator.mixed_precision, "precision_reason": precision_reason,
+              "num_workers": default_num_workers(accelerator.device, accelerator.num_processes)
+              if args.num_workers is None else args.num_workers,
+              "checkpoint_every": int(args.checkpointing_steps) if (args.checkpointing_steps or "").isdecimal() else None,
+              "checkpoint_each_epoch": args.checkpointing_steps == "epoch"}
+    config = dataclasses.make_dataclass("RunConfig", list(values), frozen=True)(**values)
+    logger.info("world size %d (%s, device %s, mixed precision %s: %s, %d data workers per process)",
+                accelerator.num_processes, accelerator.distributed_type, accelerator.device, config.mixed_precision,
+                config.precision_reason, config.num_workers)
+    logger.info("config: %s", json.dumps(public_settings(config), default=str))
+    return config
 
 
-def make_loaders(args, used: dict) -> tuple[tuple[DataLoader, DataLoader, DataLoader], dict]:
+def public_settings(config) -> dict:
+    """The settings worth recording: all but the token."""
+    return {key: value for key, value in dataclasses.asdict(config).items() if key != "hub_token"}
+
+
+def make_loaders(config, used: dict) -> tuple[tuple[DataLoader, DataLoader, DataLoader], dict]:
     """The train, validation and test loaders, and the settings they share (for later loaders of the run)."""
-    loader_kwargs = dict(batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers,
+    loader_kwargs = dict(batch_size=config.batch_size, collate_fn=collate, num_workers=config.num_workers,
                          worker_init_fn=exit_with_parent_worker)
     # Its own generator: creating a loader iterator must not draw from the global RNG (dropout),
     # or a resumed run would not continue the same random stream.
-    train_loader = DataLoader(used["train"], shuffle=True, generator=torch.Generator().manual_seed(args.seed), **loader_kwargs)
+    train_loader = DataLoader(used["train"], shuffle=True, generator=torch.Generator().manual_seed(config.seed), **loader_kwargs)
     return (train_loader, DataLoader(used["validation"], **loader_kwargs), DataLoader(used["test"], **loader_kwargs)), loader_kwargs
 
 
-def choose_precision(args) -> str:
-    """--mixed-precision, else accelerate config's choice, else bf16 where the device computes it natively."""
+def choose_precision(args) -> tuple[str, str]:
+    """--mixed-precision, else accelerate config's choice, else bf16 where the device computes it natively; and why."""
     if args.mixed_precision:
-        args.precision_reason = "--mixed-precision"
-        return args.mixed_precision
+        return args.mixed_precision, "--mixed-precision"
     device = PartialState(cpu=args.cpu).device  # the state Accelerator will share: same device, known before it
-    precision, args.precision_reason = default_mixed_precision(device, os.environ.get("ACCELERATE_MIXED_PRECISION"))
-    return precision
+    return default_mixed_precision(device, os.environ.get("ACCELERATE_MIXED_PRECISION"))
 
 
-def training_function(args) -> None:
+def training_function(args: argparse.Namespace) -> None:
     check_args(args)
+    precision, precision_reason = choose_precision(args)
     accelerator = Accelerator(
         cpu=args.cpu,
-        mixed_precision=choose_precision(args),
+        mixed_precision=precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with="all" if args.with_tracking else None,
-        project_dir=args.output_dir,
+        # Where trackers log, and how many checkpoints to keep (checkpoints.py says why its naming is its own).
+        project_config=ProjectConfiguration(project_dir=args.output_dir, total_limit=args.checkpoints_total_limit),
         # Seeded sampling makes each epoch's order reproducible, so a resumed run skips the right batches.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
-    output_dir = Path(args.output_dir)
-    choose_workers(args, accelerator)
-    identity = run_identity(args, accelerator)
-    resume_from = find_resume_checkpoint(args.resume_from_checkpoint, output_dir, identity, args.epochs)
-    lock = on_main_process(accelerator, claim_output_dir, output_dir, args.overwrite_output_dir, bool(resume_from))
-    set_seed(args.seed)
+    config = frozen_config(args, accelerator, precision_reason)
+    output_dir = Path(config.output_dir)
+    identity = run_identity(config, accelerator)
+    resume_from = find_resume_checkpoint(config.resume_from_checkpoint, output_dir, identity, config.epochs)
+    lock = on_main_process(accelerator, claim_output_dir, output_dir, config.overwrite_output_dir, bool(resume_from))
+    set_seed(config.seed)
 
-    data, splits, used, train_transform, write_split = load_splits(args, accelerator, output_dir)
-    (train_loader, val_loader, test_loader), loader_kwargs = make_loaders(args, used)
+    data, splits, used, train_transform, write_split = load_splits(config, accelerator, output_dir)
+    (train_loader, val_loader, test_loader), loader_kwargs = make_loaders(config, used)
 
-    model = build_model(args, data.labels)
+    model = build_model(config, data.labels)
     # Every check has passed, the data's included: only now may a previous run be cleared and the folder written.
-    on_main_process(accelerator, start_run, output_dir, args.overwrite_output_dir)
+    on_main_process(accelerator, start_run, output_dir, config.overwrite_output_dir)
     if accelerator.is_main_process:
         write_split()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
 
     # One prepare for everything: device placement, DDP wrapping, sharded loaders, mixed precision.
     model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
@@ -264,23 +274,18 @@ def training_function(args) -> None:
     progress = Progress()
     accelerator.register_for_checkpointing(progress)
     if resume_from:
-        try:
-            accelerator.load_state(str(resume_from))
-        except (OSError, RuntimeError, ValueError, KeyError) as error:
-            raise TrainingError(f"Could not load {resume_from}: {str(error).splitlines()[0]}") from None
-        if accelerator.is_main_process:
-            check_best_model(output_dir, progress, epoch_ended=progress.batches_in_epoch == len(train_loader))
-        logger.info("resumed from %s at epoch %d, batch %d", resume_from, progress.epoch + 1, progress.batches_in_epoch)
-    if args.with_tracking:
-        accelerator.init_trackers(TRACKER_PROJECT, config={k: v for k, v in vars(args).items() if k != "hub_token"})
+        load_checkpoint(accelerator, resume_from, output_dir, progress, batches_per_epoch=len(train_loader))
+    if config.with_tracking:
+        accelerator.init_trackers(TRACKER_PROJECT, config=public_settings(config))
 
     def checkpoint(losses: list) -> None:
         check_finite(losses, model, progress)
         info = {"identity": identity, "epoch": progress.epoch, "batches_in_epoch": progress.batches_in_epoch,
                 "optimizer_steps": progress.optimizer_steps}
-        save_checkpoint(accelerator, output_dir / CHECKPOINTS, progress.optimizer_steps, info, args.checkpoints_total_limit)
+        save_checkpoint(accelerator, output_dir / CHECKPOINTS, progress.optimizer_steps, info,
+                        accelerator.project_configuration.total_limit)
 
-    for epoch in range(progress.epoch, args.epochs):
+    for epoch in range(progress.epoch, config.epochs):
         model.train()
         train_transform.set_epoch(epoch)
         train_loader.set_epoch(epoch)
@@ -288,48 +293,25 @@ def training_function(args) -> None:
         if progress.batches_in_epoch:
             loader = accelerator.skip_first_batches(train_loader, progress.batches_in_epoch)
             loader.set_epoch(epoch)
-        train_one_epoch(args, accelerator, model, optimizer, loader, progress, checkpoint)
-        finish_epoch(args, accelerator, model, val_loader, progress, output_dir)
-        if args.checkpointing_steps == "epoch":
+        train_one_epoch(config, accelerator, model, optimizer, loader, progress, checkpoint)
+        finish_epoch(config, accelerator, model, val_loader, progress, output_dir)
+        if config.checkpoint_each_epoch:
             checkpoint([])
 
     test, calibration, test_outputs, detector = calibrate_and_test(
-        args, accelerator, model, progress, data, used["train"], val_loader, test_loader, loader_kwargs)
+        config, accelerator, model, progress, data, used["train"], val_loader, test_loader, loader_kwargs)
     logger.info("test (epoch %d weights): loss %.4f, accuracy %.4f on %d images", progress.best_epoch, test["loss"], test["accuracy"], test["samples"])
-    if args.with_tracking:
+    if config.with_tracking:
         accelerator.log({"test_loss": test["loss"], "test_accuracy": test["accuracy"]})
         accelerator.end_training()
 
     if accelerator.is_main_process:
-        evaluation = write_evaluation(args, accelerator.unwrap_model(model), output_dir, progress, test_outputs, detector, data)
-        write_metrics_and_card(args, accelerator, output_dir, progress, test, calibration, evaluation, data, splits, used,
+        evaluation = write_evaluation(config, accelerator.unwrap_model(model), output_dir, progress, test_outputs, detector, data)
+        write_metrics_and_card(config, accelerator, output_dir, progress, test, calibration, evaluation, data, splits, used,
                       identity["dataset content"])
-        if args.push_to_hub:
-            push_run(args, output_dir)
+        if config.push_to_hub:
+            push_run(config, output_dir)
         lock.release()
-
-
-def calibrate_and_test(args, accelerator: Accelerator, model, progress: Progress, data, train_split, val_loader,
-                       test_loader, loader_kwargs: dict) -> tuple[dict, dict, tuple, dict]:
-    """The kept (best-validation) weights: calibrated on the validation split, tested on the held-out one,
-    and the "neither" detector fitted on the training split's features (seen without augmentation).
-
-    Returns the test metrics, the calibration block, the test split's outputs and the detector's tensors."""
-    unwrapped = accelerator.unwrap_model(model)
-    on_main_process(accelerator, check_best_model, Path(args.output_dir), progress)
-    safetensors.torch.load_model(unwrapped, str(Path(args.output_dir) / "model.safetensors"))
-    plain_train = accelerator.prepare(DataLoader(
-        train_split.with_transform(make_transform(data, args.image_size, train=False)), **loader_kwargs))
-    validation = model_outputs(model, val_loader, accelerator, "validation")
-    test_outputs = model_outputs(model, test_loader, accelerator, "test")
-    train_outputs = model_outputs(model, plain_train, accelerator, "fitting the 'neither' detector")
-    test, calibration = calibrate(validation[:2], test_outputs[:2])
-    unwrapped.temperature = calibration["temperature"]
-    detector, unwrapped.ood_threshold = fit_detector(train_outputs[2], train_outputs[1], validation[2])
-    logger.info("temperature %.3f: validation ECE %.4f -> %.4f, test ECE %.4f -> %.4f", calibration["temperature"],
-                calibration["validation"]["ece_before"], calibration["validation"]["ece_after"],
-                calibration["test"]["ece_before"], calibration["test"]["ece_after"])
-    return test, calibration, test_outputs, detector
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -380,7 +362,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.checkpointing_steps not in (None, "epoch") and not (args.checkpointing_steps.isdecimal() and int(args.checkpointing_steps) > 0):
         parser.error('--checkpointing-steps takes a number of steps (1 or more) or "epoch"')
-    args.checkpointing_steps = args.checkpointing_steps or ""
     return args
 
 

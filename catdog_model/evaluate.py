@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 from torchmetrics.functional.classification import (binary_auroc, binary_calibration_error, binary_confusion_matrix,
                                                     binary_roc)
 from tqdm.auto import tqdm
@@ -35,9 +35,10 @@ from tqdm.auto import tqdm
 from .calibration import ECE_BINS
 from .hardware import setup_logging
 from .images import ImageError, image_array, open_image, preprocess
-from .ood import ood_score, synthetic_ood_images
+from .ood import ood_score
 
-__all__ = ["EVALUATION_FILE", "FIGURES", "compute_metrics", "report_training_run", "write_report", "main"]
+__all__ = ["EVALUATION_FILE", "FIGURES", "compute_metrics", "report_training_run", "synthetic_ood_images", "write_report",
+           "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,35 @@ FIGURES = {
     "mistakes": "The most confident mistakes",
 }
 MISTAKES_SHOWN = 8
+
+
+def synthetic_ood_images(count: int = 60, size: int = 256, seed: int = 0) -> list[Image.Image]:
+    """Pictures that are plainly neither cat nor dog: noise, flat colours, gradients, stripes and text."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for index in range(count):
+        kind = index % 5
+        if kind == 0:
+            pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        elif kind == 1:
+            pixels = np.broadcast_to(rng.integers(0, 256, 3, dtype=np.uint8), (size, size, 3)).copy()
+        elif kind == 2:
+            ramp = np.linspace(0, 1, size)[None, :, None] * rng.uniform(0, 255, 3) + rng.uniform(0, 60, 3)
+            pixels = np.broadcast_to(ramp, (size, size, 3)).clip(0, 255).astype(np.uint8)
+        elif kind == 3:
+            period = int(rng.integers(6, 40))
+            stripes = ((np.arange(size) // period) % 2).astype(np.uint8)[None, :, None] * 255
+            pixels = np.broadcast_to(stripes, (size, size, 3)).copy()
+        else:
+            page = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(200, 256, 3)))
+            draw = ImageDraw.Draw(page)
+            for line in range(0, size, 14):
+                words = " ".join("".join(chr(c) for c in rng.integers(97, 123, rng.integers(2, 9))) for _ in range(6))
+                draw.text((6, line), words, fill=(0, 0, 0))
+            images.append(page)
+            continue
+        images.append(Image.fromarray(pixels))
+    return images
 
 
 def _auroc(negatives: torch.Tensor, positives: torch.Tensor) -> float:

@@ -27,7 +27,7 @@ from torch import nn
 from . import engine
 from .engine import IR_FILES, EngineOutputs
 from .model import CatDogClassifier
-from .ood import FEATURE_NAMES, feature_sizes
+from .ood import FEATURE_NAMES, HIDDEN, feature_sizes
 
 __all__ = ["ServingGraph", "TorchEngine", "export_openvino", "save_openvino"]
 
@@ -103,7 +103,7 @@ class ServingGraph(nn.Module):
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         feature_map, logits, features = self.model.forward_with_features(pixels)
         sign = torch.where(logits >= 0, 1.0, -1.0)[:, None]
-        upstream = (features["hidden"] > 0).float() * self.model.head[4].weight * sign  # d(±logit)/d(hidden)
+        upstream = (features[HIDDEN] > 0).float() * self.model.head[4].weight * sign  # d(±logit)/d(hidden)
         weights = upstream @ self.pooled.float() / (feature_map.shape[2] * feature_map.shape[3])
         cams = F.relu(torch.einsum("nc,nchw->nhw", weights, feature_map))
         cams = cams / cams.flatten(1).amax(dim=1).clamp_min(1e-12)[:, None, None]

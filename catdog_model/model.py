@@ -22,7 +22,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .config import DEFAULT_LABELS, check_config
-from .ood import STAT_STAGES
+from .ood import HIDDEN, STAGE_FEATURES, STAT_STAGES
 
 __all__ = ["DEFAULT_LABELS", "CatDogClassifier", "calibrated_probability", "to_float"]
 
@@ -148,7 +148,7 @@ class CatDogClassifier(
         """
         final, stages = self.backbone.forward_intermediates(self._normalise(pixels), indices=list(STAT_STAGES))
         statistics = {
-            f"stage{index}": torch.cat([stage.float().mean(dim=(2, 3)), stage.float().std(dim=(2, 3), correction=0)], dim=1)
+            STAGE_FEATURES[index]: torch.cat([stage.float().mean(dim=(2, 3)), stage.float().std(dim=(2, 3), correction=0)], dim=1)
             for index, stage in zip(STAT_STAGES, stages)
         }
         return self.backbone.forward_head(final).float(), statistics
@@ -165,8 +165,8 @@ class CatDogClassifier(
         """(last feature map, logits, {name in FEATURE_NAMES: features}) from one pass: what the "neither"
         detector and Grad-CAM read."""
         feature_map, features = self.inspect(pixels)
-        features["hidden"] = self.hidden(feature_map)
-        return feature_map, self.classify(features["hidden"]), features
+        features[HIDDEN] = self.hidden(feature_map)
+        return feature_map, self.classify(features[HIDDEN]), features
 
     def probability(self, logits: torch.Tensor) -> torch.Tensor:
         """Calibrated P(``labels[1]``) (see ``calibrated_probability``)."""

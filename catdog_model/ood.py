@@ -11,8 +11,7 @@ Above the threshold, the validation split's 95th percentile, a picture is "neith
 real cats and dogs are flagged. The statistics live in ``ood.safetensors`` next to the weights; the
 threshold is ``ood_threshold`` in config.json.
 
-The detector is numpy: the predictor scores pictures without importing torch. Grad-CAM is computed by
-the serving engine (engine.py); this module also draws its heatmap.
+The detector is numpy: the predictor scores pictures without importing torch.
 """
 
 from __future__ import annotations
@@ -21,11 +20,10 @@ import math
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
 from safetensors.numpy import load_file, save_file
 
-__all__ = ["FEATURE_NAMES", "OOD_FILE", "OOD_PERCENTILE", "STAT_STAGES", "feature_sizes", "fit_detector", "load_detector",
-           "ood_score", "overlay_heatmap", "resize_heatmap", "save_detector", "synthetic_ood_images"]
+__all__ = ["FEATURE_NAMES", "HIDDEN", "OOD_FILE", "OOD_PERCENTILE", "STAGE_FEATURES", "STAT_STAGES", "feature_sizes",
+           "fit_detector", "load_detector", "ood_score", "save_detector"]
 
 OOD_FILE = "ood.safetensors"
 OOD_PERCENTILE = 95
@@ -34,8 +32,10 @@ OOD_PERCENTILE = 95
 SHRINKAGE = 0.1
 # The backbone stages (timm's forward_intermediates indices) whose statistics the detector reads.
 STAT_STAGES = (1, 2)
-# The detector's layers, by name: the head's hidden layer and those stages' statistics.
-FEATURE_NAMES = ("hidden", *(f"stage{index}" for index in STAT_STAGES))
+# The detector's layers, by name: the head's hidden layer and those stages' statistics. Every module names them from here.
+HIDDEN = "hidden"
+STAGE_FEATURES = {index: f"stage{index}" for index in STAT_STAGES}
+FEATURE_NAMES = (HIDDEN, *STAGE_FEATURES.values())
 
 
 def _array(values) -> np.ndarray:
@@ -94,7 +94,7 @@ def save_detector(detector: dict[str, np.ndarray], path: str | Path) -> None:
 
 def feature_sizes(hidden_size: int, stage_channels: dict[int, int]) -> dict[str, int]:
     """Each detector layer's width: the hidden layer's units, and each stage's channels twice (mean and spread)."""
-    return {"hidden": hidden_size, **{f"stage{index}": 2 * stage_channels[index] for index in STAT_STAGES}}
+    return {HIDDEN: hidden_size, **{name: 2 * stage_channels[index] for index, name in STAGE_FEATURES.items()}}
 
 
 def load_detector(path: str | Path, sizes: dict[str, int]) -> dict[str, np.ndarray]:
@@ -110,51 +110,3 @@ def load_detector(path: str | Path, sizes: dict[str, int]) -> dict[str, np.ndarr
     if broken:  # NaN statistics would call every picture "neither"
         raise ValueError(f"{OOD_FILE} holds non-finite values in {broken[0]}")
     return {name: values.astype(np.float32) for name, values in detector.items()}
-
-
-def resize_heatmap(heatmap: np.ndarray, width: int, height: int, longest: int) -> np.ndarray:
-    """A (h, w) map stretched back to the picture's aspect ratio, its longest side ``longest`` pixels (bilinear)."""
-    scale = longest / max(width, height)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    resized = Image.fromarray(np.asarray(heatmap, dtype=np.float32)).resize(size, Image.BILINEAR)
-    return np.clip(np.asarray(resized, dtype=np.float32), 0, 1)
-
-
-def overlay_heatmap(image: Image.Image, heatmap: np.ndarray, opacity: float = 0.45, longest: int = 384) -> Image.Image:
-    """The picture, scaled so that its longest side is ``longest``, with the heatmap in "jet" colours over it."""
-    from matplotlib import colormaps  # only the app and the report draw
-
-    scale = longest / max(image.size)
-    picture = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
-    colours = (colormaps["jet"](heatmap)[..., :3] * 255).astype(np.uint8)
-    heat = Image.fromarray(colours).resize(picture.size, Image.BILINEAR)
-    return Image.blend(picture.convert("RGB"), heat, opacity)
-
-
-def synthetic_ood_images(count: int = 60, size: int = 256, seed: int = 0) -> list[Image.Image]:
-    """Pictures that are plainly neither cat nor dog: noise, flat colours, gradients, stripes and text."""
-    rng = np.random.default_rng(seed)
-    images = []
-    for index in range(count):
-        kind = index % 5
-        if kind == 0:
-            pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-        elif kind == 1:
-            pixels = np.broadcast_to(rng.integers(0, 256, 3, dtype=np.uint8), (size, size, 3)).copy()
-        elif kind == 2:
-            ramp = np.linspace(0, 1, size)[None, :, None] * rng.uniform(0, 255, 3) + rng.uniform(0, 60, 3)
-            pixels = np.broadcast_to(ramp, (size, size, 3)).clip(0, 255).astype(np.uint8)
-        elif kind == 3:
-            period = int(rng.integers(6, 40))
-            stripes = ((np.arange(size) // period) % 2).astype(np.uint8)[None, :, None] * 255
-            pixels = np.broadcast_to(stripes, (size, size, 3)).copy()
-        else:
-            page = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(200, 256, 3)))
-            draw = ImageDraw.Draw(page)
-            for line in range(0, size, 14):
-                words = " ".join("".join(chr(c) for c in rng.integers(97, 123, rng.integers(2, 9))) for _ in range(6))
-                draw.text((6, line), words, fill=(0, 0, 0))
-            images.append(page)
-            continue
-        images.append(Image.fromarray(pixels))
-    return images

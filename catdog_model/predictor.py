@@ -13,7 +13,6 @@ and the benchmarks use exactly this object.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import queue
@@ -24,19 +23,17 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
-from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
-from huggingface_hub.utils import validate_repo_id
 from PIL import Image
 from safetensors import SafetensorError
 
 from . import engine as engines
-from .config import check_config
 from .engine import IR_FILES, EngineOutputs
 from .hardware import usable_cores
 from .images import image_array, to_rgb
-from .manifest import MANIFEST_KEY, WEIGHTS, ManifestError, check_file
-from .ood import OOD_FILE, load_detector, ood_score, resize_heatmap
+from .manifest import WEIGHTS
+from .model_files import ModelFiles, ModelLoadError, first_line, parse_source
+from .heatmap import resize_heatmap
+from .ood import OOD_FILE, load_detector, ood_score
 from .verdict import Verdict, decide
 
 __all__ = ["Explanation", "ModelLoadError", "PredictionError", "Predictor", "load_predictor", "parse_source"]
@@ -44,42 +41,8 @@ __all__ = ["Explanation", "ModelLoadError", "PredictionError", "Predictor", "loa
 logger = logging.getLogger(__name__)
 
 
-class ModelLoadError(RuntimeError):
-    """The model could not be loaded; the message says what is missing and how to fix it."""
-
-
 class PredictionError(RuntimeError):
     """The model computed no usable answer (a non-finite output): never passed on as a prediction."""
-
-
-def parse_source(source: str) -> tuple[str, Optional[str]]:
-    """Split "user/repo@revision" into ("user/repo", "revision"), or check a local folder.
-
-    Raises ``ModelLoadError`` for what can be neither: an empty name, a file, a local-looking path
-    that does not exist, a revision on a local folder, or a string that is no Hub repo id.
-    """
-    source = str(source).strip()
-    if not source:
-        raise ModelLoadError("No model given: pass a folder written by train_accelerate.py or a Hub id like user/repo.")
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return str(path), None
-    if path.exists():
-        raise ModelLoadError(f"{source} is a file; pass the folder that holds config.json and model.safetensors.")
-    repo_id, _, revision = source.partition("@")
-    if Path(repo_id).expanduser().is_dir():
-        raise ModelLoadError(f"{source}: a local folder has no revisions; drop '@{revision}' or pass a Hub id.")
-    # Our models always live under a user or organisation, so "name", "./name" or "a/b/c" mean a folder.
-    looks_local = repo_id.startswith((".", "/", "~")) or "\\" in repo_id or repo_id.count("/") != 1
-    if looks_local:
-        raise ModelLoadError(f"No such model folder: {source} (a Hub id has the form user/repo).")
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError:
-        raise ModelLoadError(f"{source!r} is neither a folder nor a valid Hub id (user/repo, optionally @revision).") from None
-    if "@" in source and not revision:
-        raise ModelLoadError(f"{source!r} ends with '@' but names no revision.")
-    return repo_id, revision or None
 
 
 @dataclass
@@ -114,7 +77,7 @@ class Predictor:
     batch_size: int = 16
     detector: Optional[dict] = None  # the tensors of ood.safetensors
     max_shared_batch: int = 8  # explain_shared's largest batch: more adds latency on a 2-core CPU, not throughput
-    _files: Optional["_ModelFiles"] = field(default=None, repr=False, compare=False)
+    _files: Optional["ModelFiles"] = field(default=None, repr=False, compare=False)
     _jobs: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, repr=False, compare=False)
     _model_thread: Optional[threading.Thread] = field(default=None, repr=False, compare=False)
     _start_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -147,7 +110,7 @@ class Predictor:
     def predict(self, images: Sequence[Image.Image]) -> list[dict[str, float]]:
         """One ``{label: probability}`` per image, in order, batched: the model's raw answer. For what to
         tell a person ("not sure" and "neither" included) use ``explain(...).verdict``."""
-        return [explanation.probabilities for explanation in self.explain_many(images, heatmaps=False)]
+        return [explanation.probabilities for explanation in self.explain_many(images, heatmaps=False, caller="predict")]
 
     def explain(self, image: Image.Image) -> Explanation:
         """Probabilities, the verdict, whether the picture looks like a cat or a dog at all, and where the
@@ -156,11 +119,11 @@ class Predictor:
             raise TypeError(f"explain takes a PIL image, got {type(image).__name__}")
         return self.explain_many([image])[0]
 
-    def explain_many(self, images: Sequence[Image.Image], heatmaps: bool = True) -> list[Explanation]:
+    def explain_many(self, images: Sequence[Image.Image], heatmaps: bool = True, caller: str = "explain_many") -> list[Explanation]:
         """``explain`` for each image, in order, ``batch_size`` pictures per forward pass."""
         if isinstance(images, (str, bytes, Image.Image)) or not isinstance(images, Sequence):
             hint = ": wrap it in a list" if isinstance(images, Image.Image) else ""
-            raise TypeError(f"takes a list of PIL images, got {type(images).__name__}{hint}")
+            raise TypeError(f"{caller} takes a list of PIL images, got {type(images).__name__}{hint}")
         explanations = []
         for start in range(0, len(images), self.batch_size):
             batch = images[start : start + self.batch_size]
@@ -268,88 +231,7 @@ class Predictor:
         return self._files.path(name, required=False) if self._files is not None else None
 
 
-def _first_line(error: Exception) -> str:
-    """An exception's first non-empty line (libraries' messages run to many), or its type's name."""
-    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
-
-
-class _ModelFiles:
-    """The files of one model, from a local folder or the Hub (huggingface_hub caches them), each checked
-    against the manifest in config.json before it is used."""
-
-    def __init__(self, source: str, repo_id: str, revision: Optional[str]) -> None:
-        self.source, self.repo_id, self.revision = source, repo_id, revision
-        self.local = Path(repo_id).is_dir()
-        self.where = repo_id if self.local else f"{source!r} on the Hub"
-        self.manifest: Optional[dict] = None
-
-    def path(self, name: str, required: bool = True) -> Optional[Path]:
-        """The file's local path, checked; None for a missing file that is not ``required``."""
-        path = Path(self.repo_id) / name
-        if not self.local:
-            try:
-                path = Path(hf_hub_download(self.repo_id, name, revision=self.revision))
-            except (EntryNotFoundError, LocalEntryNotFoundError):  # offline and not cached counts as missing
-                path = None
-            except HfHubHTTPError as error:
-                raise ModelLoadError(f"The Hub refused {self.source!r}: {str(error).splitlines()[0]}") from None
-        if path is None or not path.is_file():
-            if not required:
-                return None
-            if self.local:
-                raise ModelLoadError(f"Could not read the model in {self.repo_id}: {name} is missing.")
-            raise ModelLoadError(f"Could not download {self.source!r} from the Hugging Face Hub "
-                                 f"(offline, no access, or {name} is missing).")
-        try:
-            check_file(self.manifest, name, path)
-        except ManifestError as error:
-            raise ModelLoadError(f"{self.where}: {error}.") from None
-        return path
-
-    def config(self) -> dict:
-        """config.json, checked (config.py), its manifest kept to check every other file against."""
-        if self.local and not (Path(self.repo_id) / "config.json").is_file():
-            raise ModelLoadError(f"{self.repo_id} has no config.json: it is not a folder written by train_accelerate.py.")
-        try:
-            config = json.loads(self.path("config.json").read_text())
-        except json.JSONDecodeError as error:
-            raise ModelLoadError(f"The config.json of {self.where} is not valid JSON ({error}).") from None
-        if not isinstance(config, dict):
-            raise ModelLoadError(f"The config.json of {self.where} is a JSON {type(config).__name__}, not an object.")
-        try:
-            checked = check_config(config)
-        except (ValueError, TypeError) as error:
-            self.invalid(error)
-        self.manifest = config.get(MANIFEST_KEY) if isinstance(config.get(MANIFEST_KEY), dict) else None
-        if self.manifest is None:
-            logger.warning("%s has no manifest in its config.json (trained before models carried one): its files "
-                           "are not verified", self.where)
-        return checked
-
-    def invalid(self, error: Exception) -> None:
-        raise ModelLoadError(f"The files of {self.where} do not form a valid model: {_first_line(error)}") from None
-
-    @functools.cached_property
-    def torch_model(self):
-        """The fp32 ``CatDogClassifier`` from model.safetensors, strict and finite (this imports torch and timm);
-        read once, whether it is exported or served."""
-        import torch
-
-        from .model import CatDogClassifier
-
-        self.path(WEIGHTS)
-        try:
-            model = CatDogClassifier.from_pretrained(self.repo_id, revision=self.revision).eval()
-        except (RuntimeError, ValueError, TypeError, KeyError, AttributeError, SafetensorError, OSError) as error:
-            self.invalid(error)
-        broken = next((name for name, tensor in model.state_dict().items()
-                       if tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
-        if broken:
-            raise ModelLoadError(f"{self.where}: {WEIGHTS} holds non-finite weights ({broken}); retrain the model.")
-        return model
-
-
-def _load_engine(files: _ModelFiles, exact: bool, threads: int):
+def _load_engine(files: ModelFiles, exact: bool, threads: int):
     """The OpenVINO IR where it can serve, else torch fp32 (logged)."""
     if not exact and engines.openvino is None:
         logger.warning("OpenVINO is not installed: torch (fp32) serves, several times slower (pip install openvino)")
@@ -369,7 +251,7 @@ def _load_engine(files: _ModelFiles, exact: bool, threads: int):
         except engines.NonFiniteWeightError as error:
             raise ModelLoadError(f"{files.where}: {error}; retrain the model.") from None
         except Exception as error:  # OpenVINO's reader, converter and compiler raise their own types
-            logger.warning("OpenVINO cannot serve %s (%s): torch (fp32) serves instead", files.where, _first_line(error))
+            logger.warning("OpenVINO cannot serve %s (%s): torch (fp32) serves instead", files.where, first_line(error))
     from .export import TorchEngine
 
     return TorchEngine(files.torch_model, threads)
@@ -385,7 +267,7 @@ def load_predictor(source: str, batch_size: int = 16, exact: bool = False, threa
     ``threads``: how many the engine computes with (default: every core this process may use).
     """
     repo_id, revision = parse_source(source)
-    files = _ModelFiles(str(source).strip(), repo_id, revision)
+    files = ModelFiles(str(source).strip(), repo_id, revision)
     config = files.config()
     threads = threads or usable_cores()
     backend = _load_engine(files, exact, threads)

@@ -8,7 +8,6 @@ record names, once every check (the data's included) has passed. Used by train_a
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -33,7 +32,8 @@ from .export import save_openvino
 from .manifest import MANIFEST_KEY, WEIGHTS, make_manifest
 from .model import CatDogClassifier
 from .ood import OOD_FILE, save_detector
-from .training import CHECKPOINTS, Progress, TrainingError, save_file_atomically
+from .checkpoints import CHECKPOINTS
+from .training import Progress, TrainingError, save_file_atomically
 
 __all__ = ["LOCK_FILE", "NOT_PUSHED", "RUN_FILES", "RUN_RECORD", "SPLIT_FILE", "TRACKER_PROJECT", "backbone_init",
            "claim_output_dir", "push_run", "start_run", "write_evaluation", "write_metrics_and_card"]
@@ -118,14 +118,14 @@ def start_run(output_dir: Path, overwrite: bool) -> None:
         raise TrainingError(f"Could not clear the previous run in {output_dir}: {error.strerror or error}.") from None
 
 
-def backbone_init(args: argparse.Namespace) -> str:
+def backbone_init(settings) -> str:
     """How the backbone started, in words, for the run's identity and the model card."""
-    if args.pretrained_weights:
-        return "ImageNet weights from " + args.pretrained_weights
-    return "random (--no-pretrained)" if args.no_pretrained else "timm ImageNet weights"
+    if settings.pretrained_weights:
+        return "ImageNet weights from " + settings.pretrained_weights
+    return "random (--no-pretrained)" if settings.no_pretrained else "timm ImageNet weights"
 
 
-def write_evaluation(args: argparse.Namespace, model: CatDogClassifier, output_dir: Path, progress: Progress,
+def write_evaluation(settings, model: CatDogClassifier, output_dir: Path, progress: Progress,
                      test_outputs, detector: dict, data) -> dict:
     """ood.safetensors and the serving engine (made from model.safetensors as saved, on the CPU), then the
     evaluation report on the test split."""
@@ -133,7 +133,7 @@ def write_evaluation(args: argparse.Namespace, model: CatDogClassifier, output_d
     save_engine(output_dir)
     test_rows = load_split(output_dir / SPLIT_FILE, data, "test", used=True)
     return report_training_run(model, detector, test_outputs, lambda i: test_rows[i][data.image_column], output_dir,
-                               progress.history, title=f"catdog evaluation: {args.hub_model_id or args.output_dir}, test split")
+                               progress.history, title=f"catdog evaluation: {settings.hub_model_id or settings.output_dir}, test split")
 
 
 def save_engine(output_dir: Path) -> None:
@@ -150,7 +150,7 @@ def save_engine(output_dir: Path) -> None:
         raise TrainingError(f"Could not write the OpenVINO engine in {output_dir}: {error.strerror or error}.") from None
 
 
-def write_metrics_and_card(args: argparse.Namespace, accelerator: Accelerator, output_dir: Path, progress: Progress,
+def write_metrics_and_card(settings, accelerator: Accelerator, output_dir: Path, progress: Progress,
                            test: dict, calibration: dict, evaluation: dict, data, splits, used, fingerprint: str) -> None:
     """metrics.json and the model card (README.md) record the whole run; then config.json gains the calibration
     and, written last, the manifest of every file the run wrote."""
@@ -163,40 +163,40 @@ def write_metrics_and_card(args: argparse.Namespace, accelerator: Accelerator, o
         "test": test,
         "calibration": calibration,
         "evaluation": {k: v for k, v in evaluation.items() if k not in ("figures", "report")},
-        "dataset": args.dataset,
-        "dataset_revision": args.dataset_revision,
+        "dataset": settings.dataset,
+        "dataset_revision": settings.dataset_revision,
         "dataset_fingerprint": fingerprint,
         "split_sizes": {name: len(split) for name, split in used.items()},
         "full_split_sizes": {name: len(split) for name, split in splits.items()},
         "skipped_rows": len(data.skipped_rows),
-        "backbone_init": backbone_init(args),
+        "backbone_init": backbone_init(settings),
         "world_size": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
-        "mixed_precision_reason": args.precision_reason,
-        "seed": args.seed,
-        "args": {k: v for k, v in vars(args).items() if k != "hub_token"},
+        "mixed_precision_reason": settings.precision_reason,
+        "seed": settings.seed,
+        "args": {k: v for k, v in vars(settings).items() if k != "hub_token"},
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "accelerate": accelerate.__version__,
                      "datasets": datasets.__version__},
     }
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    make_model_card(metrics, config, args.hub_model_id or args.output_dir, evaluation["figures"]).save(output_dir / "README.md")
+    make_model_card(metrics, config, settings.hub_model_id or settings.output_dir, evaluation["figures"]).save(output_dir / "README.md")
     written = [name for name in RUN_FILES if name != "config.json" and (output_dir / name).is_file()]
     config[MANIFEST_KEY] = make_manifest(output_dir, written, derived=(*IR_FILES, OOD_FILE))
     save_file_atomically(output_dir / "config.json", lambda path: Path(path).write_text(json.dumps(config, indent=2)))
     logger.info("saved the model, metrics.json, %s and the model card to %s", SPLIT_FILE, output_dir)
 
 
-def push_run(args: argparse.Namespace, output_dir: Path) -> None:
+def push_run(settings, output_dir: Path) -> None:
     """Upload the output folder; the local files stay whatever happens."""
-    api = HfApi(token=args.hub_token)
+    api = HfApi(token=settings.hub_token)
     try:
-        api.create_repo(args.hub_model_id, private=args.hub_private, exist_ok=True)
-        commit = api.upload_folder(repo_id=args.hub_model_id, folder_path=output_dir, ignore_patterns=list(NOT_PUSHED),
+        api.create_repo(settings.hub_model_id, private=settings.hub_private, exist_ok=True)
+        commit = api.upload_folder(repo_id=settings.hub_model_id, folder_path=output_dir, ignore_patterns=list(NOT_PUSHED),
                                    commit_message="Upload catdog model from train_accelerate.py")
     except (HfHubHTTPError, OSError, ValueError) as error:
         raise TrainingError(
-            f"Could not push to {args.hub_model_id}: {str(error).splitlines()[0]}. The files are kept in {output_dir}; "
-            f"upload them later with `hf upload {args.hub_model_id} {output_dir} "
+            f"Could not push to {settings.hub_model_id}: {str(error).splitlines()[0]}. The files are kept in {output_dir}; "
+            f"upload them later with `hf upload {settings.hub_model_id} {output_dir} "
             + " ".join(f"--exclude '{pattern}'" for pattern in NOT_PUSHED) + "`."
         ) from None
     logger.info("pushed to %s", commit.commit_url)

@@ -1,57 +1,41 @@
-"""A training run's state: progress and running metrics, evaluation and calibration, and checkpoints that
-survive kills and refuse the wrong run. Used by train_accelerate.py.
-
-Layout: ``output_dir/checkpoints/step_<8 digits>/``, each holding what ``Accelerator.save_state`` writes
-plus ``checkpoint.json``: the run's identity and the size of every file. Every process writes into
-``.tmp-step_<N>`` first; only when all of them are done is the manifest written and the folder renamed,
-so a kill at any moment leaves the previous complete checkpoint or the new one, never half of one.
+"""A training run's state: progress and running metrics, evaluation and calibration, safe saves of the
+model, and the process control that keeps workers from outliving the run. Used by train_accelerate.py;
+its checkpoints are checkpoints.py's.
 """
 
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import os
-import re
-import shutil
 import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .calibration import ECE_BINS, expected_calibration_error, fit_temperature
+from .data import make_transform
 from .manifest import file_sha256
 from .model import CatDogClassifier
+from .ood import fit_detector
 
-__all__ = [
-    "CHECKPOINTS", "CheckpointError", "MANIFEST", "Progress", "RunningMetrics", "TrainingError",
-    "exit_with_parent", "file_sha256", "find_latest", "find_resume_checkpoint", "identity_changes",
-    "on_main_process", "read_manifest", "save_checkpoint", "evaluate", "model_outputs", "calibrate", "save_file_atomically", "check_finite", "save_model",
-    "check_best_model",
-]
+__all__ = ["Progress", "RunningMetrics", "TrainingError", "calibrate", "calibrate_and_test", "check_best_model", "check_finite",
+           "evaluate",
+           "exit_with_parent", "model_outputs", "on_main_process", "save_file_atomically", "save_model"]
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "checkpoint.json"
-CHECKPOINTS = "checkpoints"  # output_dir/checkpoints/step_<8 digits>
-_NAME = re.compile(r"step_(\d{8})")
-_TEMP_PREFIX = ".tmp-"
-
-
 class TrainingError(RuntimeError):
     """A problem the user can fix; the training script prints it as one line, without a traceback."""
-
-
-class CheckpointError(TrainingError):
-    """A checkpoint that cannot be used; the message says which and why."""
 
 
 class RunningMetrics:
@@ -174,6 +158,29 @@ def calibrate(validation: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.T
                               "test": block(test_logits, test_labels)}
 
 
+def calibrate_and_test(config, accelerator: Accelerator, model, progress: Progress, data, train_split, val_loader,
+                       test_loader, loader_kwargs: dict) -> tuple[dict, dict, tuple, dict]:
+    """The kept (best-validation) weights: calibrated on the validation split, tested on the held-out one,
+    and the "neither" detector fitted on the training split's features (seen without augmentation).
+
+    Returns the test metrics, the calibration block, the test split's outputs and the detector's tensors."""
+    unwrapped = accelerator.unwrap_model(model)
+    on_main_process(accelerator, check_best_model, Path(config.output_dir), progress)
+    safetensors.torch.load_model(unwrapped, str(Path(config.output_dir) / "model.safetensors"))
+    plain_train = accelerator.prepare(DataLoader(
+        train_split.with_transform(make_transform(data, config.image_size, train=False)), **loader_kwargs))
+    validation = model_outputs(model, val_loader, accelerator, "validation")
+    test_outputs = model_outputs(model, test_loader, accelerator, "test")
+    train_outputs = model_outputs(model, plain_train, accelerator, "fitting the 'neither' detector")
+    test, calibration = calibrate(validation[:2], test_outputs[:2])
+    unwrapped.temperature = calibration["temperature"]
+    detector, unwrapped.ood_threshold = fit_detector(train_outputs[2], train_outputs[1], validation[2])
+    logger.info("temperature %.3f: validation ECE %.4f -> %.4f, test ECE %.4f -> %.4f", calibration["temperature"],
+                calibration["validation"]["ece_before"], calibration["validation"]["ece_after"],
+                calibration["test"]["ece_before"], calibration["test"]["ece_after"])
+    return test, calibration, test_outputs, detector
+
+
 def check_finite(losses: list, model: torch.nn.Module, progress: Progress) -> None:
     """Stop before anything non-finite is saved: the losses since the last check, then the weights."""
     if losses:
@@ -233,131 +240,6 @@ def check_best_model(output_dir: Path, progress: Progress, epoch_ended: bool = F
         state = "was replaced" if path.is_file() else "is missing"
         raise TrainingError(f"{path}, the best model so far (epoch {progress.best_epoch}), {state}: resume in the output "
                             "folder of the run that wrote the checkpoint, or start afresh with --overwrite-output-dir.")
-
-
-def read_manifest(folder: Path) -> dict:
-    """The manifest of a complete checkpoint, or ``CheckpointError`` saying what is missing or truncated."""
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-        files, _ = manifest["files"].items(), manifest["identity"].items()
-        int(manifest["epoch"]), int(manifest["batches_in_epoch"])
-    except FileNotFoundError:
-        raise CheckpointError(f"{folder}: no {MANIFEST} (interrupted while written, or made by an older version)") from None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise CheckpointError(f"{folder}: unreadable {MANIFEST} ({type(error).__name__})") from None
-    for name, size in files:
-        path = folder / name
-        if not path.is_file():
-            raise CheckpointError(f"{folder}: {name} is missing")
-        if path.stat().st_size != size:
-            raise CheckpointError(f"{folder}: {name} is truncated or changed ({path.stat().st_size} of {size} bytes)")
-    return manifest
-
-
-def _steps(checkpoints_dir: Path) -> list[tuple[int, Path]]:
-    """``step_*`` folders, oldest first."""
-    if not checkpoints_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in checkpoints_dir.iterdir() if p.is_dir() and (m := _NAME.fullmatch(p.name))]
-    return sorted(found)
-
-
-def find_latest(checkpoints_dir: Path) -> tuple[Path, dict]:
-    """The newest complete checkpoint and its manifest; incomplete ones are skipped with a warning."""
-    for _, folder in reversed(_steps(checkpoints_dir)):
-        try:
-            return folder, read_manifest(folder)
-        except CheckpointError as error:
-            logger.warning("skipping incomplete checkpoint %s", error)
-    raise CheckpointError(f"no complete checkpoint in {checkpoints_dir}")
-
-
-def _publish(temp: Path, final: Path, info: dict) -> None:
-    """Write the manifest last, then rename: the folder appears under its real name only when whole."""
-    files = {p.name: p.stat().st_size for p in sorted(temp.iterdir()) if p.is_file()}
-    (temp / MANIFEST).write_text(json.dumps({**info, "files": files}, indent=2))
-    if final.exists():  # the same step written again (a rerun from an earlier checkpoint): replace it
-        stale = final.with_name(_TEMP_PREFIX + "old-" + final.name)
-        final.rename(stale)
-        shutil.rmtree(stale, ignore_errors=True)
-    temp.rename(final)
-
-
-def _prune(checkpoints_dir: Path, keep: int) -> None:
-    """Keep the newest ``keep`` complete checkpoints; delete everything older than the oldest one kept."""
-    complete = [folder for _, folder in reversed(_steps(checkpoints_dir)) if (folder / MANIFEST).is_file()]
-    if len(complete) <= keep:
-        return
-    oldest_kept = int(_NAME.fullmatch(complete[keep - 1].name).group(1))
-    for step, folder in _steps(checkpoints_dir):
-        if step < oldest_kept:
-            logger.info("removing %s (--checkpoints-total-limit %d)", folder, keep)
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def save_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, step: int, info: dict, keep: Optional[int]) -> Path:
-    """``accelerator.save_state`` into a temporary folder, then an atomic rename to ``step_<step>``.
-
-    Call it on every process: each one saves its own random state. The main process publishes the
-    folder; on machines that do not share the disk, each machine's local main publishes its own copy.
-    """
-    final = checkpoints_dir / f"step_{step:08d}"
-    temp = checkpoints_dir / f"{_TEMP_PREFIX}{final.name}"
-    if accelerator.is_local_main_process:
-        for stale in checkpoints_dir.glob(_TEMP_PREFIX + "*"):  # left by a killed run
-            shutil.rmtree(stale, ignore_errors=True)
-        temp.mkdir(parents=True, exist_ok=True)  # exist_ok: machines sharing a disk all get here
-    accelerator.wait_for_everyone()
-    try:
-        accelerator.save_state(str(temp))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            _publish(temp, final, info)
-            if keep:
-                _prune(checkpoints_dir, keep)
-        accelerator.wait_for_everyone()
-        if accelerator.is_local_main_process and not accelerator.is_main_process and temp.is_dir():
-            _publish(temp, final, info)
-            if keep:
-                _prune(checkpoints_dir, keep)
-    except OSError as error:  # a full disk, most often: the half-written folder never becomes a checkpoint
-        raise CheckpointError(f"Could not write {final}: {error.strerror or error}. The earlier checkpoints are kept.") from None
-    return final
-
-
-def identity_changes(saved: dict, current: dict) -> list[str]:
-    """``"KEY was X, now Y"`` for every entry of the run identity that differs (keys name the flags)."""
-    return [
-        f"{key} was {saved.get(key)!r}, now {current.get(key)!r}"
-        for key in sorted(set(saved) | set(current))
-        if saved.get(key) != current.get(key)
-    ]
-
-
-def find_resume_checkpoint(resume_from: Optional[str], output_dir: Path, identity: dict, epochs: int) -> Optional[Path]:
-    """The checkpoint to resume from ("latest" or a folder), complete and written by this very run."""
-    if not resume_from:
-        return None
-    try:
-        if resume_from == "latest":
-            path, manifest = find_latest(output_dir / CHECKPOINTS)
-        else:
-            path = Path(resume_from)
-            if not path.is_dir():
-                raise CheckpointError(f"no such checkpoint folder: {path}")
-            manifest = read_manifest(path)
-    except CheckpointError as error:
-        raise TrainingError(f"--resume-from-checkpoint {resume_from}: {error}") from None
-    changes = identity_changes(manifest["identity"], identity)
-    if changes:
-        raise TrainingError(
-            f"{path} belongs to another run ({'; '.join(changes)}). Resume with the same flags, "
-            "or start afresh with --overwrite-output-dir."
-        )
-    reached = manifest["epoch"] + (1 if manifest["batches_in_epoch"] else 0)  # epochs finished or begun
-    if reached > epochs:
-        raise TrainingError(f"{path} has already reached epoch {reached}; --epochs {epochs} would end the run before it.")
-    return path
 
 
 def on_main_process(accelerator: Accelerator, check: Callable, *check_args):

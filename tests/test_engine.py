@@ -17,7 +17,7 @@ from catdog_model import CatDogClassifier, ModelLoadError, PredictionError, load
 from catdog_model import engine as engines
 from catdog_model.engine import IR_FILES
 from catdog_model.export import save_openvino
-from catdog_model.ood import OOD_FILE, save_detector
+from catdog_model.ood import HIDDEN, OOD_FILE, STAGE_FEATURES, save_detector
 from conftest import hub_snapshot
 
 SPACE_FILES = ("config.json", *IR_FILES, OOD_FILE)
@@ -60,7 +60,7 @@ def test_the_engine_is_named_by_what_the_cpu_computes(trained_model, monkeypatch
 
 
 def test_explain_through_openvino_matches_torch_on_photos_and_on_pictures_of_neither(trained_model, mini_images):
-    from catdog_model.ood import synthetic_ood_images
+    from catdog_model.evaluate import synthetic_ood_images
 
     default, exact = load_predictor(str(trained_model)), load_predictor(str(trained_model), exact=True)
     for image in [*mini_images[::300], *synthetic_ood_images(count=6, size=128)]:
@@ -93,7 +93,7 @@ def test_what_a_space_downloads_is_under_0_3_of_the_fp32_weights_at_224_px(tmp_p
     model = CatDogClassifier().eval()
     model.save_pretrained(tmp_path)
     save_openvino(model, tmp_path)
-    sizes = {f"stage{i}": 2 * model.backbone.feature_info[i]["num_chs"] for i in (1, 2)} | {"hidden": 1024}
+    sizes = {name: 2 * model.backbone.feature_info[i]["num_chs"] for i, name in STAGE_FEATURES.items()} | {HIDDEN: 1024}
     save_detector({f"{layer}.{part}": np.zeros(shape, np.float32) for layer, size in sizes.items()
                    for part, shape in (("means", (2, size)), ("precision", (size, size)), ("scale", (1,)))},
                   tmp_path / OOD_FILE)
@@ -240,7 +240,7 @@ def test_a_non_finite_output_is_an_error_never_an_answer(trained_model, mini_ima
             return outputs
 
     predictor.backend = Broken()
-    for ask in (lambda: predictor.predict(mini_images[:2]), lambda: predictor.predict_shared(mini_images[0]),
+    for ask in (lambda: predictor.predict(mini_images[:2]), lambda: predictor.explain_shared(mini_images[0]),
                 lambda: predictor.explain(mini_images[0])):
         with pytest.raises(PredictionError, match="non-finite output"):
             ask()
@@ -266,20 +266,23 @@ def _count_batches(predictor) -> list[int]:
 def test_concurrent_callers_share_batches_and_each_gets_its_own_answer(trained_model, mini_images):
     predictor = load_predictor(str(trained_model))
     images = mini_images[:24]
-    expected = predictor.predict(images)
+    expected = predictor.explain_many(images)
     sizes = _count_batches(predictor)
     with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(predictor.predict_shared, images))
+        answers = list(pool.map(predictor.explain_shared, images))
     for answer, reference in zip(answers, expected):
-        assert answer.keys() == reference.keys()
-        assert abs(answer["dog"] - reference["dog"]) < 2e-3  # bf16 kernels may block a batch differently
+        assert answer.probabilities.keys() == reference.probabilities.keys()
+        # bf16 kernels may block a batch differently
+        assert abs(answer.probabilities["dog"] - reference.probabilities["dog"]) < 2e-3
+        assert answer.ood_score == pytest.approx(reference.ood_score, rel=2e-2)
+        assert answer.heatmap.shape == reference.heatmap.shape
     assert sum(sizes) == 24 and max(sizes) > 1 and max(sizes) <= predictor.max_shared_batch
 
 
 def test_a_lone_caller_waits_for_no_batch_and_errors_reach_every_caller(trained_model, mini_images):
     predictor = load_predictor(str(trained_model))
     sizes = _count_batches(predictor)
-    predictor.predict_shared(mini_images[0])
+    predictor.explain_shared(mini_images[0])
     assert sizes == [1]
     working = predictor.backend
 
@@ -291,8 +294,8 @@ def test_a_lone_caller_waits_for_no_batch_and_errors_reach_every_caller(trained_
 
     predictor.backend = OutOfMemory()
     with ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(predictor.predict_shared, image) for image in mini_images[:4]]
+        futures = [pool.submit(predictor.explain_shared, image) for image in mini_images[:4]]
     assert all(isinstance(future.exception(), RuntimeError) for future in futures)
     predictor.backend = working  # the model thread lives on for the next caller
-    assert predictor.predict_shared(mini_images[0]).keys() == {"cat", "dog"}
+    assert predictor.explain_shared(mini_images[0]).probabilities.keys() == {"cat", "dog"}
     assert predictor.explain(mini_images[0]).heatmap.size > 0

@@ -78,3 +78,14 @@ def test_every_library_the_package_imports_is_declared():
     third_party = {name for name in imported if name not in sys.stdlib_module_names and name != "catdog_model"}
     needed = {distributions[name][0].lower().replace("_", "-") for name in third_party}
     assert needed <= declared, f"imported but not in pyproject.toml: {needed - declared}"
+
+
+def test_the_documents_list_every_test_file_and_only_real_ones():
+    """tests/README.md says what each test file checks: none missing, none that is gone."""
+    import re
+
+    listed = set(re.findall(r"`tests/(test_\w+\.py)`", (ROOT / "tests" / "README.md").read_text()))
+    assert listed == {path.name for path in (ROOT / "tests").glob("test_*.py")}
+    for document in ("README.md", "catdog_model/README.md", "benchmarks/README.md"):  # modules named there exist
+        for module in re.findall(r"`((?:catdog_model|benchmarks|tests)/\w+\.py)`", (ROOT / document).read_text()):
+            assert (ROOT / module).is_file(), (document, module)

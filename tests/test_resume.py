@@ -15,7 +15,7 @@ from filelock import FileLock
 from safetensors.torch import load_file
 
 from catdog_model.run_files import LOCK_FILE
-from catdog_model.training import CheckpointError, find_latest, read_manifest, save_checkpoint
+from catdog_model.checkpoints import CheckpointError, find_latest, read_manifest, save_checkpoint
 from conftest import ROOT, assert_clean_error, run_training, training_command, weights_equal
 
 # Augmentation on, two loader workers: the hard case for an exact resume.
