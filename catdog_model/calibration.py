@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.functional.classification import binary_calibration_error
 
-__all__ = ["ECE_BINS", "expected_calibration_error", "fit_temperature"]
+__all__ = ["ECE_BINS", "calibration_summary", "expected_calibration_error", "fit_temperature"]
 
 ECE_BINS = 15
 
@@ -20,6 +20,15 @@ def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, tempe
     """ECE over 15 equal-width bins of the top-label confidence (torchmetrics' definition)."""
     probabilities = torch.sigmoid(logits.float() / temperature)
     return float(binary_calibration_error(probabilities, labels.int(), n_bins=ECE_BINS, norm="l1"))
+
+
+def calibration_summary(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> dict:
+    """ECE and BCE loss before and after dividing by ``temperature``: what the training run records for each
+    split and the evaluation report shows, from this one place."""
+    logits, labels = logits.detach().float().cpu(), labels.detach().float().cpu()
+    loss = lambda t: float(F.binary_cross_entropy_with_logits(logits / t, labels))  # noqa: E731
+    return {"ece_before": expected_calibration_error(logits, labels), "loss_before": loss(1.0),
+            "ece_after": expected_calibration_error(logits, labels, temperature), "loss_after": loss(temperature)}
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:

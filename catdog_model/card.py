@@ -7,6 +7,8 @@ from typing import Sequence
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .config import HUB_METADATA
+
 __all__ = ["make_model_card"]
 
 _TEMPLATE = """---
@@ -137,10 +139,7 @@ def make_model_card(metrics: dict, config: dict, repo_id: str, figures: Sequence
     # A local folder is no Hub dataset id: keep it out of the metadata, which the Hub validates.
     hub_dataset = None if Path(metrics["dataset"]).exists() else metrics["dataset"]
     card_data = ModelCardData(
-        library_name="catdog",
-        license="mit",
-        pipeline_tag="image-classification",
-        tags=["image-classification", "timm", "pytorch", "accelerate", "cats-vs-dogs"],
+        **HUB_METADATA,
         datasets=[hub_dataset] if hub_dataset else None,
         metrics=["accuracy"],
         model_name=repo_id,

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["DEFAULT_LABELS", "check_config", "check_labels"]
+__all__ = ["DEFAULT_LABELS", "HUB_METADATA", "check_config", "check_labels"]
 
 DEFAULT_LABELS = ("cat", "dog")  # the order of microsoft/cats_vs_dogs: cat=0, dog=1
+# What the Hub shows about every catdog model: the mixin's class arguments and the model card's metadata.
+HUB_METADATA = {"library_name": "catdog", "license": "mit", "pipeline_tag": "image-classification",
+                "tags": ["image-classification", "timm", "pytorch", "accelerate", "cats-vs-dogs"]}
 DEFAULTS = {"backbone": "resnet50", "image_size": 224, "hidden_size": 1024, "dropout": 0.2, "labels": DEFAULT_LABELS,
             "temperature": 1.0, "ood_threshold": None}
 

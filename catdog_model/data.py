@@ -66,9 +66,14 @@ def _find_columns(features: datasets.Features) -> tuple[str, str]:
         )
     return images[0], labels[0]
 
+def _stored(image: dict) -> bytes | str:
+    """An undecoded row's picture: its bytes, or its file for datasets stored by path."""
+    return image["bytes"] if image.get("bytes") is not None else image["path"]
+
+
 def _is_decodable(image: dict) -> bool:
     try:
-        open_image(image["bytes"] if image.get("bytes") is not None else image["path"])
+        open_image(_stored(image))
     except ImageError:
         return False
     return True
@@ -204,14 +209,15 @@ class _Transform:
 
     @staticmethod
     def _pil(image) -> Image.Image:
-        if isinstance(image, dict):  # an undecoded row: its bytes, or its file for datasets stored by path
-            return open_image(image["bytes"] if image.get("bytes") is not None else image["path"])
+        if isinstance(image, dict):  # an undecoded row
+            return open_image(_stored(image))
         return image
 
     def _decoded(self, image) -> torch.Tensor:
         """The picture as upright RGB uint8 (3, H, W)."""
         if isinstance(image, dict):
-            data = image["bytes"] if image.get("bytes") is not None else Path(image["path"]).read_bytes()
+            data = _stored(image)
+            data = data if isinstance(data, bytes) else Path(data).read_bytes()
             if decode_jpeg is not None and data[:2] == b"\xff\xd8":  # JPEG, as in cats_vs_dogs; libjpeg-turbo also reads CMYK and EXIF
                 try:
                     return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,

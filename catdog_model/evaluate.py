@@ -22,19 +22,19 @@ import logging
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
-from torchmetrics.functional.classification import (binary_auroc, binary_calibration_error, binary_confusion_matrix,
-                                                    binary_roc)
+from torchmetrics.functional.classification import binary_auroc, binary_confusion_matrix, binary_roc
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .calibration import ECE_BINS
+from .calibration import ECE_BINS, calibration_summary
 from .hardware import setup_logging
-from .images import ImageError, image_array, open_image, preprocess
+from .data import collate, make_transform, undecoded
+from .images import ImageError, open_image, preprocess, resize
 from .ood import ood_score
 
 __all__ = ["EVALUATION_FILE", "FIGURES", "compute_metrics", "report_training_run", "synthetic_ood_images", "write_report",
@@ -97,14 +97,15 @@ def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
     logits, labels = logits.float().cpu(), labels.long().cpu()
     probabilities = torch.sigmoid(logits / temperature)
     matrix = binary_confusion_matrix(probabilities, labels)
+    calibration = calibration_summary(logits, labels, temperature)
     results = {
         "samples": len(labels),
         "accuracy": float(((logits > 0).long() == labels).float().mean()),
-        "loss": float(F.binary_cross_entropy_with_logits(logits, labels.float())),
-        "loss_calibrated": float(F.binary_cross_entropy_with_logits(logits / temperature, labels.float())),
+        "loss": calibration["loss_before"],
+        "loss_calibrated": calibration["loss_after"],
         "roc_auc": float(binary_auroc(probabilities, labels)),
-        "ece": float(binary_calibration_error(probabilities, labels, n_bins=ECE_BINS, norm="l1")),
-        "ece_uncalibrated": float(binary_calibration_error(torch.sigmoid(logits), labels, n_bins=ECE_BINS, norm="l1")),
+        "ece": calibration["ece_after"],
+        "ece_uncalibrated": calibration["ece_before"],
         "ece_bins": ECE_BINS,
         "temperature": temperature,
         "confusion_matrix": {"labels": list(class_names), "rows_are": "true label", "columns_are": "predicted label",
@@ -262,25 +263,25 @@ def report_training_run(model, detector: dict, test_outputs: tuple, image_of: Ca
     return results
 
 
-def _model_outputs(predictor, images: Iterable[Image.Image], description: str, total: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Logits and, when the model has a detector, "neither" scores, for an iterable of PIL images."""
+def _model_outputs(predictor, loader: DataLoader, description: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Logits and, when the model has a detector, "neither" scores, for a loader of uint8 pictures (N, 3, S, S)."""
     logits, scores = [], []
-    batch = []
-
-    def flush() -> None:
-        outputs = predictor.outputs(np.stack(batch))
+    for pixels in tqdm(loader, desc=description):
+        outputs = predictor.outputs(pixels.float() / 255)  # what image_array gives: the serving path's input
         logits.append(torch.from_numpy(outputs.logits))
         if predictor.detector is not None:
             scores.append(torch.from_numpy(ood_score(outputs.features, predictor.detector)))
-        batch.clear()
-
-    for image in tqdm(images, desc=description, total=total):
-        batch.append(image_array(image, predictor.image_size))
-        if len(batch) == predictor.batch_size:
-            flush()
-    if batch:
-        flush()
     return torch.cat(logits), (torch.cat(scores) if scores else None)
+
+
+def _loader(pictures, predictor, data=None) -> DataLoader:
+    """Batches of the model's input, as timm's inference.py reads them: a DataLoader over dataset rows with the
+    evaluation transform (data.py), or over a list of PIL images resized alike."""
+    if data is not None:
+        pictures = undecoded(pictures, data).with_transform(make_transform(data, predictor.image_size, train=False))
+        return DataLoader(pictures, batch_size=predictor.batch_size, collate_fn=lambda rows: collate(rows)["pixels"])
+    return DataLoader(pictures, batch_size=predictor.batch_size, collate_fn=lambda images: torch.stack(
+        [torch.from_numpy(np.asarray(resize(image, predictor.image_size)).transpose(2, 0, 1).copy()) for image in images]))
 
 
 def _ood_images(folder: Path) -> list[Image.Image]:
@@ -353,12 +354,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(f"error: {error}")
     if tuple(data.labels) != tuple(predictor.labels):
         sys.exit(f"error: the dataset's labels {list(data.labels)} are not the model's {list(predictor.labels)}")
-    logits, in_scores = _model_outputs(predictor, (row[data.image_column] for row in rows), "evaluating", len(rows))
+    logits, in_scores = _model_outputs(predictor, _loader(rows, predictor, data), "evaluating")
     ood = None
     if predictor.detector is not None:
         out_scores = torch.empty(0)
         if ood_images:
-            _, out_scores = _model_outputs(predictor, ood_images, "out-of-distribution")
+            _, out_scores = _model_outputs(predictor, _loader(ood_images, predictor), "out-of-distribution")
         ood = {"threshold": predictor.ood_threshold, "in_scores": in_scores, "out_scores": out_scores}
     elif args.ood_dir:
         logger.warning("this model has no 'neither' detector (no ood_threshold in its config); --ood-dir is ignored")

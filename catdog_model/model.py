@@ -21,7 +21,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from safetensors import safe_open
 from torch import nn
 
-from .config import DEFAULT_LABELS, check_config
+from .config import DEFAULT_LABELS, HUB_METADATA, check_config
 from .ood import HIDDEN, STAGE_FEATURES, STAT_STAGES
 
 __all__ = ["DEFAULT_LABELS", "CatDogClassifier", "calibrated_probability", "to_float"]
@@ -52,10 +52,7 @@ def _close_names(name: str) -> str:
 class CatDogClassifier(
     nn.Module,
     PyTorchModelHubMixin,
-    library_name="catdog",
-    tags=["image-classification", "timm", "pytorch", "cats-vs-dogs"],
-    license="mit",
-    pipeline_tag="image-classification",
+    **HUB_METADATA,
     repo_url="https://github.com/catdog-project/catdog",
 ):
     """ResNet features → Flatten → Linear(hidden_size) + ReLU → Dropout → Linear(1).

@@ -22,7 +22,7 @@ from accelerate.utils import broadcast_object_list
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .calibration import ECE_BINS, expected_calibration_error, fit_temperature
+from .calibration import ECE_BINS, calibration_summary, fit_temperature
 from .data import make_transform
 from .manifest import file_sha256
 from .model import CatDogClassifier
@@ -107,37 +107,27 @@ def exit_with_parent_worker(worker_id: int) -> None:
 def evaluate(model, loader, accelerator: Accelerator, desc: str) -> dict:
     """Mean BCE loss and accuracy over the whole loader, gathered across processes."""
     metrics = RunningMetrics()
-    metrics.update(*logits_and_labels(model, loader, accelerator, desc))
+    metrics.update(*model_outputs(model, loader, accelerator, desc, features=False)[:2])
     return metrics.result()
 
 
-def logits_and_labels(model, loader, accelerator: Accelerator, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every image's logit and label, gathered across processes (padding of uneven shards dropped)."""
-    model.eval()
-    logits, labels = [], []
-    with torch.no_grad():
-        for batch in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
-            batch_logits, batch_labels = accelerator.gather_for_metrics((model(batch["pixels"]), batch["labels"]))
-            logits.append(batch_logits.float())
-            labels.append(batch_labels)
-    return torch.cat(logits), torch.cat(labels)
-
-
-def model_outputs(model, loader, accelerator: Accelerator, desc: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Every image's logit, label and "neither"-detector features, gathered across processes."""
+def model_outputs(model, loader, accelerator: Accelerator, desc: str, features: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Every image's logit, label and (with ``features``) "neither"-detector features, gathered across processes
+    (padding of uneven shards dropped). Without features the prepared model runs, in the run's mixed precision."""
     model.eval()
     inner = accelerator.unwrap_model(model)
-    logits, labels, features = [], [], {}
+    logits, labels, layers = [], [], {}
     for batch in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
         with torch.no_grad():
-            _, batch_logits, batch_features = inner.forward_with_features(batch["pixels"])
+            batch_logits, batch_features = (inner.forward_with_features(batch["pixels"])[1:] if features
+                                            else (model(batch["pixels"]), {}))
         batch_logits, batch_labels, batch_features = accelerator.gather_for_metrics(
             (batch_logits, batch["labels"], batch_features))
         logits.append(batch_logits.float().cpu())
         labels.append(batch_labels.cpu())
         for layer, value in batch_features.items():
-            features.setdefault(layer, []).append(value.float().cpu())
-    return torch.cat(logits), torch.cat(labels), {layer: torch.cat(values) for layer, values in features.items()}
+            layers.setdefault(layer, []).append(value.float().cpu())
+    return torch.cat(logits), torch.cat(labels), {layer: torch.cat(values) for layer, values in layers.items()}
 
 
 def calibrate(validation: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor]) -> tuple[dict, dict]:
@@ -148,14 +138,9 @@ def calibrate(validation: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.T
     temperature = fit_temperature(val_logits, val_labels)
     metrics = RunningMetrics()
     metrics.update(test_logits, test_labels)
-
-    def block(logits, labels) -> dict:
-        loss = lambda t: float(F.binary_cross_entropy_with_logits(logits / t, labels.float()))  # noqa: E731
-        return {"ece_before": expected_calibration_error(logits, labels), "loss_before": loss(1.0),
-                "ece_after": expected_calibration_error(logits, labels, temperature), "loss_after": loss(temperature)}
-
-    return metrics.result(), {"temperature": temperature, "bins": ECE_BINS, "validation": block(val_logits, val_labels),
-                              "test": block(test_logits, test_labels)}
+    return metrics.result(), {"temperature": temperature, "bins": ECE_BINS,
+                              "validation": calibration_summary(val_logits, val_labels, temperature),
+                              "test": calibration_summary(test_logits, test_labels, temperature)}
 
 
 def calibrate_and_test(config, accelerator: Accelerator, model, progress: Progress, data, train_split, val_loader,
