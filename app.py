@@ -287,8 +287,8 @@ def _picture_tab(space: Space, ready: bool, max_batch: int) -> None:
         with gr.Column(elem_id="result-column"):
             verdict = gr.Markdown(visible=False, elem_id="verdict")
             with gr.Row(elem_id="answer-row"):
-                heatmap = gr.Image(label="Where it looked (red counted most)", elem_id="heatmap", interactive=False,
-                                   height=220, buttons=["download", "fullscreen"])
+                heatmap = gr.Image(label="Where it looked", elem_id="heatmap", interactive=False,
+                                   height=180, buttons=["download", "fullscreen"])
                 result = _verdict_label(label="Verdict", elem_id="result", show_heading=False)
             show_heatmap = gr.Checkbox(value=True, label="Show where the model looked (Grad-CAM)", interactive=ready)
     outputs = [result, status, verdict, heatmap]

@@ -115,8 +115,6 @@ class Predictor:
     def explain(self, image: Image.Image) -> Explanation:
         """Probabilities, the verdict, whether the picture looks like a cat or a dog at all, and where the
         model looked: all from the one forward pass a prediction makes (the engine computes the heatmap too)."""
-        if not isinstance(image, Image.Image):
-            raise TypeError(f"explain takes a PIL image, got {type(image).__name__}")
         return self.explain_many([image])[0]
 
     def explain_many(self, images: Sequence[Image.Image], heatmaps: bool = True, caller: str = "explain_many") -> list[Explanation]:

@@ -1,9 +1,9 @@
-"""hardware.py: precisions and workers chosen from what the machine has."""
+"""hardware.py: precisions chosen from what the machine has."""
 
 import pytest
 import torch
 
-from catdog_model.hardware import default_mixed_precision, default_num_workers, describe, native_bf16
+from catdog_model.hardware import default_mixed_precision, native_bf16
 
 AVX512_BF16 = frozenset({"avx2", "avx512f", "avx512_bf16", "avx512_vnni"})
 AVX2_ONLY = frozenset({"avx2", "fma"})
@@ -27,13 +27,3 @@ def test_accelerate_config_wins_unless_it_says_no(configured, expected):
     # `accelerate launch` passes "no" when nothing was configured, so "no" cannot mean a choice.
     precision, reason = default_mixed_precision(torch.device("cpu"), configured, AVX512_BF16)
     assert (precision, reason.split(":")[0]) == expected
-
-
-def test_workers_follow_the_device():
-    assert default_num_workers(torch.device("cpu")) == 1
-    assert 1 <= default_num_workers(torch.device("cuda"), processes=64) <= default_num_workers(torch.device("cuda")) <= 8
-
-
-def test_describe_names_the_cpu_and_threads():
-    machine = describe(threads=3)
-    assert machine["cpu"] and machine["torch_threads"] == 3 and isinstance(machine["flags"], list)

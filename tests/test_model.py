@@ -10,7 +10,7 @@ from huggingface_hub import constants
 from catdog_model import CatDogClassifier, ModelLoadError, load_predictor
 
 
-def test_spec_architecture_and_parameter_counts_at_224():
+def test_the_architecture_and_its_parameter_counts_at_224():
     model = CatDogClassifier(pretrained=False)
     assert model.num_parameters == {"backbone": 23_508_032, "head": 102_762_497}
     flatten, hidden, relu, dropout, out = model.head
@@ -55,14 +55,6 @@ def test_from_pretrained_never_downloads_imagenet_weights(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(dict(config, pretrained=True)))
     # Offline (conftest): a download attempt would raise.
     assert CatDogClassifier.from_pretrained(tmp_path).image_size == 64
-
-
-def test_mismatched_weights_fail_loudly(tmp_path):
-    CatDogClassifier(image_size=64, hidden_size=8).save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps(dict(config, hidden_size=16)))
-    with pytest.raises(ModelLoadError, match="do not form a valid model"):
-        load_predictor(str(tmp_path))
 
 
 def _snapshot(tmp_path, repo_id: str, commit: str, refs: list[str], **model_args) -> CatDogClassifier:
@@ -111,13 +103,3 @@ def test_local_timm_checkpoint_loads_into_the_backbone(tmp_path):
     assert torch.equal(model.backbone.conv1.weight, reference.conv1.weight)
     with pytest.raises(ValueError, match="not a resnet50 checkpoint"):
         CatDogClassifier(image_size=64, hidden_size=8).load_backbone_weights(tmp_path / "resnet18.pth")
-
-
-def test_corrupt_weights_are_a_clear_error(tmp_path):
-    CatDogClassifier(image_size=64, hidden_size=8).save_pretrained(tmp_path)
-    (tmp_path / "model.safetensors").write_bytes(b"not safetensors at all")
-    with pytest.raises(ModelLoadError, match="do not form a valid model"):
-        load_predictor(str(tmp_path))
-    (tmp_path / "model.safetensors").unlink()
-    with pytest.raises(ModelLoadError, match="Could not read the model"):
-        load_predictor(str(tmp_path))

@@ -86,6 +86,8 @@ def test_the_documents_list_every_test_file_and_only_real_ones():
 
     listed = set(re.findall(r"`tests/(test_\w+\.py)`", (ROOT / "tests" / "README.md").read_text()))
     assert listed == {path.name for path in (ROOT / "tests").glob("test_*.py")}
+    modules = set(re.findall(r"`catdog_model/(\w+\.py)`", (ROOT / "catdog_model" / "README.md").read_text()))
+    assert modules == {path.name for path in (ROOT / "catdog_model").glob("*.py")} - {"__init__.py"}
     for document in ("README.md", "catdog_model/README.md", "benchmarks/README.md"):  # modules named there exist
         for module in re.findall(r"`((?:catdog_model|benchmarks|tests)/\w+\.py)`", (ROOT / document).read_text()):
             assert (ROOT / module).is_file(), (document, module)
