@@ -271,6 +271,8 @@ def build_demo(predictor: Optional[Predictor], load_error: Optional[str] = None,
                 gr.Markdown(text)
                 if figures:
                     gr.Gallery(figures, columns=3, height="auto", label="Evaluation on the test photos", object_fit="contain")
+                if full_report := predictor.model_file("evaluation.html"):
+                    gr.File(str(full_report), label="The whole report, one page to open in a browser")
         with gr.Accordion("About the model", open=not ready, elem_id="model-panel"):
             gr.Markdown(details(predictor) if ready else f"### ⚠️ No model loaded\n\n{load_error}\n\n**To fix it:** {FIX_HINT}")
     demo.queue(max_size=32, default_concurrency_limit=1)

@@ -98,6 +98,10 @@ def report(predictor: Predictor) -> tuple[str, list[tuple[str, str]]]:
         return "This model recorded no evaluation (no metrics.json next to its weights).", []
     evaluation = predictor.metrics.get("evaluation") if isinstance(predictor.metrics.get("evaluation"), dict) else {}
     lines = [f"Right on **{found['accuracy']:.1%}** of {found['samples'] or 'its'} photos held out from training."]
+    verdicts = evaluation.get("verdicts") if isinstance(evaluation.get("verdicts"), dict) else {}
+    if all(isinstance(verdicts.get(key), int) for key in ("right", "wrong", "not sure", "neither")):
+        lines.append(f"On those photos this page would answer: **{verdicts['right']}** right and **{verdicts['wrong']}** "
+                     f"wrong with confidence, **{verdicts['not sure']}** \"not sure\" and **{verdicts['neither']}** \"neither\".")
     if isinstance(evaluation.get("ece"), float):
         lines.append(f"When it says 80%, it is right about 80% of the time, give or take {evaluation['ece']:.1%} "
                      "(expected calibration error).")

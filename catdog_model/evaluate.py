@@ -36,6 +36,7 @@ from .hardware import setup_logging
 from .data import collate, make_transform, undecoded
 from .images import ImageError, open_image, preprocess, resize
 from .ood import ood_score
+from .verdict import NEITHER, NOT_SURE, decide
 
 __all__ = ["EVALUATION_FILE", "FIGURES", "compute_metrics", "report_training_run", "synthetic_ood_images", "write_report",
            "main"]
@@ -111,6 +112,7 @@ def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
         "confusion_matrix": {"labels": list(class_names), "rows_are": "true label", "columns_are": "predicted label",
                              "counts": matrix.tolist()},
     }
+    results["verdicts"] = _verdict_counts(probabilities, labels, class_names, ood)
     if ood is not None:
         results["ood"] = {
             "threshold": ood["threshold"],
@@ -122,6 +124,18 @@ def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
                                             if len(ood["out_scores"]) else None),
         }
     return results
+
+
+def _verdict_counts(probabilities: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str],
+                    ood: Optional[dict]) -> dict[str, int]:
+    """What the Space would answer for each of these pictures, by the one rule (verdict.py): how many confident
+    and right, confident and wrong, not sure, and neither."""
+    counts = {"right": 0, "wrong": 0, NOT_SURE: 0, NEITHER: 0}
+    for index, (p, label) in enumerate(zip(probabilities.tolist(), labels.tolist())):
+        looks_right = ood is None or float(ood["in_scores"][index]) <= ood["threshold"]
+        verdict = decide({class_names[0]: 1 - p, class_names[1]: p}, looks_right)
+        counts[("right" if verdict.answer == class_names[label] else "wrong") if verdict.is_confident else verdict.answer] += 1
+    return counts
 
 
 def _figure_confusion(results: dict, axes) -> None:

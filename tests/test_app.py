@@ -213,6 +213,7 @@ def test_eight_40_megapixel_uploads_at_once_stay_within_a_memory_bound(trained_m
     assert peak[0] - baseline < 700, (baseline, peak[0])
 
 
+@pytest.mark.slow
 def test_missing_model_starts_with_a_notice_and_a_clear_api_error(tmp_path):
     url, process = start_app(str(tmp_path / "no-such-model"), tmp_path)
     try:
@@ -229,6 +230,7 @@ def test_missing_model_starts_with_a_notice_and_a_clear_api_error(tmp_path):
         process.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_without_a_model_named_the_training_output_folder_is_served(trained_model, tmp_path):
     shutil.copytree(trained_model, tmp_path / "catdog-model")
     url, process = start_app(None, tmp_path, cwd=tmp_path)
@@ -303,6 +305,7 @@ def test_explain_api_says_neither_for_noise(client, tmp_path):
     assert result["is_cat_or_dog"] is False and set(result["probabilities"]) == {"cat", "dog"}
 
 
+@pytest.mark.slow
 def test_the_space_serves_its_engine_from_the_first_request_and_stops_cleanly_on_sigterm(trained_model, tmp_path):
     """As shipped: the OpenVINO engine answers the first request; SIGTERM (how a Space stops) exits 0."""
     env = {"GRADIO_TEMP_DIR": str(tmp_path / "gradio"), "CATDOG_THREADS": "2"}

@@ -88,6 +88,7 @@ def test_the_space_needs_only_config_the_ir_and_the_detector(trained_model, mini
         load_predictor("someone/space", exact=True)
 
 
+@pytest.mark.slow
 def test_what_a_space_downloads_is_under_0_3_of_the_fp32_weights_at_224_px(tmp_path):
     torch.manual_seed(0)
     model = CatDogClassifier().eval()

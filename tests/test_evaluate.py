@@ -26,6 +26,15 @@ def test_metrics_on_known_logits():
     assert results["loss_calibrated"] != results["loss"] and results["temperature"] == 2.0
 
 
+def test_the_report_counts_what_the_space_would_answer():
+    logits, labels = torch.tensor([3.0, -3.0, 0.1, 2.0, -2.0]), torch.tensor([1, 1, 0, 0, 0])
+    ood = {"threshold": 1.0, "in_scores": torch.tensor([0.5, 0.5, 0.5, 2.0, 0.2]), "out_scores": torch.tensor([])}
+    # dog 95% right, cat 95% wrong, 52% not sure, unlike the training photos, cat 88% right
+    assert compute_metrics(logits, labels, 1.0, ("cat", "dog"), ood)["verdicts"] == {
+        "right": 2, "wrong": 1, "not sure": 1, "neither": 1}
+    assert compute_metrics(logits, labels, 1.0, ("cat", "dog"))["verdicts"]["neither"] == 0  # no detector
+
+
 def test_ood_auroc_is_rank_based_and_counts_what_is_flagged():
     inside, outside = torch.tensor([0.5, 1.0, 1.5, 2.0]), torch.tensor([1.8, 3.0, 40.0])
     results = compute_metrics(torch.zeros(4), torch.tensor([0, 1, 0, 1]), 1.0, ("cat", "dog"),
@@ -63,6 +72,7 @@ def _evaluate(*args: str):
                           text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_the_command_reproduces_the_training_runs_numbers(trained_model, mini_dataset, tmp_path):
     ood_dir = tmp_path / "not-pets"
     ood_dir.mkdir()
@@ -88,12 +98,14 @@ def test_the_command_reproduces_the_training_runs_numbers(trained_model, mini_da
     assert (tmp_path / "report" / "evaluation.html").is_file() and (tmp_path / "report" / "mistakes.png").is_file()
 
 
+@pytest.mark.slow
 def test_the_command_fails_in_one_line(tmp_path, mini_dataset):
     assert_clean_error(_evaluate(str(tmp_path / "no-such-model"), "--output-dir", str(tmp_path / "r")), "No such model folder")
     assert_clean_error(_evaluate(str(ROOT / "examples"), "--dataset", str(mini_dataset), "--output-dir", str(tmp_path / "r")),
                        "has no config.json")
 
 
+@pytest.mark.slow
 def test_every_input_is_checked_before_the_evaluation(trained_model, mini_dataset, tmp_path):
     a_file = tmp_path / "report.txt"
     a_file.write_text("not a folder")
@@ -123,6 +135,7 @@ def test_every_input_is_checked_before_the_evaluation(trained_model, mini_datase
     assert not (tmp_path / "r" / "evaluation.json").exists()
 
 
+@pytest.mark.slow
 def test_the_fp32_weights_are_evaluated_unless_the_serving_engine_is_asked_for(trained_model, mini_dataset, tmp_path):
     for flags, engine in (((), "torch-fp32"), (("--serving-engine",), "openvino-")):
         result = _evaluate(str(trained_model), "--dataset", str(mini_dataset), "--output-dir", str(tmp_path / "r"), *flags)

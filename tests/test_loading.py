@@ -105,6 +105,7 @@ def test_a_file_and_a_folder_with_a_revision_are_refused(saved_model):
         load_predictor(f"{saved_model}@v1")
 
 
+@pytest.mark.slow
 def test_labels_are_checked_with_real_exceptions_even_under_python_O():
     code = ("from catdog_model import CatDogClassifier\n"
             "try:\n    CatDogClassifier(backbone='resnet18', image_size=32, hidden_size=8, labels=('a', 'b', 'c'))\n"
@@ -118,6 +119,7 @@ def test_unknown_backbone_suggests_close_names():
         CatDogClassifier(backbone="resnet5O")
 
 
+@pytest.mark.slow
 def test_an_image_size_that_explodes_the_head_is_refused_before_allocating_it():
     with pytest.raises(ValueError, match="billion weights"):
         CatDogClassifier(backbone="resnet18", image_size=4096)

@@ -174,6 +174,18 @@ def test_the_demonstration_notice_reads_the_models_own_files():
     assert "**85%**" in demonstration_notice(strong) and "from scratch" not in demonstration_notice(strong)
 
 
+def test_how_good_is_this_model_says_what_the_page_would_have_answered_on_the_test_photos():
+    from catdog_model.describe import report
+
+    evaluated = FixedPredictor(0.5)
+    evaluated.metrics = {"test": {"accuracy": 0.6633, "samples": 300},
+                         "evaluation": {"ece": 0.077, "verdicts": {"right": 67, "wrong": 14, "not sure": 203, "neither": 16}}}
+    text, figures = report(evaluated)
+    assert "**66.3%** of 300 photos" in text and "give or take 7.7%" in text and figures == []
+    assert "**67** right and **14** wrong with confidence, **203** \"not sure\" and **16** \"neither\"" in text
+    assert "huggingface.co/someone/catdog/blob/main/evaluation.html" in text
+
+
 def test_the_engine_is_named_in_plain_words_with_the_details_alongside():
     from catdog_model.describe import details
 
@@ -200,6 +212,7 @@ def test_importing_the_app_loads_nothing_and_reads_no_setting():
     assert result.returncode == 0 and result.stdout.strip() == "ok" and "loading the model" not in result.stderr, result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, value", [("CATDOG_MAX_BATCH", "abc"), ("CATDOG_MAX_BATCH", "0"), ("CATDOG_MAX_BATCH", "-1"),
                                          ("CATDOG_THREADS", "abc"), ("CATDOG_THREADS", "0"),
                                          ("CATDOG_MALLOC_ARENAS", "x"), ("CATDOG_EXACT", "maybe")])

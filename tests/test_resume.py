@@ -18,6 +18,8 @@ from catdog_model.run_files import LOCK_FILE
 from catdog_model.checkpoints import CheckpointError, find_latest, read_manifest, save_checkpoint
 from conftest import ROOT, assert_clean_error, run_training, training_command, weights_equal
 
+pytestmark = pytest.mark.slow  # about 20 training runs, each a subprocess
+
 # Augmentation on, two loader workers: the hard case for an exact resume.
 FLAGS = ("--epochs", "2", "--batch-size", "8", "--max-train-samples", "24", "--max-eval-samples", "8",
          "--checkpointing-steps", "1")

@@ -15,6 +15,8 @@ from catdog_model.data import load_image_dataset, load_split
 from catdog_model.hardware import native_bf16
 from conftest import MINI_DATASET, ROOT, assert_clean_error, run_training
 
+pytestmark = pytest.mark.slow  # about 10 training runs, each a subprocess
+
 
 def test_run_writes_every_output_file(trained_model):
     names = {path.name for path in trained_model.iterdir()}
