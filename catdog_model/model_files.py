@@ -128,9 +128,11 @@ class ModelFiles:
 
         from .model import CatDogClassifier
 
-        self.path(WEIGHTS)
+        # From the folder this resolver found (a Hub download's snapshot holds config.json beside the weights),
+        # so that nothing is looked up twice.
+        folder = self.path(WEIGHTS).parent
         try:
-            model = CatDogClassifier.from_pretrained(self.repo_id, revision=self.revision).eval()
+            model = CatDogClassifier.from_pretrained(str(folder)).eval()
         except (RuntimeError, ValueError, TypeError, KeyError, AttributeError, SafetensorError, OSError) as error:
             self.invalid(error)
         broken = next((name for name, tensor in model.state_dict().items()
