@@ -47,8 +47,8 @@ EXAMPLES_DIR = Path(__file__).parent / "examples"
 # The API page's sample inputs: the project's own photos, where anyone can fetch them.
 EXAMPLES_URL = "https://raw.githubusercontent.com/catdog-project/catdog/main/examples"
 API_EXAMPLES = [f"{EXAMPLES_URL}/chelsea_cat.jpg", f"{EXAMPLES_URL}/beagle_puppy.jpg"]
-FIX_HINT = (f"Train a small model offline with `make train-mini`, then run `make demo` again: it serves ./{LOCAL_MODEL} "
-            "when that folder exists. Or set `CATDOG_MODEL` (or `--model`) to a Hub repo you can reach, e.g. `user/repo@v1`.")
+FIX_HINT = ("Run `make demo-offline`: it trains a small model on the offline mini set into ./catdog-model, then serves "
+            "it. Or set `CATDOG_MODEL` (or `--model`) to a model folder or a Hub repo you can reach, e.g. `user/repo@v1`.")
 # Decoded pixels the requests in flight may hold together: two of the largest pictures allowed. A flat
 # 40-megapixel PNG is 128 KB on the wire and 120 MB decoded; eight at once took the server from 1.3 to 2.5 GB.
 PIXELS_IN_FLIGHT = PixelBudget(2 * MAX_PIXELS)
@@ -258,9 +258,9 @@ def build_demo(predictor: Optional[Predictor], load_error: Optional[str] = None,
     space, ready = Space(predictor, load_error, upload_ttl_s), predictor is not None
     with gr.Blocks(title="catdog: cat or dog?", delete_cache=(min(600, upload_ttl_s), upload_ttl_s)) as demo:
         gr.Markdown("# 🐱 catdog 🐶\nDrop a photo of a cat or a dog, paste one, or use your webcam. "
-                    + (headline(predictor) if ready else "No model is loaded yet: see below."))
-        notice = demonstration_notice(predictor) if ready else None
-        gr.Markdown(notice or "", visible=bool(notice), elem_id="demo-notice")
+                    + (headline(predictor) if ready else "No model is loaded yet."))
+        notice = demonstration_notice(predictor) if ready else f"### ⚠️ No model loaded\n\n{load_error}\n\n**To fix it:** {FIX_HINT}"
+        gr.Markdown(notice or "", visible=bool(notice), elem_id="notice")
         with gr.Tab("One picture"):
             _picture_tab(space, ready, max_batch)
         with gr.Tab("Many pictures"):
@@ -273,8 +273,8 @@ def build_demo(predictor: Optional[Predictor], load_error: Optional[str] = None,
                     gr.Gallery(figures, columns=3, height="auto", label="Evaluation on the test photos", object_fit="contain")
                 if full_report := predictor.model_file("evaluation.html"):
                     gr.File(str(full_report), label="The whole report, one page to open in a browser")
-        with gr.Accordion("About the model", open=not ready, elem_id="model-panel"):
-            gr.Markdown(details(predictor) if ready else f"### ⚠️ No model loaded\n\n{load_error}\n\n**To fix it:** {FIX_HINT}")
+            with gr.Accordion("About the model", open=False, elem_id="model-panel"):
+                gr.Markdown(details(predictor))
     demo.queue(max_size=32, default_concurrency_limit=1)
     return demo
 

@@ -221,8 +221,8 @@ def test_missing_model_starts_with_a_notice_and_a_clear_api_error(tmp_path):
         assert "No model loaded" in config and "CATDOG_MODEL" in config
         with pytest.raises(AppError, match="No model is loaded") as error:
             Client(url, verbose=False).predict(handle_file(str(ROOT / "examples" / "chelsea_cat.jpg")), api_name="/predict")
-        assert "make train-mini" in str(error.value) and "`" not in str(error.value)  # plain text for API users
-        assert "make train-mini" in config and "No model is loaded yet" in config
+        assert "make demo-offline" in str(error.value) and "`" not in str(error.value)  # plain text for API users
+        assert "make demo-offline" in config and "No model is loaded yet" in config
         assert "Traceback" not in (tmp_path / "app.log").read_text()
         assert not (ROOT / "app.pyi").exists()  # a gr component subclass would write this stub next to app.py
     finally:

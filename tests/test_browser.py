@@ -42,7 +42,7 @@ def test_the_page_says_what_the_model_is_and_how_good_it_is(browser, trained_mod
     try:
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(url)
-        notice = page.locator("#demo-notice")  # read from the model's own metrics.json: 32 photos, from scratch
+        notice = page.locator("#notice")  # read from the model's own metrics.json: 32 photos, from scratch
         notice.get_by_text("This is a demonstration model").wait_for()
         assert "from scratch" in notice.inner_text() and "32 photos" in notice.inner_text()
         _upload(page, ROOT / "examples" / "chelsea_cat.jpg")

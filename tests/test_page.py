@@ -111,7 +111,7 @@ def test_the_page_shows_problems_inline_instead_of_raising(tmp_path):
     assert "Choose a picture first" in _space(FixedPredictor(0.9)).predict_on_page(None)[1]["value"]
     result, status, _, heatmap = app.Space(None, "it is gone").predict_on_page(CAT_PHOTO)
     assert result is None and heatmap is None
-    assert "No model is loaded" in status["value"] and "make train-mini" in status["value"]
+    assert "No model is loaded" in status["value"] and "make demo-offline" in status["value"]
 
 
 def test_classify_with_nothing_chosen_says_so_inline_on_both_tabs(tmp_path, monkeypatch):
