@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, HTTPError, LocalEntryNotFoundError
 from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError
 
@@ -84,6 +84,8 @@ class ModelFiles:
                 path = None
             except HfHubHTTPError as error:
                 raise ModelLoadError(f"The Hub refused {self.source!r}: {str(error).splitlines()[0]}") from None
+            except HTTPError as error:  # the connection itself failed, mid-download say
+                raise ModelLoadError(f"Could not download {name} of {self.source!r}: {first_line(error)}") from None
         if path is None or not path.is_file():
             if not required:
                 return None

@@ -22,7 +22,7 @@ import torch
 from accelerate import Accelerator
 from filelock import FileLock, Timeout
 from huggingface_hub import HfApi
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.errors import HTTPError
 
 from .card import make_model_card
 from .data import load_split
@@ -193,7 +193,7 @@ def push_run(settings, output_dir: Path) -> None:
         api.create_repo(settings.hub_model_id, private=settings.hub_private, exist_ok=True)
         commit = api.upload_folder(repo_id=settings.hub_model_id, folder_path=output_dir, ignore_patterns=list(NOT_PUSHED),
                                    commit_message="Upload catdog model from train_accelerate.py")
-    except (HfHubHTTPError, OSError, ValueError) as error:
+    except (HTTPError, OSError, ValueError) as error:  # HTTPError: huggingface_hub's, a dropped connection included
         raise TrainingError(
             f"Could not push to {settings.hub_model_id}: {str(error).splitlines()[0]}. The files are kept in {output_dir}; "
             f"upload them later with `hf upload {settings.hub_model_id} {output_dir} "

@@ -19,13 +19,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def start_app(model: str | None, extra_env: dict, log: Path, cwd: Path = ROOT) -> tuple[str, subprocess.Popen]:
     """`python app.py [--model MODEL]` on a free loopback port, started from ``cwd``; returns (url, process)
-    once the page answers. $CATDOG_MODEL is not passed on: the model is the one named, or the app's default."""
+    once the page answers. This process's $CATDOG_MODEL is not passed on: the model is the one named (``model`` or
+    ``extra_env``'s $CATDOG_MODEL), or the app's default."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
+    inherited = {key: value for key, value in os.environ.items() if key != "CATDOG_MODEL"}
+    env = {**inherited, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
            "GRADIO_ANALYTICS_ENABLED": "False", **extra_env}
-    env.pop("CATDOG_MODEL", None)
     command = [sys.executable, str(ROOT / "app.py"), *(["--model", model] if model else [])]
     process = subprocess.Popen(command, cwd=cwd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     url, deadline = f"http://127.0.0.1:{port}/", time.monotonic() + 180

@@ -1,0 +1,181 @@
+"""The Hub round trip over real HTTP, against a Hub-compatible server on 127.0.0.1 (tests/hub_server.py):
+a dataset pushed and trained on by its Hub id at a tag, the model pushed and pulled into fresh caches, its
+card, the Space serving it by id and by tag, and a push the server drops midway.
+
+Each step runs in its own process, as a user would run it: huggingface_hub and datasets read HF_ENDPOINT
+when they are imported, and every step gets an empty Hugging Face cache of its own.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from gradio_client import Client, handle_file
+
+from app_server import start_app as start_server
+from conftest import MINI_DATASET, ROOT, assert_clean_error, training_command
+
+pytestmark = pytest.mark.slow  # two training runs, uploads and downloads: about 3 minutes
+SERVING_FILES = {"config.json", "openvino_model.xml", "openvino_model.bin", "ood.safetensors", "metrics.json"}
+
+
+def _start_hub(folder: Path, stop_on: str = "") -> tuple[str, subprocess.Popen]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    (folder / "mirrors").mkdir(parents=True)
+    (folder / "hub.toml").write_text(f"""[basic]
+host = "127.0.0.1"
+port = {port}
+hf-scheme = "http"
+hf-netloc = "127.0.0.1:9"
+hf-lfs-netloc = "127.0.0.1:9"
+mirror-scheme = "http"
+mirror-netloc = "127.0.0.1:{port}"
+mirror-lfs-netloc = "127.0.0.1:{port}"
+mirrors-path = ["{folder / 'mirrors'}"]
+repos-path = "{folder / 'repos'}"
+metadata-cache-ttl = 0
+
+[accessibility]
+offline = true
+""")  # upstream: port 9 on loopback, closed, so that nothing is ever asked of the real Hub
+    env = {**os.environ, "CATDOG_HUB_STOP_ON": stop_on}
+    process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "hub_server.py"), "--config", str(folder / "hub.toml"),
+                                "--log-path", str(folder / "logs")], cwd=folder, env=env,
+                               stdout=open(folder / "hub.log", "w"), stderr=subprocess.STDOUT)
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/api/whoami-v2", timeout=2).status_code == 200:
+                return url, process
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    process.kill()
+    raise RuntimeError(f"the Hub server did not start:\n{(folder / 'hub.log').read_text()[-3000:]}")
+
+
+def _hub_env(url: str, home: Path) -> dict:
+    """A process's view of the Hub: this server, a token, no Xet, and an empty cache of its own."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "CATDOG_"))}
+    return {**env, "HF_ENDPOINT": url, "HF_TOKEN": "hf_test", "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(home),
+            "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0"}  # spelled out: the app's launcher starts from the tests' own
+
+
+def _python(code: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hub")
+    url, process = _start_hub(folder)
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def pushed(hub, tmp_path_factory):
+    """A 200-row dataset pushed and tagged v1, a model trained on it by Hub id and pushed (tagged v1), then a
+    second model pushed over it (tagged v2)."""
+    work = tmp_path_factory.mktemp("round-trip")
+    _python(f"""
+import datasets
+from huggingface_hub import HfApi
+rows = datasets.load_dataset({str(MINI_DATASET)!r}, split="train")
+rows.select([*range(0, 100), *range(1500, 1600)]).push_to_hub("user/catdog-data")
+HfApi().create_tag("user/catdog-data", tag="v1", repo_type="dataset")
+""", _hub_env(hub, work / "hf-data"), work)
+    for tag, seed in (("v1", "1"), ("v2", "2")):
+        command = training_command(work / tag, "--epochs", "1", "--max-train-samples", "32", "--max-eval-samples", "16",
+                                   "--seed", seed, "--push-to-hub", "--hub-model-id", "user/catdog")
+        command[command.index("--dataset") + 1:command.index("--dataset") + 2] = ["user/catdog-data", "--dataset-revision", "v1"]
+        result = subprocess.run(command, cwd=ROOT, env=_hub_env(hub, work / f"hf-train-{tag}"), capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-4000:]
+        _python(f"from huggingface_hub import HfApi\nHfApi().create_tag('user/catdog', tag={tag!r})",
+                _hub_env(hub, work / "hf-tag"), work)
+    return work
+
+
+def test_training_reads_the_dataset_by_its_hub_id_at_a_tag(pushed):
+    metrics = json.loads((pushed / "v1" / "metrics.json").read_text())
+    assert metrics["dataset"] == "user/catdog-data" and metrics["dataset_revision"] == "v1"
+    assert metrics["full_split_sizes"]["train"] + metrics["full_split_sizes"]["validation"] + metrics["full_split_sizes"]["test"] == 200
+    assert metrics["dataset_fingerprint"].startswith("user/catdog-data@")
+
+
+@pytest.mark.parametrize("source, tag, exact", [("user/catdog", "v2", False), ("user/catdog@v1", "v1", False),
+                                                 ("user/catdog@v1", "v1", True)])
+def test_a_fresh_process_loads_the_pushed_model_by_id_and_tag_and_downloads_only_what_it_serves(
+        hub, pushed, tmp_path, source, tag, exact):
+    result = _python(f"""
+import json, pathlib
+from PIL import Image
+from catdog_model import load_predictor
+predictor = load_predictor({source!r}, exact={exact})
+picture = Image.open({str(ROOT / 'examples' / 'beagle_puppy.jpg')!r})
+print(json.dumps({{"engine": predictor.engine, "p": predictor.predict([picture])[0],
+                  "verdict": predictor.explain(picture).verdict.answer,
+                  "files": sorted(p.name for p in pathlib.Path({str(tmp_path / 'hf')!r}).rglob('*') if p.is_file() and '/snapshots/' in str(p))}}))
+""", {**_hub_env(hub, tmp_path / "hf"), "PYTHONPATH": str(ROOT)}, tmp_path)
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(answer["files"]) == (SERVING_FILES - {*(() if not exact else ("openvino_model.xml", "openvino_model.bin"))}
+                                    | ({"model.safetensors"} if exact else set()))
+    assert answer["engine"] == ("torch-fp32" if exact else "openvino-bf16" if "bf16" in answer["engine"] else "openvino-f32")
+    assert set(answer["p"]) == {"cat", "dog"} and answer["verdict"] in ("cat", "dog", "not sure", "neither")
+    # The answer is the pushed model's: that run's config.json came down, the one its manifest vouches for.
+    local = json.loads((pushed / tag / "config.json").read_text())
+    downloaded = json.loads(next((tmp_path / "hf").rglob("snapshots/*/config.json")).read_text())
+    assert downloaded["manifest"] == local["manifest"]
+
+
+def test_the_model_card_loads_from_the_hub_with_the_test_accuracy(hub, pushed, tmp_path):
+    result = _python("from huggingface_hub import ModelCard\ncard = ModelCard.load('user/catdog')\n"
+                     "print(card.data.eval_results[0].metric_type, card.data.eval_results[0].metric_value)",
+                     _hub_env(hub, tmp_path / "hf"), tmp_path)
+    accuracy = json.loads((pushed / "v2" / "metrics.json").read_text())["test"]["accuracy"]  # main is the second push
+    metric, value = result.stdout.strip().splitlines()[-1].split()
+    assert metric == "accuracy" and float(value) == pytest.approx(accuracy)
+
+
+def test_the_space_serves_the_pushed_model_by_id_and_picks_up_a_new_tag(hub, pushed, tmp_path):
+    for tag in ("v1", "v2"):  # as a Space is configured: the model in $CATDOG_MODEL
+        env = {**_hub_env(hub, tmp_path / f"hf-{tag}"), "GRADIO_TEMP_DIR": str(tmp_path / "gradio"), "CATDOG_THREADS": "1",
+               "CATDOG_MODEL": f"user/catdog@{tag}"}
+        url, process = start_server(None, env, tmp_path / f"app-{tag}.log")
+        try:
+            result = Client(url, verbose=False).predict(handle_file(str(ROOT / "examples" / "beagle_puppy.jpg")),
+                                                        api_name="/explain")
+            assert set(result["probabilities"]) == {"cat", "dog"}
+            assert f"serving revision {tag} of user/catdog" in (tmp_path / f"app-{tag}.log").read_text()
+            config = httpx.get(url + "config", timeout=30).text
+            assert "user/catdog" in config and f"revision `{tag}`" in config
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=30)
+
+
+def test_a_push_the_server_drops_midway_keeps_every_local_file_and_names_the_command(tmp_path, mini_dataset):
+    url, process = _start_hub(tmp_path / "hub", stop_on="user/catdog-dropped")  # it exits on that repo's commit
+    try:
+        env = _hub_env(url, tmp_path / "hf")
+        result = subprocess.run(training_command(tmp_path / "out", "--epochs", "1", "--max-train-samples", "16",
+                                                 "--max-eval-samples", "16", "--push-to-hub", "--hub-model-id",
+                                                 "user/catdog-dropped"),
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+    assert_clean_error(result, "Could not push to user/catdog-dropped", "hf upload user/catdog-dropped")
+    assert SERVING_FILES | {"model.safetensors", "README.md"} <= {p.name for p in (tmp_path / "out").iterdir()}
