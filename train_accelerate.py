@@ -34,7 +34,7 @@ from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from huggingface_hub import get_token
-from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+from huggingface_hub.errors import HTTPError, LocalEntryNotFoundError
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -78,7 +78,7 @@ def check_args(args) -> None:
             model = CatDogClassifier(args.backbone, args.image_size, pretrained=False)
         except (ValueError, TypeError) as error:
             raise TrainingError(f"--backbone {args.backbone} --image-size {args.image_size}: {error}") from None
-        except (OSError, HfHubHTTPError) as error:  # an hf-hub: backbone whose config cannot be fetched
+        except (OSError, HTTPError) as error:  # an hf-hub: backbone whose config cannot be fetched
             raise TrainingError(f"--backbone {args.backbone}: could not read its config from the Hub "
                                 f"({type(error).__name__}); use a timm model name, e.g. resnet50.") from None
         try:
@@ -140,7 +140,7 @@ def build_model(config, labels: tuple[str, ...]) -> CatDogClassifier:
     use_hub_weights = not config.no_pretrained and config.pretrained_weights is None
     try:
         model = CatDogClassifier(config.backbone, config.image_size, labels=labels, pretrained=use_hub_weights)
-    except (OSError, LocalEntryNotFoundError, HfHubHTTPError, RuntimeError) as error:
+    except (OSError, LocalEntryNotFoundError, HTTPError, RuntimeError) as error:  # HTTPError: a dropped connection too
         if not use_hub_weights:
             raise
         raise TrainingError(
