@@ -29,6 +29,7 @@ import torch
 from PIL import Image, ImageDraw
 from torchmetrics.functional.classification import binary_auroc, binary_confusion_matrix, binary_roc
 from torch.utils.data import DataLoader
+from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
 from .calibration import ECE_BINS, calibration_summary
@@ -295,7 +296,7 @@ def _loader(pictures, predictor, data=None) -> DataLoader:
         pictures = undecoded(pictures, data).with_transform(make_transform(data, predictor.image_size, train=False))
         return DataLoader(pictures, batch_size=predictor.batch_size, collate_fn=lambda rows: collate(rows)["pixels"])
     return DataLoader(pictures, batch_size=predictor.batch_size, collate_fn=lambda images: torch.stack(
-        [torch.from_numpy(np.asarray(resize(image, predictor.image_size)).transpose(2, 0, 1).copy()) for image in images]))
+        [TF.pil_to_tensor(resize(image, predictor.image_size)) for image in images]))
 
 
 def _ood_images(folder: Path) -> list[Image.Image]:

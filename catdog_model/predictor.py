@@ -130,14 +130,15 @@ class Predictor:
             explanations.extend(self._explanations(outputs, upright if heatmaps else None))
         return explanations
 
-    def explain_shared(self, image: Image.Image) -> Explanation:
+    def explain_shared(self, image: Image.Image, heatmaps: bool = True) -> Explanation:
         """``explain(image)`` for servers whose threads share this predictor: the pictures that wait
         while the model is busy run together as its next batch (up to ``max_shared_batch``), so that eight
         clients get more answers per second than one, and a lone client waits for no batch to fill.
-        The resize happens in the caller's thread, in parallel with the model."""
-        upright = to_rgb(image)
+        The resize happens in the caller's thread, in parallel with the model. ``heatmaps=False``: an
+        API answer that shows none skips drawing it."""
+        upright = to_rgb(image) if heatmaps else image  # image_array turns it otherwise
         outputs = self._submit(None, image_array(upright, self.image_size))
-        return self._explanations(outputs, [upright])[0]
+        return self._explanations(outputs, [upright] if heatmaps else None)[0]
 
     def explain_pixels(self, pixels) -> list[Explanation]:
         """``explain`` without heatmaps for a batch already turned into model input (``image_array``):

@@ -33,7 +33,8 @@ class FixedPredictor:
     def explain(self, image):
         return self._explanation()
 
-    explain_shared = explain
+    def explain_shared(self, image, heatmaps=True):
+        return self._explanation()
 
     def explain_pixels(self, pixels):
         return [self._explanation() for _ in pixels]
@@ -126,7 +127,7 @@ def test_a_model_that_computes_nan_gets_a_clear_message_not_an_answer(tmp_path, 
     from catdog_model import PredictionError
 
     class Broken(FixedPredictor):
-        def explain(self, image):
+        def explain(self, image, heatmaps=True):
             raise PredictionError("The model x computed a non-finite output: its weights are damaged.")
 
         explain_shared = explain_pixels = explain
