@@ -21,22 +21,16 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import gradio as gr
-import numpy as np
-from gradio.components.label import LabelConfidence, LabelData
-from gradio.utils import get_upload_folder
-from gradio_client import handle_file
 
-from catdog_model import DEFAULT_LABELS, ImageError, ModelLoadError, PredictionError, Predictor, load_predictor, open_image, to_rgb
-from catdog_model.describe import demonstration_notice, details, headline, report
-from catdog_model.hardware import cap_malloc_arenas, setup_logging, usable_cores
-from catdog_model.images import MAX_PIXELS, PixelBudget, image_array
-from catdog_model.heatmap import overlay_heatmap
-from catdog_model.verdict import NEITHER, NOT_SURE, Verdict
+from catdog_model import DEFAULT_LABELS, ImageError, ModelLoadError, PredictionError, Predictor, load_predictor
+from catdog_model.hardware import cap_malloc_arenas, exit_with_error, setup_logging, usable_cores
+from catdog_model.serving.describe import demonstration_notice, details, headline, report
+from catdog_model.serving.verdict import NEITHER, NOT_SURE, Verdict
 
 DEFAULT_MODEL = "catdog-project/catdog-resnet50"  # the published model: named here and in README.md only
 LOCAL_MODEL = "catdog-model"  # train_accelerate.py's default --output-dir, relative to where the app starts
@@ -44,43 +38,16 @@ MAX_FILE_MB = 10  # per picture: a larger one gets its own clear error (a row of
 SERVER_CAP_MB = 50  # Gradio refuses anything larger outright, against abuse
 MAX_BATCH_FILES = 100
 EXAMPLES_DIR = Path(__file__).parent / "examples"
-# The API page's sample inputs: the project's own photos, where anyone can fetch them.
-EXAMPLES_URL = "https://raw.githubusercontent.com/catdog-project/catdog/main/examples"
-API_EXAMPLES = [f"{EXAMPLES_URL}/chelsea_cat.jpg", f"{EXAMPLES_URL}/beagle_puppy.jpg"]
 FIX_HINT = ("Run `make demo-offline`: it trains a small model on the offline mini set into ./catdog-model, then serves "
             "it. Or set `CATDOG_MODEL` (or `--model`) to a model folder or a Hub repo you can reach, e.g. `user/repo@v1`.")
-# Decoded pixels the requests in flight may hold together: two of the largest pictures allowed. A flat
-# 40-megapixel PNG is 128 KB on the wire and 120 MB decoded; eight at once took the server from 1.3 to 2.5 GB.
-PIXELS_IN_FLIGHT = PixelBudget(2 * MAX_PIXELS)
 # After an answer, bring it into view: on a phone the columns stack and it lies below the picture.
 SHOW_ANSWER_JS = "() => document.querySelector('#verdict')?.scrollIntoView({block: 'start', behavior: 'instant'})"
 # On a phone, the heatmap and the probabilities share a row under the verdict, and the examples fit 4 a row.
 CSS = ("#answer-row { flex-wrap: nowrap; } #answer-row > * { min-width: 0 !important; } "
        "#examples .grid-container { grid-template-columns: repeat(auto-fit, minmax(72px, 1fr)); grid-template-rows: none; "
        "grid-auto-rows: auto; } #examples .grid-wrap { height: auto !important; min-height: 0 !important; }")
-EXPLAIN_SCHEMA = {"type": "object", "properties": {  # what the API page shows /explain returning
-    "verdict": {"type": "string"}, "label": {"type": "string"}, "is_cat_or_dog": {"type": "boolean"},
-    "probabilities": {"type": "object", "additionalProperties": {"type": "number"}},
-    "ood_score": {"anyOf": [{"type": "number"}, {"type": "null"}]},
-    "ood_threshold": {"anyOf": [{"type": "number"}, {"type": "null"}]}}}
 
 logger = logging.getLogger("catdog.app")
-
-
-# Components are adapted on the instance: a subclass would make Gradio write an app.pyi stub next to this file.
-def _verdict_label(**kwargs) -> gr.Label:
-    """A gr.Label whose headline is the verdict ("not sure" and "neither" included) over both probabilities."""
-    label, plain = gr.Label(num_top_classes=2, **kwargs), gr.Label.postprocess
-
-    def postprocess(value):
-        if not isinstance(value, tuple):
-            return plain(label, value)
-        verdict, probabilities = value
-        ranked = sorted(probabilities.items(), key=lambda item: -item[1])
-        return LabelData(label=verdict.answer, confidences=[LabelConfidence(label=k, confidence=p) for k, p in ranked])
-
-    label.postprocess = postprocess
-    return label
 
 
 def _upload_path(upload) -> Optional[str]:
@@ -99,6 +66,13 @@ def _spreadsheet_safe(cell):
     return "'" + cell if isinstance(cell, str) and cell.startswith(("=", "+", "-", "@", "\t", "\r")) else cell
 
 
+def _label_value(verdict: Verdict, probabilities: dict[str, float]) -> dict:
+    """gr.Label's own value format, headed by the verdict ("not sure" and "neither" included) over both
+    probabilities: what /predict returns, sent as it is (postprocess=False)."""
+    ranked = sorted(probabilities.items(), key=lambda item: -item[1])
+    return {"label": verdict.answer, "confidences": [{"label": name, "confidence": p} for name, p in ranked]}
+
+
 @dataclass
 class Space:
     """The app's handlers, bound to one loaded predictor (or to the reason there is none)."""
@@ -106,6 +80,7 @@ class Space:
     predictor: Optional[Predictor]
     load_error: Optional[str] = None
     upload_ttl_s: int = 3600
+    csv_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="catdog-csv-")))
 
     @property
     def table_headers(self) -> list[str]:
@@ -117,33 +92,30 @@ class Space:
             raise gr.Error(f"No model is loaded: {self.load_error} {FIX_HINT.replace('`', '')}", title="No model",
                            print_exception=False)
 
-    def _open(self, path: str):
-        """File size, then the header's pixel count, then a decode no larger than the model needs."""
-        return open_image(path, draft_size=self.predictor.image_size, max_megabytes=MAX_FILE_MB)
-
     def _api_explanation(self, upload):
         """The API's upload, explained; or a gr.Error, which gradio_client raises as AppError with the reason."""
         self._require_model()
         path = _upload_path(upload)
         if not path:
             raise gr.Error("Upload a picture of a cat or a dog first.", print_exception=False)
-        with PIXELS_IN_FLIGHT.hold(path):
-            try:
-                return self.predictor.explain_shared(self._open(path), heatmaps=False)  # neither endpoint returns one
-            except ImageError as error:
-                raise gr.Error(str(error), title=error.title, print_exception=False) from None
-            except PredictionError as error:
-                logger.error("%s", error)
-                raise gr.Error(str(error), title="The model failed", print_exception=False) from None
+        try:
+            return self.predictor.explain(path, heatmap=False)  # neither endpoint returns one
+        except ImageError as error:
+            raise gr.Error(str(error), title=error.title, print_exception=False) from None
+        except PredictionError as error:
+            logger.error("%s", error)
+            raise gr.Error(str(error), title="The model failed", print_exception=False) from None
 
-    def predict(self, upload: str | dict | None):
-        """Classify one picture (JPEG, PNG, WebP, GIF, ... up to 10 MB). The label is the verdict: "cat", "dog",
-        "not sure" (under 70% either way) or "neither" (unlike every training photo); confidences are both labels' probabilities."""
+    def predict(self, upload: str | dict | None) -> dict:
+        """Classify one picture (JPEG, PNG, WebP, GIF, ... up to 10 MB). Returns {"label": the verdict ("cat", "dog",
+        "not sure" under 70% either way, or "neither": unlike every training photo), "confidences": both labels'
+        probabilities, as [{"label": str, "confidence": float}, ...]}."""
         explanation = self._api_explanation(upload)
-        return explanation.verdict, explanation.probabilities
+        return _label_value(explanation.verdict, explanation.probabilities)
 
     def explain(self, upload: str | dict | None) -> dict:
-        """Classify one picture and say why: {"verdict", "label", "probabilities", "is_cat_or_dog", "ood_score", "ood_threshold"}."""
+        """Classify one picture and say why. Returns a dict: verdict (str), label (str, the likelier label),
+        probabilities (dict of str to float), is_cat_or_dog (bool), ood_score (float), ood_threshold (float)."""
         explanation = self._api_explanation(upload)
         return {"verdict": explanation.verdict.answer, "label": explanation.verdict.leaning,
                 "probabilities": explanation.probabilities, "is_cat_or_dog": explanation.is_cat_or_dog,
@@ -157,18 +129,14 @@ class Space:
         if not path:
             return _page(status="👆 **Choose a picture first:** drop one above, paste one, or tap an example.")
         try:
-            with PIXELS_IN_FLIGHT.hold(path):  # the full picture lives until its overlay is drawn
-                image = self._open(path)
-                explanation = self.predictor.explain(image)
-                heatmap = overlay_heatmap(to_rgb(image), explanation.heatmap)
-                del image
+            explanation = self.predictor.explain(path)
         except ImageError as error:
             return _page(status=f"⚠️ **{error.title}.** {error}")
         except PredictionError as error:
             logger.error("%s", error)
             return _page(status=f"⚠️ **The model failed on this picture.** {error}")
         verdict = explanation.verdict
-        return _page((verdict, explanation.probabilities), verdict=_verdict_markdown(verdict), heatmap=heatmap)
+        return _page(explanation.probabilities, verdict=_verdict_markdown(verdict), heatmap=explanation.overlay)
 
     def predict_batch(self, files: list | None, progress=gr.Progress()) -> tuple[list[list], str]:
         """Classify up to 100 pictures: one row per file (file, verdict, both probabilities, note), the verdict as on the
@@ -178,45 +146,35 @@ class Space:
             raise gr.Error("Choose one or more pictures first.", print_exception=False)
         if len(files) > MAX_BATCH_FILES:
             raise gr.Error(f"At most {MAX_BATCH_FILES} files at a time, please.", print_exception=False)
-        rows: list[Optional[list]] = [None] * len(files)
-        step = self.predictor.batch_size
+        rows, step = [], self.predictor.batch_size
+        negative, positive = self.predictor.labels
         for start in progress.tqdm(range(0, len(files), step), desc=f"Classifying, {step} pictures a pass"):
-            self._classify_chunk(files, range(start, min(start + step, len(files))), rows)
+            chunk = files[start : start + step]
+            try:
+                results = self.predictor.explain_many([_upload_path(upload) or "" for upload in chunk], keep_errors=True)
+            except PredictionError as error:
+                results = [f"The model failed: {error}"] * len(chunk)
+            for upload, result in zip(chunk, results):
+                if isinstance(result, ImageError):
+                    rows.append([_upload_name(upload), "error", None, None, f"{result.title}: {result}"])
+                elif isinstance(result, str):
+                    rows.append([_upload_name(upload), "error", None, None, result])
+                else:
+                    verdict, p = result.verdict, result.probabilities
+                    rows.append([_upload_name(upload), verdict.answer, round(p[negative], 3), round(p[positive], 3),
+                                 "" if verdict.is_confident else verdict.sentence()])
         return rows, self._write_csv(rows)
 
-    def _classify_chunk(self, files: list, indices: range, rows: list) -> None:
-        """One forward pass for these files, each decoded under the memory budget and kept as the model's input only."""
-        pixels, readable = [], []
-        for index in indices:
-            path = _upload_path(files[index])
-            try:
-                with PIXELS_IN_FLIGHT.hold(path):
-                    pixels.append(image_array(self._open(path), self.predictor.image_size))
-                readable.append(index)
-            except ImageError as error:
-                rows[index] = [_upload_name(files[index]), "error", None, None, f"{error.title}: {error}"]
-        try:
-            explanations = self.predictor.explain_pixels(np.stack(pixels)) if pixels else []
-        except PredictionError as error:
-            for index in readable:
-                rows[index] = [_upload_name(files[index]), "error", None, None, f"The model failed: {error}"]
-            return
-        negative, positive = self.predictor.labels
-        for index, explanation in zip(readable, explanations):
-            verdict, p = explanation.verdict, explanation.probabilities
-            rows[index] = [_upload_name(files[index]), verdict.answer, round(p[negative], 3), round(p[positive], 3),
-                           "" if verdict.is_confident else verdict.sentence()]
-
     def _write_csv(self, rows: list[list]) -> str:
-        """The table as CSV, inside Gradio's own upload cache (the app writes nowhere else); a folder per run
-        keeps the plain file name, and old folders are removed here, Gradio removing their files."""
-        for folder in Path(get_upload_folder()).glob("catdog-*"):
+        """The table as CSV, in a folder of its own (Gradio copies it into its cache to serve it); a folder per run
+        keeps the plain file name, and folders older than the upload TTL are removed here."""
+        for folder in self.csv_dir.iterdir():
             try:
                 if time.time() - folder.stat().st_mtime > self.upload_ttl_s:
                     shutil.rmtree(folder, ignore_errors=True)
             except FileNotFoundError:  # another batch removed it first
                 pass
-        csv_path = Path(tempfile.mkdtemp(prefix="catdog-", dir=get_upload_folder())) / "catdog-predictions.csv"
+        csv_path = Path(tempfile.mkdtemp(dir=self.csv_dir)) / "catdog-predictions.csv"
         with open(csv_path, "w", newline="") as out:
             csv.writer(out).writerows([self.table_headers, *([_spreadsheet_safe(cell) for cell in row] for row in rows)])
         return str(csv_path)
@@ -252,7 +210,7 @@ def _examples() -> tuple[list[str], list[str]]:
     return [path for path, _ in rows if Path(path).is_file()], [caption for path, caption in rows if Path(path).is_file()]
 
 
-def build_demo(predictor: Optional[Predictor], load_error: Optional[str] = None, max_batch: int = 8,
+def build_demo(predictor: Optional[Predictor], load_error: Optional[str] = None, concurrency: int = 4,
                upload_ttl_s: int = 3600) -> gr.Blocks:
     """The Space's page and API for this predictor (None: a page that says why, with ``load_error``)."""
     space, ready = Space(predictor, load_error, upload_ttl_s), predictor is not None
@@ -262,7 +220,7 @@ def build_demo(predictor: Optional[Predictor], load_error: Optional[str] = None,
         notice = demonstration_notice(predictor) if ready else f"### ⚠️ No model loaded\n\n{load_error}\n\n**To fix it:** {FIX_HINT}"
         gr.Markdown(notice or "", visible=bool(notice), elem_id="notice")
         with gr.Tab("One picture"):
-            _picture_tab(space, ready, max_batch)
+            _picture_tab(space, ready, concurrency)
         with gr.Tab("Many pictures"):
             _batch_tab(space, ready)
         if ready:
@@ -279,7 +237,7 @@ def build_demo(predictor: Optional[Predictor], load_error: Optional[str] = None,
     return demo
 
 
-def _picture_tab(space: Space, ready: bool, max_batch: int) -> None:
+def _picture_tab(space: Space, ready: bool, concurrency: int) -> None:
     with gr.Row():
         with gr.Column():
             image = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard", "webcam"],
@@ -291,12 +249,12 @@ def _picture_tab(space: Space, ready: bool, max_batch: int) -> None:
             with gr.Row(elem_id="answer-row"):
                 heatmap = gr.Image(label="Where it looked", elem_id="heatmap", interactive=False,
                                    height=180, buttons=["download", "fullscreen"])
-                result = _verdict_label(label="Verdict", elem_id="result", show_heading=False)
+                result = gr.Label(num_top_classes=2, label="Probabilities", elem_id="result", show_heading=False)
             show_heatmap = gr.Checkbox(value=True, label="Show where the model looked (Grad-CAM)", interactive=ready)
     outputs = [result, status, verdict, heatmap]
-    # preprocess=False: the handlers get the uploaded file itself, before Pillow opens it, so that they can check
-    # it first. The page's events take turns in one slot; /predict and /explain calls run side by side up to
-    # max_batch, and the predictor batches those that wait for the model.
+    # preprocess=False: the handlers get the uploaded file itself, before Pillow opens it, so that the predictor can
+    # check it first. The page's events take turns in one slot; /predict and /explain calls decode side by side up
+    # to `concurrency`, and their forward passes take turns (the predictor's lock).
     gr.on([image.upload, button.click], space.predict_on_page, inputs=image, outputs=outputs,
           concurrency_id="model", preprocess=False, api_visibility="private").then(None, js=SHOW_ANSWER_JS)
     image.clear(_page, outputs=outputs, api_visibility="private", queue=False)
@@ -304,10 +262,11 @@ def _picture_tab(space: Space, ready: bool, max_batch: int) -> None:
                         api_visibility="private", queue=False)
     # The API's endpoints raise their errors (gradio_client turns them into exceptions); the page shows them.
     api_button, explanation = gr.Button(visible=False), gr.JSON(label="Explanation", visible=False)
-    explanation.api_info = lambda: EXPLAIN_SCHEMA  # the fields, where Gradio would document "any JSON"
-    for handler, output in ((space.predict, _verdict_label(label="Verdict", visible=False)), (space.explain, explanation)):
-        api_button.click(handler, inputs=image, outputs=output, api_name=handler.__name__, concurrency_limit=max_batch,
-                         concurrency_id="shared", preprocess=False, api_description=handler.__doc__)
+    # /predict's value is already gr.Label's own format, headed by the verdict: sent as it is (postprocess=False).
+    for handler, output, postprocess in ((space.predict, gr.Label(label="Verdict", visible=False), False),
+                                         (space.explain, explanation, True)):
+        api_button.click(handler, inputs=image, outputs=output, api_name=handler.__name__, concurrency_limit=concurrency,
+                         concurrency_id="shared", preprocess=False, postprocess=postprocess, api_description=handler.__doc__)
     examples, captions = _examples()
     if examples:  # thumbnails with captions; a tap loads the picture into the input and classifies it
         gallery = gr.Gallery(list(zip(examples, captions)), label="Examples: tap one", height="auto",
@@ -319,8 +278,6 @@ def _picture_tab(space: Space, ready: bool, max_batch: int) -> None:
         gallery.select(pick, outputs=image, api_visibility="private", queue=False).then(
             space.predict_on_page, inputs=image, outputs=outputs, concurrency_id="model", preprocess=False,
             api_visibility="private").then(None, js=SHOW_ANSWER_JS)
-    # Gradio's API page would otherwise offer its own bus.png as the sample input.
-    image.example_payload, image.example_value = lambda: handle_file(API_EXAMPLES[0]), lambda: API_EXAMPLES[0]
 
 
 def _batch_tab(space: Space, ready: bool) -> None:
@@ -331,8 +288,6 @@ def _batch_tab(space: Space, ready: bool) -> None:
     table = gr.Dataframe(headers=space.table_headers, label="Results", interactive=False, wrap=True,
                          column_widths=["30%", "15%", "12%", "12%", "31%"])
     csv_file = gr.File(label="Download as CSV", visible=False)
-    files.example_payload = lambda: [handle_file(url) for url in API_EXAMPLES]
-    files.example_value = lambda: API_EXAMPLES
     # preprocess=False: the handler gets each upload's FileData, with the name the file had on the user's machine.
     button.click(space.predict_batch_on_page, inputs=files, outputs=[table, csv_file, status], concurrency_id="model",
                  show_progress_on=table, preprocess=False, api_visibility="private")
@@ -341,16 +296,16 @@ def _batch_tab(space: Space, ready: bool) -> None:
                                    api_description=Space.predict_batch.__doc__)
 
 
-def _setting(name: str, default: str, minimum: Optional[int] = None) -> int | bool:
-    """$name as a whole number (at least ``minimum``) or, with no minimum, as a yes/no switch. A value that is
-    neither stops the app with one line: a Space's log should say what is wrong, not run on another setting."""
+def _setting(name: str, default: str, minimum: Optional[int] = None, maximum: int = 2**31 - 1) -> int | bool:
+    """$name as a whole number from ``minimum`` to ``maximum`` or, with no minimum, as a yes/no switch. A value that
+    is neither stops the app with one line: a Space's log should say what is wrong, not run on another setting."""
     value = os.environ.get(name, default).strip()
     if minimum is None and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
         return value.lower() in ("1", "true", "yes", "on")
-    if minimum is not None and value.isdecimal() and int(value) >= minimum:
+    if minimum is not None and value.isdecimal() and minimum <= int(value) <= maximum:
         return int(value)
-    meaning = "1/true/yes or 0/false/no" if minimum is None else f"a whole number from {minimum}"
-    sys.exit(f"error: ${name} must be {meaning}, got {value!r} (see the settings table in README.md)")
+    meaning = "1/true/yes or 0/false/no" if minimum is None else f"a whole number from {minimum} to {maximum}"
+    exit_with_error(f"${name} must be {meaning}, got {value!r} (see the settings table in README.md)")
 
 
 def _model_source(argv: list[str]) -> tuple[str, str, bool]:
@@ -359,12 +314,17 @@ def _model_source(argv: list[str]) -> tuple[str, str, bool]:
     parser.add_argument("--model", default=None, help=f"Hub repo id, id@revision, or a local folder (default: "
                         f"$CATDOG_MODEL, else ./{LOCAL_MODEL} if it exists, else {DEFAULT_MODEL})")
     parser.add_argument("--exact", action="store_true",
-                        help="serve the eager float32 model (model.safetensors) instead of the OpenVINO engine")
+                        help="serve the eager float32 model (model.safetensors, needs torch) instead of the OpenVINO engine")
+    parser.add_argument("--debug", action="store_true", help="log the full traceback behind every one-line error")
     parsed = parser.parse_args(argv)
+    if parsed.debug:
+        os.environ["CATDOG_DEBUG"] = "1"
     exact = parsed.exact or _setting("CATDOG_EXACT", "0")
-    if parsed.model:
+    if parsed.model is not None:
+        if not parsed.model.strip():
+            exit_with_error("--model is empty: pass a model folder or a Hub id like user/repo.")
         return parsed.model, "--model", exact
-    if os.environ.get("CATDOG_MODEL"):
+    if os.environ.get("CATDOG_MODEL", "").strip():
         return os.environ["CATDOG_MODEL"], "$CATDOG_MODEL", exact
     if (Path(LOCAL_MODEL) / "config.json").is_file():
         return LOCAL_MODEL, f"no --model or $CATDOG_MODEL, and ./{LOCAL_MODEL} (the training script's output) exists", exact
@@ -373,22 +333,21 @@ def _model_source(argv: list[str]) -> tuple[str, str, bool]:
 
 def main(argv: list[str]) -> None:
     # Before the model's threads start. CATDOG_MALLOC_ARENAS=0 switches it off (for the load test).
-    cap_malloc_arenas(_setting("CATDOG_MALLOC_ARENAS", "2", minimum=0))
-    max_batch = _setting("CATDOG_MAX_BATCH", "8", minimum=1)  # /predict calls that share one forward pass
-    upload_ttl_s = _setting("CATDOG_UPLOAD_TTL", "3600", minimum=1)  # uploads and CSVs are deleted after this
-    threads = _setting("CATDOG_THREADS", str(min(2, usable_cores())), minimum=1)
+    cap_malloc_arenas(_setting("CATDOG_MALLOC_ARENAS", "2", minimum=0, maximum=1024))
+    concurrency = _setting("CATDOG_CONCURRENCY", "4", minimum=1, maximum=64)  # API calls decoded side by side
+    upload_ttl_s = _setting("CATDOG_UPLOAD_TTL", "3600", minimum=1, maximum=10 * 365 * 86400)
+    threads = _setting("CATDOG_THREADS", str(min(2, usable_cores())), minimum=1, maximum=1024)
     source, why, exact = _model_source(argv)
     setup_logging()
     logger.info("loading the model %s (%s)", source, why)
     try:
-        predictor, load_error = load_predictor(source, exact=exact, threads=threads), None
-        predictor.max_shared_batch = max_batch
-        where = "the local folder" if Path(predictor.source).is_dir() else f"revision {predictor.revision or 'main'} of"
+        predictor, load_error = load_predictor(source, exact=exact, threads=threads, max_megabytes=MAX_FILE_MB), None
+        where = "the local folder" if predictor.is_local else f"revision {predictor.revision or 'main'} of"
         logger.info("serving %s %s", where, predictor.source)
     except ModelLoadError as error:
         predictor, load_error = None, str(error)
         logger.error("no model: %s", load_error)
-    demo = build_demo(predictor, load_error, max_batch=max_batch, upload_ttl_s=upload_ttl_s)
+    demo = build_demo(predictor, load_error, concurrency=concurrency, upload_ttl_s=upload_ttl_s)
     # A Space (or docker, or systemd) stops the app with SIGTERM: close the server as Ctrl+C does, and exit 0.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     demo.launch(max_file_size=f"{SERVER_CAP_MB}mb", css=CSS)

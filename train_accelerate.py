@@ -10,80 +10,166 @@ computes bf16 natively (AVX-512 BF16 or AMX CPUs, recent GPUs), with float32 wei
 
 The output folder receives config.json + model.safetensors (best validation epoch), the serving engine
 exported from them (openvino_model.xml/.bin), ood.safetensors (the "neither" detector), metrics.json,
-split.json (row indices of train/validation/test), the evaluation report and README.md (the model card);
-config.json, written last, lists every file's size and sha256. One run owns the
-folder at a time (a lock), and its checkpoints record the run's identity, so that a resume can only
-continue the run that wrote them, bit for bit.
+split.json (row indices of train/validation/test), the evaluation report and README.md (the model card),
+all at the end in one step, config.json with every file's size and sha256 last: until then the best weights
+wait in checkpoints/best and a previous model stays servable. One run owns the folder at a time (a lock),
+and its checkpoints record the run's identity, so that a resume can only continue the run that wrote them,
+bit for bit.
 """
 
 import argparse
 import dataclasses
-import functools
 import json
 import math
 import os
 import signal
 import sys
+import typing
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
-import torch
-import torch.nn.functional as F
-from accelerate import Accelerator, DataLoaderConfiguration, PartialState
-from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
-from huggingface_hub import get_token
-from huggingface_hub.errors import HTTPError, LocalEntryNotFoundError
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+try:
+    import torch
+    import torch.nn.functional as F
+    from accelerate import Accelerator, DataLoaderConfiguration, PartialState
+    from accelerate.logging import get_logger
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from huggingface_hub import get_token
+    from huggingface_hub.errors import HFValidationError, HTTPError, LocalEntryNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
 
-from catdog_model import CatDogClassifier
-from catdog_model.data import (DatasetError, check_classes, collate, dataset_fingerprint, load_image_dataset,
-                               make_transform, save_split, split_dataset, undecoded)
-from catdog_model.hardware import default_mixed_precision, default_num_workers, setup_logging
-from catdog_model.run_files import (SPLIT_FILE, TRACKER_PROJECT, backbone_init, claim_output_dir, push_run, start_run,
-                                    write_evaluation, write_metrics_and_card)
-from catdog_model.checkpoints import CHECKPOINTS, find_resume_checkpoint, load_checkpoint, save_checkpoint
-from catdog_model.training import (Progress, RunningMetrics, TrainingError, calibrate_and_test, check_finite, evaluate,
-                                   exit_with_parent, exit_with_parent_worker, on_main_process, save_model)
+    from catdog_model.config import DEFAULTS
+    from catdog_model.hardware import exit_with_error, setup_logging
+    from catdog_model.model import CatDogClassifier
+    from catdog_model.training.checkpoints import find_resume_checkpoint, load_checkpoint, save_checkpoint
+    from catdog_model.training.data import (DatasetError, check_classes, collate, dataset_fingerprint, load_image_dataset,
+                                            make_transform, split_dataset, undecoded)
+    from catdog_model.training.loop import (CHECKPOINTS, Progress, RunningMetrics, TrainingError, calibrate_and_test,
+                                            check_finite, default_mixed_precision, default_num_workers, evaluate,
+                                            exit_with_parent, exit_with_parent_worker, on_main_process, save_model)
+    from catdog_model.training.run_folder import TRACKER_PROJECT, backbone_init, claim_output_dir, publish_run, push_run, start_run
+except ImportError as missing:  # the serving install has no torch
+    sys.exit(f'error: training needs torch, timm, accelerate and datasets ({missing}): pip install "catdog-classifier[train]"')
 
 logger = get_logger(__name__)
 
 
-# ---- Fail fast: every flag is checked within seconds, before the dataset is touched.
+# ---- The run's settings: one frozen dataclass, the command line built from it, checked before any work.
 
-def check_args(args) -> None:
-    """Plain flag values; raises TrainingError naming the first that cannot work."""
-    for flag in ("epochs", "batch_size", "gradient_accumulation_steps", "max_train_samples", "max_eval_samples",
-                 "checkpoints_total_limit"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise TrainingError(f"--{flag.replace('_', '-')} must be at least 1, got {value}.")
-    if args.num_workers is not None and args.num_workers < 0:
-        raise TrainingError(f"--num-workers must be 0 or more, got {args.num_workers}.")
-    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
-        raise TrainingError(f"--learning-rate must be a finite number above 0, got {args.learning_rate}.")
-    if not (0 < args.test_split < 1 and 0 < args.val_split < 1):
-        raise TrainingError("--test-split and --val-split must be between 0 and 1.")
-    if args.resume_from_checkpoint and args.overwrite_output_dir:
-        raise TrainingError("--resume-from-checkpoint continues a run and --overwrite-output-dir deletes it: pick one.")
-    if args.push_to_hub and not (args.hub_model_id and (args.hub_token or get_token())):
-        raise TrainingError("--push-to-hub needs --hub-model-id and a token: run `hf auth login` or pass --hub-token.")
-    # The real model is built after the data is loaded (its labels come from the dataset); a model on
-    # the meta device costs no memory and checks the backbone name, the image size and the weights file now.
+def _flag(default, help: str = "", group: str = "training", **argparse_options):
+    return field(default=default, metadata=dict(help=help, group=group, **argparse_options))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every setting of a run. The command line is built from these fields (their defaults and help), and a
+    value that cannot work is refused here, within seconds, before the dataset is touched."""
+
+    dataset: str = _flag("microsoft/cats_vs_dogs", "Hub dataset id or local folder", "data")
+    dataset_revision: Optional[str] = _flag(None, "pin the Hub dataset to a branch, tag or commit", "data")
+    test_split: float = _flag(0.1, "held-out test fraction, taken first", "data")
+    val_split: float = _flag(0.2, "validation fraction of the rest", "data")
+    max_train_samples: Optional[int] = _flag(None, "cap the training split", "data")
+    max_eval_samples: Optional[int] = _flag(None, "caps validation and test alike", "data")
+    num_workers: Optional[int] = _flag(None, "DataLoader workers per process (default: 1 on a CPU, else the cores per "
+                                             "process, at most 8)", "data")
+    backbone: str = _flag(DEFAULTS["backbone"], "any timm model name", "model")
+    image_size: int = _flag(DEFAULTS["image_size"], "pictures are resized to this square", "model")
+    no_pretrained: bool = _flag(False, "random backbone, no download", "model")
+    pretrained_weights: Optional[str] = _flag(None, "local timm checkpoint for the backbone", "model", metavar="PATH")
+    freeze_backbone: bool = _flag(False, "train the head only", "model")
+    epochs: int = _flag(10)
+    batch_size: int = _flag(20, "per process")
+    learning_rate: float = _flag(0.01)
+    seed: int = _flag(42, "0 to 2**32 - 1")
+    no_augmentation: bool = _flag(False, "no rotation/flip/zoom (for overfitting checks)")
+    gradient_accumulation_steps: int = _flag(1)
+    mixed_precision: Optional[str] = _flag(None, "default: accelerate config's choice if not 'no', else bf16 where the "
+                                                 "CPU (AVX-512 BF16, AMX) or GPU computes it natively, else no",
+                                           choices=["no", "fp16", "bf16"])
+    cpu: bool = _flag(False, "train on the CPU even if a GPU is there")
+    checkpointing_steps: Optional[str] = _flag(None, 'save the state every N optimizer steps, or "epoch"')
+    checkpoints_total_limit: Optional[int] = _flag(None, "keep only the newest N checkpoints (505 MB each at 224 px)",
+                                                   metavar="N")
+    resume_from_checkpoint: Optional[str] = _flag(
+        None, 'a checkpoint folder, or "latest": the newest complete one in OUTPUT_DIR/checkpoints. Refused if the '
+              "run's identity differs (data, seed, splits, model, batch size x processes x accumulation, learning rate, "
+              "augmentation, precision, max samples); --num-workers may differ, and --epochs may grow to extend a run",
+        metavar="PATH|latest")
+    with_tracking: bool = _flag(False, "log to every tracker installed")
+    output_dir: str = _flag("catdog-model", "where the model is written", "output")
+    overwrite_output_dir: bool = _flag(False, "replace a previous run's files (only those)", "output")
+    push_to_hub: bool = _flag(False, "upload the finished folder", "output")
+    hub_model_id: Optional[str] = _flag(None, "user/repo", "output")
+    hub_private: bool = _flag(False, "create the repo private", "output")
+    hub_token: Optional[str] = _flag(None, "default: the logged-in token", "output")
+    debug: bool = _flag(False, "log the full traceback behind a one-line error", "output")
+    # What the machine decided, set once the Accelerator exists (not flags).
+    precision_reason: str = field(default="", metadata=dict(flag=False))
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "gradient_accumulation_steps", "max_train_samples", "max_eval_samples",
+                     "checkpoints_total_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise TrainingError(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise TrainingError(f"--num-workers must be 0 or more, got {self.num_workers}.")
+        if not 0 <= self.seed < 2**32:  # what numpy's and torch's seeding take
+            raise TrainingError(f"--seed must be from 0 to 2**32 - 1, got {self.seed}.")
+        if not (math.isfinite(self.learning_rate) and 0 < self.learning_rate < 3.4e38):  # a float32 must hold it
+            raise TrainingError(f"--learning-rate must be a finite number above 0, got {self.learning_rate}.")
+        if not (0 < self.test_split < 1 and 0 < self.val_split < 1):
+            raise TrainingError("--test-split and --val-split must be between 0 and 1.")
+        for name in ("dataset", "output_dir"):
+            if not getattr(self, name).strip():
+                raise TrainingError(f"--{name.replace('_', '-')} is empty.")
+        steps = self.checkpointing_steps
+        if steps not in (None, "epoch") and not (steps.isdecimal() and int(steps) > 0):
+            raise TrainingError('--checkpointing-steps takes a number of steps (1 or more) or "epoch".')
+        if self.resume_from_checkpoint and self.overwrite_output_dir:
+            raise TrainingError("--resume-from-checkpoint continues a run and --overwrite-output-dir deletes it: pick one.")
+        if self.push_to_hub and not (self.hub_model_id and (self.hub_token or get_token())):
+            raise TrainingError("--push-to-hub needs --hub-model-id and a token: run `hf auth login` or pass --hub-token.")
+        if self.push_to_hub:
+            try:
+                validate_repo_id(self.hub_model_id)
+            except HFValidationError as error:
+                raise TrainingError(f"--hub-model-id {self.hub_model_id!r} is not a valid Hub repo id: "
+                                    f"{str(error).splitlines()[0]}") from None
+
+    @property
+    def checkpoint_every(self) -> Optional[int]:
+        return int(self.checkpointing_steps) if (self.checkpointing_steps or "").isdecimal() else None
+
+    @property
+    def checkpoint_each_epoch(self) -> bool:
+        return self.checkpointing_steps == "epoch"
+
+    def public(self) -> dict:
+        """The settings worth recording: all but the token."""
+        return {key: value for key, value in dataclasses.asdict(self).items() if key != "hub_token"}
+
+
+def check_model_flags(config: RunConfig) -> None:
+    """The backbone, image size and weights file, on PyTorch's meta device: no memory, no download."""
+    # The real model is built after the data is loaded (its labels come from the dataset).
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore")  # loading real tensors into meta ones is a no-op, by design here
         try:
-            model = CatDogClassifier(args.backbone, args.image_size, pretrained=False)
+            model = CatDogClassifier(config.backbone, config.image_size, pretrained=False)
         except (ValueError, TypeError) as error:
-            raise TrainingError(f"--backbone {args.backbone} --image-size {args.image_size}: {error}") from None
+            raise TrainingError(f"--backbone {config.backbone} --image-size {config.image_size}: {error}") from None
         except (OSError, HTTPError) as error:  # an hf-hub: backbone whose config cannot be fetched
-            raise TrainingError(f"--backbone {args.backbone}: could not read its config from the Hub "
+            raise TrainingError(f"--backbone {config.backbone}: could not read its config from the Hub "
                                 f"({type(error).__name__}); use a timm model name, e.g. resnet50.") from None
         try:
-            if args.pretrained_weights:
-                model.load_backbone_weights(args.pretrained_weights)
+            if config.pretrained_weights:
+                model.load_backbone_weights(config.pretrained_weights)
         except (ValueError, OSError) as error:
             raise TrainingError(f"--pretrained-weights: {str(error).splitlines()[0]}") from None
 
@@ -110,9 +196,8 @@ def run_identity(config, accelerator: Accelerator) -> dict:
 
 # ---- Data, model and the steps of training.
 
-def load_splits(config, accelerator: Accelerator, output_dir: Path):
-    """Check every image once (cached by datasets), split and cap; returns, with them, the function that
-    records the rows in split.json (called once the run may write)."""
+def load_splits(config: RunConfig, accelerator: Accelerator):
+    """Check every image once (cached by datasets), split and cap."""
     with accelerator.main_process_first():
         data = load_image_dataset(config.dataset, config.dataset_revision)
     splits = split_dataset(data, config.test_split, config.val_split, config.seed)
@@ -123,9 +208,7 @@ def load_splits(config, accelerator: Accelerator, output_dir: Path):
     check_classes(data, used, hint=" (raise --max-train-samples / --max-eval-samples)")
     transforms = {name: make_transform(data, config.image_size, train=name == "train" and not config.no_augmentation, seed=config.seed)
                   for name in used}
-    # The rows as selected, before the transforms are set on them: what split.json records.
-    write_split = functools.partial(save_split, output_dir / SPLIT_FILE, splits, dict(used), data, dataset=config.dataset,
-                                    revision=config.dataset_revision, seed=config.seed)
+    rows = dict(used)  # the rows as selected, before the transforms are set on them: what split.json records
     for name, split in used.items():
         used[name] = undecoded(split, data)  # the transforms decode: JPEGs straight from their bytes
         used[name].set_transform(transforms[name])
@@ -133,7 +216,7 @@ def load_splits(config, accelerator: Accelerator, output_dir: Path):
         "dataset %s: %s; %d rows skipped (undecodable)",
         config.dataset, ", ".join(f"{n} {len(s)}" for n, s in used.items()), len(data.skipped_rows),
     )
-    return data, splits, used, transforms["train"], write_split
+    return data, splits, rows, used, transforms["train"]
 
 
 def build_model(config, labels: tuple[str, ...]) -> CatDogClassifier:
@@ -198,27 +281,6 @@ def finish_epoch(config, accelerator: Accelerator, model, val_loader, progress: 
     progress.epoch, progress.batches_in_epoch, progress.train_metrics = epoch, 0, RunningMetrics()
 
 
-def frozen_config(args: argparse.Namespace, accelerator: Accelerator, precision_reason: str):
-    """Every setting of the run, checked, with what the machine decided (workers, precision, checkpoint
-    interval), fixed from here on and logged, as nanoGPT logs its config; metrics.json records it too."""
-    values = {**vars(args), "mixed_precision": accelerator.mixed_precision, "precision_reason": precision_reason,
-              "num_workers": default_num_workers(accelerator.device, accelerator.num_processes)
-              if args.num_workers is None else args.num_workers,
-              "checkpoint_every": int(args.checkpointing_steps) if (args.checkpointing_steps or "").isdecimal() else None,
-              "checkpoint_each_epoch": args.checkpointing_steps == "epoch"}
-    config = dataclasses.make_dataclass("RunConfig", list(values), frozen=True)(**values)
-    logger.info("world size %d (%s, device %s, mixed precision %s: %s, %d data workers per process)",
-                accelerator.num_processes, accelerator.distributed_type, accelerator.device, config.mixed_precision,
-                config.precision_reason, config.num_workers)
-    logger.info("config: %s", json.dumps(public_settings(config), default=str))
-    return config
-
-
-def public_settings(config) -> dict:
-    """The settings worth recording: all but the token."""
-    return {key: value for key, value in dataclasses.asdict(config).items() if key != "hub_token"}
-
-
 def make_loaders(config, used: dict) -> tuple[tuple[DataLoader, DataLoader, DataLoader], dict]:
     """The train, validation and test loaders, and the settings they share (for later loaders of the run)."""
     loader_kwargs = dict(batch_size=config.batch_size, collate_fn=collate, num_workers=config.num_workers,
@@ -229,42 +291,48 @@ def make_loaders(config, used: dict) -> tuple[tuple[DataLoader, DataLoader, Data
     return (train_loader, DataLoader(used["validation"], **loader_kwargs), DataLoader(used["test"], **loader_kwargs)), loader_kwargs
 
 
-def choose_precision(args) -> tuple[str, str]:
+def choose_precision(config: RunConfig) -> tuple[str, str]:
     """--mixed-precision, else accelerate config's choice, else bf16 where the device computes it natively; and why."""
-    if args.mixed_precision:
-        return args.mixed_precision, "--mixed-precision"
-    device = PartialState(cpu=args.cpu).device  # the state Accelerator will share: same device, known before it
+    if config.mixed_precision:
+        return config.mixed_precision, "--mixed-precision"
+    device = PartialState(cpu=config.cpu).device  # the state Accelerator will share: same device, known before it
     return default_mixed_precision(device, os.environ.get("ACCELERATE_MIXED_PRECISION"))
 
 
-def training_function(args: argparse.Namespace) -> None:
-    check_args(args)
-    precision, precision_reason = choose_precision(args)
+def training_function(config: RunConfig) -> None:
+    check_model_flags(config)
+    precision, precision_reason = choose_precision(config)
     accelerator = Accelerator(
-        cpu=args.cpu,
+        cpu=config.cpu,
         mixed_precision=precision,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        log_with="all" if args.with_tracking else None,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with="all" if config.with_tracking else None,
         # Where trackers log, and how many checkpoints to keep (checkpoints.py says why its naming is its own).
-        project_config=ProjectConfiguration(project_dir=args.output_dir, total_limit=args.checkpoints_total_limit),
+        project_config=ProjectConfiguration(project_dir=config.output_dir, total_limit=config.checkpoints_total_limit),
         # Seeded sampling makes each epoch's order reproducible, so a resumed run skips the right batches.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
     )
-    config = frozen_config(args, accelerator, precision_reason)
+    # What the machine decided joins the settings, fixed from here on and logged, as nanoGPT logs its config.
+    config = dataclasses.replace(
+        config, mixed_precision=accelerator.mixed_precision, precision_reason=precision_reason,
+        num_workers=default_num_workers(accelerator.device, accelerator.num_processes)
+        if config.num_workers is None else config.num_workers)
+    logger.info("world size %d (%s, device %s, mixed precision %s: %s, %d data workers per process)",
+                accelerator.num_processes, accelerator.distributed_type, accelerator.device, config.mixed_precision,
+                config.precision_reason, config.num_workers)
+    logger.info("config: %s", json.dumps(config.public(), default=str))
     output_dir = Path(config.output_dir)
     identity = run_identity(config, accelerator)
     resume_from = find_resume_checkpoint(config.resume_from_checkpoint, output_dir, identity, config.epochs)
     lock = on_main_process(accelerator, claim_output_dir, output_dir, config.overwrite_output_dir, bool(resume_from))
     set_seed(config.seed)
 
-    data, splits, used, train_transform, write_split = load_splits(config, accelerator, output_dir)
+    data, splits, rows, used, train_transform = load_splits(config, accelerator)
     (train_loader, val_loader, test_loader), loader_kwargs = make_loaders(config, used)
 
     model = build_model(config, data.labels)
     # Every check has passed, the data's included: only now may a previous run be cleared and the folder written.
     on_main_process(accelerator, start_run, output_dir, config.overwrite_output_dir)
-    if accelerator.is_main_process:
-        write_split()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
 
     # One prepare for everything: device placement, DDP wrapping, sharded loaders, mixed precision.
@@ -276,7 +344,7 @@ def training_function(args: argparse.Namespace) -> None:
     if resume_from:
         load_checkpoint(accelerator, resume_from, output_dir, progress, batches_per_epoch=len(train_loader))
     if config.with_tracking:
-        accelerator.init_trackers(TRACKER_PROJECT, config=public_settings(config))
+        accelerator.init_trackers(TRACKER_PROJECT, config=config.public())
 
     def checkpoint(losses: list) -> None:
         check_finite(losses, model, progress)
@@ -298,85 +366,59 @@ def training_function(args: argparse.Namespace) -> None:
         if config.checkpoint_each_epoch:
             checkpoint([])
 
-    test, calibration, test_outputs, detector = calibrate_and_test(
+    calibration, test_outputs, detector = calibrate_and_test(
         config, accelerator, model, progress, data, used["train"], val_loader, test_loader, loader_kwargs)
-    logger.info("test (epoch %d weights): loss %.4f, accuracy %.4f on %d images", progress.best_epoch, test["loss"], test["accuracy"], test["samples"])
     if config.with_tracking:
-        accelerator.log({"test_loss": test["loss"], "test_accuracy": test["accuracy"]})
         accelerator.end_training()
 
     if accelerator.is_main_process:
-        evaluation = write_evaluation(config, accelerator.unwrap_model(model), output_dir, progress, test_outputs, detector, data)
-        write_metrics_and_card(config, accelerator, output_dir, progress, test, calibration, evaluation, data, splits, used,
-                      identity["dataset content"])
+        publish_run(config, accelerator, accelerator.unwrap_model(model), progress, calibration, test_outputs, detector,
+                    data, splits, rows, identity["dataset content"])
         if config.push_to_hub:
             push_run(config, output_dir)
         lock.release()
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="microsoft/cats_vs_dogs", help="Hub dataset id or local folder")
-    data.add_argument("--dataset-revision", default=None, help="pin the Hub dataset to a branch, tag or commit")
-    data.add_argument("--test-split", type=float, default=0.1, help="held-out test fraction, taken first")
-    data.add_argument("--val-split", type=float, default=0.2, help="validation fraction of the rest")
-    data.add_argument("--max-train-samples", type=int, default=None)
-    data.add_argument("--max-eval-samples", type=int, default=None, help="caps validation and test alike")
-    data.add_argument("--num-workers", type=int, default=None,
-                      help="DataLoader workers per process (default: 1 on a CPU, else the cores per process, at most 8)")
-    model = parser.add_argument_group("model")
-    model.add_argument("--backbone", default="resnet50", help="any timm model name")
-    model.add_argument("--image-size", type=int, default=224)
-    model.add_argument("--no-pretrained", action="store_true", help="random backbone, no download")
-    model.add_argument("--pretrained-weights", default=None, metavar="PATH", help="local timm checkpoint for the backbone")
-    model.add_argument("--freeze-backbone", action="store_true", help="train the head only")
-    train = parser.add_argument_group("training")
-    train.add_argument("--epochs", type=int, default=10)
-    train.add_argument("--batch-size", type=int, default=20, help="per process")
-    train.add_argument("--learning-rate", type=float, default=0.01)
-    train.add_argument("--seed", type=int, default=42)
-    train.add_argument("--no-augmentation", action="store_true", help="no rotation/flip/zoom (for overfitting checks)")
-    train.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    train.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
-                       help="default: accelerate config's choice if not 'no', else bf16 where the CPU (AVX-512 BF16, AMX) "
-                            "or GPU computes it natively, else no; the choice and its reason go into metrics.json")
-    train.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is there")
-    train.add_argument("--checkpointing-steps", default=None, help='save the state every N optimizer steps, or "epoch"')
-    train.add_argument("--checkpoints-total-limit", type=int, default=None, metavar="N",
-                       help="keep only the newest N checkpoints (each is about 1.5 GB at 224 px)")
-    train.add_argument(
-        "--resume-from-checkpoint", default=None, metavar="PATH|latest",
-        help='a checkpoint folder, or "latest": the newest complete one in OUTPUT_DIR/checkpoints. Refused if the '
-             "run's identity differs (data, seed, splits, model, batch size x processes x accumulation, learning rate, "
-             "augmentation, precision, max samples); --num-workers may differ, and --epochs may grow to extend a run",
-    )
-    train.add_argument("--with-tracking", action="store_true", help="log to every tracker installed")
-    out = parser.add_argument_group("output")
-    out.add_argument("--output-dir", default="catdog-model")
-    out.add_argument("--overwrite-output-dir", action="store_true")
-    out.add_argument("--push-to-hub", action="store_true")
-    out.add_argument("--hub-model-id", default=None, help="user/repo")
-    out.add_argument("--hub-private", action="store_true")
-    out.add_argument("--hub-token", default=None, help="default: the logged-in token")
-    args = parser.parse_args(argv)
-    if args.checkpointing_steps not in (None, "epoch") and not (args.checkpointing_steps.isdecimal() and int(args.checkpointing_steps) > 0):
-        parser.error('--checkpointing-steps takes a number of steps (1 or more) or "epoch"')
-    return args
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:  # one line, not the whole usage
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def parse_args(argv=None) -> RunConfig:
+    """The command line, built from RunConfig's fields; their defaults show in --help."""
+    parser = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    groups, types = {}, typing.get_type_hints(RunConfig)
+    for option in dataclasses.fields(RunConfig):
+        metadata = dict(option.metadata)
+        if not metadata.pop("flag", True):
+            continue
+        group = groups.get(metadata["group"]) or groups.setdefault(metadata["group"], parser.add_argument_group(metadata["group"]))
+        flag, kind = "--" + option.name.replace("_", "-"), types[option.name]
+        kind = next(t for t in typing.get_args(kind) if t is not type(None)) if typing.get_origin(kind) else kind
+        metadata.pop("group")
+        if kind is bool:
+            group.add_argument(flag, action="store_true", **metadata)
+        else:
+            group.add_argument(flag, type=kind, default=option.default, **metadata)
+    return RunConfig(**vars(parser.parse_args(argv)))
 
 
 def main(argv=None) -> None:
     setup_logging()
     if "LOCAL_RANK" in os.environ:  # started by torchrun (accelerate launch): never outlive the launcher
         exit_with_parent(os.getppid(), signal.SIGTERM)
-    args = parse_args(argv)
+    config = None
     try:
-        training_function(args)
+        config = parse_args(argv)
+        if config.debug:
+            os.environ["CATDOG_DEBUG"] = "1"
+        training_function(config)
     except (TrainingError, DatasetError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        exit_with_error(error)
     except KeyboardInterrupt:
-        print(f"interrupted; checkpoints (if any) are in {args.output_dir}/checkpoints", file=sys.stderr)
+        where = f"{config.output_dir}/{CHECKPOINTS}" if config else "the output folder"
+        print(f"interrupted; the checkpoints (if any) are in {where}: continue with the same command and "
+              "--resume-from-checkpoint latest", file=sys.stderr)
         sys.exit(130)
 
 

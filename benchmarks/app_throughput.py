@@ -25,8 +25,8 @@ from gradio_client import Client, handle_file
 
 from tests.app_server import running_app
 from catdog_model import CatDogClassifier
-from catdog_model.data import load_image_dataset
-from catdog_model.export import save_openvino
+from catdog_model.training.data import load_image_dataset
+from catdog_model.training.export import save_openvino
 from catdog_model.hardware import describe
 
 ROOT = Path(__file__).resolve().parents[1]

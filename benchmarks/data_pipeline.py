@@ -23,7 +23,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from catdog_model import preprocess
 from catdog_model.hardware import cpu_name, describe
-from catdog_model.data import ROW_COLUMN, load_image_dataset, make_transform, undecoded
+from catdog_model.training.data import ROW_COLUMN, load_image_dataset, make_transform, undecoded
 
 
 def naive_transform(data, image_size: int):

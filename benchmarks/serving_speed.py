@@ -33,8 +33,8 @@ import torch
 from PIL import Image
 
 from catdog_model import CatDogClassifier, load_predictor, open_image
-from catdog_model.engine import IR_FILES
-from catdog_model.export import save_openvino
+from catdog_model.config import IR_FILES
+from catdog_model.training.export import save_openvino
 from catdog_model.hardware import describe
 from catdog_model.ood import OOD_FILE
 
@@ -111,7 +111,7 @@ def _app_cold_start(folder: str, exact: bool, photo: Path, threads: int) -> floa
 
 
 def _parity(exact, default, dataset: str) -> dict:
-    from catdog_model.data import load_image_dataset
+    from catdog_model.training.data import load_image_dataset
 
     data = load_image_dataset(dataset)
     images = [row[data.image_column] for row in data.dataset]

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from catdog_model import CatDogClassifier
-from catdog_model.data import collate, load_image_dataset, make_transform
+from catdog_model.training.data import collate, load_image_dataset, make_transform
 from catdog_model.hardware import default_mixed_precision, default_num_workers, describe
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,31 +1,25 @@
-"""catdog: a cat-vs-dog classifier, trained with Accelerate and shared on the Hugging Face Hub."""
+"""catdog: a cat-vs-dog classifier, trained with Accelerate and shared on the Hugging Face Hub.
+
+Serving (``load_predictor``) needs numpy, Pillow and OpenVINO only; ``CatDogClassifier`` and training need
+torch: ``pip install "catdog-classifier[train]"``.
+"""
 
 from .config import DEFAULT_LABELS
-from .images import ImageError, open_image, preprocess, to_rgb
-from .predictor import Explanation, ModelLoadError, PredictionError, Predictor, load_predictor
-from .verdict import Verdict, decide
+from .images import ImageError, open_image, to_rgb
+from .serving.files import ModelLoadError
+from .serving.predictor import Explanation, PredictionError, Predictor, load_predictor
+from .serving.verdict import Verdict, decide
 
-__all__ = [
-    "CatDogClassifier",
-    "DEFAULT_LABELS",
-    "Explanation",
-    "ImageError",
-    "ModelLoadError",
-    "PredictionError",
-    "Predictor",
-    "load_predictor",
-    "open_image",
-    "preprocess",
-    "to_rgb",
-    "Verdict",
-    "decide",
-]
+__all__ = ["CatDogClassifier", "DEFAULT_LABELS", "Explanation", "ImageError", "ModelLoadError", "PredictionError",
+           "Predictor", "Verdict", "decide", "load_predictor", "open_image", "to_rgb"]
 
 
 def __getattr__(name: str):
-    # The model class needs torch and timm (seconds to import); serving the OpenVINO engine needs neither.
+    # The model class needs torch and timm (seconds to import); serving needs neither.
     if name == "CatDogClassifier":
-        from .model import CatDogClassifier
-
+        try:
+            from .model import CatDogClassifier
+        except ImportError as error:
+            raise ImportError(f'CatDogClassifier needs torch and timm ({error}): pip install "catdog-classifier[train]"') from None
         return CatDogClassifier
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

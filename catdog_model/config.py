@@ -1,17 +1,18 @@
-"""The model's config.json: what it may hold, checked without building the model (no torch, no timm).
+"""What a model folder holds and what its config.json may say, checked without torch.
 
 The architecture arguments of ``CatDogClassifier`` (backbone, image_size, hidden_size, dropout, labels) and
 what training fits after them (temperature, ood_threshold) live in config.json, next to the weights; the
 training script, the predictor and the benchmarks all read them from there. ``check_config`` is the one
-place that says what a valid value is: the model's ``__init__`` calls it, and so does ``load_predictor``,
-which serves the OpenVINO engine without importing torch.
+place that says what a valid value is: the model's ``__init__`` calls it, and so does ``load_predictor``.
+The file names of a model folder and the layer names the detector and the export share are defined here too.
 """
 
 from __future__ import annotations
 
 import math
 
-__all__ = ["DEFAULT_LABELS", "HUB_METADATA", "check_config", "check_labels"]
+__all__ = ["DEFAULTS", "DEFAULT_LABELS", "FEATURE_NAMES", "HIDDEN", "HUB_METADATA", "IR_FILES", "MANIFEST_KEY", "OOD_FILE",
+           "STAGE_FEATURES", "STAT_STAGES", "WEIGHTS", "check_config", "check_labels"]
 
 DEFAULT_LABELS = ("cat", "dog")  # the order of microsoft/cats_vs_dogs: cat=0, dog=1
 # What the Hub shows about every catdog model: the mixin's class arguments and the model card's metadata.
@@ -19,6 +20,19 @@ HUB_METADATA = {"library_name": "catdog", "license": "mit", "pipeline_tag": "ima
                 "tags": ["image-classification", "timm", "pytorch", "accelerate", "cats-vs-dogs"]}
 DEFAULTS = {"backbone": "resnet50", "image_size": 224, "hidden_size": 1024, "dropout": 0.2, "labels": DEFAULT_LABELS,
             "temperature": 1.0, "ood_threshold": None}
+
+# A model folder: the fp32 weights every other file is made from, the OpenVINO IR that serves, the detector.
+WEIGHTS = "model.safetensors"
+IR_FILES = ("openvino_model.xml", "openvino_model.bin")  # the names the Hub gives OpenVINO files
+OOD_FILE = "ood.safetensors"
+MANIFEST_KEY = "manifest"  # config.json's list of every file with its size and sha256
+
+# The "neither" detector's layers: the head's hidden layer and the per-channel statistics of two early
+# backbone stages (timm's forward_intermediates indices). The model computes them, the export names them.
+HIDDEN = "hidden"
+STAT_STAGES = (1, 2)
+STAGE_FEATURES = {index: f"stage{index}" for index in STAT_STAGES}
+FEATURE_NAMES = (HIDDEN, *STAGE_FEATURES.values())
 
 
 def check_labels(labels) -> tuple[str, str]:
@@ -55,11 +69,11 @@ def check_config(config: dict) -> dict:
     if not _number(checked["dropout"]) or not 0 <= checked["dropout"] < 1:
         raise ValueError(f"dropout must be a probability in [0, 1), got {checked['dropout']!r}")
     checked["labels"] = check_labels(checked["labels"])
-    # Fitted on the validation split after training (temperature scaling); 1.0 for models saved before it.
+    # Fitted on the validation split after training (temperature scaling).
     if not _number(checked["temperature"]) or checked["temperature"] <= 0:
         raise ValueError(f"temperature must be a positive number, got {checked['temperature']!r}")
     checked["temperature"] = float(checked["temperature"])
-    # The "neither cat nor dog" cut-off on ood.safetensors' distance, fitted after training; None before it.
+    # The "neither" cut-off on ood.safetensors' distance, fitted after training; None until then.
     threshold = checked["ood_threshold"]
     if threshold is not None and (not _number(threshold) or threshold < 0):
         raise ValueError(f"ood_threshold must be a non-negative number or null, got {threshold!r}")

@@ -1,9 +1,9 @@
-"""What this machine computes fast: the one place that reads CPU flags and cores and picks precisions from them,
-and sets up the process every entry point shares (its log format, glibc's malloc arenas).
+"""What this machine computes fast, and how every entry point sets up its process: the one place that reads CPU
+flags and cores, the shared log format, the one-line errors (``CATDOG_DEBUG=1`` adds the traceback) and glibc's
+malloc arenas.
 
-The serving engine (engine.py) is compiled in bf16 where ``native_bf16()``; training (train_accelerate.py)
-trains in bf16 autocast there unless told otherwise; the benchmarks record ``describe()`` next to
-every number they print.
+The serving engine is compiled in bf16 where ``native_bf16()``; training trains in bf16 autocast there unless
+told otherwise; the benchmarks record ``cpu_name()`` next to every number they print.
 """
 
 from __future__ import annotations
@@ -13,11 +13,25 @@ import logging
 import os
 import platform
 import sys
+from typing import NoReturn
 
-__all__ = ["cap_malloc_arenas", "cpu_flags", "cpu_name", "default_mixed_precision", "default_num_workers", "describe",
-           "native_bf16", "setup_logging", "usable_cores"]
+__all__ = ["cap_malloc_arenas", "cpu_flags", "cpu_name", "debug", "exit_with_error", "native_bf16", "setup_logging",
+           "usable_cores"]
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def debug() -> bool:
+    """``CATDOG_DEBUG=1`` (or a command's ``--debug``): every one-line error also logs its full traceback."""
+    return os.environ.get("CATDOG_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def exit_with_error(error: BaseException | str, status: int = 1) -> NoReturn:
+    """Stop with one ``error: ...`` line, never a traceback; with ``debug()``, the traceback is logged first."""
+    if debug() and isinstance(error, BaseException):
+        logging.getLogger("catdog").error("the full traceback (CATDOG_DEBUG)", exc_info=error)
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(status)
 
 
 def setup_logging() -> None:
@@ -66,46 +80,3 @@ def native_bf16(flags: frozenset[str] | None = None) -> bool:
     """Whether bfloat16 convolutions beat float32 here: AMX or AVX-512 BF16."""
     flags = cpu_flags() if flags is None else flags
     return bool({"amx_bf16", "avx512_bf16"} & flags)
-
-
-def default_mixed_precision(device: "torch.device", configured: str | None = None,
-                            flags: frozenset[str] | None = None) -> tuple[str, str]:
-    """The precision to train in when no flag names one, and why.
-
-    ``configured`` is what ``accelerate config`` / ``accelerate launch`` chose (ACCELERATE_MIXED_PRECISION):
-    a choice other than "no" is kept. Otherwise bf16 autocast wherever the hardware computes bf16
-    natively (the weights stay float32), measured 2.3× faster per CPU train step on an AVX-512 BF16 EPYC.
-    """
-    if configured and configured != "no":
-        return configured, "accelerate config"
-    if device.type == "cpu":
-        if native_bf16(flags):
-            return "bf16", "default: the CPU computes bf16 natively (AVX-512 BF16 or AMX)"
-        return "no", "default: the CPU has no native bf16 (fp32 is faster there)"
-    import torch  # here, not at the top: the serving engine reads CPU flags without torch
-
-    if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
-        return "bf16", "default: the GPU computes bf16 natively"
-    return "no", f"default: no native bf16 known for {device.type}"
-
-
-def default_num_workers(device: "torch.device", processes: int = 1) -> int:
-    """DataLoader workers per process.
-
-    On a GPU, the cores this process may use, shared among the processes (at most 8): decoding must keep
-    up with the GPU. On a CPU, one: the train step costs ~100 ms per image there and decoding ~2 ms, so
-    more workers would only take cores from the step.
-    """
-    if device.type == "cpu":
-        return 1
-    return max(1, min(8, usable_cores() // max(1, processes)))
-
-
-def describe(threads: int | None = None) -> dict:
-    """The machine a benchmark ran on: CPU model and flags, cores, torch threads and version, GPU if any."""
-    import torch
-
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"cpu": cpu_name(), "native_bf16": native_bf16(), "cores": usable_cores(),
-            "torch_threads": threads or torch.get_num_threads(), "torch": torch.__version__, "gpu": gpu,
-            "flags": sorted(f for f in cpu_flags() if f.startswith(("avx", "amx")))}

@@ -2,27 +2,26 @@
 
 ``open_image`` reads an upload (path, bytes or file object) safely: the pixel count is checked
 from the header before anything is decoded, so a decompression bomb is refused without
-allocating it. ``to_rgb`` fixes orientation and colour mode; ``image_array`` adds the resize and
-returns the [0, 1] float32 array the serving engine takes, ``preprocess`` the same as a torch tensor
-(torch is imported only there: serving runs without it).
+allocating it. ``to_rgb`` fixes orientation and colour mode; ``model_input`` adds the resize and
+returns the (3, S, S) uint8 array every side feeds the model (numpy and Pillow only).
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
-import threading
 from pathlib import Path
-from typing import BinaryIO, Iterator, Optional, Union
+from typing import BinaryIO, Optional, Union
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
-__all__ = ["ImageError", "MAX_PIXELS", "PixelBudget", "check_image", "open_image", "to_rgb", "resize", "image_array", "preprocess"]
+__all__ = ["ImageError", "MAX_PIXELS", "TooLargeError", "check_image", "decode", "model_input", "open_image", "to_rgb"]
 
 # 40 megapixels: larger than any phone photo, small enough to decode on a 2-vCPU Space.
 MAX_PIXELS = 40_000_000
+# Pictures, not containers: an ICO or ICNS may hold a frame far larger than its header says, decoded unchecked.
+FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM")
 ImageSource = Union[str, Path, bytes, BinaryIO]
 
 logger = logging.getLogger(__name__)
@@ -41,9 +40,10 @@ class TooLargeError(ImageError):
 
 
 def open_image(source: ImageSource, max_pixels: int = MAX_PIXELS, draft_size: Optional[int] = None,
-               max_megabytes: Optional[float] = None) -> Image.Image:
+               max_megabytes: Optional[float] = None, decode_now: bool = True) -> Image.Image:
     """Open and fully decode a picture, or raise ``ImageError`` with a short reason (``TooLargeError`` for a
-    file over ``max_megabytes`` or a picture over ``max_pixels``, checked before anything is decoded).
+    file over ``max_megabytes`` or a picture over ``max_pixels``, checked before anything is decoded). Only
+    the formats of ``FORMATS`` are read.
 
     With ``draft_size``, a JPEG is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling), as far
     as both sides stay at least ``draft_size``: a 12-megapixel phone photo bound for a 224-pixel
@@ -60,7 +60,7 @@ def open_image(source: ImageSource, max_pixels: int = MAX_PIXELS, draft_size: Op
         if max_megabytes and megabytes > max_megabytes:
             raise TooLargeError(f"The file is {megabytes:.1f} MB; the limit is {max_megabytes:g} MB a picture.")
     try:
-        image = Image.open(source)
+        image = Image.open(source, formats=FORMATS)
     except FileNotFoundError:
         raise ImageError(f"No such file: {source}") from None
     except Image.DecompressionBombError:  # Pillow's own header check, far above our limit
@@ -71,14 +71,17 @@ def open_image(source: ImageSource, max_pixels: int = MAX_PIXELS, draft_size: Op
     width, height = image.size
     if width * height > max_pixels:
         raise TooLargeError(f"The image is too large ({width}×{height} pixels); the limit is {max_pixels / 1e6:.0f} megapixels.")
-    if draft_size and image.format == "JPEG":
-        image.draft(image.mode, (draft_size, draft_size))
-    _decode(image)
+    if decode_now:  # else the caller decodes (``decode``), once it has reserved the memory
+        decode(image, draft_size)
     return image
 
 
-def _decode(image: Image.Image) -> None:
-    """``image.load()``, with any decoder's failure as an ``ImageError``."""
+def decode(image: Image.Image, draft_size: Optional[int] = None) -> None:
+    """``image.load()``, with any decoder's failure as an ``ImageError``. With ``draft_size``, a JPEG not yet
+    decoded is decoded at the smallest DCT scale that keeps both sides at least that size (a no-op once decoded),
+    so that a picture opened lazily in Python decodes exactly as one the app opens."""
+    if draft_size and image.format == "JPEG":
+        image.draft(image.mode, (draft_size, draft_size))
     try:
         image.load()
     except ValueError as error:
@@ -90,14 +93,18 @@ def _decode(image: Image.Image) -> None:
 
 
 def _scale_to_8bit(image: Image.Image) -> Image.Image:
-    """High-bit-depth grayscale (I;16*, I, F) scaled into 0..255, rather than clipped."""
+    """High-bit-depth grayscale (I;16*, I, F) scaled into 0..255, rather than clipped. 16-bit pictures use their
+    fixed range; 32-bit int and float ones stretch their finite values, NaN and infinities set to the ends."""
     array = np.asarray(image, dtype=np.float64)
-    if image.mode.startswith("I;16") or (image.mode == "I" and array.max(initial=0) <= 65535 and array.min(initial=0) >= 0):
-        array = array / 65535.0
-    else:  # 32-bit int or float with no fixed range: stretch what is there
-        low, high = float(array.min(initial=0)), float(array.max(initial=0))
-        array = (array - low) / (high - low) if high > low else np.zeros_like(array)
-    return Image.fromarray(np.round(array * 255).astype(np.uint8), mode="L")
+    finite = np.isfinite(array)
+    if not finite.any():
+        raise ImageError("The image has no usable pixels (every value is NaN or infinite).")
+    low, high = float(array[finite].min()), float(array[finite].max())
+    if image.mode.startswith("I;16") or (image.mode == "I" and low >= 0 and high <= 65535):
+        low, high = 0.0, 65535.0
+    array = np.nan_to_num(array, nan=low, posinf=high, neginf=low)
+    array = (array - low) / (high - low) if high > low else np.zeros_like(array)
+    return Image.fromarray(np.round(np.clip(array, 0, 1) * 255).astype(np.uint8), mode="L")
 
 
 def check_image(image: object) -> Image.Image:
@@ -106,7 +113,7 @@ def check_image(image: object) -> Image.Image:
         raise TypeError(f"expected a PIL image, got {type(image).__name__}: open files with catdog_model.open_image first")
     if image.width == 0 or image.height == 0:
         raise ImageError(f"The image has no pixels ({image.width}×{image.height}).")
-    _decode(image)  # an image opened lazily from a truncated file fails here
+    decode(image)  # an image opened lazily from a truncated file fails here
     return image
 
 
@@ -120,8 +127,10 @@ def _upright(image: Image.Image) -> Image.Image:
     return image
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Upright, RGB, first frame: what every mode and orientation becomes before resizing."""
+def to_rgb(image: Image.Image, draft_size: Optional[int] = None) -> Image.Image:
+    """Upright, RGB, first frame: what every mode and orientation becomes before resizing (``draft_size``: see ``decode``)."""
+    if isinstance(image, Image.Image):
+        decode(image, draft_size)
     check_image(image)
     if getattr(image, "is_animated", False):
         image.seek(0)
@@ -140,51 +149,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def resize(image: Image.Image, image_size: int) -> Image.Image:
-    """Any PIL image → upright RGB, image_size × image_size, resized without cropping (the whole animal stays in view)."""
-    return to_rgb(image).resize((image_size, image_size), Image.BILINEAR)
-
-
-def image_array(image: Image.Image, image_size: int) -> np.ndarray:
-    """Any PIL image → float32 array (3, image_size, image_size) in [0, 1]: the model's input."""
-    return np.ascontiguousarray(np.asarray(resize(image, image_size), dtype=np.float32).transpose(2, 0, 1)) / 255
-
-
-def preprocess(image: Image.Image, image_size: int) -> "torch.Tensor":
-    """``image_array`` as a torch tensor, for training, evaluation and the bare ``CatDogClassifier``."""
-    import torch
-
-    return torch.from_numpy(image_array(image, image_size))
-
-
-class PixelBudget:
-    """Decoded pixels that concurrent requests may hold together, so that a server's memory stays bounded
-    however many large pictures arrive at once. ``with budget.hold(path):`` takes the picture's pixel count,
-    read from its header (nothing is decoded), until the block ends; it waits while that would pass the
-    budget. A picture larger than the whole budget takes all of it."""
-
-    def __init__(self, pixels: int) -> None:
-        self.total, self.free = pixels, pixels
-        self._changed = threading.Condition()
-
-    @contextlib.contextmanager
-    def hold(self, path: Optional[str]) -> Iterator[None]:
-        pixels = min(self.total, _header_pixels(path))
-        with self._changed:
-            self._changed.wait_for(lambda: self.free >= pixels)
-            self.free -= pixels
-        try:
-            yield
-        finally:
-            with self._changed:
-                self.free += pixels
-                self._changed.notify_all()
-
-
-def _header_pixels(path: Optional[str]) -> int:
-    """Width × height from the file's header; 0 for what is no picture (``open_image`` then says why)."""
-    try:
-        with Image.open(path) as image:
-            return image.width * image.height
-    except Exception:  # any unreadable file counts as nothing here
-        return 0
+def model_input(image: Image.Image, image_size: int) -> np.ndarray:
+    """Any PIL image → upright RGB, resized without cropping to image_size × image_size (the whole animal stays
+    in view), as a (3, image_size, image_size) uint8 array: the one input of training's evaluation and of serving."""
+    square = to_rgb(image, draft_size=image_size).resize((image_size, image_size), Image.BILINEAR)
+    return np.ascontiguousarray(np.asarray(square, dtype=np.uint8).transpose(2, 0, 1))

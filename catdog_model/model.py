@@ -21,27 +21,15 @@ from huggingface_hub import PyTorchModelHubMixin
 from safetensors import safe_open
 from torch import nn
 
-from .config import DEFAULT_LABELS, HUB_METADATA, check_config
-from .ood import HIDDEN, STAGE_FEATURES, STAT_STAGES
+from .config import DEFAULTS, HIDDEN, HUB_METADATA, STAGE_FEATURES, STAT_STAGES, check_config
 
-__all__ = ["DEFAULT_LABELS", "CatDogClassifier", "calibrated_probability", "to_float"]
+__all__ = ["CatDogClassifier"]
 
 logger = logging.getLogger(__name__)
 
 # The fixed head flattens the whole feature map, so its size grows with the square of the image size:
 # 224 px gives 0.1 billion weights (400 MB); 1 billion (4 GB in fp32) is far past any sensible size.
 MAX_HEAD_PARAMETERS = 1_000_000_000
-
-
-def to_float(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels → float32 in [0, 1], as ``images.image_array`` computes them; the model calls it on uint8
-    input, so training can stay in uint8 until the batch is on its device."""
-    return pixels.to(torch.float32).div(255)
-
-
-def calibrated_probability(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """P(``labels[1]``): the sigmoid of the logit divided by the temperature fitted after training."""
-    return torch.sigmoid(logits.float() / temperature)
 
 
 def _close_names(name: str) -> str:
@@ -65,14 +53,14 @@ class CatDogClassifier(
 
     def __init__(
         self,
-        backbone: str = "resnet50",
-        image_size: int = 224,
-        hidden_size: int = 1024,
-        dropout: float = 0.2,
-        labels: tuple[str, ...] = DEFAULT_LABELS,
+        backbone: str = DEFAULTS["backbone"],
+        image_size: int = DEFAULTS["image_size"],
+        hidden_size: int = DEFAULTS["hidden_size"],
+        dropout: float = DEFAULTS["dropout"],
+        labels: tuple[str, ...] = DEFAULTS["labels"],
         pretrained: bool = False,
-        temperature: float = 1.0,
-        ood_threshold: float | None = None,
+        temperature: float = DEFAULTS["temperature"],
+        ood_threshold: float | None = DEFAULTS["ood_threshold"],
     ) -> None:
         super().__init__()
         checked = check_config(dict(backbone=backbone, image_size=image_size, hidden_size=hidden_size, dropout=dropout,
@@ -127,10 +115,10 @@ class CatDogClassifier(
         """Map (N, 3, H, W) images in [0, 1] (or uint8 in 0..255) to (N,) logits for ``labels[1]``."""
         return self.classify(self.hidden(self.feature_map(pixels)))
 
-    # The forward pass in named steps, for the "neither" detector and Grad-CAM (see ood.py and engine.py).
+    # The forward pass in named steps, for the "neither" detector and Grad-CAM (see graph.py).
     def _normalise(self, pixels: torch.Tensor) -> torch.Tensor:
-        if pixels.dtype == torch.uint8:  # the training loaders' batches: converted here, on the device
-            pixels = to_float(pixels)
+        if pixels.dtype == torch.uint8:  # model_input's pixels: converted here, on the device, as serving does
+            pixels = pixels.to(torch.float32).div(255)
         return (pixels - self.mean.to(pixels.dtype)) / self.std.to(pixels.dtype)
 
     def feature_map(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -166,8 +154,8 @@ class CatDogClassifier(
         return feature_map, self.classify(features[HIDDEN]), features
 
     def probability(self, logits: torch.Tensor) -> torch.Tensor:
-        """Calibrated P(``labels[1]``) (see ``calibrated_probability``)."""
-        return calibrated_probability(logits, self.temperature)
+        """Calibrated P(``labels[1]``): the sigmoid of the logit divided by the temperature fitted after training."""
+        return torch.sigmoid(logits.float() / self.temperature)
 
     def load_backbone_weights(self, path: str | Path) -> None:
         """Load ImageNet weights for the backbone from a local timm checkpoint (.pth or .safetensors).

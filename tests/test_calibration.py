@@ -8,7 +8,7 @@ import torch
 from huggingface_hub import ModelCard
 
 from catdog_model import CatDogClassifier, load_predictor
-from catdog_model.calibration import expected_calibration_error, fit_temperature
+from catdog_model.training.calibration import expected_calibration_error, fit_temperature
 
 
 def _overconfident(seed: int, scale: float, count: int = 4000):

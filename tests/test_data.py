@@ -10,7 +10,7 @@ import torch
 from datasets import ClassLabel, Dataset, Features, Image as ImageFeature, Value
 from PIL import Image
 
-from catdog_model.data import (DatasetError, check_classes, load_image_dataset, load_split, make_transform, save_split, undecoded,
+from catdog_model.training.data import (DatasetError, check_classes, load_image_dataset, load_split, make_transform, save_split, undecoded,
                                split_dataset)
 
 

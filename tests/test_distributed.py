@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from catdog_model import CatDogClassifier
-from catdog_model.data import collate, load_image_dataset, load_split, make_transform
+from catdog_model.training.data import collate, load_image_dataset, load_split, make_transform
 from conftest import MINI_DATASET, ROOT, run_training, training_command, weights_equal
 from test_data import write_parquet_dataset
 

@@ -1,9 +1,12 @@
 """The serving engine: the OpenVINO IR shipped with the model, its parity with eager fp32, what a Space
-downloads, the fallbacks, and a model folder that vouches for its files."""
+downloads, the re-export, and a model folder that vouches for its files."""
 
 import json
 import logging
 import shutil
+import subprocess
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -14,11 +17,11 @@ from huggingface_hub import constants
 from safetensors.torch import load_file, save_file
 
 from catdog_model import CatDogClassifier, ModelLoadError, PredictionError, load_predictor
-from catdog_model import engine as engines
-from catdog_model.engine import IR_FILES
-from catdog_model.export import save_openvino
-from catdog_model.ood import HIDDEN, OOD_FILE, STAGE_FEATURES, save_detector
-from conftest import hub_snapshot
+from catdog_model.config import HIDDEN, IR_FILES, OOD_FILE, STAGE_FEATURES
+from catdog_model.serving import engine as engines
+from catdog_model.training.calibration import save_detector
+from catdog_model.training.export import save_openvino
+from conftest import ROOT, hub_snapshot, vouch_for
 
 SPACE_FILES = ("config.json", *IR_FILES, OOD_FILE)
 
@@ -31,12 +34,6 @@ def mini_images(mini_dataset):
 
 def _p_dog(predictor, images) -> np.ndarray:
     return np.array([result["dog"] for result in predictor.predict(images)])
-
-
-def _drop_manifest(folder):
-    config = json.loads((folder / "config.json").read_text())
-    del config["manifest"]
-    (folder / "config.json").write_text(json.dumps(config))
 
 
 @pytest.mark.slow
@@ -60,7 +57,7 @@ def test_the_engine_is_named_by_what_the_cpu_computes(trained_model, monkeypatch
 
 
 def test_explain_through_openvino_matches_torch_on_photos_and_on_pictures_of_neither(trained_model, mini_images):
-    from catdog_model.evaluate import synthetic_ood_images
+    from catdog_model.training.evaluate import synthetic_ood_images
 
     default, exact = load_predictor(str(trained_model)), load_predictor(str(trained_model), exact=True)
     for image in [*mini_images[::300], *synthetic_ood_images(count=6, size=128)]:
@@ -103,37 +100,58 @@ def test_what_a_space_downloads_is_under_0_3_of_the_fp32_weights_at_224_px(tmp_p
     assert space <= 0.3 * fp32, (space / 1e6, fp32 / 1e6)
 
 
-def test_a_model_without_the_ir_exports_it_at_load_with_the_same_answers(trained_model, mini_images, tmp_path, caplog):
-    older = tmp_path / "older"
-    shutil.copytree(trained_model, older, ignore=shutil.ignore_patterns("openvino_model.*"))
-    _drop_manifest(older)
-    with caplog.at_level(logging.INFO, logger="catdog_model"):
-        predictor = load_predictor(str(older))
-    assert "has no OpenVINO IR" in caplog.text and "has no manifest" in caplog.text
+def test_a_folder_without_its_ir_is_refused_and_the_command_makes_it_again(trained_model, mini_images, tmp_path):
+    folder = tmp_path / "no-ir"
+    shutil.copytree(trained_model, folder, ignore=shutil.ignore_patterns("openvino_model.*"))
+    with pytest.raises(ModelLoadError, match="openvino_model.xml is missing.*python -m catdog_model.training.export"):
+        load_predictor(str(folder))
+    result = subprocess.run([sys.executable, "-m", "catdog_model.training.export", str(folder)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
     images = mini_images[::150]
-    assert predictor.engine == load_predictor(str(trained_model)).engine
-    assert np.abs(_p_dog(predictor, images) - _p_dog(load_predictor(str(trained_model)), images)).max() < 1e-5
+    assert np.array_equal(_p_dog(load_predictor(str(folder)), images), _p_dog(load_predictor(str(trained_model)), images))
 
 
-def test_torch_serves_where_openvino_is_missing_or_cannot_read_the_ir(trained_model, mini_images, tmp_path, monkeypatch,
-                                                                      caplog):
-    expected = _p_dog(load_predictor(str(trained_model), exact=True), mini_images[:4])
-    monkeypatch.setattr(engines, "openvino", None)
-    with caplog.at_level(logging.WARNING, logger="catdog_model.predictor"):
-        missing = load_predictor(str(trained_model))
-    assert missing.engine == "torch-fp32" and "OpenVINO is not installed" in caplog.text
-    assert np.array_equal(_p_dog(missing, mini_images[:4]), expected)
-    monkeypatch.undo()
-    broken = tmp_path / "broken"
-    shutil.copytree(trained_model, broken)
-    _drop_manifest(broken)  # a hand-made folder: nothing vouches for the IR
-    (broken / IR_FILES[0]).write_text("<net>not an IR\n")
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="catdog_model.predictor"):
-        fallback = load_predictor(str(broken))
-    assert fallback.engine == "torch-fp32" and "OpenVINO cannot serve" in caplog.text
-    assert len([r for r in caplog.records if "OpenVINO" in r.message]) == 1
-    assert np.array_equal(_p_dog(fallback, mini_images[:4]), expected)
+def test_the_reexport_refuses_weights_nothing_vouches_for(trained_model, other_run, tmp_path):
+    folder = tmp_path / "replaced"
+    shutil.copytree(trained_model, folder)
+    shutil.copy(other_run / "model.safetensors", folder / "model.safetensors")
+    result = subprocess.run([sys.executable, "-m", "catdog_model.training.export", str(folder)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "model.safetensors is missing or is not the file its run wrote" in result.stderr
+
+
+SERVING_WITHOUT_TORCH = """
+import sys
+class NoTorch:  # as a venv with only requirements.txt: torch cannot be imported
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "timm", "torchvision", "accelerate", "datasets", "matplotlib"):
+            raise ImportError(f"No module named {name!r}")
+sys.meta_path.insert(0, NoTorch())
+import app
+from catdog_model import ModelLoadError, load_predictor
+predictor = load_predictor(sys.argv[1])
+print(predictor.predict(["examples/chelsea_cat.jpg"]), predictor.explain("examples/coffee_cup.jpg").verdict.answer)
+app.build_demo(predictor)
+try:
+    load_predictor(sys.argv[1], exact=True)
+except ModelLoadError as error:
+    print("exact:", error)
+try:
+    from catdog_model import CatDogClassifier
+except ImportError as error:
+    print("model:", error)
+"""
+
+
+def test_serving_and_the_app_never_import_torch(trained_model):
+    result = subprocess.run([sys.executable, "-c", SERVING_WITHOUT_TORCH, str(trained_model)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[{'cat': " in result.stdout
+    assert 'exact: exact=True serves the float32 weights with torch: pip install "catdog-classifier[train]"' in result.stdout
+    assert 'model: CatDogClassifier needs torch and timm' in result.stdout
 
 
 # ---- A model folder that vouches for itself.
@@ -153,19 +171,26 @@ def other_run(trained_model, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name, exact", [(IR_FILES[1], False), (IR_FILES[0], False), (OOD_FILE, False),
-                                         ("model.safetensors", True), ("metrics.json", False)])
+                                         ("model.safetensors", True)])
 def test_a_file_from_another_run_is_refused_naming_it(trained_model, other_run, tmp_path, name, exact):
     mixed = tmp_path / "mixed"
     shutil.copytree(trained_model, mixed)
-    if name == "metrics.json":
-        (mixed / name).write_text(json.dumps({"test": {"accuracy": 0.99, "samples": 10}}))
-    else:
-        shutil.copy(other_run / name, mixed / name)
+    shutil.copy(other_run / name, mixed / name)
     with pytest.raises(ModelLoadError) as error:
         load_predictor(str(mixed), exact=exact)
     message = str(error.value)
     assert f"{name} is not the file its training run wrote" in message and str(mixed) in message
     assert "\n" not in message
+
+
+def test_a_description_nothing_vouches_for_is_left_out_and_the_model_serves(trained_model, tmp_path, caplog):
+    edited = tmp_path / "edited"
+    shutil.copytree(trained_model, edited)
+    (edited / "evaluation.json").write_text(json.dumps({"accuracy": 0.99, "samples": 10}))
+    with caplog.at_level(logging.WARNING, logger="catdog_model.serving.predictor"):
+        predictor = load_predictor(str(edited))
+    assert predictor.evaluation == {} and "leaving evaluation.json out" in caplog.text
+    assert predictor.metrics == json.loads((trained_model / "metrics.json").read_text())
 
 
 def test_a_mixed_hub_download_is_refused_too(trained_model, other_run, tmp_path, monkeypatch):
@@ -196,9 +221,11 @@ def _with_nan(folder, tensor_name):
 @pytest.mark.parametrize("exact", [True, False])
 def test_non_finite_weights_are_refused_at_load(trained_model, tmp_path, exact):
     folder = tmp_path / "nan"
-    shutil.copytree(trained_model, folder, ignore=shutil.ignore_patterns("openvino_model.*"))
-    _drop_manifest(folder)
+    shutil.copytree(trained_model, folder)
     _with_nan(folder, "head.4.weight")
+    model = CatDogClassifier.from_pretrained(str(folder)).eval()
+    save_openvino(model, folder)
+    vouch_for(folder)
     with pytest.raises(ModelLoadError, match=r"non-finite weights \(head.4.weight\)"):
         load_predictor(str(folder), exact=exact)
 
@@ -206,11 +233,11 @@ def test_non_finite_weights_are_refused_at_load(trained_model, tmp_path, exact):
 def test_a_non_finite_ir_detector_temperature_or_threshold_is_refused(trained_model, tmp_path):
     folder = tmp_path / "nan"
     shutil.copytree(trained_model, folder)
-    _drop_manifest(folder)
     model = CatDogClassifier.from_pretrained(str(folder)).eval()
     with torch.no_grad():
         model.head[4].bias.fill_(float("nan"))
     save_openvino(model, folder)
+    vouch_for(folder)
     with pytest.raises(ModelLoadError, match="non-finite"):
         load_predictor(str(folder))
     shutil.copy(trained_model / IR_FILES[0], folder / IR_FILES[0])
@@ -218,9 +245,11 @@ def test_a_non_finite_ir_detector_temperature_or_threshold_is_refused(trained_mo
     detector = load_file(trained_model / OOD_FILE)
     detector["hidden.precision"][0, 0] = float("nan")
     save_file(detector, folder / OOD_FILE)
+    vouch_for(folder)
     with pytest.raises(ModelLoadError, match="ood.safetensors holds non-finite values in hidden.precision"):
         load_predictor(str(folder))
     shutil.copy(trained_model / OOD_FILE, folder / OOD_FILE)
+    vouch_for(folder)
     config = json.loads((folder / "config.json").read_text())
     for key in ("temperature", "ood_threshold"):
         (folder / "config.json").write_text(json.dumps({**config, key: float("nan")}))
@@ -241,62 +270,32 @@ def test_a_non_finite_output_is_an_error_never_an_answer(trained_model, mini_ima
             return outputs
 
     predictor.backend = Broken()
-    for ask in (lambda: predictor.predict(mini_images[:2]), lambda: predictor.explain_shared(mini_images[0]),
+    for ask in (lambda: predictor.predict(mini_images[:2]), lambda: predictor.explain(mini_images[0], heatmap=False),
                 lambda: predictor.explain(mini_images[0])):
         with pytest.raises(PredictionError, match="non-finite output"):
             ask()
 
 
-# ---- One model thread, shared batches.
+# ---- One predictor, many threads.
 
-def _count_batches(predictor) -> list[int]:
-    """Record the batch size of every forward pass the predictor's engine makes."""
-    sizes, real = [], predictor.backend
+def test_threads_sharing_a_predictor_get_their_own_answers_and_never_two_passes_at_once(trained_model, mini_images):
+    predictor = load_predictor(str(trained_model))
+    images = mini_images[:12]
+    expected = [predictor.explain(image, heatmap=False).probabilities for image in images]
+    real, running, most = predictor.backend, [0], [0]
 
-    class Counting:
+    class Watching:
         name = real.name
 
         def __call__(self, pixels):
-            sizes.append(len(pixels))
-            return real(pixels)
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            time.sleep(0.01)  # long enough for another thread to try
+            outputs = real(pixels)
+            running[0] -= 1
+            return outputs
 
-    predictor.backend = Counting()
-    return sizes
-
-
-def test_concurrent_callers_share_batches_and_each_gets_its_own_answer(trained_model, mini_images):
-    predictor = load_predictor(str(trained_model))
-    images = mini_images[:24]
-    expected = predictor.explain_many(images)
-    sizes = _count_batches(predictor)
-    with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(predictor.explain_shared, images))
-    for answer, reference in zip(answers, expected):
-        assert answer.probabilities.keys() == reference.probabilities.keys()
-        # bf16 kernels may block a batch differently
-        assert abs(answer.probabilities["dog"] - reference.probabilities["dog"]) < 2e-3
-        assert answer.ood_score == pytest.approx(reference.ood_score, rel=2e-2)
-        assert answer.heatmap.shape == reference.heatmap.shape
-    assert sum(sizes) == 24 and max(sizes) > 1 and max(sizes) <= predictor.max_shared_batch
-
-
-def test_a_lone_caller_waits_for_no_batch_and_errors_reach_every_caller(trained_model, mini_images):
-    predictor = load_predictor(str(trained_model))
-    sizes = _count_batches(predictor)
-    predictor.explain_shared(mini_images[0])
-    assert sizes == [1]
-    working = predictor.backend
-
-    class OutOfMemory:
-        name = working.name
-
-        def __call__(self, pixels):
-            raise RuntimeError("out of memory")
-
-    predictor.backend = OutOfMemory()
-    with ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(predictor.explain_shared, image) for image in mini_images[:4]]
-    assert all(isinstance(future.exception(), RuntimeError) for future in futures)
-    predictor.backend = working  # the model thread lives on for the next caller
-    assert predictor.explain_shared(mini_images[0]).probabilities.keys() == {"cat", "dog"}
-    assert predictor.explain(mini_images[0]).heatmap.size > 0
+    predictor.backend = Watching()
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda image: predictor.explain(image, heatmap=False).probabilities, images))
+    assert answers == expected and most[0] == 1

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from catdog_model.evaluate import FIGURES, compute_metrics
+from catdog_model.training.evaluate import FIGURES, compute_metrics
 from conftest import ROOT, assert_clean_error
 
 
@@ -68,7 +68,7 @@ def test_training_writes_the_report_and_the_card_metrics_and_report_agree(traine
 
 
 def _evaluate(*args: str):
-    return subprocess.run([sys.executable, "-m", "catdog_model.evaluate", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "catdog_model.training.evaluate", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=600)
 
 

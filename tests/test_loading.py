@@ -1,6 +1,7 @@
 """Loading never crashes: whatever the source string or the folder holds, only ModelLoadError, naming both."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -10,19 +11,18 @@ import torch
 from PIL import Image
 
 from catdog_model import CatDogClassifier, ImageError, ModelLoadError, load_predictor
-from conftest import ROOT
+from conftest import ROOT, complete_folder, vouch_for
 
 
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
     torch.manual_seed(0)
-    CatDogClassifier(backbone="resnet18", image_size=32, hidden_size=8).save_pretrained(folder)
-    return folder
+    return complete_folder(CatDogClassifier(backbone="resnet18", image_size=32, hidden_size=8),
+                           tmp_path_factory.mktemp("model"))
 
 
 def _copy_with_config(saved_model, tmp_path, **changes):
-    (tmp_path / "model.safetensors").write_bytes((saved_model / "model.safetensors").read_bytes())
+    shutil.copytree(saved_model, tmp_path, dirs_exist_ok=True)
     config = json.loads((saved_model / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, **changes}))
     return tmp_path
@@ -54,7 +54,7 @@ def test_bad_config_is_one_model_load_error_naming_source_and_reason(saved_model
     except (ValueError, TypeError):  # not a JSON object: write it as it is
         (tmp_path / "config.json").write_text(config_text)
     with pytest.raises(ModelLoadError) as error:
-        load_predictor(str(tmp_path))
+        load_predictor(str(tmp_path), exact=True)  # the weights are read, so their shapes are checked too
     assert reason in str(error.value) and str(tmp_path) in str(error.value)
 
 
@@ -71,8 +71,9 @@ def test_broken_weights_are_one_model_load_error(saved_model, tmp_path, weights,
     else:
         good = (saved_model / "model.safetensors").read_bytes()
         (tmp_path / "model.safetensors").write_bytes(good[: len(good) // 2] if weights == "truncated" else weights)
+        vouch_for(tmp_path)  # as if its run had written these bytes: the weights themselves are refused
     with pytest.raises(ModelLoadError, match=reason):
-        load_predictor(str(tmp_path))
+        load_predictor(str(tmp_path), exact=True)
 
 
 def test_extra_tensors_in_the_weights_are_refused(saved_model, tmp_path):
@@ -80,8 +81,9 @@ def test_extra_tensors_in_the_weights_are_refused(saved_model, tmp_path):
     weights = load_file(saved_model / "model.safetensors")
     _copy_with_config(saved_model, tmp_path)
     save_file({**weights, "head.9.weight": torch.zeros(2)}, tmp_path / "model.safetensors")
+    vouch_for(tmp_path)
     with pytest.raises(ModelLoadError, match="1 tensors the model does not have, e.g. 'head.9.weight'"):
-        load_predictor(str(tmp_path))
+        load_predictor(str(tmp_path), exact=True)
 
 
 @pytest.mark.parametrize("source, message", [
@@ -132,14 +134,22 @@ def predictor(saved_model):
 
 @pytest.mark.parametrize("images", ["cat.jpg", None, np.zeros((32, 32, 3), np.uint8), Image.new("RGB", (8, 8)), 3])
 def test_predict_refuses_what_is_not_a_list_of_images(predictor, images):
-    with pytest.raises(TypeError, match="predict takes a list of PIL images"):
+    with pytest.raises(TypeError, match="predict takes a list of PIL images or file paths"):
         predictor.predict(images)
 
 
-@pytest.mark.parametrize("item", ["cat.jpg", None, np.zeros((32, 32, 3), np.uint8)])
+@pytest.mark.parametrize("item", [None, np.zeros((32, 32, 3), np.uint8)])
 def test_predict_refuses_list_items_that_are_not_images(predictor, item):
-    with pytest.raises(TypeError, match="expected a PIL image"):
+    with pytest.raises(TypeError, match="expected a PIL image or a file path"):
         predictor.predict([Image.new("RGB", (8, 8)), item])
+
+
+def test_a_path_that_is_no_picture_is_an_image_error(predictor, tmp_path):
+    (tmp_path / "notes.txt").write_text("not a picture")
+    with pytest.raises(ImageError, match="No such file"):
+        predictor.predict([str(tmp_path / "cat.jpg")])
+    with pytest.raises(ImageError, match="not an image that can be read"):
+        predictor.predict([tmp_path / "notes.txt"])
 
 
 def test_closed_and_empty_images_are_image_errors(predictor):

@@ -157,7 +157,7 @@ def test_the_batch_reads_each_chunk_as_one_forward_pass(tmp_path, monkeypatch):
 
 
 def test_the_demonstration_notice_reads_the_models_own_files():
-    from catdog_model.describe import demonstration_notice
+    from catdog_model.serving.describe import demonstration_notice
 
     weak = FixedPredictor(0.5)
     weak.metrics = {"backbone_init": "random (--no-pretrained)", "dataset": "cats_vs_dogs_mini",
@@ -176,7 +176,7 @@ def test_the_demonstration_notice_reads_the_models_own_files():
 
 
 def test_how_good_is_this_model_says_what_the_page_would_have_answered_on_the_test_photos():
-    from catdog_model.describe import report
+    from catdog_model.serving.describe import report
 
     evaluated = FixedPredictor(0.5)
     evaluated.metrics = {"test": {"accuracy": 0.6633, "samples": 300},
@@ -188,18 +188,18 @@ def test_how_good_is_this_model_says_what_the_page_would_have_answered_on_the_te
 
 
 def test_the_engine_is_named_in_plain_words_with_the_details_alongside():
-    from catdog_model.describe import details
+    from catdog_model.serving.describe import details
 
     assert "a fast CPU engine (OpenVINO, bfloat16 arithmetic" in details(FixedPredictor(0.5))
     assert "`openvino-bf16`" in details(FixedPredictor(0.5))
 
 
 def test_a_malformed_metrics_json_blanks_the_pages_numbers_with_a_log_line(caplog):
-    from catdog_model.describe import headline, report
+    from catdog_model.serving.describe import headline, report
 
     described = FixedPredictor(0.5)
     described.metrics = {"test": {"accuracy": "n/a", "samples": 300}, "dataset": 123, "backbone_init": None}
-    with caplog.at_level("WARNING", logger="catdog_model.describe"):
+    with caplog.at_level("WARNING", logger="catdog_model.serving.describe"):
         text, figures = report(described)
         assert "recorded no evaluation" in text and figures == []
         assert "A resnet50 trained, at 64 px" in headline(described)

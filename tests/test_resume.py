@@ -14,8 +14,8 @@ import pytest
 from filelock import FileLock
 from safetensors.torch import load_file
 
-from catdog_model.run_files import LOCK_FILE
-from catdog_model.checkpoints import CheckpointError, find_latest, read_manifest, save_checkpoint
+from catdog_model.training.run_folder import LOCK_FILE
+from catdog_model.training.checkpoints import CheckpointError, find_latest, read_manifest, save_checkpoint
 from conftest import ROOT, assert_clean_error, run_training, training_command, weights_equal
 
 pytestmark = pytest.mark.slow  # about 20 training runs, each a subprocess

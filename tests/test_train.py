@@ -11,7 +11,7 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 from catdog_model import CatDogClassifier, load_predictor
-from catdog_model.data import load_image_dataset, load_split
+from catdog_model.training.data import load_image_dataset, load_split
 from catdog_model.hardware import native_bf16
 from conftest import MINI_DATASET, ROOT, assert_clean_error, run_training
 

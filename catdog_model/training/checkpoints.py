@@ -23,7 +23,7 @@ from typing import Optional
 
 from accelerate import Accelerator
 
-from .training import TrainingError, check_best_model
+from .loop import CHECKPOINTS, TrainingError, check_best_model
 
 __all__ = ["CHECKPOINTS", "MANIFEST", "CheckpointError", "find_latest", "find_resume_checkpoint", "identity_changes",
            "load_checkpoint", "read_manifest", "save_checkpoint"]
@@ -31,7 +31,6 @@ __all__ = ["CHECKPOINTS", "MANIFEST", "CheckpointError", "find_latest", "find_re
 logger = logging.getLogger(__name__)
 
 MANIFEST = "checkpoint.json"
-CHECKPOINTS = "checkpoints"  # output_dir/checkpoints/step_<8 digits>
 _NAME = re.compile(r"step_(\d{8})")
 _TEMP_PREFIX = ".tmp-"
 
@@ -47,7 +46,7 @@ def read_manifest(folder: Path) -> dict:
         files, _ = manifest["files"].items(), manifest["identity"].items()
         int(manifest["epoch"]), int(manifest["batches_in_epoch"])
     except FileNotFoundError:
-        raise CheckpointError(f"{folder}: no {MANIFEST} (interrupted while written, or made by an older version)") from None
+        raise CheckpointError(f"{folder}: no {MANIFEST} (interrupted while it was written)") from None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise CheckpointError(f"{folder}: unreadable {MANIFEST} ({type(error).__name__})") from None
     for name, size in files:

@@ -1,6 +1,6 @@
 """An evaluation report anyone can rerun, on any saved or Hub model:
 
-    python -m catdog_model.evaluate MODEL --dataset DATASET [--split-file split.json] [--ood-dir DIR] --output-dir DIR
+    python -m catdog_model.training.evaluate MODEL --dataset DATASET [--split-file split.json] [--ood-dir DIR] --output-dir DIR
                                     [--serving-engine]
 
 MODEL is a folder written by train_accelerate.py or a Hub id. With ``--split-file`` (the model's own
@@ -19,7 +19,7 @@ import base64
 import html
 import json
 import logging
-import sys
+import os
 import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -29,15 +29,16 @@ import torch
 from PIL import Image, ImageDraw
 from torchmetrics.functional.classification import binary_auroc, binary_confusion_matrix, binary_roc
 from torch.utils.data import DataLoader
-from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
+from ..hardware import exit_with_error, setup_logging
+from ..images import ImageError, model_input, open_image
+from ..serving.detector import ood_score
+from ..serving.files import ModelLoadError
+from ..serving.predictor import load_predictor
+from ..serving.verdict import NEITHER, NOT_SURE, decide
 from .calibration import ECE_BINS, calibration_summary
-from .hardware import setup_logging
-from .data import collate, make_transform, undecoded
-from .images import ImageError, open_image, preprocess, resize
-from .ood import ood_score
-from .verdict import NEITHER, NOT_SURE, decide
+from .data import DatasetError, collate, dataset_fingerprint, load_image_dataset, load_split, make_transform, undecoded
 
 __all__ = ["EVALUATION_FILE", "FIGURES", "compute_metrics", "report_training_run", "synthetic_ood_images", "write_report",
            "main"]
@@ -263,7 +264,7 @@ def report_training_run(model, detector: dict, test_outputs: tuple, image_of: Ca
                         output_dir: Path, history: list, title: str) -> dict:
     """The training script's report: its test split's (logits, labels, detector features), and for the
     "neither" AUROC, synthetic pictures that are plainly neither (noise, flat colours, stripes, text)."""
-    synthetic = torch.stack([preprocess(image, model.image_size) for image in synthetic_ood_images()])
+    synthetic = torch.stack([torch.from_numpy(model_input(image, model.image_size)) for image in synthetic_ood_images()])
     with torch.no_grad():
         _, _, synthetic_features = model.forward_with_features(synthetic.to(next(model.parameters()).device))
     logits, labels, features = test_outputs
@@ -282,7 +283,7 @@ def _model_outputs(predictor, loader: DataLoader, description: str) -> tuple[tor
     """Logits and, when the model has a detector, "neither" scores, for a loader of uint8 pictures (N, 3, S, S)."""
     logits, scores = [], []
     for pixels in tqdm(loader, desc=description):
-        outputs = predictor.outputs(pixels.float() / 255)  # what image_array gives: the serving path's input
+        outputs = predictor.outputs(pixels.numpy())  # model_input's uint8 pixels: the serving path's input
         logits.append(torch.from_numpy(outputs.logits))
         if predictor.detector is not None:
             scores.append(torch.from_numpy(ood_score(outputs.features, predictor.detector)))
@@ -296,13 +297,11 @@ def _loader(pictures, predictor, data=None) -> DataLoader:
         pictures = undecoded(pictures, data).with_transform(make_transform(data, predictor.image_size, train=False))
         return DataLoader(pictures, batch_size=predictor.batch_size, collate_fn=lambda rows: collate(rows)["pixels"])
     return DataLoader(pictures, batch_size=predictor.batch_size, collate_fn=lambda images: torch.stack(
-        [TF.pil_to_tensor(resize(image, predictor.image_size)) for image in images]))
+        [torch.from_numpy(model_input(image, predictor.image_size)) for image in images]))
 
 
 def _ood_images(folder: Path) -> list[Image.Image]:
     """The readable pictures of --ood-dir (others are skipped with a warning); DatasetError if there are none."""
-    from .data import DatasetError
-
     if not folder.is_dir():
         raise DatasetError(f"--ood-dir {folder} is not a folder")
     images = []
@@ -324,22 +323,22 @@ def _check_output_dir(folder: Path) -> None:
         raise OSError(f"--output-dir {folder} is not a writable folder ({error.strerror or type(error).__name__})") from None
 
 
-def _check_split_is_the_models(split_file: Path, metrics: dict) -> None:
-    """A split file made by another run (another seed or dataset) would mix the model's training rows into its
-    "test" rows: refuse it, naming what differs. Nothing to compare against without the model's metrics.json."""
-    from .data import DatasetError, read_split_file
+def _check_split_is_the_models(split_file: Path, metrics: dict, fingerprint: str) -> None:
+    """A split file made by another run (another seed or dataset), or on data that differs from what it was made
+    on (another revision, rows reordered), would mix training rows into its "test" rows: refuse it, naming why."""
+    from .data import read_split_file
 
     saved = read_split_file(split_file)
     for key, flag in (("seed", "--seed"), ("dataset", "--dataset")):
         if key in metrics and key in saved and saved[key] != metrics[key]:
             raise DatasetError(f"--split-file {split_file} was made with {flag} {saved[key]}, but the model was trained "
                                f"with {flag} {metrics[key]}: its test rows would include the model's training rows")
+    if saved.get("fingerprint") != fingerprint:
+        raise DatasetError(f"--split-file {split_file} was made on other data ({saved.get('fingerprint')}, now "
+                           f"{fingerprint}): another revision or a reordered copy; its row numbers would point at other rows")
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    from .data import DatasetError, load_image_dataset, load_split
-    from .predictor import ModelLoadError, load_predictor
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="folder written by train_accelerate.py, or a Hub id (user/repo[@revision])")
     parser.add_argument("--dataset", default="microsoft/cats_vs_dogs", help="Hub dataset id or local folder")
@@ -351,9 +350,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--serving-engine", action="store_true",
                         help="evaluate the engine load_predictor serves (the OpenVINO IR) instead of the fp32 weights "
                              "the training run's report used")
+    parser.add_argument("--debug", action="store_true", help="log the full traceback behind a one-line error")
     args = parser.parse_args(argv)
+    if args.debug:
+        os.environ["CATDOG_DEBUG"] = "1"
     setup_logging()
     try:  # every input is checked before the evaluation, which may take a while
+        if Path(args.model).is_dir() and Path(args.output_dir).resolve() == Path(args.model).resolve():
+            raise DatasetError(f"--output-dir {args.output_dir} is the model's own folder, whose report the manifest "
+                               "vouches for: write the new report elsewhere.")
         _check_output_dir(Path(args.output_dir))
         ood_images = _ood_images(Path(args.ood_dir)) if args.ood_dir else []
         predictor = load_predictor(args.model, exact=not args.serving_engine)
@@ -363,12 +368,13 @@ def main(argv: Optional[list[str]] = None) -> None:
             logger.info("evaluating every row of %s (no split file)", args.dataset)
             rows = data.dataset
         else:
-            _check_split_is_the_models(Path(split_file), predictor.metrics)
+            _check_split_is_the_models(Path(split_file), predictor.metrics,
+                                       dataset_fingerprint(args.dataset, args.dataset_revision))
             rows = load_split(Path(split_file), data, "test", used=True)
     except (ModelLoadError, DatasetError, OSError) as error:
-        sys.exit(f"error: {error}")
+        exit_with_error(error)
     if tuple(data.labels) != tuple(predictor.labels):
-        sys.exit(f"error: the dataset's labels {list(data.labels)} are not the model's {list(predictor.labels)}")
+        exit_with_error(f"the dataset's labels {list(data.labels)} are not the model's {list(predictor.labels)}")
     logits, in_scores = _model_outputs(predictor, _loader(rows, predictor, data), "evaluating")
     ood = None
     if predictor.detector is not None:

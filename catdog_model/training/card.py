@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .config import HUB_METADATA
+from ..config import HUB_METADATA
 
 __all__ = ["make_model_card"]
 
@@ -19,7 +18,7 @@ _TEMPLATE = """---
 
 A cat-vs-dog image classifier: a timm `{{ backbone }}` backbone with a small head
 (Flatten → Linear {{ hidden_size }} + ReLU → Dropout {{ dropout }} → Linear 1 + sigmoid),
-fine-tuned with 🤗 Accelerate by `train_accelerate.py` of the catdog project.
+{{ trained }} with 🤗 Accelerate by `train_accelerate.py` of the catdog project.
 The sigmoid output is P({{ labels[1] }}); label order is {{ labels | join(", ") }}.
 
 ## Use it
@@ -49,10 +48,8 @@ Held-out **test split** ({{ test_samples }} images, never used for training or m
 |---|---|
 | test accuracy | {{ "%.4f" | format(test_accuracy) }} |
 | test loss (BCE) | {{ "%.4f" | format(test_loss) }} |
-{% if evaluation -%}
 | test ROC AUC | {{ "%.4f" | format(evaluation.roc_auc) }} |
 | test ECE, calibrated ({{ evaluation.ece_bins }} bins) | {{ "%.4f" | format(evaluation.ece) }} |
-{%- endif %}
 
 {% if evaluation %}
 Confusion matrix (rows: true label, columns: predicted):
@@ -66,20 +63,23 @@ Confusion matrix (rows: true label, columns: predicted):
 ![{{ figure }}]({{ figure }})
 {% endfor %}
 The full report is `evaluation.html` (self-contained) and `evaluation.json`; rerun it with
-`python -m catdog_model.evaluate {{ repo_id }} --dataset {{ dataset }} --output-dir report`.
+`python -m catdog_model.training.evaluate {{ repo_id }} --dataset {{ dataset }} --output-dir report`.
 {% endif %}
 
-{% if calibration %}
+{% if calibration.temperature != 1.0 -%}
 The probabilities are temperature-scaled: the predictor divides the logit by **T = {{ "%.3f" | format(calibration.temperature) }}**,
-fitted on the validation split, before the sigmoid (`temperature` in config.json). This never changes
-the label, only how sure the model says it is. Expected calibration error ({{ calibration.bins }} bins) and BCE:
+fitted on the validation split, before the sigmoid (`temperature` in config.json), and kept because {{ calibration.kept_because }}.
+This never changes the label, only how sure the model says it is.
+{%- else -%}
+The probabilities are not temperature-scaled: the fitted T = {{ "%.3f" | format(calibration.fitted_temperature) }} was not kept,
+because {{ calibration.kept_because }}.
+{%- endif %} Expected calibration error ({{ calibration.bins }} bins) and BCE:
 
 | split | ECE before | ECE after | BCE before | BCE after |
 |---|---|---|---|---|
-{% for split in ["validation", "test"] -%}
-| {{ split }} | {{ "%.4f" | format(calibration[split].ece_before) }} | {{ "%.4f" | format(calibration[split].ece_after) }} | {{ "%.4f" | format(calibration[split].loss_before) }} | {{ "%.4f" | format(calibration[split].loss_after) }} |
-{% endfor %}
-{% endif %}
+| validation | {{ "%.4f" | format(calibration.validation.ece_before) }} | {{ "%.4f" | format(calibration.validation.ece_after) }} | {{ "%.4f" | format(calibration.validation.loss_before) }} | {{ "%.4f" | format(calibration.validation.loss_after) }} |
+| test | {{ "%.4f" | format(evaluation.ece_uncalibrated) }} | {{ "%.4f" | format(evaluation.ece) }} | {{ "%.4f" | format(evaluation.loss) }} | {{ "%.4f" | format(evaluation.loss_calibrated) }} |
+
 Per epoch (the weights kept are from epoch {{ best_epoch }}, the best validation accuracy):
 
 | epoch | train loss | train acc | val loss | val acc |
@@ -103,14 +103,14 @@ Every argument and the full history are in `metrics.json`.
 
 ## "Neither a cat nor a dog"
 
-{% if evaluation and evaluation.ood -%}
+{% if evaluation.ood -%}
 `predictor.explain(image)` also says whether a picture looks like a cat or a dog at all. The detector
 (Mahalanobis distances on the head's hidden layer and on two early backbone stages, `ood.safetensors`)
 flags a picture whose score is above **{{ "%.3f" | format(evaluation.ood.threshold) }}** (`ood_threshold` in config.json), the
 95th percentile on the validation split. It flags {{ "%.1f" | format(100 * evaluation.ood.flagged_in_distribution) }}% of the test split and
 {{ "%.1f" | format(100 * evaluation.ood.flagged_out_of_distribution) }}% of {{ evaluation.ood.out_of_distribution }} {{ evaluation.ood.out_of_distribution_images }}
 (AUROC {{ "%.3f" | format(evaluation.ood.auroc) }}). Those pictures are easy; real photos of other things are harder:
-evaluate them with `python -m catdog_model.evaluate ... --ood-dir FOLDER`.
+evaluate them with `python -m catdog_model.training.evaluate ... --ood-dir FOLDER`.
 {%- else -%}
 This model has no "neither" detector: any picture gets one of the two labels.
 {%- endif %}
@@ -131,10 +131,9 @@ def _dataset_source(metrics: dict) -> str:
     return f"`{metrics['dataset']}` (revision `{revision}`)"
 
 
-def make_model_card(metrics: dict, config: dict, repo_id: str, figures: Sequence[str] = ()) -> ModelCard:
-    """Build the card from the metrics the training script saved and the model's config.
-
-    ``figures``: the evaluation's PNG files, next to the card, shown in it."""
+def make_model_card(metrics: dict, evaluation: dict, config: dict, repo_id: str) -> ModelCard:
+    """Build the card from the run's record (metrics.json), its evaluation (evaluation.json, with its figures)
+    and the model's config: the card reads each number from the one file that holds it."""
     args = metrics["args"]
     # A local folder is no Hub dataset id: keep it out of the metadata, which the Hub validates.
     hub_dataset = None if Path(metrics["dataset"]).exists() else metrics["dataset"]
@@ -151,7 +150,7 @@ def make_model_card(metrics: dict, config: dict, repo_id: str, figures: Sequence
                 dataset_split="held-out test split (split.json)",
                 dataset_revision=metrics["dataset_revision"],
                 metric_type="accuracy",
-                metric_value=metrics["test"]["accuracy"],
+                metric_value=evaluation["accuracy"],
             )
         ],
     )
@@ -165,14 +164,15 @@ def make_model_card(metrics: dict, config: dict, repo_id: str, figures: Sequence
         dropout=config["dropout"],
         labels=config["labels"],
         image_size=config["image_size"],
-        test_samples=metrics["test"]["samples"],
-        test_accuracy=metrics["test"]["accuracy"],
-        test_loss=metrics["test"]["loss"],
+        trained="trained from scratch" if metrics["backbone_init"].startswith("random") else "fine-tuned from ImageNet weights",
+        test_samples=evaluation["samples"],
+        test_accuracy=evaluation["accuracy"],
+        test_loss=evaluation["loss"],
         best_epoch=metrics["best_epoch"],
         history=metrics["history"],
-        calibration=metrics.get("calibration"),
-        evaluation=metrics.get("evaluation"),
-        figures=figures,
+        calibration=metrics["calibration"],
+        evaluation=evaluation,
+        figures=evaluation["figures"],
         dataset=metrics["dataset"],
         dataset_source=_dataset_source(metrics),
         skipped=metrics["skipped_rows"],

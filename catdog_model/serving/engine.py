@@ -1,7 +1,7 @@
 """The serving engine: the OpenVINO IR shipped next to the weights, run with numpy alone (no torch).
 
-The training script exports it (export.py) as ``openvino_model.xml`` / ``openvino_model.bin``, the names
-the Hub gives OpenVINO files. Its weights are int8, one scale per output channel, and its outputs are
+The training script exports it (training/export.py) as ``openvino_model.xml`` / ``openvino_model.bin``, the
+names the Hub gives OpenVINO files. Its weights are int8, one scale per output channel, and its outputs are
 everything ``predict`` and ``explain`` need: the logits, the Grad-CAM heatmaps and the "neither"
 detector's features. ``compile_openvino`` compiles it for this CPU: bfloat16 where the CPU computes bf16
 natively (AVX-512 BF16 or AMX), float32 elsewhere; the head's big Linear runs straight from its int8
@@ -17,19 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .hardware import native_bf16
-from .ood import FEATURE_NAMES
+import openvino
 
-try:  # in requirements.txt; without it the torch engine serves (export.py)
-    import openvino
-except ImportError:  # pragma: no cover - depends on the environment
-    openvino = None
+from ..config import FEATURE_NAMES, IR_FILES
+from ..hardware import native_bf16
 
-__all__ = ["IR_FILES", "EngineOutputs", "NonFiniteWeightError", "OpenVINOEngine", "compile_openvino"]
+__all__ = ["EngineOutputs", "NonFiniteWeightError", "OpenVINOEngine", "compile_openvino"]
 
 logger = logging.getLogger(__name__)
-
-IR_FILES = ("openvino_model.xml", "openvino_model.bin")
 
 
 class NonFiniteWeightError(ValueError):
@@ -50,16 +45,10 @@ class EngineOutputs:
         logits, heatmaps, *features = values
         return cls(logits, heatmaps, dict(zip(FEATURE_NAMES, features)))
 
-    def split(self) -> list[EngineOutputs]:
-        """One EngineOutputs per picture (batches of one), in order."""
-        return [EngineOutputs(self.logits[i : i + 1], self.heatmaps[i : i + 1],
-                              {name: values[i : i + 1] for name, values in self.features.items()})
-                for i in range(len(self.logits))]
-
 
 class OpenVINOEngine:
     """pixels (N, 3, S, S) float32 in [0, 1] → EngineOutputs, compiled for this CPU.
-    Not thread-safe: the predictor calls it from its model thread only."""
+    Not thread-safe: the predictor calls it under its lock."""
 
     def __init__(self, compiled: "openvino.CompiledModel", precision: str) -> None:
         self.name = f"openvino-{precision}"

@@ -1,4 +1,4 @@
-"""A loaded model described in plain words, from its own files (config.json and metrics.json) only.
+"""A loaded model described in plain words, from its own files (config.json, metrics.json, evaluation.json) only.
 
 The Space shows these to visitors: what the model is, whether it is only a demonstration, how good it
 is and what computes its answers. Nothing here is hard-coded about any particular model.
@@ -25,17 +25,17 @@ REPORT_FIGURES = {"confusion_matrix.png": "Confusion matrix: the test photos, by
                   "mistakes.png": "Its most confident mistakes on the test photos"}
 
 
-def facts(metrics: dict) -> dict:
-    """What the page shows of metrics.json, each field checked: a malformed one is left out, with a log
-    line, since that file only describes the model."""
-    test = metrics.get("test") if isinstance(metrics.get("test"), dict) else {}
+def facts(predictor: Predictor) -> dict:
+    """What the page shows of metrics.json and evaluation.json, each field checked: a malformed one is left out,
+    with a log line, since those files only describe the model."""
+    metrics, test = predictor.metrics, predictor.evaluation
     sizes = metrics.get("split_sizes") if isinstance(metrics.get("split_sizes"), dict) else {}
     found = {"backbone_init": metrics.get("backbone_init"), "dataset": metrics.get("dataset"),
              "accuracy": test.get("accuracy"), "samples": test.get("samples"), "trained_on": sizes.get("train")}
     kinds = {"backbone_init": str, "dataset": str, "accuracy": (int, float), "samples": int, "trained_on": int}
     for key, kind in kinds.items():
         if found[key] is not None and (not isinstance(found[key], kind) or isinstance(found[key], bool)):
-            logger.warning("metrics.json: %s is %r, not a %s; the page leaves it out", key, found[key],
+            logger.warning("the model's %s is %r, not a %s; the page leaves it out", key, found[key],
                            getattr(kind, "__name__", "number"))
             found[key] = None
     return found
@@ -48,7 +48,7 @@ def _dataset_name(dataset: Optional[str]) -> Optional[str]:
 
 def headline(predictor: Predictor) -> str:
     """One sentence: the backbone, how it was trained, on what, at which size."""
-    found = facts(predictor.metrics)
+    found = facts(predictor)
     init, dataset = found["backbone_init"] or "", _dataset_name(found["dataset"])
     how = "trained from scratch" if init.startswith("random") else "fine-tuned from ImageNet weights" if init else "trained"
     where = f" on `{dataset}`" if dataset else ""
@@ -58,7 +58,7 @@ def headline(predictor: Predictor) -> str:
 def demonstration_notice(predictor: Predictor) -> Optional[str]:
     """A plain warning when the model was not pretrained, or is right on under 90% of its test photos
     (or never recorded how often): what it is, what it was trained on and what to expect. None otherwise."""
-    found = facts(predictor.metrics)
+    found = facts(predictor)
     from_scratch = (found["backbone_init"] or "").startswith("random")
     accuracy = found["accuracy"]
     if not from_scratch and accuracy is not None and accuracy >= DEMONSTRATION_BELOW:
@@ -83,7 +83,7 @@ def engine_in_words(engine: str) -> str:
 
 def details(predictor: Predictor) -> str:
     """Where the model comes from and what computes its answers, for the page's "About the model"."""
-    if Path(predictor.source).is_dir():
+    if predictor.is_local:
         name, where = f"`{predictor.source}`", "a local folder"
     else:
         name, where = f"[`{predictor.source}`](https://huggingface.co/{predictor.source})", f"revision `{predictor.revision or 'main'}`"
@@ -93,10 +93,10 @@ def details(predictor: Predictor) -> str:
 
 def report(predictor: Predictor) -> tuple[str, list[tuple[str, str]]]:
     """"How good is this model?": a few sentences, and the evaluation figures (path, caption) the model ships."""
-    found = facts(predictor.metrics)
+    found = facts(predictor)
     if found["accuracy"] is None:
-        return "This model recorded no evaluation (no metrics.json next to its weights).", []
-    evaluation = predictor.metrics.get("evaluation") if isinstance(predictor.metrics.get("evaluation"), dict) else {}
+        return "This model recorded no evaluation (no evaluation.json next to its weights).", []
+    evaluation = predictor.evaluation
     lines = [f"Right on **{found['accuracy']:.1%}** of {found['samples'] or 'its'} photos held out from training."]
     verdicts = evaluation.get("verdicts") if isinstance(evaluation.get("verdicts"), dict) else {}
     if all(isinstance(verdicts.get(key), int) for key in ("right", "wrong", "not sure", "neither")):
@@ -105,7 +105,7 @@ def report(predictor: Predictor) -> tuple[str, list[tuple[str, str]]]:
     if isinstance(evaluation.get("ece"), float):
         lines.append(f"When it says 80%, it is right about 80% of the time, give or take {evaluation['ece']:.1%} "
                      "(expected calibration error).")
-    if not Path(predictor.source).is_dir():
+    if not predictor.is_local:
         lines.append(f"The full report: [evaluation.html](https://huggingface.co/{predictor.source}/blob/"
                      f"{predictor.revision or 'main'}/evaluation.html).")
     figures = [(str(path), caption) for name, caption in REPORT_FIGURES.items() if (path := predictor.model_file(name))]

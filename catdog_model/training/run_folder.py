@@ -3,14 +3,18 @@
 A run writes only into a folder that is new, empty, or a previous run's. A run's folder holds
 ``.catdog-run.json``, the record of the names this script writes there; anything else in the folder is
 the user's, so the run is refused before any work, and ``--overwrite-output-dir`` removes only what the
-record names, once every check (the data's included) has passed. Used by train_accelerate.py.
+record names, once every check (the data's included) has passed.
+
+A model folder is always whole: while a run works, its best weights live in checkpoints/best, out of the
+files a predictor reads, so the previous complete model stays servable, untouched. At the end
+``publish_run`` writes the finished set (weights, engine, detector, report, card, config.json with its
+manifest last) in one atomic step. Used by train_accelerate.py.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,19 +28,18 @@ from filelock import FileLock, Timeout
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HTTPError
 
+from ..config import IR_FILES, MANIFEST_KEY, OOD_FILE, WEIGHTS
+from ..model import CatDogClassifier
+from ..serving.files import file_sha256
+from .calibration import save_detector
 from .card import make_model_card
-from .data import load_split
+from .data import load_split, save_split
 from .evaluate import EVALUATION_FILE, FIGURES, REPORT_FILE, report_training_run
-from .engine import IR_FILES
 from .export import save_openvino
-from .manifest import MANIFEST_KEY, WEIGHTS, make_manifest
-from .model import CatDogClassifier
-from .ood import OOD_FILE, save_detector
-from .checkpoints import CHECKPOINTS
-from .training import Progress, TrainingError, save_file_atomically
+from .loop import BEST, CHECKPOINTS, Progress, TrainingError, save_atomically
 
 __all__ = ["LOCK_FILE", "NOT_PUSHED", "RUN_FILES", "RUN_RECORD", "SPLIT_FILE", "TRACKER_PROJECT", "backbone_init",
-           "claim_output_dir", "push_run", "start_run", "write_evaluation", "write_metrics_and_card"]
+           "claim_output_dir", "publish_run", "push_run", "start_run"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,20 +51,14 @@ RUN_FILES = ("config.json", WEIGHTS, *IR_FILES, OOD_FILE, "metrics.json", SPLIT_
 LOCK_FILE = ".catdog.lock"
 RUN_RECORD = ".catdog-run.json"
 OWN_NAMES = (*RUN_FILES, CHECKPOINTS, LOCK_FILE, RUN_RECORD)
-# What this script's own interrupted writes leave (a model, engine or file save cut short by a kill).
-OWN_TEMPORARY = (".tmp-model-", ".tmp-engine-", *(f".tmp-{name}" for name in (*RUN_FILES, ".catdog-run.json")))
+OWN_TEMPORARY = ".tmp-"  # what this script's own interrupted writes leave (save_atomically's folders)
 NOT_PUSHED = (f"{CHECKPOINTS}/*", f"{TRACKER_PROJECT}/*", LOCK_FILE, RUN_RECORD, ".tmp-*")
 
 
 def _recorded_names(output_dir: Path) -> tuple[str, ...]:
-    """The names a previous run of this script recorded writing here; () if nothing says it was one.
-
-    A folder written before runs kept a record counts as a run's when it holds a model or checkpoints."""
+    """The names a previous run of this script recorded writing here; () if nothing says it was one."""
     try:
         return tuple(json.loads((output_dir / RUN_RECORD).read_text())["files"])
-    except FileNotFoundError:
-        older = (output_dir / WEIGHTS).is_file() or (output_dir / CHECKPOINTS).is_dir()
-        return OWN_NAMES if older else ()
     except (OSError, ValueError, KeyError, TypeError):
         return ()
 
@@ -97,7 +94,7 @@ def claim_output_dir(output_dir: Path, overwrite: bool, resuming: bool) -> FileL
         lock.release()
         raise TrainingError(problem)
     if not (output_dir / RUN_RECORD).is_file():  # from now on the folder is known as a run's, even if this one is killed
-        save_file_atomically(output_dir / RUN_RECORD, lambda path: Path(path).write_text(
+        save_atomically(output_dir, lambda temp: (temp / RUN_RECORD).write_text(
             json.dumps({"written_by": "train_accelerate.py", "files": list(OWN_NAMES)}, indent=2)))
     return lock
 
@@ -118,85 +115,85 @@ def start_run(output_dir: Path, overwrite: bool) -> None:
         raise TrainingError(f"Could not clear the previous run in {output_dir}: {error.strerror or error}.") from None
 
 
-def backbone_init(settings) -> str:
+def backbone_init(config) -> str:
     """How the backbone started, in words, for the run's identity and the model card."""
-    if settings.pretrained_weights:
-        return "ImageNet weights from " + settings.pretrained_weights
-    return "random (--no-pretrained)" if settings.no_pretrained else "timm ImageNet weights"
+    if config.pretrained_weights:
+        return "ImageNet weights from " + config.pretrained_weights
+    return "random (--no-pretrained)" if config.no_pretrained else "timm ImageNet weights"
 
 
-def write_evaluation(settings, model: CatDogClassifier, output_dir: Path, progress: Progress,
-                     test_outputs, detector: dict, data) -> dict:
-    """ood.safetensors and the serving engine (made from model.safetensors as saved, on the CPU), then the
-    evaluation report on the test split."""
-    save_file_atomically(output_dir / OOD_FILE, lambda path: save_detector(detector, path))
-    save_engine(output_dir)
-    test_rows = load_split(output_dir / SPLIT_FILE, data, "test", used=True)
-    return report_training_run(model, detector, test_outputs, lambda i: test_rows[i][data.image_column], output_dir,
-                               progress.history, title=f"catdog evaluation: {settings.hub_model_id or settings.output_dir}, test split")
+def publish_run(config, accelerator: Accelerator, model: CatDogClassifier, progress: Progress, calibration: dict,
+                test_outputs: tuple, detector: dict, data, splits: dict, used: dict, fingerprint: str) -> None:
+    """The finished model, in one atomic step (loop.save_atomically, config.json last): the best epoch's weights,
+    the serving engine made from them (on the CPU), the "neither" detector, split.json, the evaluation report
+    on the test split, metrics.json, the model card and config.json with the calibration and the manifest of
+    every file. Files of the previous model that this run did not write again are then removed."""
+    output_dir, best = Path(config.output_dir), Path(config.output_dir) / BEST
+    name = config.hub_model_id or output_dir.resolve().name
+    model_config = {**json.loads((best / "config.json").read_text()), "temperature": calibration["temperature"],
+              "ood_threshold": model.ood_threshold}
+
+    def write(temp: Path) -> None:
+        shutil.copyfile(best / WEIGHTS, temp / WEIGHTS)
+        save_detector(detector, temp / OOD_FILE)
+        logger.info("exporting the serving engine (OpenVINO IR, int8 weights) from %s", WEIGHTS)
+        save_openvino(CatDogClassifier.from_pretrained(str(best)), temp)
+        save_split(temp / SPLIT_FILE, splits, used, data, dataset=config.dataset, revision=config.dataset_revision,
+                   seed=config.seed, fingerprint=fingerprint)
+        test_rows = load_split(temp / SPLIT_FILE, data, "test", used=True)
+        evaluation = report_training_run(model, detector, test_outputs, lambda i: test_rows[i][data.image_column], temp,
+                                         progress.history, title=f"catdog evaluation: {name}, test split")
+        metrics = _run_record(config, accelerator, progress, calibration, data, splits, used, fingerprint)
+        (temp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        make_model_card(metrics, evaluation, model_config, name).save(temp / "README.md")
+        written = sorted(path.name for path in temp.iterdir())
+        model_config[MANIFEST_KEY] = {"files": {file: {"size": (temp / file).stat().st_size, "sha256": file_sha256(temp / file)}
+                                          for file in written}}
+        for derived in (*IR_FILES, OOD_FILE):
+            model_config[MANIFEST_KEY]["files"][derived]["made_from"] = model_config[MANIFEST_KEY]["files"][WEIGHTS]["sha256"]
+        (temp / "config.json").write_text(json.dumps(model_config, indent=2))
+
+    written = save_atomically(output_dir, write)
+    for stale in set(RUN_FILES) - set(written) - {TRACKER_PROJECT}:
+        (output_dir / stale).unlink(missing_ok=True)
+    logger.info("saved the model, its engine, report and card to %s", output_dir)
 
 
-def save_engine(output_dir: Path) -> None:
-    """openvino_model.xml/.bin next to the weights, written in a temporary folder and renamed into place."""
-    logger.info("exporting the serving engine (OpenVINO IR, int8 weights) from %s", WEIGHTS)
-    weights = CatDogClassifier.from_pretrained(str(output_dir))
-    try:
-        with tempfile.TemporaryDirectory(dir=output_dir, prefix=".tmp-engine-") as temp:
-            save_openvino(weights, temp)
-            for name in IR_FILES:
-                os.chmod(Path(temp) / name, 0o644)
-                os.replace(Path(temp) / name, output_dir / name)
-    except OSError as error:
-        raise TrainingError(f"Could not write the OpenVINO engine in {output_dir}: {error.strerror or error}.") from None
-
-
-def write_metrics_and_card(settings, accelerator: Accelerator, output_dir: Path, progress: Progress,
-                           test: dict, calibration: dict, evaluation: dict, data, splits, used, fingerprint: str) -> None:
-    """metrics.json and the model card (README.md) record the whole run; then config.json gains the calibration
-    and, written last, the manifest of every file the run wrote."""
-    # The temperature and the "neither" threshold join the model's config, the one source of truth the predictor reads.
-    config = {**json.loads((output_dir / "config.json").read_text()), "temperature": calibration["temperature"],
-              "ood_threshold": evaluation["ood"]["threshold"]}
-    metrics = {
+def _run_record(config, accelerator: Accelerator, progress: Progress, calibration: dict, data, splits: dict,
+                used: dict, fingerprint: str) -> dict:
+    """metrics.json: how the model was trained. How good it is lives in evaluation.json alone."""
+    return {
         "history": progress.history,
         "best_epoch": progress.best_epoch,
-        "test": test,
         "calibration": calibration,
-        "evaluation": {k: v for k, v in evaluation.items() if k not in ("figures", "report")},
-        "dataset": settings.dataset,
-        "dataset_revision": settings.dataset_revision,
+        "dataset": config.dataset,
+        "dataset_revision": config.dataset_revision,
         "dataset_fingerprint": fingerprint,
         "split_sizes": {name: len(split) for name, split in used.items()},
         "full_split_sizes": {name: len(split) for name, split in splits.items()},
         "skipped_rows": len(data.skipped_rows),
-        "backbone_init": backbone_init(settings),
+        "backbone_init": backbone_init(config),
         "world_size": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
-        "mixed_precision_reason": settings.precision_reason,
-        "seed": settings.seed,
-        "args": {k: v for k, v in vars(settings).items() if k != "hub_token"},
+        "mixed_precision_reason": config.precision_reason,
+        "seed": config.seed,
+        "args": config.public(),
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "accelerate": accelerate.__version__,
                      "datasets": datasets.__version__},
     }
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    make_model_card(metrics, config, settings.hub_model_id or settings.output_dir, evaluation["figures"]).save(output_dir / "README.md")
-    written = [name for name in RUN_FILES if name != "config.json" and (output_dir / name).is_file()]
-    config[MANIFEST_KEY] = make_manifest(output_dir, written, derived=(*IR_FILES, OOD_FILE))
-    save_file_atomically(output_dir / "config.json", lambda path: Path(path).write_text(json.dumps(config, indent=2)))
-    logger.info("saved the model, metrics.json, %s and the model card to %s", SPLIT_FILE, output_dir)
 
 
-def push_run(settings, output_dir: Path) -> None:
+def push_run(config, output_dir: Path) -> None:
     """Upload the output folder; the local files stay whatever happens."""
-    api = HfApi(token=settings.hub_token)
+    api = HfApi(token=config.hub_token)
     try:
-        api.create_repo(settings.hub_model_id, private=settings.hub_private, exist_ok=True)
-        commit = api.upload_folder(repo_id=settings.hub_model_id, folder_path=output_dir, ignore_patterns=list(NOT_PUSHED),
+        api.create_repo(config.hub_model_id, private=config.hub_private, exist_ok=True)
+        commit = api.upload_folder(repo_id=config.hub_model_id, folder_path=output_dir, ignore_patterns=list(NOT_PUSHED),
                                    commit_message="Upload catdog model from train_accelerate.py")
     except (HTTPError, OSError, ValueError) as error:  # HTTPError: huggingface_hub's, a dropped connection included
         raise TrainingError(
-            f"Could not push to {settings.hub_model_id}: {str(error).splitlines()[0]}. The files are kept in {output_dir}; "
-            f"upload them later with `hf upload {settings.hub_model_id} {output_dir} "
+            f"Could not push to {config.hub_model_id}: {str(error).splitlines()[0]}. The files are kept in {output_dir}; "
+            f"upload them later with `hf upload {config.hub_model_id} {output_dir} "
             + " ".join(f"--exclude '{pattern}'" for pattern in NOT_PUSHED) + "`."
         ) from None
     logger.info("pushed to %s", commit.commit_url)

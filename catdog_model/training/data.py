@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +19,9 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset
 from PIL import Image
-from torchvision.transforms.v2 import functional as TF
 
-from .hardware import usable_cores
-from .images import ImageError, open_image, resize, to_rgb
+from ..hardware import usable_cores
+from ..images import ImageError, model_input, open_image
 
 __all__ = [
     "DatasetError", "LoadedDataset", "load_image_dataset", "dataset_fingerprint", "split_dataset", "check_classes",
@@ -31,15 +29,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-# torchvision's libjpeg-turbo decoder, 1.3x faster than Pillow's here. torchvision 0.29 deprecates it in favour
-# of TorchCodec and warns on every call: a release without it falls back to Pillow, and the warning is muted.
-try:
-    from torchvision.io import ImageReadMode, decode_jpeg
-except ImportError:
-    decode_jpeg = None
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated",
-                        category=DeprecationWarning, module="torchvision")
 
 ROW_COLUMN = "__row__"  # the row's index in the original split, kept through filtering and splitting
 _CHECK_THREADS = min(8, usable_cores())
@@ -190,9 +179,9 @@ def load_split(path: Path, data: LoadedDataset, name: str, used: bool = False) -
 class _Transform:
     """A ``Dataset.set_transform`` function yielding uint8 ``pixels`` and ``label``; augments only for training.
 
-    Rows may hold PIL images or, better, the undecoded image (see ``undecoded``): then a JPEG goes
-    straight from its bytes through libjpeg-turbo (torchvision's ``decode_jpeg``), 1.3x faster than
-    Pillow, and anything else through Pillow. Evaluation resizes exactly as the predictor does.
+    Rows may hold PIL images or, better, the undecoded image (see ``undecoded``), decoded by Pillow. Every
+    picture becomes the model's input through ``images.model_input``, the serving path's own function;
+    training then flips, rotates and zooms that square.
 
     Each row's augmentation is drawn from a generator seeded by (seed, epoch, row), never from the
     global random state. So the data order, the number of workers, the loader's prefetching and a
@@ -213,24 +202,10 @@ class _Transform:
             return open_image(_stored(image))
         return image
 
-    def _decoded(self, image) -> torch.Tensor:
-        """The picture as upright RGB uint8 (3, H, W)."""
-        if isinstance(image, dict):
-            data = _stored(image)
-            data = data if isinstance(data, bytes) else Path(data).read_bytes()
-            if decode_jpeg is not None and data[:2] == b"\xff\xd8":  # JPEG, as in cats_vs_dogs; libjpeg-turbo also reads CMYK and EXIF
-                try:
-                    return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
-                                       apply_exif_orientation=True)
-                except RuntimeError:  # what libjpeg-turbo refuses, Pillow may still read
-                    pass
-        return TF.pil_to_tensor(to_rgb(self._pil(image)))
-
-    def _augmented(self, pixels: torch.Tensor, row: int) -> torch.Tensor:
-        """Keras-style augmentation: horizontal flip, rotation ±20° and zoom 0.8–1.2 (the
-        parameters of v2.RandomHorizontalFlip + v2.RandomAffine, and its default nearest interpolation),
-        after an antialiased resize to the model's square (torchvision's uint8 kernel). The flip, rotation
-        and zoom are one Pillow affine warp of the small picture: 0.07 ms, where a bilinear one took 1 ms."""
+    def _augmented(self, square: np.ndarray, row: int) -> np.ndarray:
+        """Keras-style augmentation of the model's input: horizontal flip, rotation ±20° and zoom 0.8–1.2 (the
+        parameters of v2.RandomHorizontalFlip + v2.RandomAffine, and its default nearest interpolation), as one
+        Pillow affine warp of the small square: 0.07 ms, where a bilinear one took 1 ms."""
         seed = int(np.random.SeedSequence([self.seed, self.epoch, row]).generate_state(1, np.uint64)[0])
         flip, angle, zoom = torch.rand(3, generator=torch.Generator().manual_seed(seed)).tolist()
         size, theta, scale = self.image_size, np.deg2rad(-20 + 40 * angle), 0.8 + 0.4 * zoom
@@ -242,20 +217,18 @@ class _Transform:
                            [sin, cos, centre - sin * centre - cos * centre], [0, 0, 1]])
         mirror = np.array([[-1, 0, size], [0, 1, 0], [0, 0, 1]]) if flip < 0.5 else np.eye(3)
         matrix = (mirror @ rotate)[:2].flatten()
-        # Height × width × channels in one block of memory: Pillow then takes the buffer as it is.
-        square = Image.fromarray(TF.resize(pixels, [size, size], antialias=True).permute(1, 2, 0).contiguous().numpy())
-        warped = square.transform((size, size), Image.Transform.AFFINE, tuple(matrix), resample=Image.Resampling.NEAREST)
-        return torch.from_numpy(np.array(warped)).permute(2, 0, 1)
+        picture = Image.fromarray(np.ascontiguousarray(square.transpose(1, 2, 0)))
+        warped = picture.transform((size, size), Image.Transform.AFFINE, tuple(matrix), resample=Image.Resampling.NEAREST)
+        return np.asarray(warped).transpose(2, 0, 1)
 
     def __call__(self, batch: dict) -> dict:
         # uint8 from decode to batch: a quarter of the bytes through the loader's workers; the model
-        # converts to float on its device (CatDogClassifier._normalise), with preprocess's arithmetic.
+        # converts to float on its device (CatDogClassifier._normalise), with the serving path's arithmetic.
+        pixels = [model_input(self._pil(image), self.image_size) for image in batch[self.image_column]]
         if self.train:
-            pixels = [self._augmented(self._decoded(image), row)
-                      for image, row in zip(batch[self.image_column], batch[ROW_COLUMN])]
-        else:
-            pixels = [TF.pil_to_tensor(resize(self._pil(image), self.image_size)) for image in batch[self.image_column]]
-        return {"pixels": pixels, "label": batch[self.label_column]}
+            pixels = [self._augmented(square, row) for square, row in zip(pixels, batch[ROW_COLUMN])]
+        return {"pixels": [torch.from_numpy(np.ascontiguousarray(square)) for square in pixels],
+                "label": batch[self.label_column]}
 
 def undecoded(split: Dataset, data: LoadedDataset) -> Dataset:
     """The split with its images left undecoded, as the transforms decode fastest (no copy of the data)."""

@@ -1,0 +1,69 @@
+"""The serving graph in torch: what the OpenVINO export traces (training/export.py), and what ``exact=True`` runs.
+
+``ServingGraph`` is the classifier's forward pass with more outputs: the logits, the Grad-CAM heatmap and
+the "neither" detector's features, so that one pass answers both ``predict`` and ``explain``.
+``TorchEngine`` runs it eagerly in float32 from ``model.safetensors``. Parity between it and the OpenVINO
+engine is tested on all 3,000 mini photos (tests/test_engine.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import FEATURE_NAMES, HIDDEN, STAGE_FEATURES
+from .model import CatDogClassifier
+from .serving.engine import EngineOutputs
+
+__all__ = ["ServingGraph", "TorchEngine"]
+
+
+class ServingGraph(nn.Module):
+    """pixels (N, 3, S, S) in [0, 1] → logits, Grad-CAM heatmaps, and the detector's features, in one pass.
+
+    Grad-CAM (Selvaraju et al., 2017, https://arxiv.org/abs/1610.02391) weighs each channel of the last
+    feature map by the mean gradient of the predicted label's logit over the map. The head is Linear →
+    ReLU → Linear on the flattened map, so that mean is exact in closed form: (w2 ⊙ relu'(hidden)) · W1,
+    summed over each channel's positions (``pooled``, computed once) and divided by their number. No
+    autograd, so the exported graph computes it too.
+    """
+
+    def __init__(self, model: CatDogClassifier, compact: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        first = self.model.head[1].weight.detach().float()
+        pooled = first.view(first.shape[0], self.model.backbone.num_features, -1).sum(-1)
+        # ``compact`` (the export): stored in float16 in the IR (4 MB at 224 px), expanded at compile time.
+        self.register_buffer("pooled", pooled.half() if compact else pooled, persistent=False)
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        feature_map, logits, features = self.model.forward_with_features(pixels)
+        sign = torch.where(logits >= 0, 1.0, -1.0)[:, None]
+        upstream = (features[HIDDEN] > 0).float() * self.model.head[4].weight * sign  # d(±logit)/d(hidden)
+        weights = upstream @ self.pooled.float() / (feature_map.shape[2] * feature_map.shape[3])
+        cams = F.relu(torch.einsum("nc,nchw->nhw", weights, feature_map))
+        cams = cams / cams.flatten(1).amax(dim=1).clamp_min(1e-12)[:, None, None]
+        return logits, cams, *(features[name] for name in FEATURE_NAMES)
+
+
+class TorchEngine:
+    """The eager float32 model: exact, and what serves where OpenVINO cannot. numpy in, numpy out."""
+
+    name = "torch-fp32"
+
+    def __init__(self, model: CatDogClassifier, threads: int | None = None) -> None:
+        self.graph = ServingGraph(model.eval())
+        self.image_size = model.image_size
+        channels = {index: info["num_chs"] for index, info in enumerate(model.backbone.feature_info)}
+        # The detector's layer widths: the hidden layer's units, each stage's channels twice (mean and spread).
+        self.feature_sizes = {HIDDEN: model.head[1].out_features,
+                              **{name: 2 * channels[index] for index, name in STAGE_FEATURES.items()}}
+        if threads:
+            torch.set_num_threads(threads)
+
+    @torch.inference_mode()
+    def __call__(self, pixels: np.ndarray) -> EngineOutputs:
+        values = self.graph(torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)))
+        return EngineOutputs.from_values(value.numpy() for value in values)

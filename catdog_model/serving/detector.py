@@ -1,0 +1,59 @@
+"""The "neither a cat nor a dog" detector: it reads the classifier itself, no second model.
+
+The detector follows Lee et al. ("A Simple Unified Framework for Detecting Out-of-Distribution Samples
+and Adversarial Attacks", 2018, https://arxiv.org/abs/1807.03888): for each of a few layers it keeps
+the training split's class means and a shared covariance, and a picture's distance is its Mahalanobis
+distance to the nearest class mean. The layers are the head's 1024-d hidden layer (what the classifier
+decides on) and the per-channel mean and spread of two early backbone stages (textures and colours,
+which set noise, flat colour or a page of text apart even when the later layers cannot). Each layer's
+distance is divided by its median on the validation split, and the score is the largest of them.
+Above the threshold, the validation split's 95th percentile, a picture is "neither": so about 5% of
+real cats and dogs are flagged. The statistics live in ``ood.safetensors`` next to the weights; the
+threshold is ``ood_threshold`` in config.json.
+
+Scoring is numpy: the predictor scores pictures without importing torch. Fitting is training's
+(training/calibration.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file
+
+from ..config import OOD_FILE
+
+__all__ = ["distance", "load_detector", "ood_score"]
+
+
+def distance(features, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """Each picture's Mahalanobis distance to the nearest class mean."""
+    differences = np.asarray(features, dtype=np.float32)[:, None, :] - means[None]  # (N, classes, d)
+    # einsum's own loop, not BLAS: OpenBLAS's threads spin on after a call and took the cores from the
+    # engine's next pass (explain cost 2× predict; 2 ms a picture this way).
+    squared = np.einsum("nkd,de,nke->nk", differences, precision, differences)
+    return np.sqrt(np.clip(squared, 0, None).min(axis=1))
+
+
+def ood_score(features: dict, detector: dict[str, np.ndarray]) -> np.ndarray:
+    """Each picture's score: its largest layer distance, in units of that layer's validation median."""
+    layers = sorted({name.rsplit(".", 1)[0] for name in detector})
+    scores = [distance(features[layer], detector[f"{layer}.means"], detector[f"{layer}.precision"])
+              / detector[f"{layer}.scale"] for layer in layers]
+    return np.stack(scores).max(axis=0)
+
+
+def load_detector(path: str | Path, sizes: dict[str, int]) -> dict[str, np.ndarray]:
+    """The arrays of ``ood.safetensors``, checked against the width of each layer the engine gives."""
+    detector = load_file(str(path))
+    for layer, size in sizes.items():
+        expected = {f"{layer}.means": (2, size), f"{layer}.precision": (size, size), f"{layer}.scale": (1,)}
+        for name, shape in expected.items():
+            if name not in detector or tuple(detector[name].shape) != shape:
+                found = list(detector[name].shape) if name in detector else "nothing"
+                raise ValueError(f"{OOD_FILE} does not fit this model: {name} should be {list(shape)}, found {found}")
+    broken = sorted(name for name, values in detector.items() if not np.isfinite(values).all())
+    if broken:  # NaN statistics would call every picture "neither"
+        raise ValueError(f"{OOD_FILE} holds non-finite values in {broken[0]}")
+    return {name: values.astype(np.float32) for name, values in detector.items()}

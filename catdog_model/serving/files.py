@@ -1,0 +1,175 @@
+"""Where a model's files come from, and whether they are its own: the one resolver every loader shares.
+
+``parse_source`` reads "folder", "user/repo" or "user/repo@revision"; ``ModelFiles`` hands out each file,
+from the folder or through huggingface_hub's cache, checked against the manifest in config.json:
+
+    "manifest": {"files": {"model.safetensors": {"size": ..., "sha256": "..."},
+                           "openvino_model.bin": {"size": ..., "sha256": "...", "made_from": "<model.safetensors' sha256>"},
+                           ...}}
+
+Every file the run wrote is listed with its size and sha256; each file made from the fp32 weights (the
+OpenVINO IR, ood.safetensors) also names the sha256 of the weights it was made from. A folder that mixes
+two runs' files, or holds a replaced or damaged one, is refused instead of served. config.json itself is
+the root: it holds the manifest, and a config.json copied from another run names that run's files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, HTTPError, LocalEntryNotFoundError
+from huggingface_hub.utils import validate_repo_id
+
+from ..config import MANIFEST_KEY, WEIGHTS, check_config
+
+__all__ = ["ModelFiles", "ModelLoadError", "file_sha256", "first_line", "parse_source"]
+
+logger = logging.getLogger(__name__)
+CHECKPOINTS = "checkpoints"  # where an unfinished training run keeps its state (training/checkpoints.py)
+REEXPORT = "python -m catdog_model.training.export"
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message says what is missing and how to fix it."""
+
+
+def file_sha256(path: str | Path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def parse_source(source: str) -> tuple[str, Optional[str]]:
+    """Split "user/repo@revision" into ("user/repo", "revision"), or check a local folder.
+
+    Raises ``ModelLoadError`` for what can be neither: an empty name, a file, a local-looking path
+    that does not exist, a revision on a local folder, or a string that is no Hub repo id.
+    """
+    source = str(source).strip()
+    if not source:
+        raise ModelLoadError("No model given: pass a folder written by train_accelerate.py or a Hub id like user/repo.")
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return str(path), None
+    if path.exists():
+        raise ModelLoadError(f"{source} is a file; pass the folder that holds config.json and model.safetensors.")
+    repo_id, _, revision = source.partition("@")
+    if Path(repo_id).expanduser().is_dir():
+        raise ModelLoadError(f"{source}: a local folder has no revisions; drop '@{revision}' or pass a Hub id.")
+    # Our models always live under a user or organisation, so "name", "./name" or "a/b/c" mean a folder.
+    looks_local = repo_id.startswith((".", "/", "~")) or "\\" in repo_id or repo_id.count("/") != 1
+    if looks_local:
+        raise ModelLoadError(f"No such model folder: {source} (a Hub id has the form user/repo).")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise ModelLoadError(f"{source!r} is neither a folder nor a valid Hub id (user/repo, optionally @revision).") from None
+    if "@" in source and not revision:
+        raise ModelLoadError(f"{source!r} ends with '@' but names no revision.")
+    return repo_id, revision or None
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's first non-empty line (libraries' messages run to many), or its type's name."""
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+
+
+class ModelFiles:
+    """The files of one model, from a local folder or the Hub (huggingface_hub caches them), each checked
+    against the manifest in config.json before it is used."""
+
+    def __init__(self, source: str, repo_id: str, revision: Optional[str]) -> None:
+        self.source, self.repo_id, self.revision = source, repo_id, revision
+        self.local = Path(repo_id).is_dir()
+        self.where = repo_id if self.local else f"{source!r} on the Hub"
+        self.manifest: dict = {}
+
+    def path(self, name: str, required: bool = True) -> Optional[Path]:
+        """The file's local path, checked; None for a missing file that is not ``required``."""
+        path = Path(self.repo_id) / name
+        if not self.local:
+            try:
+                path = Path(hf_hub_download(self.repo_id, name, revision=self.revision))
+            except (EntryNotFoundError, LocalEntryNotFoundError):  # offline and not cached counts as missing
+                path = None
+            except HfHubHTTPError as error:
+                raise ModelLoadError(f"The Hub refused {self.source!r}: {first_line(error)}") from None
+            except (HTTPError, OSError) as error:  # the connection itself failed, mid-download say
+                raise ModelLoadError(f"Could not download {name} of {self.source!r}: {first_line(error)}") from None
+        if path is None or not path.is_file():
+            if not required:
+                return None
+            if self.local:
+                raise ModelLoadError(f"{self.repo_id}: {name} is missing. Retrain the model, or re-export its engine "
+                                     f"with `{REEXPORT} {self.repo_id}` (needs catdog-classifier[train]).")
+            raise ModelLoadError(f"Could not download {self.source!r} from the Hugging Face Hub "
+                                 f"(offline, no access, or {name} is missing).")
+        if name != "config.json":
+            self.check(name, path)
+        return path
+
+    def check(self, name: str, path: Path) -> None:
+        """``ModelLoadError`` unless ``path`` is the file the manifest lists as ``name`` (size, then sha256),
+        and, for a derived file, unless it was made from the weights the manifest lists."""
+        entry = self.manifest["files"].get(name)
+        if entry is None:
+            raise ModelLoadError(f"{self.where}: {name} is not one of the files its training run wrote "
+                                 "(not in the manifest of config.json).")
+        try:
+            same = path.stat().st_size == entry["size"] and file_sha256(path) == entry["sha256"]
+        except OSError as error:
+            raise ModelLoadError(f"{self.where}: cannot read {name} ({error.strerror or first_line(error)}).") from None
+        if not same:
+            raise ModelLoadError(f"{self.where}: {name} is not the file its training run wrote (its size or sha256 "
+                                 "differs from the manifest in config.json): it was replaced, mixed in from another "
+                                 "run, or damaged.")
+        if "made_from" in entry and entry["made_from"] != self.manifest["files"].get(WEIGHTS, {}).get("sha256"):
+            raise ModelLoadError(f"{self.where}: {name} was made from other weights than the {WEIGHTS} the manifest lists.")
+
+    def config(self) -> dict:
+        """config.json, checked (config.py), its manifest kept to check every other file against."""
+        if self.local and not (Path(self.repo_id) / "config.json").is_file():
+            self._not_a_model()
+        try:
+            config = json.loads(self.path("config.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ModelLoadError(f"The config.json of {self.where} is not valid JSON ({first_line(error)}).") from None
+        except OSError as error:
+            raise ModelLoadError(f"{self.where}: cannot read config.json ({error.strerror or first_line(error)}).") from None
+        if not isinstance(config, dict):
+            raise ModelLoadError(f"The config.json of {self.where} is a JSON {type(config).__name__}, not an object.")
+        try:
+            checked = check_config(config)
+        except (ValueError, TypeError) as error:
+            self.invalid(error)
+        self.manifest = _checked_manifest(config.get(MANIFEST_KEY))
+        if not self.manifest or checked["ood_threshold"] is None:
+            raise ModelLoadError(f"{self.where}: config.json has no complete manifest and calibration, so it is not a "
+                                 "finished model of train_accelerate.py. Retrain it with this version.")
+        return checked
+
+    def _not_a_model(self) -> None:
+        folder = Path(self.repo_id)
+        if (folder / CHECKPOINTS).is_dir():
+            raise ModelLoadError(f"{folder} holds a training run that has not finished: continue it with "
+                                 f"`python train_accelerate.py --output-dir {folder} --resume-from-checkpoint latest` "
+                                 "and the flags it was started with.")
+        raise ModelLoadError(f"{folder} has no config.json: it is not a folder written by train_accelerate.py.")
+
+    def invalid(self, error: Exception) -> None:
+        raise ModelLoadError(f"The files of {self.where} do not form a valid model: {first_line(error)}") from None
+
+
+def _checked_manifest(manifest) -> dict:
+    """The manifest if every entry has a whole size and a sha256; {} for anything else."""
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or WEIGHTS not in files:
+        return {}
+    for entry in files.values():
+        if not (isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)):
+            return {}
+    return {"files": files}

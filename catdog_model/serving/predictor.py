@@ -1,0 +1,337 @@
+"""The one serving path: load a trained model from a folder or the Hub, check it, then classify pictures.
+
+    predictor = load_predictor("user/catdog")            # or "user/catdog@v1", or a local folder
+    predictor.predict(["cat.jpg"])                       # [{"cat": 0.97, "dog": 0.03}]: PIL images or paths
+    predictor.explain("car.jpg").verdict.answer          # "neither": see Explanation
+
+The OpenVINO IR shipped next to the weights serves (engine.py), or the eager float32 model for
+``exact=True`` (graph.py, which needs torch: ``pip install "catdog-classifier[train]"``). Every file read is
+checked against the manifest in config.json (files.py). The predictor owns everything between a file and
+an answer: decoding under a memory budget, resizing, the forward pass, the verdict and the heatmap drawn
+over the picture. The Space, the evaluation command and the benchmarks use exactly this object.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+import numpy as np
+from PIL import Image
+from safetensors import SafetensorError
+
+from ..config import IR_FILES, OOD_FILE, WEIGHTS
+from ..hardware import usable_cores
+from ..images import MAX_PIXELS, ImageError, decode, model_input, open_image, to_rgb
+from .detector import load_detector, ood_score
+from .engine import EngineOutputs, NonFiniteWeightError, compile_openvino
+from .files import ModelFiles, ModelLoadError, first_line, parse_source
+from .verdict import Verdict, decide
+
+__all__ = ["DecodeBudget", "Explanation", "ModelLoadError", "PredictionError", "Predictor", "load_predictor"]
+
+logger = logging.getLogger(__name__)
+
+Picture = Union[Image.Image, str, Path]
+TORCH_MISSING = 'exact=True serves the float32 weights with torch: pip install "catdog-classifier[train]"'
+
+
+class PredictionError(RuntimeError):
+    """The model computed no usable answer (a non-finite output): never passed on as a prediction."""
+
+
+class DecodeBudget:
+    """Bytes that decoded pictures may hold at once across threads, so that a server's memory stays bounded
+    however many large pictures arrive together. A picture's cost is read from its header before anything is
+    decoded (``decode_cost``); ``hold`` waits while it would pass the budget, and one larger than the whole
+    budget takes all of it."""
+
+    def __init__(self, total_bytes: int) -> None:
+        self.total, self.free = total_bytes, total_bytes
+        self._changed = threading.Condition()
+
+    def acquire(self, cost: int) -> int:
+        cost = min(self.total, cost)
+        with self._changed:
+            self._changed.wait_for(lambda: self.free >= cost)
+            self.free -= cost
+        return cost
+
+    def release(self, cost: int) -> None:
+        with self._changed:
+            self.free += cost
+            self._changed.notify_all()
+
+
+def decode_cost(image: Image.Image) -> int:
+    """The bytes decoding and converting ``image`` to RGB will hold at its peak, from its header: Pillow keeps
+    1-byte modes in 1 byte a pixel, I;16 in 2 and every other mode in 4; the RGB copy takes 4 more, and
+    high-bit-depth modes a float32 working copy besides."""
+    stored = 1 if image.mode in ("1", "L", "P") else 2 if image.mode.startswith("I;16") else 4
+    working = 8 if image.mode.startswith("I") or image.mode == "F" else 4
+    return image.width * image.height * (stored + working)
+
+
+# Two of the largest RGB pictures allowed, decoded and converted, at once.
+DEFAULT_BUDGET = 2 * MAX_PIXELS * 8
+
+
+def _jet(values: np.ndarray) -> np.ndarray:
+    """Matplotlib's "jet" colours for values in [0, 1]: piecewise linear, blue through red, as uint8 RGB."""
+    channels = [np.clip(1.5 - np.abs(4 * values - offset), 0, 1) for offset in (3, 2, 1)]
+    return (np.stack(channels, axis=-1) * 255).astype(np.uint8)
+
+
+def _stretched(heatmap: np.ndarray, width: int, height: int, longest: int) -> np.ndarray:
+    """A (h, w) map stretched back to the picture's aspect ratio, its longest side ``longest`` pixels (bilinear)."""
+    scale = longest / max(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    resized = Image.fromarray(np.asarray(heatmap, dtype=np.float32)).resize(size, Image.BILINEAR)
+    return np.clip(np.asarray(resized, dtype=np.float32), 0, 1)
+
+
+def _overlay(picture: Image.Image, heatmap: np.ndarray, opacity: float = 0.45, longest: int = 384) -> Image.Image:
+    """The picture, its longest side ``longest`` pixels, with the heatmap in "jet" colours over it."""
+    scale = longest / max(picture.size)
+    small = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))), Image.BILINEAR)
+    heat = Image.fromarray(_jet(heatmap)).resize(small.size, Image.BILINEAR)
+    return Image.blend(small, heat, opacity)
+
+
+@dataclass
+class Explanation:
+    """What the model makes of one picture, beyond the label."""
+
+    probabilities: dict[str, float]  # calibrated, as predict() gives them
+    ood_score: float  # distance from the training pictures (see detector.py)
+    is_cat_or_dog: bool  # False when ood_score is above the model's threshold
+    heatmap: Optional[np.ndarray] = None  # Grad-CAM for the likelier label, float32 in [0, 1], the picture's aspect ratio
+    overlay: Optional[Image.Image] = None  # the picture with the heatmap drawn over it, its longest side 384 px
+
+    @property
+    def verdict(self) -> Verdict:
+        """What to tell a person: a label, "not sure" or "neither" (verdict.py, the rule every output uses)."""
+        return decide(self.probabilities, self.is_cat_or_dog)
+
+
+@dataclass
+class Predictor:
+    """A loaded model and how to ask it. Safe to share between threads: decoding runs in the caller's
+    thread, and one forward pass at a time runs under a lock, since on a 2-core CPU passes run side by side
+    only spin their thread teams against each other."""
+
+    backend: object  # OpenVINOEngine (engine.py) or TorchEngine (graph.py): pixels -> EngineOutputs
+    config: dict  # the model's own config.json, checked: labels, image_size, temperature, ood_threshold, ...
+    source: str
+    detector: dict  # the tensors of ood.safetensors
+    revision: Optional[str] = None
+    metrics: dict = field(default_factory=dict)  # metrics.json: how the model was trained
+    evaluation: dict = field(default_factory=dict)  # evaluation.json: how good it is on its test split
+    batch_size: int = 16
+    max_megabytes: Optional[float] = None  # refuse picture files larger than this
+    budget: DecodeBudget = field(default_factory=lambda: DecodeBudget(DEFAULT_BUDGET), repr=False)
+    _files: Optional[ModelFiles] = field(default=None, repr=False, compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    @property
+    def engine(self) -> str:
+        """What computes the answers: "openvino-bf16", "openvino-f32" or "torch-fp32"."""
+        return self.backend.name
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(self.config["labels"])
+
+    @property
+    def image_size(self) -> int:
+        return self.config["image_size"]
+
+    @property
+    def backbone(self) -> str:
+        return self.config["backbone"]
+
+    @property
+    def ood_threshold(self) -> float:
+        return self.config["ood_threshold"]
+
+    @property
+    def temperature(self) -> float:
+        return self.config["temperature"]
+
+    @property
+    def is_local(self) -> bool:
+        return self._files.local if self._files is not None else Path(self.source).is_dir()
+
+    def predict(self, pictures: Sequence[Picture]) -> list[dict[str, float]]:
+        """One ``{label: probability}`` per picture (PIL images or file paths), in order, batched: the model's
+        raw answer. For what to tell a person ("not sure" and "neither" included) use ``explain(...).verdict``."""
+        return [explanation.probabilities for explanation in self.explain_many(pictures, caller="predict")]
+
+    def explain(self, picture: Picture, heatmap: bool = True) -> Explanation:
+        """Probabilities, the verdict, whether the picture looks like a cat or a dog at all, and (``heatmap``)
+        where the model looked, drawn over the picture: all from the one forward pass a prediction makes."""
+        if heatmap:
+            with self._decoded(picture) as image:
+                upright = to_rgb(image, draft_size=self.image_size)
+                explanation = self._explanations(self.outputs(model_input(upright, self.image_size)[None]))[0]
+                explanation.heatmap = _stretched(explanation.heatmap, upright.width, upright.height, self.image_size)
+                explanation.overlay = _overlay(upright, explanation.heatmap)
+                return explanation
+        return self.explain_many([picture])[0]
+
+    def explain_many(self, pictures: Sequence[Picture], keep_errors: bool = False,
+                     caller: str = "explain_many") -> list[Union[Explanation, ImageError]]:
+        """``explain`` without heatmaps for each picture, in order, ``batch_size`` pictures a forward pass. Each
+        is decoded under the budget and kept only as the model's small input. ``keep_errors``: a picture that
+        cannot be used gives its ``ImageError`` in its place, instead of raising it."""
+        if isinstance(pictures, (str, bytes, Path, Image.Image)) or not isinstance(pictures, Sequence):
+            hint = ": wrap it in a list" if isinstance(pictures, (str, Path, Image.Image)) else ""
+            raise TypeError(f"{caller} takes a list of PIL images or file paths, got {type(pictures).__name__}{hint}")
+        results: list = []
+        for start in range(0, len(pictures), self.batch_size):
+            chunk: list = list(pictures[start : start + self.batch_size])
+            inputs, readable = [], []
+            for index, picture in enumerate(chunk):
+                try:
+                    inputs.append(self.model_input(picture))
+                    readable.append(index)
+                except ImageError as error:
+                    if not keep_errors:
+                        raise
+                    chunk[index] = error
+            for index, explanation in zip(readable, self._explanations(self.outputs(np.stack(inputs))) if inputs else []):
+                chunk[index] = explanation
+            results.extend(chunk)
+        return results
+
+    def model_input(self, picture: Picture) -> np.ndarray:
+        """One picture as the model's (3, S, S) uint8 input, decoded under the budget (``images.model_input``)."""
+        with self._decoded(picture) as image:
+            return model_input(image, self.image_size)
+
+    def outputs(self, pixels: np.ndarray) -> EngineOutputs:
+        """The engine's outputs for a batch of model inputs (N, 3, S, S), uint8 or [0, 1] floats; one pass at a
+        time. ``PredictionError`` if any is not finite."""
+        pixels = np.asarray(pixels)
+        pixels = pixels.astype(np.float32) / 255 if pixels.dtype == np.uint8 else pixels.astype(np.float32)
+        with self._lock:
+            outputs = self.backend(pixels)
+        if not all(np.isfinite(values).all() for values in (outputs.logits, *outputs.features.values())):
+            raise PredictionError(f"The model {self.source} computed a non-finite output: its weights are damaged. "
+                                  "Retrain it, or load another revision.")
+        return outputs
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """Calibrated P(``labels[1]``): the sigmoid of the logit divided by the fitted temperature."""
+        return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64) / self.temperature))
+
+    def _explanations(self, outputs: EngineOutputs) -> list[Explanation]:
+        negative, positive = self.labels
+        scores = ood_score(outputs.features, self.detector).tolist()
+        return [Explanation({negative: 1.0 - p, positive: p}, score, score <= self.ood_threshold, heatmap)
+                for p, score, heatmap in zip(self.probabilities(outputs.logits).tolist(), scores, outputs.heatmaps)]
+
+
+    @contextlib.contextmanager
+    def _decoded(self, picture: Picture) -> Iterator[Image.Image]:
+        """The picture opened (a path) and decoded under the budget, JPEGs at the draft size every door uses;
+        an image this opened is closed at the end."""
+        opened = None
+        if isinstance(picture, (str, Path)):
+            picture = opened = open_image(picture, draft_size=self.image_size, max_megabytes=self.max_megabytes,
+                                          decode_now=False)
+        elif not isinstance(picture, Image.Image):
+            raise TypeError(f"expected a PIL image or a file path, got {type(picture).__name__}")
+        cost = self.budget.acquire(decode_cost(picture))
+        try:
+            decode(picture, draft_size=self.image_size)
+            yield picture
+        finally:
+            self.budget.release(cost)
+            if opened is not None:
+                opened.close()
+
+    def model_file(self, name: str) -> Optional[Path]:
+        """One of the model's own optional files (an evaluation figure, say), checked against its manifest and
+        downloaded if it lives on the Hub; None, with a log line, if it is missing or cannot be vouched for."""
+        try:
+            return self._files.path(name, required=False) if self._files is not None else None
+        except ModelLoadError as error:
+            logger.warning("leaving %s out: %s", name, error)
+            return None
+
+
+def _load_engine(files: ModelFiles, exact: bool, threads: int):
+    """The OpenVINO IR, or with ``exact`` the eager float32 model (which needs torch)."""
+    if not exact:
+        xml, binary = files.path(IR_FILES[0]), files.path(IR_FILES[1])
+        if xml.parent != binary.parent:  # a Hub download keeps both in one snapshot; so does a folder
+            raise ModelLoadError(f"{files.where}: {IR_FILES[0]} and {IR_FILES[1]} come from different snapshots.")
+        try:
+            return compile_openvino(xml, threads)
+        except NonFiniteWeightError as error:
+            raise ModelLoadError(f"{files.where}: {error}; retrain the model.") from None
+        except Exception as error:  # OpenVINO's reader and compiler raise their own types
+            raise ModelLoadError(f"{files.where}: OpenVINO cannot read {IR_FILES[0]} ({first_line(error)}).") from None
+    try:
+        from ..graph import TorchEngine
+        from ..model import CatDogClassifier
+    except ImportError:
+        raise ModelLoadError(TORCH_MISSING) from None
+    import torch
+
+    folder = files.path(WEIGHTS).parent  # a Hub download's snapshot holds config.json beside the weights
+    try:
+        model = CatDogClassifier.from_pretrained(str(folder)).eval()
+    except (RuntimeError, ValueError, TypeError, KeyError, AttributeError, SafetensorError, OSError) as error:
+        files.invalid(error)
+    broken = next((name for name, tensor in model.state_dict().items()
+                   if tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
+    if broken:
+        raise ModelLoadError(f"{files.where}: {WEIGHTS} holds non-finite weights ({broken}); retrain the model.")
+    return TorchEngine(model, threads)
+
+
+def _optional_json(files: ModelFiles, name: str) -> dict:
+    """metrics.json or evaluation.json: they only describe the model, so one that is missing, unreadable or not
+    the run's own is left out with a log line."""
+    try:
+        path = files.path(name, required=False) if name in files.manifest["files"] else None
+        content = json.loads(path.read_text()) if path else {}
+    except (ModelLoadError, OSError, ValueError) as error:
+        logger.warning("leaving %s out: %s", name, first_line(error))
+        content = {}
+    return content if isinstance(content, dict) else {}
+
+
+def load_predictor(source: str, batch_size: int = 16, exact: bool = False, threads: Optional[int] = None,
+                   max_megabytes: Optional[float] = None) -> Predictor:
+    """Load a model from a local folder, "user/repo" or "user/repo@revision", ready to serve.
+
+    By default the OpenVINO IR shipped next to the weights serves (engine.py), so a Hub model downloads
+    config.json, the IR and ood.safetensors only; ``exact=True`` serves the eager float32 model from
+    model.safetensors. Each file is checked against the manifest in config.json. Raises
+    ``ModelLoadError``, and only that, with a one-line message naming the source and the reason.
+    ``threads``: how many the engine computes with (default: every core this process may use).
+    """
+    repo_id, revision = parse_source(source)
+    files = ModelFiles(str(source).strip(), repo_id, revision)
+    config = files.config()
+    backend = _load_engine(files, exact, threads or usable_cores())
+    if backend.image_size != config["image_size"]:
+        raise ModelLoadError(f"{files.where}: the engine takes {backend.image_size} px pictures, config.json says "
+                             f"{config['image_size']}: its files come from different models.")
+    try:
+        detector = load_detector(files.path(OOD_FILE), backend.feature_sizes)
+    except (OSError, ValueError, SafetensorError) as error:
+        raise ModelLoadError(f"{files.where}: {first_line(error)}") from None
+    predictor = Predictor(backend, config, source=repo_id, detector=detector, revision=revision,
+                          metrics=_optional_json(files, "metrics.json"), evaluation=_optional_json(files, "evaluation.json"),
+                          batch_size=batch_size, max_megabytes=max_megabytes, _files=files)
+    logger.info("serving %s with %s", source, predictor.engine)
+    return predictor

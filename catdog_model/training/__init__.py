@@ -1,0 +1,2 @@
+"""Training (torch, timm, accelerate, datasets): the data, the loop and its checkpoints, calibration and the
+"neither" detector, the export of the serving engine, the evaluation report, the model card and the run folder."""

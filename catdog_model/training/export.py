@@ -1,0 +1,143 @@
+"""The serving engine, made from a trained fp32 model: the OpenVINO IR with int8 weights, and its command.
+
+``export_openvino`` / ``save_openvino`` trace ``ServingGraph`` (graph.py) into the OpenVINO IR
+(serving/engine.py), with int8 weights, one scale per output channel: the head's 100352×1024 Linear (81.4% of
+the weights at 224 px) and every plain convolution. A Space then downloads 0.28× the bytes of
+``model.safetensors``. The training script saves it next to the weights; for a folder whose IR is missing or
+damaged, the command makes it again from the weights, which the manifest must vouch for:
+
+    python -m catdog_model.training.export MODEL_FOLDER
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import openvino
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import IR_FILES, MANIFEST_KEY, WEIGHTS
+from ..graph import ServingGraph
+from ..hardware import exit_with_error, setup_logging
+from ..model import CatDogClassifier
+from ..serving.files import file_sha256
+from .loop import TrainingError, save_atomically
+
+__all__ = ["export_openvino", "main", "reexport", "save_openvino"]
+
+logger = logging.getLogger(__name__)
+
+
+def _int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one scale per output unit (the first dimension): (int8 weight, float scale)."""
+    weight = weight.detach().float()
+    scale = (weight.abs().amax(dim=tuple(range(1, weight.dim())), keepdim=True) / 127).clamp_min(1e-12)
+    return (weight / scale).round().clamp(-127, 127).to(torch.int8), scale
+
+
+class _Int8Weight(nn.Module):
+    """A layer whose weight is stored in int8 and dequantized where it is used. OpenVINO keeps such a weight
+    compressed in the IR: it runs a Linear straight from it as an int8 matmul (a quarter of the bytes to
+    stream), and expands a convolution's once, at compile time."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        weight, scale = _int8(layer.weight)
+        self.register_buffer("weight_int8", weight)
+        self.register_buffer("scale", scale)
+        self.bias = layer.bias
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.weight_int8.float() * self.scale
+
+
+class _Int8Conv2d(_Int8Weight):
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__(conv)
+        self.options = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight, self.bias, **self.options)
+
+
+class _Int8Linear(_Int8Weight):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def _with_int8_weights(model: CatDogClassifier) -> CatDogClassifier:
+    """A copy of the model whose plain convolutions and big Linear keep int8 weights (the original is untouched)."""
+    big = model.head[1]
+    copied = copy.deepcopy(model, memo={id(big.weight): big.weight})  # the 400 MB weight is replaced, not copied
+    for name, module in list(copied.named_modules()):
+        if type(module) is nn.Conv2d and module.padding_mode == "zeros":  # timm's own conv types keep float weights
+            parent, _, child = name.rpartition(".")
+            setattr(copied.get_submodule(parent), child, _Int8Conv2d(module))
+    copied.head[1] = _Int8Linear(big)
+    return copied
+
+
+def export_openvino(model: CatDogClassifier) -> openvino.Model:
+    """The serving graph of a trained fp32 model, int8 weights, as an OpenVINO model (in memory)."""
+    size = model.image_size
+    graph = ServingGraph(_with_int8_weights(model.eval()), compact=True).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        # OpenVINO's PyTorch frontend traces with TorchScript, which torch now marks as deprecated.
+        warnings.filterwarnings("ignore", category=FutureWarning, module="torch.jit")
+        return openvino.convert_model(graph, example_input=torch.rand(1, 3, size, size), input=[(-1, 3, size, size)])
+
+
+def save_openvino(model: CatDogClassifier, folder: str | Path) -> None:
+    """Write ``openvino_model.xml`` and ``.bin`` for a trained fp32 model into ``folder``."""
+    # compress_to_fp16 would not apply: OpenVINO leaves a model that has int8 weights as it is.
+    openvino.save_model(export_openvino(model), str(Path(folder) / IR_FILES[0]), compress_to_fp16=False)
+
+
+def reexport(folder: Path) -> None:
+    """The IR of a finished model folder made again from its weights, and its manifest entries with it."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        manifest = config[MANIFEST_KEY]["files"]
+        weights = manifest[WEIGHTS]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise TrainingError(f"{folder} has no config.json with a manifest ({type(error).__name__}): it is not a finished "
+                            "model of train_accelerate.py, so there is nothing to vouch for its weights; retrain it.") from None
+    if not (folder / WEIGHTS).is_file() or file_sha256(folder / WEIGHTS) != weights:
+        raise TrainingError(f"{folder / WEIGHTS} is missing or is not the file its run wrote: retrain the model.")
+    try:
+        model = CatDogClassifier.from_pretrained(str(folder))
+    except (OSError, ValueError, RuntimeError) as error:
+        raise TrainingError(f"Could not read the model in {folder}: {str(error).splitlines()[0]}") from None
+
+    def write(temp: Path) -> None:
+        save_openvino(model, temp)
+        for name in IR_FILES:
+            manifest[name] = {"size": (temp / name).stat().st_size, "sha256": file_sha256(temp / name), "made_from": weights}
+        (temp / "config.json").write_text(json.dumps(config, indent=2))
+
+    save_atomically(folder, write)
+    logger.info("re-exported the OpenVINO engine of %s from %s", folder, WEIGHTS)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description="Make a finished model folder's OpenVINO engine again from its weights.")
+    parser.add_argument("folder", type=Path, help="a folder written by train_accelerate.py")
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        reexport(args.folder)
+    except TrainingError as error:
+        exit_with_error(error)
+
+
+if __name__ == "__main__":
+    main()
