@@ -82,12 +82,12 @@ class RunConfig:
     no_pretrained: bool = _flag(False, "random backbone, no download", "model")
     pretrained_weights: Optional[str] = _flag(None, "local timm checkpoint for the backbone", "model", metavar="PATH")
     freeze_backbone: bool = _flag(False, "train the head only", "model")
-    epochs: int = _flag(10)
+    epochs: int = _flag(10, "passes over the training split")
     batch_size: int = _flag(20, "per process")
-    learning_rate: float = _flag(0.01)
+    learning_rate: float = _flag(0.01, "SGD's step size")
     seed: int = _flag(42, "0 to 2**32 - 1")
     no_augmentation: bool = _flag(False, "no rotation/flip/zoom (for overfitting checks)")
-    gradient_accumulation_steps: int = _flag(1)
+    gradient_accumulation_steps: int = _flag(1, "batches per optimizer step")
     mixed_precision: Optional[str] = _flag(None, "default: accelerate config's choice if not 'no', else bf16 where the "
                                                  "CPU (AVX-512 BF16, AMX) or GPU computes it natively, else no",
                                            choices=["no", "fp16", "bf16"])
@@ -384,9 +384,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action) -> str:  # a default worth reading: not "None" or "False"
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
 def parse_args(argv=None) -> RunConfig:
     """The command line, built from RunConfig's fields; their defaults show in --help."""
-    parser = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(description=__doc__.split("\n\n")[0], formatter_class=_Help)
     groups, types = {}, typing.get_type_hints(RunConfig)
     for option in dataclasses.fields(RunConfig):
         metadata = dict(option.metadata)

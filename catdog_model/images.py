@@ -21,7 +21,8 @@ __all__ = ["ImageError", "MAX_PIXELS", "TooLargeError", "check_image", "decode",
 # 40 megapixels: larger than any phone photo, small enough to decode on a 2-vCPU Space.
 MAX_PIXELS = 40_000_000
 # Pictures, not containers: an ICO or ICNS may hold a frame far larger than its header says, decoded unchecked.
-FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM")
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM")  # JPEG includes a phone's MPO
+Image.init()  # every plugin registered, so that each of FORMATS can be asked for by name
 ImageSource = Union[str, Path, bytes, BinaryIO]
 
 logger = logging.getLogger(__name__)

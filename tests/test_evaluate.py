@@ -43,16 +43,12 @@ def test_ood_auroc_is_rank_based_and_counts_what_is_flagged():
     assert results["ood"]["flagged_in_distribution"] == 0.25 and results["ood"]["flagged_out_of_distribution"] == pytest.approx(2 / 3)
 
 
-def test_training_writes_the_report_and_the_card_metrics_and_report_agree(trained_model):
+def test_training_writes_the_report_once_and_the_card_reads_it(trained_model):
     metrics = json.loads((trained_model / "metrics.json").read_text())
     evaluation = json.loads((trained_model / "evaluation.json").read_text())
     card = (trained_model / "README.md").read_text()
-    assert evaluation["accuracy"] == metrics["test"]["accuracy"] == metrics["evaluation"]["accuracy"]
-    assert evaluation["samples"] == metrics["test"]["samples"] == 32
-    assert evaluation["loss"] == pytest.approx(metrics["test"]["loss"], abs=1e-6)
-    assert evaluation["ece"] == pytest.approx(metrics["calibration"]["test"]["ece_after"], abs=1e-6)
-    assert evaluation["ece_uncalibrated"] == pytest.approx(metrics["calibration"]["test"]["ece_before"], abs=1e-6)
-    assert evaluation["temperature"] == metrics["calibration"]["temperature"]
+    assert "test" not in metrics and "evaluation" not in metrics  # how good it is lives in evaluation.json alone
+    assert evaluation["samples"] == 32
     assert sum(map(sum, evaluation["confusion_matrix"]["counts"])) == 32
     for number in (evaluation["accuracy"], evaluation["loss"], evaluation["roc_auc"], evaluation["ece"]):
         assert f"{number:.4f}" in card

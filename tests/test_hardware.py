@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from catdog_model.hardware import default_mixed_precision, native_bf16
+from catdog_model.hardware import native_bf16
+from catdog_model.training.loop import default_mixed_precision
 
 AVX512_BF16 = frozenset({"avx2", "avx512f", "avx512_bf16", "avx512_vnni"})
 AVX2_ONLY = frozenset({"avx2", "fma"})

@@ -5,10 +5,10 @@ import struct
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from catdog_model import ImageError, open_image, preprocess, to_rgb
+from catdog_model import ImageError, open_image, to_rgb
+from catdog_model.images import model_input
 
 
 def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -79,14 +79,37 @@ def test_exif_orientation_is_applied():
 
 def test_webp_and_tiny_images():
     assert to_rgb(_roundtrip(Image.new("RGB", (9, 9), (0, 255, 0)), "WEBP", lossless=True)).getpixel((4, 4)) == (0, 255, 0)
-    assert preprocess(_roundtrip(Image.new("RGB", (1, 1), (255, 0, 0))), 32).shape == (3, 32, 32)
+    assert model_input(_roundtrip(Image.new("RGB", (1, 1), (255, 0, 0))), 32).shape == (3, 32, 32)
 
 
-def test_preprocess_gives_the_models_input():
+def test_model_input_is_the_whole_picture_squared_as_uint8_channels_first():
     image = Image.new("RGB", (300, 100), (255, 0, 0))
-    pixels = preprocess(image, 64)
-    assert pixels.shape == (3, 64, 64) and pixels.dtype == torch.float32
-    assert torch.allclose(pixels[0], torch.ones(64, 64)) and pixels[1:].abs().max() == 0
+    pixels = model_input(image, 64)
+    assert pixels.shape == (3, 64, 64) and pixels.dtype == np.uint8
+    assert (pixels[0] == 255).all() and not pixels[1:].any()
+
+
+@pytest.mark.parametrize("values", [[np.inf, 0.2, 0.8], [np.nan, 0.2, 0.8], [-np.inf, 0.2, 0.8]], ids=["inf", "nan", "-inf"])
+def test_float_pictures_are_scaled_from_their_finite_values(values):
+    array = np.tile(np.linspace(0.2, 0.8, 64, dtype=np.float32), (64, 1))
+    array[0, :3] = values
+    grey = np.asarray(to_rgb(Image.fromarray(array, mode="F")))[..., 0]
+    assert grey[1:].min() == 0 and grey[1:].max() == 255  # the finite range stretched, not a black picture
+
+
+def test_int32_with_large_negatives_and_pictures_with_no_usable_pixel():
+    array = np.tile(np.arange(-2**30, 2**30, 2**24, dtype=np.int32), (64, 1))
+    grey = np.asarray(to_rgb(Image.fromarray(array, mode="I")))[..., 0]
+    assert grey.min() == 0 and grey.max() == 255 and len(np.unique(grey)) > 32
+    with pytest.raises(ImageError, match="no usable pixels"):
+        to_rgb(Image.fromarray(np.full((8, 8), np.nan, np.float32), mode="F"))
+
+
+def test_an_icon_container_is_refused_before_it_is_decoded():
+    icon = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(icon, "ICO", sizes=[(16, 16), (64, 64)])
+    with pytest.raises(ImageError, match="not an image that can be read"):
+        open_image(icon.getvalue())
 
 
 @pytest.mark.parametrize(
@@ -98,7 +121,7 @@ def test_preprocess_gives_the_models_input():
         # Each raised its decoder's own exception (ValueError, SyntaxError, ...) instead of an ImageError:
         (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 5) + b"IHDR" + b"\x00" * 9, "not an image"),  # truncated IHDR
         (b"P6 this is a text file, not a picture\n", "not an image"),
-        (b"qoif" + struct.pack(">II", 64, 64) + b"\x03\x00" + b"\x80", "damaged or truncated"),  # IndexError
+        (b"qoif" + struct.pack(">II", 64, 64) + b"\x03\x00" + b"\x80", "not an image"),  # not a format served
     ],
     ids=["empty", "text", "garbage-png", "truncated-ihdr", "text-as-ppm", "broken-qoi"],
 )
@@ -119,12 +142,12 @@ def test_a_lazily_opened_truncated_image_given_to_the_predictor_path_is_an_image
     data = _encode(Image.fromarray(rng.integers(0, 255, (200, 300, 3), dtype=np.uint8)), "JPEG")
     lazy = Image.open(io.BytesIO(data[:2000]))  # as a user's script opens it: not decoded yet
     with pytest.raises(ImageError, match="damaged or truncated"):
-        preprocess(lazy, 32)
+        model_input(lazy, 32)
 
 
 def test_an_in_memory_premultiplied_la_image_is_read():
     image = Image.new("La", (10, 6), 0)
-    assert preprocess(image, 8).shape == (3, 8, 8)
+    assert model_input(image, 8).shape == (3, 8, 8)
 
 
 def test_a_broken_exif_keeps_the_picture_unturned_with_a_log_line(monkeypatch, caplog):
@@ -181,10 +204,9 @@ def test_large_jpeg_is_decoded_at_reduced_scale_with_the_same_input(orientation)
     data = _encode(_smooth_photo(2400, 1800), "JPEG", quality=92, exif=exif)
     full, draft = open_image(data), open_image(data, draft_size=224)
     assert full.size == (2400, 1800) and draft.size == (300, 225)  # 1/8 scale: the smallest with both sides ≥ 224
-    difference = (preprocess(full, 224) - preprocess(draft, 224)).abs()
-    assert difference.max() <= 4 / 255 and difference.mean() <= 1 / 255
-    upright = preprocess(draft, 224)
-    assert upright.shape == (3, 224, 224)
+    difference = np.abs(model_input(full, 224).astype(int) - model_input(draft, 224).astype(int))
+    assert difference.max() <= 4 and difference.mean() <= 1
+    assert model_input(draft, 224).shape == (3, 224, 224)
 
 
 def test_draft_leaves_small_jpegs_and_other_formats_alone():

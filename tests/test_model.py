@@ -8,6 +8,7 @@ import torch
 from huggingface_hub import constants
 
 from catdog_model import CatDogClassifier, ModelLoadError, load_predictor
+from conftest import complete_folder
 
 
 def test_the_architecture_and_its_parameter_counts_at_224():
@@ -61,7 +62,8 @@ def _snapshot(tmp_path, repo_id: str, commit: str, refs: list[str], **model_args
     """Lay out a model in the Hugging Face cache exactly as a download would."""
     model = CatDogClassifier(**model_args).eval()
     repo_dir = tmp_path / "hub" / f"models--{repo_id.replace('/', '--')}"
-    model.save_pretrained(repo_dir / "snapshots" / commit)
+    (repo_dir / "snapshots" / commit).mkdir(parents=True)
+    complete_folder(model, repo_dir / "snapshots" / commit)
     (repo_dir / "refs").mkdir(exist_ok=True)
     for ref in refs:
         (repo_dir / "refs" / ref).write_text(commit)
