@@ -21,6 +21,7 @@ import signal
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -29,6 +30,7 @@ import gradio as gr
 
 from catdog_model import DEFAULT_LABELS, ImageError, ModelLoadError, PredictionError, Predictor, load_predictor
 from catdog_model.hardware import cap_malloc_arenas, exit_with_error, setup_logging, usable_cores
+from catdog_model.predict import classify_chunk, neutralised
 from catdog_model.serving.describe import demonstration_notice, details, headline, report
 from catdog_model.serving.verdict import NEITHER, NOT_SURE, Verdict
 
@@ -38,8 +40,8 @@ MAX_FILE_MB = 10  # per picture: a larger one gets its own clear error (a row of
 SERVER_CAP_MB = 50  # Gradio refuses anything larger outright, against abuse
 MAX_BATCH_FILES = 100
 EXAMPLES_DIR = Path(__file__).parent / "examples"
-FIX_HINT = ("Run `make demo-offline`: it trains a small model on the offline mini set into ./catdog-model, then serves "
-            "it. Or set `CATDOG_MODEL` (or `--model`) to a model folder or a Hub repo you can reach, e.g. `user/repo@v1`.")
+FIX_HINT = ("Run `make demo`: with no model to serve, it trains a quick one into ./catdog-model, then serves it. Or set "
+            "`CATDOG_MODEL` (or `--model`) to a model folder or a Hub repo you can reach, e.g. `user/repo@v1`.")
 # After an answer, bring it into view: on a phone the columns stack and it lies below the picture.
 SHOW_ANSWER_JS = "() => document.querySelector('#verdict')?.scrollIntoView({block: 'start', behavior: 'instant'})"
 # On a phone, the heatmap and the probabilities share a row under the verdict, and the examples fit 4 a row.
@@ -58,12 +60,6 @@ def _upload_path(upload) -> Optional[str]:
 def _upload_name(upload) -> str:  # the name the file had on the user's machine, not Gradio's cache name
     name = upload.get("orig_name") if isinstance(upload, dict) else getattr(upload, "orig_name", None)
     return name or Path(_upload_path(upload) or "").name
-
-
-def _spreadsheet_safe(cell):
-    """A cell a spreadsheet shows as text: OWASP's defence against CSV injection (a leading =, +, -, @, tab or
-    carriage return would make it a formula) is a leading apostrophe."""
-    return "'" + cell if isinstance(cell, str) and cell.startswith(("=", "+", "-", "@", "\t", "\r")) else cell
 
 
 def _label_value(verdict: Verdict, probabilities: dict[str, float]) -> dict:
@@ -147,22 +143,11 @@ class Space:
         if len(files) > MAX_BATCH_FILES:
             raise gr.Error(f"At most {MAX_BATCH_FILES} files at a time, please.", print_exception=False)
         rows, step = [], self.predictor.batch_size
-        negative, positive = self.predictor.labels
-        for start in progress.tqdm(range(0, len(files), step), desc=f"Classifying, {step} pictures a pass"):
-            chunk = files[start : start + step]
-            try:
-                results = self.predictor.explain_many([_upload_path(upload) or "" for upload in chunk], keep_errors=True)
-            except PredictionError as error:
-                results = [f"The model failed: {error}"] * len(chunk)
-            for upload, result in zip(chunk, results):
-                if isinstance(result, ImageError):
-                    rows.append([_upload_name(upload), "error", None, None, f"{result.title}: {result}"])
-                elif isinstance(result, str):
-                    rows.append([_upload_name(upload), "error", None, None, result])
-                else:
-                    verdict, p = result.verdict, result.probabilities
-                    rows.append([_upload_name(upload), verdict.answer, round(p[negative], 3), round(p[positive], 3),
-                                 "" if verdict.is_confident else verdict.sentence()])
+        with ThreadPoolExecutor(2) as pool:
+            for start in progress.tqdm(range(0, len(files), step), desc=f"Classifying, {step} pictures a pass"):
+                chunk = [(_upload_name(upload), _upload_path(upload) or "") for upload in files[start : start + step]]
+                rows += [[row["picture"], row["verdict"], *(None if p is None else round(p, 3) for p in list(row.values())[2:4]),
+                          row["note"]] for row in classify_chunk(self.predictor, chunk, pool)]
         return rows, self._write_csv(rows)
 
     def _write_csv(self, rows: list[list]) -> str:
@@ -176,7 +161,7 @@ class Space:
                 pass
         csv_path = Path(tempfile.mkdtemp(dir=self.csv_dir)) / "catdog-predictions.csv"
         with open(csv_path, "w", newline="") as out:
-            csv.writer(out).writerows([self.table_headers, *([_spreadsheet_safe(cell) for cell in row] for row in rows)])
+            csv.writer(out).writerows([self.table_headers, *([neutralised(cell) for cell in row] for row in rows)])
         return str(csv_path)
 
     def predict_batch_on_page(self, files: list | None, progress=gr.Progress()) -> tuple:
@@ -308,14 +293,16 @@ def _setting(name: str, default: str, minimum: Optional[int] = None, maximum: in
     exit_with_error(f"${name} must be {meaning}, got {value!r} (see the settings table in README.md)")
 
 
-def _model_source(argv: list[str]) -> tuple[str, str, bool]:
-    """The model to serve, why that one (--model, then $CATDOG_MODEL, then ./catdog-model, then the Hub), and --exact."""
+def _model_source(argv: list[str]) -> tuple[str, str, bool, bool]:
+    """The model to serve, why that one (--model, then $CATDOG_MODEL, then ./catdog-model, then the Hub), --exact
+    and --check."""
     parser = argparse.ArgumentParser(description="Serve the catdog demo.")
     parser.add_argument("--model", default=None, help=f"Hub repo id, id@revision, or a local folder (default: "
                         f"$CATDOG_MODEL, else ./{LOCAL_MODEL} if it exists, else {DEFAULT_MODEL})")
     parser.add_argument("--exact", action="store_true",
                         help="serve the eager float32 model (model.safetensors, needs torch) instead of the OpenVINO engine")
     parser.add_argument("--debug", action="store_true", help="log the full traceback behind every one-line error")
+    parser.add_argument("--check", action="store_true", help="only load the model: exit 0 if it can be served, else 1")
     parsed = parser.parse_args(argv)
     if parsed.debug:
         os.environ["CATDOG_DEBUG"] = "1"
@@ -323,12 +310,13 @@ def _model_source(argv: list[str]) -> tuple[str, str, bool]:
     if parsed.model is not None:
         if not parsed.model.strip():
             exit_with_error("--model is empty: pass a model folder or a Hub id like user/repo.")
-        return parsed.model, "--model", exact
+        return parsed.model, "--model", exact, parsed.check
     if os.environ.get("CATDOG_MODEL", "").strip():
-        return os.environ["CATDOG_MODEL"], "$CATDOG_MODEL", exact
+        return os.environ["CATDOG_MODEL"], "$CATDOG_MODEL", exact, parsed.check
     if (Path(LOCAL_MODEL) / "config.json").is_file():
-        return LOCAL_MODEL, f"no --model or $CATDOG_MODEL, and ./{LOCAL_MODEL} (the training script's output) exists", exact
-    return DEFAULT_MODEL, f"no --model, $CATDOG_MODEL or ./{LOCAL_MODEL}: the published model", exact
+        why = f"no --model or $CATDOG_MODEL, and ./{LOCAL_MODEL} (the training script's output) exists"
+        return LOCAL_MODEL, why, exact, parsed.check
+    return DEFAULT_MODEL, f"no --model, $CATDOG_MODEL or ./{LOCAL_MODEL}: the published model", exact, parsed.check
 
 
 def main(argv: list[str]) -> None:
@@ -337,7 +325,7 @@ def main(argv: list[str]) -> None:
     concurrency = _setting("CATDOG_CONCURRENCY", "4", minimum=1, maximum=64)  # API calls decoded side by side
     upload_ttl_s = _setting("CATDOG_UPLOAD_TTL", "3600", minimum=1, maximum=10 * 365 * 86400)
     threads = _setting("CATDOG_THREADS", str(min(2, usable_cores())), minimum=1, maximum=1024)
-    source, why, exact = _model_source(argv)
+    source, why, exact, check = _model_source(argv)
     setup_logging()
     logger.info("loading the model %s (%s)", source, why)
     try:
@@ -347,6 +335,8 @@ def main(argv: list[str]) -> None:
     except ModelLoadError as error:
         predictor, load_error = None, str(error)
         logger.error("no model: %s", load_error)
+    if check:
+        sys.exit(0 if predictor else 1)
     demo = build_demo(predictor, load_error, concurrency=concurrency, upload_ttl_s=upload_ttl_s)
     # A Space (or docker, or systemd) stops the app with SIGTERM: close the server as Ctrl+C does, and exit 0.
     signal.signal(signal.SIGTERM, signal.default_int_handler)

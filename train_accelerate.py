@@ -31,12 +31,13 @@ from pathlib import Path
 from typing import Callable, Optional
 
 try:
+    import timm
     import torch
     import torch.nn.functional as F
     from accelerate import Accelerator, DataLoaderConfiguration, PartialState
     from accelerate.logging import get_logger
     from accelerate.utils import ProjectConfiguration, set_seed
-    from huggingface_hub import get_token
+    from huggingface_hub import constants, get_token
     from huggingface_hub.errors import HFValidationError, HTTPError, LocalEntryNotFoundError
     from huggingface_hub.utils import validate_repo_id
     from torch.utils.data import DataLoader
@@ -45,13 +46,14 @@ try:
     from catdog_model.config import DEFAULTS
     from catdog_model.hardware import exit_with_error, setup_logging
     from catdog_model.model import CatDogClassifier
+    from catdog_model.serving.files import HUB_UNREACHABLE, hub_reachable
     from catdog_model.training.checkpoints import find_resume_checkpoint, load_checkpoint, save_checkpoint
     from catdog_model.training.data import (DatasetError, check_classes, collate, dataset_fingerprint, load_image_dataset,
                                             make_transform, split_dataset, undecoded)
     from catdog_model.training.loop import (CHECKPOINTS, Progress, RunningMetrics, TrainingError, calibrate_and_test,
                                             check_finite, default_mixed_precision, default_num_workers, evaluate,
                                             exit_with_parent, exit_with_parent_worker, on_main_process, save_model)
-    from catdog_model.training.run_folder import TRACKER_PROJECT, backbone_init, claim_output_dir, publish_run, push_run, start_run
+    from catdog_model.training.run_folder import TRACKER_PROJECT, claim_output_dir, publish_run, push_run, start_run
 except ImportError as missing:  # the serving install has no torch
     sys.exit(f'error: training needs torch, timm, accelerate and datasets ({missing}): pip install "catdog-classifier[train]"')
 
@@ -80,7 +82,6 @@ class RunConfig:
     backbone: str = _flag(DEFAULTS["backbone"], "any timm model name", "model")
     image_size: int = _flag(DEFAULTS["image_size"], "pictures are resized to this square", "model")
     no_pretrained: bool = _flag(False, "random backbone, no download", "model")
-    pretrained_weights: Optional[str] = _flag(None, "local timm checkpoint for the backbone", "model", metavar="PATH")
     freeze_backbone: bool = _flag(False, "train the head only", "model")
     epochs: int = _flag(10, "passes over the training split")
     batch_size: int = _flag(20, "per process")
@@ -156,22 +157,22 @@ class RunConfig:
 
 
 def check_model_flags(config: RunConfig) -> None:
-    """The backbone, image size and weights file, on PyTorch's meta device: no memory, no download."""
+    """The backbone and the image size, on PyTorch's meta device (no memory, no download); and, where the run needs
+    the Hub (a dataset id, ImageNet weights), that the Hub answers: one line in seconds, not minutes of retries."""
+    needs_hub = [what for what, needed in (("--dataset " + config.dataset, not Path(config.dataset).exists()),
+                                           ("ImageNet weights (or --no-pretrained)", not config.no_pretrained)) if needed]
+    if needs_hub and not constants.HF_HUB_OFFLINE and not hub_reachable():
+        raise TrainingError(f"{' and '.join(needs_hub)} need the Hub, but " + HUB_UNREACHABLE.format(endpoint=constants.ENDPOINT) + ".")
     # The real model is built after the data is loaded (its labels come from the dataset).
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore")  # loading real tensors into meta ones is a no-op, by design here
         try:
-            model = CatDogClassifier(config.backbone, config.image_size, pretrained=False)
+            CatDogClassifier(config.backbone, config.image_size, pretrained=False)
         except (ValueError, TypeError) as error:
             raise TrainingError(f"--backbone {config.backbone} --image-size {config.image_size}: {error}") from None
         except (OSError, HTTPError) as error:  # an hf-hub: backbone whose config cannot be fetched
             raise TrainingError(f"--backbone {config.backbone}: could not read its config from the Hub "
                                 f"({type(error).__name__}); use a timm model name, e.g. resnet50.") from None
-        try:
-            if config.pretrained_weights:
-                model.load_backbone_weights(config.pretrained_weights)
-        except (ValueError, OSError) as error:
-            raise TrainingError(f"--pretrained-weights: {str(error).splitlines()[0]}") from None
 
 
 def run_identity(config, accelerator: Accelerator) -> dict:
@@ -186,7 +187,7 @@ def run_identity(config, accelerator: Accelerator) -> dict:
         "--dataset-revision": config.dataset_revision,
         "--seed": config.seed, "--test-split": config.test_split, "--val-split": config.val_split,
         "--max-train-samples": config.max_train_samples, "--max-eval-samples": config.max_eval_samples,
-        "--backbone": config.backbone, "--image-size": config.image_size, "backbone initialisation": backbone_init(config),
+        "--backbone": config.backbone, "--image-size": config.image_size, "--no-pretrained": config.no_pretrained,
         "--freeze-backbone": config.freeze_backbone, "--no-augmentation": config.no_augmentation,
         "--batch-size": config.batch_size, "number of processes": accelerator.num_processes,
         "--gradient-accumulation-steps": config.gradient_accumulation_steps,
@@ -220,18 +221,17 @@ def load_splits(config: RunConfig, accelerator: Accelerator):
 
 
 def build_model(config, labels: tuple[str, ...]) -> CatDogClassifier:
-    use_hub_weights = not config.no_pretrained and config.pretrained_weights is None
-    try:
-        model = CatDogClassifier(config.backbone, config.image_size, labels=labels, pretrained=use_hub_weights)
+    try:  # timm's own download, into (or, offline, from) the Hugging Face cache
+        model = CatDogClassifier(config.backbone, config.image_size, labels=labels, pretrained=not config.no_pretrained)
     except (OSError, LocalEntryNotFoundError, HTTPError, RuntimeError) as error:  # HTTPError: a dropped connection too
-        if not use_hub_weights:
+        if config.no_pretrained:
             raise
+        weights = getattr(timm.models.get_pretrained_cfg(config.backbone), "hf_hub_id", None) or config.backbone
         raise TrainingError(
-            f"Could not download the ImageNet weights of {config.backbone} ({type(error).__name__}). "
-            "Train from scratch with --no-pretrained, or pass a local timm checkpoint with --pretrained-weights PATH."
+            f"Could not download the ImageNet weights of {config.backbone} ({type(error).__name__}). Train from scratch "
+            f"with --no-pretrained, or fetch them on a machine that reaches the Hub (`hf download {weights}`) and copy "
+            "its Hugging Face cache here."
         ) from None
-    if config.pretrained_weights:
-        model.load_backbone_weights(config.pretrained_weights)  # checked on the meta device at start-up
     if config.freeze_backbone:
         model.backbone.requires_grad_(False)
     return model

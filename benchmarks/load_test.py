@@ -25,8 +25,8 @@ import numpy as np
 from gradio_client import Client, handle_file
 from PIL import Image
 
-from catdog_model.hardware import describe
-from tests.app_server import rss_mb, running_app
+from benchmarks.harness import describe
+from benchmarks.harness import rss_mb, running_app
 
 ROOT = Path(__file__).resolve().parents[1]
 BAD_FILES = {"notes.txt": (b"not a picture", "not an image"), "empty.jpg": (b"", "empty"),

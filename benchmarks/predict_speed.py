@@ -13,15 +13,15 @@ import argparse
 import os
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks.harness import complete_folder
 from catdog_model import CatDogClassifier, load_predictor
-from catdog_model.images import image_array
 from catdog_model.hardware import cpu_name
-from catdog_model.ood import fit_detector
 
 
 def _images(count: int, seed: int = 0) -> list[Image.Image]:
@@ -52,14 +52,6 @@ def _explain_rate(predictor, images, repeats: int) -> float:
     return len(images) / best
 
 
-def _add_timing_detector(predictor, images) -> None:
-    """A model saved before the detector has none: fit one on these images, only so that its cost is timed."""
-    features = predictor.outputs(np.stack([image_array(image, predictor.image_size) for image in images[:32]])).features
-    labels = np.arange(len(features["hidden"])) % 2
-    predictor.detector, threshold = fit_detector(features, labels, features)
-    predictor.config = {**predictor.config, "ood_threshold": threshold}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="folder or Hub id; default: a random-init spec model")
@@ -73,12 +65,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         if args.model is None:
             torch.manual_seed(0)
-            CatDogClassifier().save_pretrained(folder)
+            complete_folder(CatDogClassifier().eval(), Path(folder))
         predictor = load_predictor(args.model or folder)
     images = _images(args.images)
 
-    if predictor.detector is None:
-        _add_timing_detector(predictor, images)
     single = _throughput(predictor, images, 1, args.repeats)
     batched = _throughput(predictor, images, args.batch_size, args.repeats)
     explained = _explain_rate(predictor, images, args.repeats)

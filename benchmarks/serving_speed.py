@@ -32,11 +32,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from catdog_model import CatDogClassifier, load_predictor, open_image
-from catdog_model.config import IR_FILES
-from catdog_model.training.export import save_openvino
-from catdog_model.hardware import describe
-from catdog_model.ood import OOD_FILE
+from benchmarks.harness import describe
+from catdog_model import load_predictor, open_image
+from catdog_model.config import IR_FILES, OOD_FILE
 
 # Run in a fresh process; prints: imports s, load s, first answer s (all from process start), RSS MB.
 COLD_START = """
@@ -101,7 +99,7 @@ def _app_cold_start(folder: str, exact: bool, photo: Path, threads: int) -> floa
     """`python app.py` started → its first /predict answered, through gradio_client, on loopback."""
     from gradio_client import Client, handle_file
 
-    from tests.app_server import running_app
+    from benchmarks.harness import running_app
 
     env = {"CATDOG_EXACT": "1" if exact else "0", "CATDOG_THREADS": str(threads)}
     start = time.monotonic()
@@ -137,8 +135,6 @@ def main() -> None:
     try:
         folder = work / "model"
         shutil.copytree(args.model, folder, ignore=shutil.ignore_patterns("*.png", "*.html", "checkpoints", ".*"))
-        if not (folder / IR_FILES[0]).is_file():  # a model trained before the IR shipped (it has no manifest either)
-            save_openvino(CatDogClassifier.from_pretrained(str(folder)), folder)
         engines = {"exact": load_predictor(str(folder), exact=True), "default": load_predictor(str(folder))}
         photo = _phone_photo(work / "phone.jpg")
         photo_bytes, median_photo = photo.read_bytes(), Image.open(photo).resize((447, 374))

@@ -30,7 +30,8 @@ from torch.utils.data import DataLoader
 
 from catdog_model import CatDogClassifier
 from catdog_model.training.data import collate, load_image_dataset, make_transform
-from catdog_model.hardware import default_mixed_precision, default_num_workers, describe
+from benchmarks.harness import describe
+from catdog_model.training.loop import default_mixed_precision, default_num_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL_DATASET_IMAGES = 23_410
@@ -146,7 +147,7 @@ def loss_curves(args) -> dict:
             subprocess.run(command, check=True, cwd=ROOT, capture_output=True)
             metrics = json.loads((out / "metrics.json").read_text())
             curves[name] = {"mixed_precision": metrics["mixed_precision"], "history": metrics["history"],
-                            "test_accuracy": metrics["test"]["accuracy"]}
+                            "test_accuracy": json.loads((out / "evaluation.json").read_text())["accuracy"]}
     return curves
 
 

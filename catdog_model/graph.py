@@ -8,14 +8,16 @@ engine is tested on all 3,000 mini photos (tests/test_engine.py).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import FEATURE_NAMES, HIDDEN, STAGE_FEATURES
+from .config import FEATURE_NAMES, HIDDEN, STAGE_FEATURES, WEIGHTS
 from .model import CatDogClassifier
-from .serving.engine import EngineOutputs
+from .serving.engine import EngineOutputs, NonFiniteWeightError
 
 __all__ = ["ServingGraph", "TorchEngine"]
 
@@ -62,6 +64,16 @@ class TorchEngine:
                               **{name: 2 * channels[index] for index, name in STAGE_FEATURES.items()}}
         if threads:
             torch.set_num_threads(threads)
+
+    @classmethod
+    def load(cls, folder: str | Path, threads: int | None = None) -> TorchEngine:
+        """From a model folder's config.json and model.safetensors, strict; ``NonFiniteWeightError`` for NaN weights."""
+        model = CatDogClassifier.from_pretrained(str(folder)).eval()
+        broken = next((name for name, tensor in model.state_dict().items()
+                       if tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
+        if broken:
+            raise NonFiniteWeightError(f"{WEIGHTS} holds non-finite weights ({broken})")
+        return cls(model, threads)
 
     @torch.inference_mode()
     def __call__(self, pixels: np.ndarray) -> EngineOutputs:

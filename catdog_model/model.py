@@ -12,7 +12,6 @@ the model for training, serving and benchmarks alike.
 from __future__ import annotations
 
 import difflib
-import logging
 from pathlib import Path
 
 import timm
@@ -24,8 +23,6 @@ from torch import nn
 from .config import DEFAULTS, HIDDEN, HUB_METADATA, STAGE_FEATURES, STAT_STAGES, check_config
 
 __all__ = ["CatDogClassifier"]
-
-logger = logging.getLogger(__name__)
 
 # The fixed head flattens the whole feature map, so its size grows with the square of the image size:
 # 224 px gives 0.1 billion weights (400 MB); 1 billion (4 GB in fp32) is far past any sensible size.
@@ -42,6 +39,7 @@ class CatDogClassifier(
     PyTorchModelHubMixin,
     **HUB_METADATA,
     repo_url="https://github.com/catdog-project/catdog",
+    model_card_template=(Path(__file__).parent / "model_card.md").read_text(),  # the one card: training fills it in
 ):
     """ResNet features → Flatten → Linear(hidden_size) + ReLU → Dropout → Linear(1).
 
@@ -157,33 +155,6 @@ class CatDogClassifier(
         """Calibrated P(``labels[1]``): the sigmoid of the logit divided by the temperature fitted after training."""
         return torch.sigmoid(logits.float() / self.temperature)
 
-    def load_backbone_weights(self, path: str | Path) -> None:
-        """Load ImageNet weights for the backbone from a local timm checkpoint (.pth or .safetensors).
-
-        For machines without Hub access; the classifier keys of the checkpoint are ignored.
-        """
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no such file: {path}")
-        try:
-            state = timm.models.load_state_dict(str(path))
-        except Exception as error:  # unpickling arbitrary bytes can raise almost anything
-            raise ValueError(f"{path} is not a readable PyTorch or safetensors checkpoint ({type(error).__name__})") from None
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ValueError(f"{path} does not hold a state dict of tensors (it holds a {type(state).__name__})")
-        backbone_keys = set(self.backbone.state_dict())
-        ignored = [k for k in state if k not in backbone_keys]
-        try:
-            missing, _ = self.backbone.load_state_dict({k: v for k, v in state.items() if k in backbone_keys}, strict=False)
-        except RuntimeError as error:  # shapes that do not match
-            raise ValueError(f"{path} is not a {self.backbone_name} checkpoint: {str(error).splitlines()[1].strip()}") from None
-        if missing:
-            raise ValueError(
-                f"{path} is not a {self.backbone_name} checkpoint: {len(missing)} backbone weights are missing "
-                f"(for example {missing[0]})"
-            )
-        logger.info("loaded backbone weights from %s (ignored %d other keys)", path, len(ignored))
-
     @classmethod
     def _from_pretrained(cls, *, model_id: str, strict: bool = True, **kwargs) -> CatDogClassifier:
         # Saved weights replace the backbone's anyway: never download ImageNet weights here.
@@ -209,6 +180,14 @@ class CatDogClassifier(
         if unexpected:
             raise ValueError(f"{Path(model_file).name} holds {len(unexpected)} tensors the model does not have, e.g. {unexpected[0]!r}")
         return super()._load_as_safetensor(model, model_file, map_location, strict)
+
+    def generate_model_card(self, *args, **kwargs):
+        """The mixin's card from model_card.md, with this model's architecture; a finished run adds its results
+        (training/card.py), a bare ``save_pretrained`` writes only what the model itself knows."""
+        architecture = dict(backbone=self.backbone_name, image_size=self.image_size, labels=self.labels,
+                            hidden_size=self.head[1].out_features, dropout=self.head[3].p, model_name="catdog",
+                            repo_id="user/repo", trained="trained")
+        return super().generate_model_card(*args, **{**architecture, **kwargs})
 
     @property
     def num_parameters(self) -> dict[str, int]:

@@ -22,7 +22,7 @@ import pytest  # noqa: E402
 
 import torch  # noqa: E402
 
-from app_server import start_app as start_server  # noqa: E402
+from harness import complete_folder, start_app as start_server, vouch_for  # noqa: E402, F401
 
 ROOT = Path(__file__).resolve().parents[1]
 MINI_DATASET = ROOT.parent / "shared" / "data" / "cats_vs_dogs_mini"
@@ -59,43 +59,6 @@ def weights_equal(folder_a: Path, folder_b: Path) -> bool:
     from safetensors.torch import load_file
     a, b = load_file(folder_a / "model.safetensors"), load_file(folder_b / "model.safetensors")
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def vouch_for(folder: Path) -> None:
-    """Rewrite the manifest of a model folder for the files it holds now, as a training run would have written it:
-    for tests that need a folder whose run wrote, say, NaN weights."""
-    from catdog_model.config import IR_FILES, OOD_FILE, WEIGHTS
-    from catdog_model.serving.files import file_sha256
-
-    config = json.loads((folder / "config.json").read_text())
-    files = {name: {"size": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
-             for name in config["manifest"]["files"] if (folder / name).is_file()}
-    for name in (*IR_FILES, OOD_FILE):
-        files[name]["made_from"] = files[WEIGHTS]["sha256"]
-    (folder / "config.json").write_text(json.dumps({**config, "manifest": {"files": files}}))
-
-
-def complete_folder(model, folder: Path, threshold: float = 1e9) -> Path:
-    """A finished model folder for a model made in a test: its weights, its engine, a detector that calls
-    nothing "neither" (below ``threshold``), and a manifest, as a training run would have written them."""
-    import numpy as np
-
-    from catdog_model.training.calibration import save_detector
-    from catdog_model.training.export import save_openvino
-
-    model.save_pretrained(folder)
-    save_openvino(model, folder)
-    engine_sizes = {"hidden": model.head[1].out_features,
-                    **{f"stage{i}": 2 * model.backbone.feature_info[i]["num_chs"] for i in (1, 2)}}
-    save_detector({f"{layer}.{part}": values for layer, size in engine_sizes.items() for part, values in
-                   (("means", np.zeros((2, size))), ("precision", np.eye(size)), ("scale", np.ones(1)))},
-                  folder / "ood.safetensors")
-    config = json.loads((folder / "config.json").read_text())
-    names = ["model.safetensors", "openvino_model.xml", "openvino_model.bin", "ood.safetensors"]
-    config.update(ood_threshold=threshold, manifest={"files": {name: {} for name in names}})
-    (folder / "config.json").write_text(json.dumps(config))
-    vouch_for(folder)
-    return folder
 
 
 def hub_snapshot(cache: Path, repo_id: str, folder: Path, commit: str = "c" * 40, refs=("main",)) -> Path:

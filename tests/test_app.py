@@ -16,7 +16,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from app_server import rss_mb, start_app as start_server
+from harness import rss_mb, start_app as start_server
 from conftest import ROOT, start_app
 
 
@@ -160,8 +160,9 @@ def test_the_batch_keeps_the_uploaded_names_and_its_csv_is_safe_in_a_spreadsheet
 @pytest.mark.slow
 def test_uploads_and_batch_files_do_not_pile_up_on_disk(trained_model, tmp_path):
     """A Space runs for months: what 40 uploads and 4 batches leave is deleted once older than the TTL."""
-    cache = tmp_path / "gradio"
-    env = {"GRADIO_TEMP_DIR": str(cache), "CATDOG_THREADS": "1", "CATDOG_UPLOAD_TTL": "2"}
+    cache, own = tmp_path / "gradio", tmp_path / "tmp"  # Gradio's cache, and the temporary folder the app writes CSVs in
+    own.mkdir()
+    env = {"GRADIO_TEMP_DIR": str(cache), "TMPDIR": str(own), "CATDOG_THREADS": "1", "CATDOG_UPLOAD_TTL": "2"}
     url, process = start_server(str(trained_model), env, tmp_path / "app.log")
     try:
         client = Client(url, verbose=False)
@@ -172,11 +173,11 @@ def test_uploads_and_batch_files_do_not_pile_up_on_disk(trained_model, tmp_path)
             client.predict(handle_file(str(pictures[index % 4])), api_name="/predict")
         for _ in range(4):
             client.predict([handle_file(str(path)) for path in pictures], api_name="/predict_batch")
-        assert len(stored() - examples) >= 8  # the uploads and the CSVs were there
+        assert len(stored() - examples) >= 5  # the 4 uploads and the CSV (the same 4 times: Gradio keeps one copy)
         time.sleep(6)  # past the TTL, and past a run of Gradio's clean-up, which comes every TTL seconds
         assert stored() == examples
         client.predict([handle_file(str(pictures[0]))], api_name="/predict_batch")
-        assert len(list(cache.glob("catdog-*"))) == 1  # the older CSV folders went with the new batch
+        assert len(list(own.glob("catdog-csv-*/*"))) == 1  # the app's older CSV folders went with the new batch
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -221,8 +222,8 @@ def test_missing_model_starts_with_a_notice_and_a_clear_api_error(tmp_path):
         assert "No model loaded" in config and "CATDOG_MODEL" in config
         with pytest.raises(AppError, match="No model is loaded") as error:
             Client(url, verbose=False).predict(handle_file(str(ROOT / "examples" / "chelsea_cat.jpg")), api_name="/predict")
-        assert "make demo-offline" in str(error.value) and "`" not in str(error.value)  # plain text for API users
-        assert "make demo-offline" in config and "No model is loaded yet" in config
+        assert "make demo" in str(error.value) and "`" not in str(error.value)  # plain text for API users
+        assert "make demo" in config and "No model is loaded yet" in config
         assert "Traceback" not in (tmp_path / "app.log").read_text()
         assert not (ROOT / "app.pyi").exists()  # a gr component subclass would write this stub next to app.py
     finally:
@@ -254,31 +255,26 @@ def test_space_metadata_matches_the_code():
 
     import app
 
+    from packaging.requirements import Requirement
+
     metadata = metadata_load(ROOT / "README.md")
-    pinned = re.search(r"^gradio==(\S+)$", (ROOT / "requirements.txt").read_text(), re.MULTILINE).group(1)
-    assert metadata["sdk"] == "gradio" and metadata["sdk_version"] == pinned
+    line = re.search(r"^gradio\S*", (ROOT / "requirements.txt").read_text(), re.MULTILINE).group(0)
+    pinned = Requirement(line).specifier
+    assert metadata["sdk"] == "gradio" and metadata["sdk_version"] in pinned  # the Space's gradio is what we allow
+    assert f">={metadata['sdk_version']}" in str(pinned)  # and the oldest we allow: what the app is tested on
     assert metadata["app_file"] == "app.py" and metadata["models"] == [app.DEFAULT_MODEL]
     assert metadata["datasets"] == ["microsoft/cats_vs_dogs"]
 
 
-def test_api_page_offers_the_projects_own_photos(client):
-    """The API page's sample inputs are our example photos, each one a file in examples/, not Gradio's bus.png."""
-    import app
-
+def test_the_api_page_documents_every_endpoints_outputs_by_name_and_type(client):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     assert set(endpoints) == {"/predict", "/explain", "/predict_batch"}
-    single = endpoints["/predict"]["parameters"][0]["example_input"]
-    batch = [item["path"] for item in endpoints["/predict_batch"]["parameters"][0]["example_input"]]
-    assert single["path"] == app.API_EXAMPLES[0] and batch == app.API_EXAMPLES
-    for url in batch:
-        assert url.startswith(app.EXAMPLES_URL + "/") and (ROOT / "examples" / url.rsplit("/", 1)[1]).is_file()
-    assert "bus.png" not in str(endpoints)
     assert all(endpoint["description"] and "preprocess" not in endpoint["description"] for endpoint in endpoints.values())
-    # Every output has a name and a type a client can read: no "value_16", no "str | float | bool | list | dict".
     returns = {name: [(r["label"], r["python_type"]["type"]) for r in endpoint["returns"]] for name, endpoint in endpoints.items()}
     assert returns["/predict"][0][0] == "Verdict" and returns["/predict"][0][1].startswith("dict(label: str")
-    assert returns["/explain"] == [("Explanation", "dict(verdict: str, label: str, is_cat_or_dog: bool, probabilities: "
-                                                   "dict(str, float), ood_score: float | None, ood_threshold: float | None)")]
+    assert returns["/explain"][0][0] == "Explanation"
+    for field in ("verdict (str)", "probabilities (dict of str to float)", "is_cat_or_dog (bool)", "ood_score (float)"):
+        assert field in endpoints["/explain"]["description"]
     assert [label for label, _ in returns["/predict_batch"]] == ["Results", "CSV"]
 
 

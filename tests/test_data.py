@@ -48,6 +48,19 @@ def test_columns_found_by_feature_and_broken_rows_skipped_and_counted(dataset_wi
     assert all(image.size == (24, 24) for image in data.dataset["img"])
 
 
+def test_rows_without_a_picture_or_with_no_label_are_skipped_and_counted(tmp_path):
+    rows = [(_jpeg(i), i % 2) for i in range(12)]
+    folder = write_parquet_dataset(tmp_path / "holes", rows[:3] + [(_jpeg(50), -1)] + rows[3:])  # -1: datasets' "no label"
+    data = load_image_dataset(str(folder))
+    assert data.skipped_rows == [3] and len(data.dataset) == 12
+    features = Features({"img": ImageFeature(), "target": ClassLabel(names=["cat", "dog"])})
+    with_none = Dataset.from_dict({"img": [None] + [{"bytes": b, "path": None} for b, _ in rows],
+                                   "target": [0] + [y for _, y in rows]}, features=features)
+    (tmp_path / "none" / "data").mkdir(parents=True)
+    with_none.to_parquet(str(tmp_path / "none" / "data" / "train-00000-of-00001.parquet"))
+    assert load_image_dataset(str(tmp_path / "none")).skipped_rows == [0]
+
+
 def test_missing_columns_are_a_clear_error(tmp_path):
     folder = tmp_path / "nolabels" / "data"
     folder.mkdir(parents=True)

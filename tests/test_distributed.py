@@ -17,6 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from catdog_model import CatDogClassifier
+from catdog_model.training.checkpoints import read_manifest
 from catdog_model.training.data import collate, load_image_dataset, load_split, make_transform
 from conftest import MINI_DATASET, ROOT, run_training, training_command, weights_equal
 from test_data import write_parquet_dataset
@@ -45,8 +46,9 @@ def two_processes(tmp_path_factory):
 
 def test_two_processes_give_the_test_metrics_of_one_process_on_the_same_weights(two_processes):
     metrics = json.loads((two_processes / "metrics.json").read_text())
+    evaluation = json.loads((two_processes / "evaluation.json").read_text())
     # gather_for_metrics drops the padding of uneven shards: each of the 21 test images counts exactly once.
-    assert metrics["world_size"] == 2 and metrics["test"]["samples"] == 21
+    assert metrics["world_size"] == 2 and evaluation["samples"] == 21
     data = load_image_dataset(str(MINI_DATASET))
     test = load_split(two_processes / "split.json", data, "test", used=True)
     test.set_transform(make_transform(data, 64, train=False))
@@ -55,7 +57,7 @@ def test_two_processes_give_the_test_metrics_of_one_process_on_the_same_weights(
     with torch.no_grad():
         for batch in DataLoader(test, batch_size=5, collate_fn=collate):
             correct += int(((model(batch["pixels"]) > 0).float() == batch["labels"]).sum())
-    assert (len(test), correct / len(test)) == (21, metrics["test"]["accuracy"])
+    assert (len(test), correct / len(test)) == (21, evaluation["accuracy"])
 
 
 def _free_port() -> int:
@@ -78,10 +80,9 @@ def test_two_machines_on_loopback_train_what_two_processes_on_one_machine_do(two
     errors = [machine.communicate(timeout=600)[1] for machine in machines]
     assert [machine.returncode for machine in machines] == [0, 0], errors[0][-3000:] + errors[1][-3000:]
     assert weights_equal(two_processes, tmp_path / "out")
-    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["test"] == \
-        json.loads((two_processes / "metrics.json").read_text())["test"]
-    checkpoint = tmp_path / "out" / "checkpoints" / "step_00000004"
-    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in checkpoint.iterdir()}
+    assert json.loads((tmp_path / "out" / "evaluation.json").read_text()) == \
+        json.loads((two_processes / "evaluation.json").read_text())
+    read_manifest(tmp_path / "out" / "checkpoints" / "step_00000004")  # complete, both machines' parts in it
 
 
 def _wait_for(condition, timeout: float, what: str):
@@ -105,16 +106,17 @@ def _descendants(process: psutil.Process, at_least: int = 0) -> list[psutil.Proc
 def _two_ranks_training(tmp_path):
     """`accelerate launch` with two ranks, each with a loader worker, yielded once all four are up.
     Whatever is left of them is killed afterwards, pass or fail."""
+    log = tmp_path / "training.log"
     launcher = subprocess.Popen(
         training_command(tmp_path / "out", "--cpu", "--epochs", "50", "--batch-size", "4", "--num-workers", "1",
                          launcher=_launcher("--num_processes", "2", "--num_machines", "1")),
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(log, "w"),
     )
     agent, family = psutil.Process(launcher.pid), []
-    # split.json is written once both ranks have passed the dataset check, so each has long since asked to die
+    # The splits are logged once the ranks have passed the dataset check, so each has long since asked to die
     # with its launcher; without it, short-lived children of still-importing ranks (a library's subprocess)
     # could pass for the loader workers.
-    started = lambda: (tmp_path / "out" / "split.json").exists() and _descendants(agent, at_least=4)  # noqa: E731
+    started = lambda: "rows skipped" in log.read_text() and _descendants(agent, at_least=4)  # noqa: E731
     try:
         family = _wait_for(started, 300, "two ranks training")
         yield launcher, agent, family

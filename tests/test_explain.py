@@ -145,5 +145,5 @@ def test_explain_agrees_with_predict_and_refuses_what_is_not_a_picture(predictor
     explained, predicted = predictor.explain(image).probabilities, predictor.predict([image])[0]
     assert explained.keys() == predicted.keys()
     assert all(explained[label] == pytest.approx(predicted[label], abs=1e-5) for label in predicted)
-    with pytest.raises(TypeError, match="expected a PIL image or a file path"):
+    with pytest.raises(TypeError, match="expected a PIL image, a file path or a file.s bytes"):
         predictor.explain(42)

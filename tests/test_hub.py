@@ -19,11 +19,11 @@ import httpx
 import pytest
 from gradio_client import Client, handle_file
 
-from app_server import start_app as start_server
+from harness import start_app as start_server
 from conftest import MINI_DATASET, ROOT, assert_clean_error, training_command
 
 pytestmark = pytest.mark.slow  # two training runs, uploads and downloads: about 3 minutes
-SERVING_FILES = {"config.json", "openvino_model.xml", "openvino_model.bin", "ood.safetensors", "metrics.json"}
+SERVING_FILES = {"config.json", "openvino_model.xml", "openvino_model.bin", "ood.safetensors", "metrics.json", "evaluation.json"}
 
 
 def _start_hub(folder: Path, stop_on: str = "") -> tuple[str, subprocess.Popen]:
@@ -144,7 +144,7 @@ def test_the_model_card_loads_from_the_hub_with_the_test_accuracy(hub, pushed, t
     result = _python("from huggingface_hub import ModelCard\ncard = ModelCard.load('user/catdog')\n"
                      "print(card.data.eval_results[0].metric_type, card.data.eval_results[0].metric_value)",
                      _hub_env(hub, tmp_path / "hf"), tmp_path)
-    accuracy = json.loads((pushed / "v2" / "metrics.json").read_text())["test"]["accuracy"]  # main is the second push
+    accuracy = json.loads((pushed / "v2" / "evaluation.json").read_text())["accuracy"]  # main is the second push
     metric, value = result.stdout.strip().splitlines()[-1].split()
     assert metric == "accuracy" and float(value) == pytest.approx(accuracy)
 

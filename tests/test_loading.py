@@ -1,9 +1,11 @@
 """Loading never crashes: whatever the source string or the folder holds, only ModelLoadError, naming both."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -140,7 +142,7 @@ def test_predict_refuses_what_is_not_a_list_of_images(predictor, images):
 
 @pytest.mark.parametrize("item", [None, np.zeros((32, 32, 3), np.uint8)])
 def test_predict_refuses_list_items_that_are_not_images(predictor, item):
-    with pytest.raises(TypeError, match="expected a PIL image or a file path"):
+    with pytest.raises(TypeError, match="expected a PIL image, a file path or a file.s bytes"):
         predictor.predict([Image.new("RGB", (8, 8)), item])
 
 
@@ -160,3 +162,14 @@ def test_closed_and_empty_images_are_image_errors(predictor):
     with pytest.raises(ImageError, match=r"no pixels \(0×0\)"):
         predictor.predict([Image.new("RGB", (0, 0))])
     assert predictor.predict([Image.new("RGB", (1, 1))])[0].keys() == {"cat", "dog"}
+
+
+def test_where_the_hub_does_not_answer_loading_fails_in_seconds_and_says_what_to_do(tmp_path):
+    env = {key: value for key, value in os.environ.items() if key != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path))  # a closed port: nothing answers
+    code = "from catdog_model import load_predictor\nload_predictor('someone/catdog')"
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - start < 15  # seconds, where huggingface_hub's retries took 24 s
+    assert "the Hugging Face Hub cannot be reached from here (http://127.0.0.1:9)" in result.stderr
+    assert "HF_HUB_OFFLINE=1" in result.stderr and "Retrying" not in result.stderr

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import timm
 import torch
 from huggingface_hub import constants
 
@@ -94,14 +93,3 @@ def test_unknown_repo_offline_is_a_clear_error():
 def test_folder_without_config_is_a_clear_error(tmp_path):
     with pytest.raises(ModelLoadError, match="no config.json"):
         load_predictor(str(tmp_path))
-
-
-def test_local_timm_checkpoint_loads_into_the_backbone(tmp_path):
-    torch.manual_seed(1)
-    reference = timm.create_model("resnet18", pretrained=False)  # with its classifier, as timm saves it
-    torch.save(reference.state_dict(), tmp_path / "resnet18.pth")
-    model = CatDogClassifier(backbone="resnet18", image_size=64, hidden_size=8)
-    model.load_backbone_weights(tmp_path / "resnet18.pth")
-    assert torch.equal(model.backbone.conv1.weight, reference.conv1.weight)
-    with pytest.raises(ValueError, match="not a resnet50 checkpoint"):
-        CatDogClassifier(image_size=64, hidden_size=8).load_backbone_weights(tmp_path / "resnet18.pth")

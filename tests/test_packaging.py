@@ -24,11 +24,16 @@ def _requirements(lines) -> dict[str, str]:
     return found
 
 
-def test_the_package_needs_what_the_space_installs_with_the_same_pins():
-    package = _requirements(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"])
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def test_the_space_installs_the_package_serving_side_with_the_same_pins_and_no_torch():
+    package = _requirements(PROJECT["dependencies"])
     space = _requirements((ROOT / "requirements.txt").read_text().splitlines())
     assert {name: space.get(name) for name in package} == package
     assert set(space) - set(package) == {"gradio"}  # the app's own dependency, not the library's
+    train = _requirements(PROJECT["optional-dependencies"]["train"])
+    assert {"torch", "timm", "accelerate", "datasets"} <= set(train) and not set(train) & set(space)
 
 
 @pytest.mark.slow
@@ -65,19 +70,30 @@ def test_pip_install_then_load_a_saved_model_from_another_folder(trained_model, 
     assert "'cat':" in prediction and "'dog':" in prediction
 
 
-def test_every_library_the_package_imports_is_declared():
-    declared = set(_requirements(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]))
-    distributions = importlib.metadata.packages_distributions()
-    imported = set()
-    for path in (ROOT / "catdog_model").glob("*.py"):
+SERVING = ("__init__.py", "config.py", "images.py", "hardware.py", "serving/*.py")  # and app.py: no torch
+TRAINING = ("model.py", "graph.py", "training/*.py")
+
+
+def _imported(paths) -> set[str]:
+    distributions, imported = importlib.metadata.packages_distributions(), set()
+    for path in paths:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 imported |= {alias.name.split(".")[0] for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 imported.add(node.module.split(".")[0])
-    third_party = {name for name in imported if name not in sys.stdlib_module_names and name != "catdog_model"}
-    needed = {distributions[name][0].lower().replace("_", "-") for name in third_party}
-    assert needed <= declared, f"imported but not in pyproject.toml: {needed - declared}"
+    third_party = {name for name in imported if name not in sys.stdlib_module_names and name not in ("catdog_model", "app")}
+    return {distributions[name][0].lower().replace("_", "-") for name in third_party}
+
+
+def test_serving_imports_only_the_base_dependencies_and_training_its_extra():
+    base, train = set(_requirements(PROJECT["dependencies"])), set(_requirements(PROJECT["optional-dependencies"]["train"]))
+    serving = [path for pattern in SERVING for path in (ROOT / "catdog_model").glob(pattern)]
+    training = [path for pattern in TRAINING for path in (ROOT / "catdog_model").glob(pattern)]
+    assert len(serving) + len(training) == len(list((ROOT / "catdog_model").rglob("*.py")))  # every module is one or the other
+    assert _imported(serving) <= base, f"serving imports what the Space does not install: {_imported(serving) - base}"
+    assert _imported([ROOT / "app.py"]) <= base | {"gradio"}
+    assert _imported(training) <= base | train, f"imported but not in pyproject.toml: {_imported(training) - base - train}"
 
 
 def test_the_documents_list_every_test_file_and_only_real_ones():
@@ -86,8 +102,9 @@ def test_the_documents_list_every_test_file_and_only_real_ones():
 
     listed = set(re.findall(r"`tests/(test_\w+\.py)`", (ROOT / "tests" / "README.md").read_text()))
     assert listed == {path.name for path in (ROOT / "tests").glob("test_*.py")}
-    modules = set(re.findall(r"`catdog_model/(\w+\.py)`", (ROOT / "catdog_model" / "README.md").read_text()))
-    assert modules == {path.name for path in (ROOT / "catdog_model").glob("*.py")} - {"__init__.py"}
+    modules = set(re.findall(r"`catdog_model/((?:serving/|training/)?\w+\.py)`", (ROOT / "catdog_model" / "README.md").read_text()))
+    assert modules == {str(path.relative_to(ROOT / "catdog_model")) for path in (ROOT / "catdog_model").rglob("*.py")
+                       if path.name != "__init__.py"}
     for document in ("README.md", "catdog_model/README.md", "benchmarks/README.md"):  # modules named there exist
-        for module in re.findall(r"`((?:catdog_model|benchmarks|tests)/\w+\.py)`", (ROOT / document).read_text()):
+        for module in re.findall(r"`((?:catdog_model|benchmarks|tests)/[\w/]+\.py)`", (ROOT / document).read_text()):
             assert (ROOT / module).is_file(), (document, module)

@@ -5,6 +5,8 @@ import csv
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,26 +20,33 @@ class FixedPredictor:
     """Answers every picture with the same probabilities (and, unless told, says it looks like the training photos)."""
 
     labels, image_size, batch_size, ood_threshold = ("cat", "dog"), 64, 16, 1.0
-    source, revision, backbone, engine = "someone/catdog", None, "resnet50", "openvino-bf16"
+    source, revision, backbone, engine, is_local = "someone/catdog", None, "resnet50", "openvino-bf16", False
     metrics: dict = {}
+    evaluation: dict = {}
 
     def __init__(self, p_dog: float, looks_right: bool = True):
         self.p_dog, self.looks_right = p_dog, looks_right
 
-    def _explanation(self):
+    def explain(self, picture, heatmap=True):
+        from PIL import Image
+
+        from catdog_model import Explanation, open_image
+
+        open_image(picture, max_megabytes=10)  # the real predictor's checks of the file
+        return Explanation({"cat": 1 - self.p_dog, "dog": self.p_dog}, 0.0 if self.looks_right else 9.0,
+                           self.looks_right, overlay=Image.new("RGB", (384, 255)) if heatmap else None)
+
+    def model_input(self, picture):
+        from catdog_model import open_image
+
+        open_image(picture, max_megabytes=10)  # the real predictor's checks of the file
+        return np.zeros((3, self.image_size, self.image_size), np.uint8)
+
+    def explain_inputs(self, inputs):
         from catdog_model import Explanation
 
-        return Explanation({"cat": 1 - self.p_dog, "dog": self.p_dog}, 0.0 if self.looks_right else 9.0,
-                           self.looks_right, np.linspace(0, 1, 32 * 48, dtype=np.float32).reshape(32, 48))
-
-    def explain(self, image):
-        return self._explanation()
-
-    def explain_shared(self, image, heatmaps=True):
-        return self._explanation()
-
-    def explain_pixels(self, pixels):
-        return [self._explanation() for _ in pixels]
+        return [Explanation({"cat": 1 - self.p_dog, "dog": self.p_dog}, 0.0 if self.looks_right else 9.0, self.looks_right)
+                for _ in inputs]
 
     def model_file(self, name):
         return None
@@ -62,35 +71,25 @@ def test_one_verdict_on_the_page_in_the_api_and_in_the_batch_and_its_csv(tmp_pat
 
     space = _space(FixedPredictor(p_dog, looks_right), tmp_path, monkeypatch)
     assert decide({"cat": 1 - p_dog, "dog": p_dog}, looks_right).answer == answer
-    label, status, verdict, heatmap = space.predict_on_page(CAT_PHOTO)
-    assert label[0].answer == answer and verdict["visible"] and not status["visible"]
+    probabilities, status, verdict, heatmap = space.predict_on_page(CAT_PHOTO)
+    assert probabilities == {"cat": 1 - p_dog, "dog": p_dog} and verdict["visible"] and not status["visible"]
     assert {"not sure": "Not sure", "neither": "Neither a cat nor a dog"}.get(answer, answer.capitalize()) in verdict["value"]
-    assert space.predict(CAT_PHOTO)[0].answer == answer
+    ranked = sorted([("cat", 1 - p_dog), ("dog", p_dog)], key=lambda item: -item[1])
+    assert space.predict(CAT_PHOTO) == {"label": answer, "confidences": [{"label": k, "confidence": v} for k, v in ranked]}
     assert space.explain(CAT_PHOTO)["verdict"] == answer and space.explain(CAT_PHOTO)["label"] == ("dog" if p_dog > 0.5 else "cat")
     rows, csv_path = space.predict_batch([CAT_PHOTO], progress=NoProgress())
     assert rows[0][1] == answer and (rows[0][4] == "") == (answer in ("cat", "dog"))
     with open(csv_path, newline="") as file:
         assert list(csv.reader(file))[1][1] == answer
-    width, height = heatmap.size  # the photo with the heatmap over it, at a size fit to look at
-    assert width == 384 and abs(width / height - 451 / 300) < 0.02
-
-
-def test_the_verdict_label_shows_the_verdict_over_both_probabilities():
-    import app
-    from catdog_model import decide
-
-    label = app._verdict_label(label="Verdict")
-    shown = label.postprocess((decide({"cat": 0.2, "dog": 0.8}, False), {"cat": 0.2, "dog": 0.8}))
-    assert shown.label == "neither" and [(c.label, c.confidence) for c in shown.confidences] == [("dog", 0.8), ("cat", 0.2)]
-    assert label.postprocess(None) == {}
+    assert heatmap.size == (384, 255)  # the predictor's overlay, shown as it is
 
 
 def test_a_label_is_text_on_the_page_never_markup():
     class Odd(FixedPredictor):
         labels = ("<img src=x onerror=alert(1)>", "dog")
 
-        def explain(self, image):
-            explanation = super().explain(image)
+        def explain(self, picture, heatmap=True):
+            explanation = super().explain(picture)
             explanation.probabilities = {"<img src=x onerror=alert(1)>": 0.6, "dog": 0.4}  # "not sure": named
             return explanation
 
@@ -112,7 +111,7 @@ def test_the_page_shows_problems_inline_instead_of_raising(tmp_path):
     assert "Choose a picture first" in _space(FixedPredictor(0.9)).predict_on_page(None)[1]["value"]
     result, status, _, heatmap = app.Space(None, "it is gone").predict_on_page(CAT_PHOTO)
     assert result is None and heatmap is None
-    assert "No model is loaded" in status["value"] and "make demo-offline" in status["value"]
+    assert "No model is loaded" in status["value"] and "make demo" in status["value"]
 
 
 def test_classify_with_nothing_chosen_says_so_inline_on_both_tabs(tmp_path, monkeypatch):
@@ -127,10 +126,10 @@ def test_a_model_that_computes_nan_gets_a_clear_message_not_an_answer(tmp_path, 
     from catdog_model import PredictionError
 
     class Broken(FixedPredictor):
-        def explain(self, image, heatmaps=True):
+        def explain(self, picture, heatmap=True):
             raise PredictionError("The model x computed a non-finite output: its weights are damaged.")
 
-        explain_shared = explain_pixels = explain
+        explain_inputs = explain
 
     space = _space(Broken(0.5), tmp_path, monkeypatch)
     label, status, _, heatmap = space.predict_on_page(CAT_PHOTO)
@@ -146,9 +145,9 @@ def test_the_batch_reads_each_chunk_as_one_forward_pass(tmp_path, monkeypatch):
     calls = []
 
     class Counting(FixedPredictor):
-        def explain_pixels(self, pixels):
-            calls.append(len(pixels))
-            return super().explain_pixels(pixels)
+        def explain_inputs(self, inputs):
+            calls.append(len(inputs))
+            return super().explain_inputs(inputs)
 
     predictor = Counting(0.9)
     predictor.batch_size = 4
@@ -160,18 +159,18 @@ def test_the_demonstration_notice_reads_the_models_own_files():
     from catdog_model.serving.describe import demonstration_notice
 
     weak = FixedPredictor(0.5)
-    weak.metrics = {"backbone_init": "random (--no-pretrained)", "dataset": "cats_vs_dogs_mini",
-                    "test": {"accuracy": 0.6633, "samples": 300}, "split_sizes": {"train": 2160}}
+    weak.metrics = {"backbone_init": "random (--no-pretrained)", "dataset": "cats_vs_dogs_mini", "split_sizes": {"train": 2160}}
+    weak.evaluation = {"accuracy": 0.6633, "samples": 300}
     notice = demonstration_notice(weak)
     assert "demonstration model" in notice and "from scratch" in notice and "2,160 photos" in notice
     assert "**66%**" in notice and "64 px" in notice
     strong = FixedPredictor(0.5)
-    strong.metrics = {"backbone_init": "timm ImageNet weights", "test": {"accuracy": 0.984, "samples": 4652}}
+    strong.metrics, strong.evaluation = {"backbone_init": "timm ImageNet weights"}, {"accuracy": 0.984, "samples": 4652}
     assert demonstration_notice(strong) is None
     unmeasured = FixedPredictor(0.5)
     unmeasured.metrics = {"backbone_init": "timm ImageNet weights"}
     assert "recorded no test accuracy" in demonstration_notice(unmeasured)
-    strong.metrics["test"]["accuracy"] = 0.85
+    strong.evaluation["accuracy"] = 0.85
     assert "**85%**" in demonstration_notice(strong) and "from scratch" not in demonstration_notice(strong)
 
 
@@ -179,8 +178,8 @@ def test_how_good_is_this_model_says_what_the_page_would_have_answered_on_the_te
     from catdog_model.serving.describe import report
 
     evaluated = FixedPredictor(0.5)
-    evaluated.metrics = {"test": {"accuracy": 0.6633, "samples": 300},
-                         "evaluation": {"ece": 0.077, "verdicts": {"right": 67, "wrong": 14, "not sure": 203, "neither": 16}}}
+    evaluated.evaluation = {"accuracy": 0.6633, "samples": 300, "ece": 0.077,
+                            "verdicts": {"right": 67, "wrong": 14, "not sure": 203, "neither": 16}}
     text, figures = report(evaluated)
     assert "**66.3%** of 300 photos" in text and "give or take 7.7%" in text and figures == []
     assert "**67** right and **14** wrong with confidence, **203** \"not sure\" and **16** \"neither\"" in text
@@ -194,34 +193,31 @@ def test_the_engine_is_named_in_plain_words_with_the_details_alongside():
     assert "`openvino-bf16`" in details(FixedPredictor(0.5))
 
 
-def test_a_malformed_metrics_json_blanks_the_pages_numbers_with_a_log_line(caplog):
-    from catdog_model.serving.describe import headline, report
-
-    described = FixedPredictor(0.5)
-    described.metrics = {"test": {"accuracy": "n/a", "samples": 300}, "dataset": 123, "backbone_init": None}
-    with caplog.at_level("WARNING", logger="catdog_model.serving.describe"):
-        text, figures = report(described)
-        assert "recorded no evaluation" in text and figures == []
-        assert "A resnet50 trained, at 64 px" in headline(described)
-    assert "accuracy is 'n/a'" in caplog.text and "dataset is 123" in caplog.text
-
-
 def test_importing_the_app_loads_nothing_and_reads_no_setting():
-    env = {**os.environ, "CATDOG_MAX_BATCH": "abc", "CATDOG_MODEL": "no/such-model"}
+    env = {**os.environ, "CATDOG_CONCURRENCY": "abc", "CATDOG_MODEL": "no/such-model"}
     code = "import sys, app\nassert 'torch' not in sys.modules and 'openvino_model.xml' not in str(vars(app))\nprint('ok')"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok" and "loading the model" not in result.stderr, result.stderr
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, value", [("CATDOG_MAX_BATCH", "abc"), ("CATDOG_MAX_BATCH", "0"), ("CATDOG_MAX_BATCH", "-1"),
-                                         ("CATDOG_THREADS", "abc"), ("CATDOG_THREADS", "0"),
-                                         ("CATDOG_MALLOC_ARENAS", "x"), ("CATDOG_EXACT", "maybe")])
+@pytest.mark.parametrize("name, value", [("CATDOG_CONCURRENCY", "abc"), ("CATDOG_CONCURRENCY", "0"),
+                                         ("CATDOG_CONCURRENCY", "-1"), ("CATDOG_THREADS", "abc"), ("CATDOG_THREADS", "0"),
+                                         ("CATDOG_THREADS", "2147483648"), ("CATDOG_MALLOC_ARENAS", "x"),
+                                         ("CATDOG_MALLOC_ARENAS", "99999999999999999999"), ("CATDOG_EXACT", "maybe")])
 def test_a_setting_that_cannot_work_stops_the_app_in_one_line(name, value):
     env = {**os.environ, name: value, "CATDOG_MODEL": "no/such-model"}
     result = subprocess.run([sys.executable, "app.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"${name} must be" in result.stderr and repr(value) in result.stderr
+
+
+def test_an_empty_model_is_an_error_not_another_model(capsys):
+    import app
+
+    with pytest.raises(SystemExit) as exit:
+        app._model_source(["--model", ""])
+    assert exit.value.code == 1 and "--model is empty" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("value, expected", [("true", True), ("yes", True), ("1", True), ("false", False), ("0", False)])
@@ -251,3 +247,30 @@ def test_every_example_is_credited_and_captioned_and_all_three_kinds_are_there()
     for name in shipped:
         row = next(line for line in credits.splitlines() if line.startswith(f"| `{name}` |"))
         assert len([cell for cell in row.split("|") if cell.strip()]) == 4  # file, caption, source, licence
+
+
+@pytest.mark.parametrize("name", [" =1+1", "\u3000=1+1", "\ufeff=1+1", "＝1+1", "＋1", "\t=1", "@SUM(A1)"])
+def test_a_file_name_a_spreadsheet_would_run_as_a_formula_is_kept_as_text(name):
+    from catdog_model.predict import neutralised  # the batch tab's and the batch command's one guard
+
+    assert neutralised(name) == "'" + name
+    assert neutralised("a\nb\r.jpg") == "a b .jpg" and neutralised("cat.jpg") == "cat.jpg"
+
+
+def _make(*args: str, env: dict) -> subprocess.CompletedProcess:
+    venv = Path(sys.executable).parent.parent  # this environment plays the installed one: nothing is installed
+    return subprocess.run(["make", "-s", "-o", f"{venv}/.runtime", "-o", f"{venv}/.train", f"VENV={venv}", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_make_demo_with_no_model_no_hub_and_no_dataset_says_what_it_needs_in_seconds(tmp_path):
+    env = {key: value for key, value in os.environ.items() if key != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path))  # a closed port: nothing answers
+    start = time.monotonic()
+    checked = subprocess.run([sys.executable, "app.py", "--check"], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=120)
+    assert checked.returncode == 1 and "the Hugging Face Hub cannot be reached" in checked.stderr
+    result = _make("demo-model", "DATASET=", env=env)
+    assert time.monotonic() - start < 20 and result.returncode != 0
+    assert "no model to serve, the Hub does not answer, and no local copy of the dataset" in result.stderr
+    assert "DATASET=path/to/cats_vs_dogs" in result.stderr and "Traceback" not in result.stderr

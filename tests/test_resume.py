@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 from filelock import FileLock
 from safetensors.torch import load_file
 
-from catdog_model.training.run_folder import LOCK_FILE
+from catdog_model.training.run_folder import LOCK_FILE, RUN_RECORD
 from catdog_model.training.checkpoints import CheckpointError, find_latest, read_manifest, save_checkpoint
 from conftest import ROOT, assert_clean_error, run_training, training_command, weights_equal
 
@@ -42,15 +43,17 @@ def _resume_from(full_run, tmp_path, step: int, *flags: str, check: bool = True)
     """A fresh folder holding only one checkpoint of the full run, as if the run had been killed after it."""
     name = f"step_{step:08d}"
     shutil.copytree(full_run / "checkpoints" / name, tmp_path / "checkpoints" / name)
+    shutil.copy(full_run / RUN_RECORD, tmp_path / RUN_RECORD)  # written before any checkpoint: a killed run has it
     return run_training(tmp_path, *FLAGS, *RESUME, *flags, check=check)
 
 
 def test_every_step_left_a_complete_checkpoint_with_the_runs_identity(full_run):
-    steps = sorted(p.name for p in (full_run / "checkpoints").iterdir())
+    steps = sorted(p.name for p in (full_run / "checkpoints").glob("step_*"))
     assert steps == [f"step_{i:08d}" for i in range(1, 7)]
-    manifest = read_manifest(full_run / "checkpoints" / "step_00000004")
+    folder = full_run / "checkpoints" / "step_00000004"
+    manifest = read_manifest(folder)
     assert (manifest["epoch"], manifest["batches_in_epoch"], manifest["optimizer_steps"]) == (1, 1, 4)
-    assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl"} <= set(manifest["files"])
+    assert manifest["files"] and all((folder / name).stat().st_size == size for name, size in manifest["files"].items())
     identity = manifest["identity"]
     assert identity["--batch-size"] == 8 and identity["--image-size"] == 64 and identity["number of processes"] == 1
     assert identity["dataset content"].startswith("sha256:") and "--num-workers" not in identity
@@ -127,7 +130,7 @@ def test_a_resume_with_another_identity_is_refused_in_one_line(full_run, tmp_pat
     result = _resume_from(full_run, tmp_path, 2, *flags, check=False)
     assert_clean_error(result, "belongs to another run", named)
     assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
-    assert not (tmp_path / "split.json").exists()  # refused before any work
+    assert not (tmp_path / "config.json").exists() and not (tmp_path / "checkpoints" / "best").exists()  # before any work
 
 
 def test_more_epochs_extend_a_run_and_fewer_are_refused(full_run, tmp_path):
@@ -141,18 +144,18 @@ def test_more_epochs_extend_a_run_and_fewer_are_refused(full_run, tmp_path):
 
 def test_a_resume_whose_best_model_is_gone_or_replaced_is_refused(full_run, tmp_path):
     result = _resume_from(full_run, tmp_path, 4, check=False)  # epoch 1's best model was not copied
-    assert_clean_error(result, "model.safetensors, the best model so far (epoch 1), is missing")
+    assert_clean_error(result, "checkpoints/best/model.safetensors, the best model so far (epoch 1), is missing")
     weights = bytearray((full_run / "model.safetensors").read_bytes())
     weights[-1] ^= 1  # any other file, even one bit off
-    (tmp_path / "model.safetensors").write_bytes(bytes(weights))
+    (tmp_path / "checkpoints" / "best").mkdir()
+    (tmp_path / "checkpoints" / "best" / "model.safetensors").write_bytes(bytes(weights))
     assert_clean_error(run_training(tmp_path, *FLAGS, *RESUME, check=False), "was replaced")
 
 
 def test_a_checkpoint_at_an_epochs_last_batch_resumes_though_validation_saved_a_model_after_it(full_run, tmp_path):
     # Step 6 was written before epoch 2's validation, which may have saved a better model than the one the
     # checkpoint knows (it does with bf16 on this project's CPUs): the resumed run validates epoch 2 again.
-    for name in ("config.json", "model.safetensors"):  # what the run's validation saved, together
-        shutil.copy(full_run / name, tmp_path / name)
+    shutil.copytree(full_run / "checkpoints" / "best", tmp_path / "checkpoints" / "best")  # what validation saved
     result = _resume_from(full_run, tmp_path, 6)
     assert "at epoch 2, batch 3" in result.stderr
     assert weights_equal(full_run, tmp_path) and _history(tmp_path) == _history(full_run)
@@ -175,7 +178,7 @@ def test_overwrite_removes_the_previous_run_only_after_the_flags_and_the_data_ar
 
     run_training(old, "--overwrite-output-dir", "--epochs", "1", "--max-train-samples", "8", "--max-eval-samples", "8",
                  "--seed", "1")
-    assert not (old / "checkpoints").exists()
+    assert not list((old / "checkpoints").glob("step_*"))  # the previous run's checkpoints went
     assert json.loads((old / "metrics.json").read_text())["seed"] == 1
     assert json.loads((old / "split.json").read_text())["seed"] == 1
     assert_clean_error(run_training(old, *RESUME, check=False), "no complete checkpoint")
@@ -203,6 +206,7 @@ def test_a_folder_holding_what_the_script_did_not_write_is_refused_before_any_wo
 
 def test_a_fresh_run_into_a_folder_with_checkpoints_is_refused(full_run, tmp_path):
     shutil.copytree(full_run / "checkpoints" / "step_00000002", tmp_path / "checkpoints" / "step_00000002")
+    shutil.copy(full_run / RUN_RECORD, tmp_path / RUN_RECORD)
     assert_clean_error(run_training(tmp_path, *FLAGS, check=False), "holds checkpoints of an earlier run",
                        "--resume-from-checkpoint latest")
 
@@ -217,7 +221,7 @@ def test_a_second_run_on_a_busy_folder_exits_at_once(tmp_path):
 def test_a_non_finite_loss_stops_training_and_saves_nothing_non_finite(tmp_path):
     result = run_training(tmp_path, *FLAGS, "--learning-rate", "1e30", check=False)
     assert_clean_error(result, "The training loss became nan at optimizer step 2 (epoch 1, batch 2)", "Lower --learning-rate")
-    assert not (tmp_path / "model.safetensors").exists()
+    assert not (tmp_path / "model.safetensors").exists() and not (tmp_path / "checkpoints" / "best").exists()
     saved = list((tmp_path / "checkpoints").glob("step_*"))
     assert [folder.name for folder in saved] == ["step_00000001"]
     assert all(t.isfinite().all() for t in load_file(saved[0] / "model.safetensors").values())
@@ -247,3 +251,59 @@ def test_a_full_disk_during_a_checkpoint_is_one_clear_error_and_keeps_the_earlie
         save_checkpoint(accelerator, tmp_path, 2, {"identity": {}, "epoch": 0, "batches_in_epoch": 2}, keep=None)
     assert [p.name for p in tmp_path.glob("step_*")] == ["step_00000001"]
     assert find_latest(tmp_path)[0].name == "step_00000001"
+
+
+def _predictions(folder) -> list:
+    from catdog_model import load_predictor
+
+    pictures = [str(ROOT / "examples" / name) for name in ("chelsea_cat.jpg", "beagle_puppy.jpg", "coffee_cup.jpg")]
+    return [load_predictor(str(folder), exact=exact).predict(pictures) for exact in (False, True)]
+
+
+def test_an_extension_killed_midway_leaves_the_finished_model_served_as_it_was(full_run, tmp_path):
+    folder = tmp_path / "out"
+    shutil.copytree(full_run, folder)
+    before = {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file() and not path.name.startswith(".")}
+    process = subprocess.Popen(training_command(folder, *FLAGS, *RESUME, "--epochs", "4"), cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    best, deadline = folder / "checkpoints" / "best" / "model.safetensors", time.monotonic() + 300
+    saved = best.stat().st_mtime_ns
+    try:  # kill -9 once the extension has saved a new best epoch, or at its third epoch's first checkpoint
+        while best.stat().st_mtime_ns == saved and not (folder / "checkpoints" / "step_00000007").exists():
+            assert process.poll() is None and time.monotonic() < deadline, "the extension ended before it was killed"
+            time.sleep(0.01)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert {name: (folder / name).read_bytes() for name in before} == before  # the served files, untouched
+    assert _predictions(folder) == _predictions(full_run)
+
+
+def test_a_fresh_run_killed_before_it_finished_is_refused_with_the_command_that_resumes_it(tmp_path):
+    from catdog_model import ModelLoadError, load_predictor
+
+    process = subprocess.Popen(training_command(tmp_path, *FLAGS), cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    try:  # kill -9 once its first best epoch is saved: the engine, report and card are not written yet
+        while not (tmp_path / "checkpoints" / "best" / "model.safetensors").exists():
+            assert process.poll() is None and time.monotonic() < deadline, "the run ended before it was killed"
+            time.sleep(0.01)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    with pytest.raises(ModelLoadError, match="holds a training run that has not finished: continue it with .*"
+                                             "--resume-from-checkpoint latest"):
+        load_predictor(str(tmp_path))
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_finished_model(full_run, tmp_path):
+    folder = tmp_path / "out"
+    shutil.copytree(full_run, folder)
+    full_disk = ("prlimit", "--fsize=20000000", sys.executable)  # writes past 20 MB fail with EFBIG, as on a full disk
+    result = run_training(folder, *FLAGS, *RESUME, "--epochs", "3", launcher=full_disk, check=False)
+    assert_clean_error(result, "Could not write", "are kept")
+    assert _predictions(folder) == _predictions(full_run)
+    fresh = run_training(tmp_path / "fresh", "--epochs", "1", "--max-train-samples", "8", "--max-eval-samples", "8",
+                         launcher=full_disk, check=False)
+    assert_clean_error(fresh, "Could not write", "are kept")

@@ -6,7 +6,6 @@ is and what computes its answers. Nothing here is hard-coded about any particula
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Optional
 
@@ -15,7 +14,6 @@ from .predictor import Predictor
 __all__ = ["DEMONSTRATION_BELOW", "REPORT_FIGURES", "demonstration_notice", "details", "engine_in_words", "facts", "headline",
            "report"]
 
-logger = logging.getLogger(__name__)
 
 # A model right on fewer of its held-out test photos than this is called a demonstration model.
 DEMONSTRATION_BELOW = 0.90
@@ -26,19 +24,12 @@ REPORT_FIGURES = {"confusion_matrix.png": "Confusion matrix: the test photos, by
 
 
 def facts(predictor: Predictor) -> dict:
-    """What the page shows of metrics.json and evaluation.json, each field checked: a malformed one is left out,
-    with a log line, since those files only describe the model."""
+    """What the page shows of metrics.json and evaluation.json (files the manifest vouches for: as the run wrote
+    them, or left out), each None where the model has no such file."""
     metrics, test = predictor.metrics, predictor.evaluation
-    sizes = metrics.get("split_sizes") if isinstance(metrics.get("split_sizes"), dict) else {}
-    found = {"backbone_init": metrics.get("backbone_init"), "dataset": metrics.get("dataset"),
-             "accuracy": test.get("accuracy"), "samples": test.get("samples"), "trained_on": sizes.get("train")}
-    kinds = {"backbone_init": str, "dataset": str, "accuracy": (int, float), "samples": int, "trained_on": int}
-    for key, kind in kinds.items():
-        if found[key] is not None and (not isinstance(found[key], kind) or isinstance(found[key], bool)):
-            logger.warning("the model's %s is %r, not a %s; the page leaves it out", key, found[key],
-                           getattr(kind, "__name__", "number"))
-            found[key] = None
-    return found
+    return {"backbone_init": metrics.get("backbone_init"), "dataset": metrics.get("dataset"),
+            "accuracy": test.get("accuracy"), "samples": test.get("samples"),
+            "trained_on": metrics.get("split_sizes", {}).get("train")}
 
 
 def _dataset_name(dataset: Optional[str]) -> Optional[str]:
@@ -98,11 +89,11 @@ def report(predictor: Predictor) -> tuple[str, list[tuple[str, str]]]:
         return "This model recorded no evaluation (no evaluation.json next to its weights).", []
     evaluation = predictor.evaluation
     lines = [f"Right on **{found['accuracy']:.1%}** of {found['samples'] or 'its'} photos held out from training."]
-    verdicts = evaluation.get("verdicts") if isinstance(evaluation.get("verdicts"), dict) else {}
-    if all(isinstance(verdicts.get(key), int) for key in ("right", "wrong", "not sure", "neither")):
+    verdicts = evaluation.get("verdicts", {})
+    if verdicts:
         lines.append(f"On those photos this page would answer: **{verdicts['right']}** right and **{verdicts['wrong']}** "
                      f"wrong with confidence, **{verdicts['not sure']}** \"not sure\" and **{verdicts['neither']}** \"neither\".")
-    if isinstance(evaluation.get("ece"), float):
+    if "ece" in evaluation:
         lines.append(f"When it says 80%, it is right about 80% of the time, give or take {evaluation['ece']:.1%} "
                      "(expected calibration error).")
     if not predictor.is_local:

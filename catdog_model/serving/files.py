@@ -15,23 +15,42 @@ the root: it holds the manifest, and a config.json copied from another run names
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 from pathlib import Path
 from typing import Optional
 
-from huggingface_hub import hf_hub_download
+from huggingface_hub import constants, get_session, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, HTTPError, LocalEntryNotFoundError
 from huggingface_hub.utils import validate_repo_id
 
 from ..config import MANIFEST_KEY, WEIGHTS, check_config
 
-__all__ = ["ModelFiles", "ModelLoadError", "file_sha256", "first_line", "parse_source"]
+__all__ = ["HUB_UNREACHABLE", "ModelFiles", "ModelLoadError", "file_sha256", "first_line", "hub_reachable", "parse_source"]
 
 logger = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"  # where an unfinished training run keeps its state (training/checkpoints.py)
 REEXPORT = "python -m catdog_model.training.export"
+
+
+HUB_UNREACHABLE = ("the Hugging Face Hub cannot be reached from here ({endpoint}): connect, use a local folder, or set "
+                   "HF_HUB_OFFLINE=1 to use only what the local cache holds")
+
+
+@functools.cache
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub answers at all, found out once per process, in seconds: offline, huggingface_hub would retry
+    each file for 20 s. False under HF_HUB_OFFLINE=1."""
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)  # any answer will do
+    except Exception as error:  # httpx's or requests' connection errors, by version
+        logger.info("the Hub at %s does not answer (%s)", constants.ENDPOINT, first_line(error))
+        return False
+    return True
 
 
 class ModelLoadError(RuntimeError):
@@ -92,8 +111,8 @@ class ModelFiles:
         """The file's local path, checked; None for a missing file that is not ``required``."""
         path = Path(self.repo_id) / name
         if not self.local:
-            try:
-                path = Path(hf_hub_download(self.repo_id, name, revision=self.revision))
+            try:  # the cache alone where the Hub does not answer: a clear line in seconds, not retries
+                path = Path(hf_hub_download(self.repo_id, name, revision=self.revision, local_files_only=not hub_reachable()))
             except (EntryNotFoundError, LocalEntryNotFoundError):  # offline and not cached counts as missing
                 path = None
             except HfHubHTTPError as error:
@@ -106,6 +125,9 @@ class ModelFiles:
             if self.local:
                 raise ModelLoadError(f"{self.repo_id}: {name} is missing. Retrain the model, or re-export its engine "
                                      f"with `{REEXPORT} {self.repo_id}` (needs catdog-classifier[train]).")
+            if not hub_reachable() and not constants.HF_HUB_OFFLINE:
+                raise ModelLoadError(f"Could not load {self.source!r}: it is not in the local cache, and "
+                                     + HUB_UNREACHABLE.format(endpoint=constants.ENDPOINT) + ".")
             raise ModelLoadError(f"Could not download {self.source!r} from the Hugging Face Hub "
                                  f"(offline, no access, or {name} is missing).")
         if name != "config.json":

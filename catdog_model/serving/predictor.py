@@ -37,7 +37,7 @@ __all__ = ["DecodeBudget", "Explanation", "ModelLoadError", "PredictionError", "
 
 logger = logging.getLogger(__name__)
 
-Picture = Union[Image.Image, str, Path]
+Picture = Union[Image.Image, str, Path, bytes]
 TORCH_MISSING = 'exact=True serves the float32 weights with torch: pip install "catdog-classifier[train]"'
 
 
@@ -164,6 +164,11 @@ class Predictor:
         return self.config["temperature"]
 
     @property
+    def weights_sha256(self) -> Optional[str]:
+        """The sha256 of the weights every file of this model was made from (its manifest's)."""
+        return self._files.manifest["files"][WEIGHTS]["sha256"] if self._files is not None else None
+
+    @property
     def is_local(self) -> bool:
         return self._files.local if self._files is not None else Path(self.source).is_dir()
 
@@ -204,7 +209,7 @@ class Predictor:
                     if not keep_errors:
                         raise
                     chunk[index] = error
-            for index, explanation in zip(readable, self._explanations(self.outputs(np.stack(inputs))) if inputs else []):
+            for index, explanation in zip(readable, self.explain_inputs(inputs) if inputs else []):
                 chunk[index] = explanation
             results.extend(chunk)
         return results
@@ -213,6 +218,12 @@ class Predictor:
         """One picture as the model's (3, S, S) uint8 input, decoded under the budget (``images.model_input``)."""
         with self._decoded(picture) as image:
             return model_input(image, self.image_size)
+
+    def explain_inputs(self, inputs: Sequence[np.ndarray]) -> list[Explanation]:
+        """``explain`` without heatmaps for pictures already turned into the model's input (``model_input``), in
+        forward passes of ``batch_size``: for callers that decode in threads of their own."""
+        return [explanation for start in range(0, len(inputs), self.batch_size)
+                for explanation in self._explanations(self.outputs(np.stack(inputs[start : start + self.batch_size])))]
 
     def outputs(self, pixels: np.ndarray) -> EngineOutputs:
         """The engine's outputs for a batch of model inputs (N, 3, S, S), uint8 or [0, 1] floats; one pass at a
@@ -242,11 +253,11 @@ class Predictor:
         """The picture opened (a path) and decoded under the budget, JPEGs at the draft size every door uses;
         an image this opened is closed at the end."""
         opened = None
-        if isinstance(picture, (str, Path)):
+        if isinstance(picture, (str, Path, bytes)):
             picture = opened = open_image(picture, draft_size=self.image_size, max_megabytes=self.max_megabytes,
                                           decode_now=False)
         elif not isinstance(picture, Image.Image):
-            raise TypeError(f"expected a PIL image or a file path, got {type(picture).__name__}")
+            raise TypeError(f"expected a PIL image, a file path or a file's bytes, got {type(picture).__name__}")
         cost = self.budget.acquire(decode_cost(picture))
         try:
             decode(picture, draft_size=self.image_size)
@@ -280,21 +291,14 @@ def _load_engine(files: ModelFiles, exact: bool, threads: int):
             raise ModelLoadError(f"{files.where}: OpenVINO cannot read {IR_FILES[0]} ({first_line(error)}).") from None
     try:
         from ..graph import TorchEngine
-        from ..model import CatDogClassifier
     except ImportError:
         raise ModelLoadError(TORCH_MISSING) from None
-    import torch
-
-    folder = files.path(WEIGHTS).parent  # a Hub download's snapshot holds config.json beside the weights
-    try:
-        model = CatDogClassifier.from_pretrained(str(folder)).eval()
+    try:  # a Hub download's snapshot holds config.json beside the weights
+        return TorchEngine.load(files.path(WEIGHTS).parent, threads)
+    except NonFiniteWeightError as error:
+        raise ModelLoadError(f"{files.where}: {error}; retrain the model.") from None
     except (RuntimeError, ValueError, TypeError, KeyError, AttributeError, SafetensorError, OSError) as error:
         files.invalid(error)
-    broken = next((name for name, tensor in model.state_dict().items()
-                   if tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
-    if broken:
-        raise ModelLoadError(f"{files.where}: {WEIGHTS} holds non-finite weights ({broken}); retrain the model.")
-    return TorchEngine(model, threads)
 
 
 def _optional_json(files: ModelFiles, name: str) -> dict:

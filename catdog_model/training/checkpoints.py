@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from accelerate import Accelerator
+from safetensors import SafetensorError
 
 from .loop import CHECKPOINTS, TrainingError, check_best_model
 
@@ -124,8 +125,9 @@ def save_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, step: int, 
             _publish(temp, final, info)
             if keep:
                 _prune(checkpoints_dir, keep)
-    except OSError as error:  # a full disk, most often: the half-written folder never becomes a checkpoint
-        raise CheckpointError(f"Could not write {final}: {error.strerror or error}. The earlier checkpoints are kept.") from None
+    except (OSError, SafetensorError) as error:  # a full disk, most often: the half-written folder never becomes one
+        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+        raise CheckpointError(f"Could not write {final}: {reason}. The earlier checkpoints are kept.") from None
     return final
 
 

@@ -60,21 +60,26 @@ def _stored(image: dict) -> bytes | str:
     return image["bytes"] if image.get("bytes") is not None else image["path"]
 
 
-def _is_decodable(image: dict) -> bool:
+def _is_usable(row: tuple[Optional[dict], Optional[int]]) -> bool:
+    """A row with a picture that decodes and a label of the ClassLabel's two."""
+    image, label = row
+    if image is None or label not in (0, 1):
+        return False
     try:
         open_image(_stored(image))
     except ImageError:
         return False
     return True
 
-def _decodable_batch(images: list[dict]) -> list[bool]:
+def _usable_batch(images: list, labels: list) -> list[bool]:
     # Threads, not processes: Pillow decodes with the GIL released, so this uses every core, and a
     # kill -9 of the training process cannot leave a pool of forked workers behind.
     with ThreadPoolExecutor(max_workers=_CHECK_THREADS) as pool:
-        return list(pool.map(_is_decodable, images))
+        return list(pool.map(_is_usable, zip(images, labels)))
 
 def load_image_dataset(name: str, revision: Optional[str] = None, split: str = "train") -> LoadedDataset:
-    """Load one split of a two-class image dataset and drop the rows whose image cannot be decoded."""
+    """Load one split of a two-class image dataset and drop, counted, the rows whose image is missing or cannot be
+    decoded, or whose label is not one of the two."""
     try:
         dataset = datasets.load_dataset(name, revision=revision, split=split)
     except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
@@ -87,23 +92,24 @@ def load_image_dataset(name: str, revision: Optional[str] = None, split: str = "
     labels = tuple(dataset.features[label_column].names)
     if len(labels) != 2:
         raise DatasetError(f"The label column {label_column!r} has {len(labels)} classes {labels}; two are needed.")
+    dataset = dataset.add_column(ROW_COLUMN, list(range(len(dataset))))
+    # Checked on the raw bytes once, so that training and the evaluation never meet a broken row.
+    raw = dataset.cast_column(image_column, datasets.Image(decode=False))
+    raw = raw.filter(_usable_batch, input_columns=[image_column, label_column], batched=True, batch_size=256,
+                     desc="Checking images")
+    kept = set(raw[ROW_COLUMN])
+    skipped = [row for row in range(len(dataset)) if row not in kept]
+    if skipped:
+        logger.warning("skipped %d of %d rows whose image is missing or cannot be decoded, or whose label is not one "
+                       "of %s", len(skipped), len(dataset), list(labels))
+        dataset = dataset.select(sorted(kept))
+    if len(dataset) == 0:
+        raise DatasetError(f"No row of {name!r} has an image that can be decoded and one of the labels {list(labels)}.")
     counts = np.bincount(dataset[label_column], minlength=2)
     if not counts.all():
         raise DatasetError(
             f"{name!r} holds {counts[0]} {labels[0]!r} and {counts[1]} {labels[1]!r} images: a classifier needs both."
         )
-
-    dataset = dataset.add_column(ROW_COLUMN, list(range(len(dataset))))
-    # Decoding is checked on the raw bytes once, so that training never meets a broken image.
-    raw = dataset.cast_column(image_column, datasets.Image(decode=False))
-    raw = raw.filter(_decodable_batch, input_columns=image_column, batched=True, batch_size=256, desc="Checking images")
-    kept = set(raw[ROW_COLUMN])
-    skipped = [row for row in range(len(dataset)) if row not in kept]
-    if skipped:
-        logger.warning("skipped %d of %d rows whose image cannot be decoded", len(skipped), len(dataset))
-        dataset = dataset.select(sorted(kept))
-    if len(dataset) == 0:
-        raise DatasetError(f"No row of {name!r} has an image that can be decoded.")
     return LoadedDataset(dataset, image_column, label_column, labels, skipped)
 
 def split_dataset(

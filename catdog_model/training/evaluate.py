@@ -26,6 +26,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
+from huggingface_hub import constants
 from PIL import Image, ImageDraw
 from torchmetrics.functional.classification import binary_auroc, binary_confusion_matrix, binary_roc
 from torch.utils.data import DataLoader
@@ -34,7 +35,7 @@ from tqdm.auto import tqdm
 from ..hardware import exit_with_error, setup_logging
 from ..images import ImageError, model_input, open_image
 from ..serving.detector import ood_score
-from ..serving.files import ModelLoadError
+from ..serving.files import HUB_UNREACHABLE, ModelLoadError, hub_reachable
 from ..serving.predictor import load_predictor
 from ..serving.verdict import NEITHER, NOT_SURE, decide
 from .calibration import ECE_BINS, calibration_summary
@@ -362,6 +363,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         _check_output_dir(Path(args.output_dir))
         ood_images = _ood_images(Path(args.ood_dir)) if args.ood_dir else []
         predictor = load_predictor(args.model, exact=not args.serving_engine)
+        if not Path(args.dataset).exists() and not constants.HF_HUB_OFFLINE and not hub_reachable():
+            raise DatasetError(f"--dataset {args.dataset} needs the Hub, but " + HUB_UNREACHABLE.format(endpoint=constants.ENDPOINT))
         data = load_image_dataset(args.dataset, args.dataset_revision)
         split_file = args.split_file or (Path(args.model) / "split.json" if (Path(args.model) / "split.json").is_file() else None)
         if args.all_rows or split_file is None:
@@ -384,9 +387,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         ood = {"threshold": predictor.ood_threshold, "in_scores": in_scores, "out_scores": out_scores}
     elif args.ood_dir:
         logger.warning("this model has no 'neither' detector (no ood_threshold in its config); --ood-dir is ignored")
-    results = write_report(Path(args.output_dir), logits, torch.tensor(rows[data.label_column]), predictor.temperature,
-                           predictor.labels, lambda i: rows[i][data.image_column], history=predictor.metrics.get("history"), ood=ood,
-                           title=f"catdog evaluation: {args.model} on {args.dataset}")
+    try:
+        results = write_report(Path(args.output_dir), logits, torch.tensor(rows[data.label_column]), predictor.temperature,
+                               predictor.labels, lambda i: rows[i][data.image_column], history=predictor.metrics.get("history"),
+                               ood=ood, title=f"catdog evaluation: {args.model} on {args.dataset}")
+    except OSError as error:  # a full disk, most often
+        exit_with_error(f"Could not write the report in {args.output_dir}: {error.strerror or error}.")
     summary = f"accuracy {results['accuracy']:.4f}, ROC AUC {results['roc_auc']:.4f}, ECE {results['ece']:.4f}"
     if ood and ood["out_scores"].numel():
         summary += f", 'neither' AUROC {results['ood']['auroc']:.4f}"

@@ -180,7 +180,7 @@ def save_atomically(folder: Path, write: Callable[[Path], None]) -> list[str]:
     full disk never leaves a half-written file, and a model's config.json (its manifest) always comes last.
     Returns the names written."""
     try:
-        with tempfile.TemporaryDirectory(dir=folder, prefix=".tmp-") as temp:
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".tmp-catdog-") as temp:
             write(Path(temp))
             names = sorted(os.listdir(temp), key=lambda name: name == "config.json")
             for name in names:

@@ -51,7 +51,7 @@ RUN_FILES = ("config.json", WEIGHTS, *IR_FILES, OOD_FILE, "metrics.json", SPLIT_
 LOCK_FILE = ".catdog.lock"
 RUN_RECORD = ".catdog-run.json"
 OWN_NAMES = (*RUN_FILES, CHECKPOINTS, LOCK_FILE, RUN_RECORD)
-OWN_TEMPORARY = ".tmp-"  # what this script's own interrupted writes leave (save_atomically's folders)
+OWN_TEMPORARY = ".tmp-catdog-"  # what this script's own interrupted writes leave (save_atomically's folders)
 NOT_PUSHED = (f"{CHECKPOINTS}/*", f"{TRACKER_PROJECT}/*", LOCK_FILE, RUN_RECORD, ".tmp-*")
 
 
@@ -117,8 +117,6 @@ def start_run(output_dir: Path, overwrite: bool) -> None:
 
 def backbone_init(config) -> str:
     """How the backbone started, in words, for the run's identity and the model card."""
-    if config.pretrained_weights:
-        return "ImageNet weights from " + config.pretrained_weights
     return "random (--no-pretrained)" if config.no_pretrained else "timm ImageNet weights"
 
 
@@ -145,7 +143,7 @@ def publish_run(config, accelerator: Accelerator, model: CatDogClassifier, progr
                                          progress.history, title=f"catdog evaluation: {name}, test split")
         metrics = _run_record(config, accelerator, progress, calibration, data, splits, used, fingerprint)
         (temp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        make_model_card(metrics, evaluation, model_config, name).save(temp / "README.md")
+        make_model_card(model, metrics, evaluation, name).save(temp / "README.md")
         written = sorted(path.name for path in temp.iterdir())
         model_config[MANIFEST_KEY] = {"files": {file: {"size": (temp / file).stat().st_size, "sha256": file_sha256(temp / file)}
                                           for file in written}}

@@ -1,0 +1,323 @@
+"""Classify a whole photo library: folders, files, globs or a dataset in, one row per picture out.
+
+    catdog-predict PATH... --output OUT [--model M]                    # folders (recursive), files, globs
+    catdog-predict --dataset ID_OR_FOLDER [--split S] [--image-column C] --output OUT [--model M]
+    accelerate launch --num_processes 4 -m catdog_model.predict ...    # several processes or machines
+
+Each row: the picture (its path relative to the input, or the dataset row), the verdict (the one rule of
+every output), both probabilities, the "neither" score and a note; a picture that cannot be used is verdict
+``error`` with the reason. OUT is CSV, JSON Lines or Parquet, by its extension. The pictures go in chunks,
+each written atomically into ``OUT.parts/`` and merged into OUT at the end, so a rerun after a kill skips
+what is done; a rerun with other inputs or another model is refused. Under ``accelerate launch`` each
+process classifies its share of the chunks with its own engine, and the merged rows are those of one process.
+Folders and files need the serving install; ``--dataset`` and several processes need ``datasets`` and
+``accelerate`` (``pip install "catdog-classifier[train]"``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import logging
+import os
+import shutil
+import tempfile
+import unicodedata
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
+from pathlib import Path
+from typing import Iterator, Optional
+
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .hardware import exit_with_error, setup_logging, usable_cores
+from .images import ImageError
+from .serving.files import ModelLoadError
+from .serving.predictor import Predictor, PredictionError, load_predictor
+
+__all__ = ["FORMATS", "classify_chunk", "main", "neutralised", "predict_files"]
+
+logger = logging.getLogger(__name__)
+
+FORMATS = (".csv", ".jsonl", ".parquet")
+CHUNK = 64  # pictures per chunk: what a kill can lose, and one forward pass at the predictor's batch size or four
+EXTENSIONS = {ext for ext, name in Image.registered_extensions().items() if name in ("JPEG", "PNG", "WEBP", "GIF", "BMP",
+                                                                                   "TIFF", "PPM")}
+TRAIN_EXTRA = 'needs datasets and accelerate: pip install "catdog-classifier[train]"'
+
+
+class BatchError(RuntimeError):
+    """A problem the user can fix; the command prints it as one line."""
+
+
+def neutralised(cell):
+    """A cell a spreadsheet shows as text, on one line (OWASP's CSV-injection defence, a leading apostrophe):
+    the formula openers =, +, -, @ and tab, looked for after spaces, a BOM and NFKC (fullwidth signs)."""
+    if not isinstance(cell, str):
+        return cell
+    cell = cell.replace("\r", " ").replace("\n", " ")
+    visible = unicodedata.normalize("NFKC", cell).lstrip(" \ufeff\u00a0")  # NFKC makes U+3000 a space
+    return "'" + cell if visible.startswith(("=", "+", "-", "@", "\t")) else cell
+
+
+def _files(inputs: list[str]) -> Iterator[tuple[str, str]]:
+    """(name, path) for each picture of the inputs, in a fixed order: a folder's pictures by sorted relative path
+    (recursive, by the extensions Pillow reads), a glob's matches sorted, a file as it is."""
+    for given in inputs:
+        matches = sorted(glob.glob(given, recursive=True)) if glob.has_magic(given) else [given]
+        if not matches:
+            raise BatchError(f"{given} matches no file")
+        for match in matches:
+            root = Path(match)
+            if root.is_dir():
+                for folder, subfolders, names in os.walk(root):
+                    subfolders.sort()
+                    for name in sorted(names):
+                        path = Path(folder) / name
+                        if path.suffix.lower() in EXTENSIONS:
+                            yield str(path.relative_to(root)), str(path)
+            elif root.exists():
+                yield root.name if not glob.has_magic(given) else match, str(root)
+            else:
+                raise BatchError(f"No such file or folder: {match}")
+
+
+def _dataset_rows(name: str, split: str, column: Optional[str]) -> Iterator[tuple[str, bytes]]:
+    """(row index, the picture's bytes) of a Hub or local dataset, streamed: nothing is decoded here."""
+    try:
+        import datasets
+    except ImportError:
+        raise BatchError(f"--dataset {TRAIN_EXTRA}") from None
+    try:
+        stream = datasets.load_dataset(name, split=split, streaming=True)
+    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError, ConnectionError) as error:
+        raise BatchError(f"Could not load split {split!r} of {name!r}: {str(error).splitlines()[0]}") from None
+    images = [key for key, feature in (stream.features or {}).items() if isinstance(feature, datasets.Image)]
+    column = column or (images[0] if len(images) == 1 else None)
+    if column is None or column not in (stream.features or {}):
+        found = ", ".join(stream.features or {}) or "no columns"
+        raise BatchError(f"{name!r} has no image column {column or ''} (pass --image-column; it has: {found})".replace(" ()", ""))
+    stream = stream.cast_column(column, datasets.Image(decode=False)).select_columns([column])
+    for index, row in enumerate(stream):
+        image = row[column] or {}
+        yield str(index), image.get("bytes") or (Path(image["path"]).read_bytes() if image.get("path") else b"")
+
+
+def _chunks(pictures: Iterator, size: int) -> Iterator[list]:
+    while chunk := list(islice(pictures, size)):
+        yield chunk
+
+
+def classify_chunk(predictor: Predictor, chunk: list[tuple[str, object]], pool: ThreadPoolExecutor) -> list[dict]:
+    """One row per (name, picture): decoded in the pool's threads, then the predictor's forward passes. The rows of
+    this command and of the Space's batch tab."""
+    negative, positive = predictor.labels
+    decoded = list(pool.map(lambda item: _decode(predictor, item[1]), chunk))
+    inputs = [value for value in decoded if not isinstance(value, ImageError)]
+    try:
+        explanations = iter(predictor.explain_inputs(inputs) if inputs else [])
+    except PredictionError as error:
+        failed = ImageError(str(error))
+        failed.title = "The model failed"
+        decoded, explanations = [failed] * len(chunk), iter([])
+    rows = []
+    for (name, _), value in zip(chunk, decoded):
+        row = {"picture": name, "verdict": "error", f"p_{negative}": None, f"p_{positive}": None, "ood_score": None, "note": ""}
+        if isinstance(value, ImageError):
+            row["note"] = f"{value.title}: {value}"
+        else:
+            explanation = next(explanations)
+            verdict = explanation.verdict
+            row.update({"verdict": verdict.answer, f"p_{negative}": explanation.probabilities[negative],
+                        f"p_{positive}": explanation.probabilities[positive], "ood_score": explanation.ood_score,
+                        "note": "" if verdict.is_confident else verdict.sentence()})
+        rows.append(row)
+    return rows
+
+
+def _decode(predictor: Predictor, picture):
+    try:
+        return predictor.model_input(picture)
+    except ImageError as error:
+        return error
+
+
+def _write(rows: list[dict], path: Path, suffix: str) -> None:
+    """``rows`` into ``path``, in the output's format, through a temporary file and a rename: whole or absent."""
+    temporary = path.with_name(f".tmp-{path.name}")
+    if suffix == ".csv":
+        with open(temporary, "w", newline="") as out:
+            writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows({key: neutralised(value) for key, value in row.items()} for row in rows)
+    elif suffix == ".jsonl":
+        temporary.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    else:
+        import pyarrow
+        import pyarrow.parquet
+
+        pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), temporary)
+    os.replace(temporary, path)
+
+
+def _read(path: Path, suffix: str) -> list[dict]:
+    if suffix == ".csv":
+        with open(path, newline="") as file:
+            return list(csv.DictReader(file))
+    if suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines()]
+    import pyarrow.parquet
+
+    return pyarrow.parquet.read_table(path).to_pylist()
+
+
+def _identity(predictor: Predictor, source: dict) -> dict:
+    """What makes the output what it is: the inputs as given and the model's own weights."""
+    return {"inputs": source, "model": predictor.source, "revision": predictor.revision,
+            "weights": predictor.weights_sha256, "engine": predictor.engine}
+
+
+def _claim_parts(output: Path, identity: dict) -> Path:
+    """OUT.parts/, the chunks written so far; refused in one line if they belong to other inputs or another model."""
+    parts = output.with_name(output.name + ".parts")
+    record = parts / "run.json"
+    if record.is_file():
+        saved = json.loads(record.read_text())
+        changed = [key for key in identity if saved.get(key) != identity[key]]
+        if changed:
+            raise BatchError(f"{parts} holds the rows of another run ({', '.join(changed)} differ): use another --output, "
+                             "or delete it to start again")
+    else:
+        parts.mkdir(exist_ok=True)
+        record.write_text(json.dumps(identity, indent=2))
+    return parts
+
+
+def predict_files(predictor: Predictor, pictures: Iterator, output: Path, identity: dict, total: Optional[int] = None,
+                  chunk_size: int = CHUNK) -> Counter:
+    """Classify ``pictures`` ((name, picture) pairs) into ``output``, resumably, split between the processes of an
+    ``accelerate launch`` where there is one; returns the counts per verdict (on the main process)."""
+    state = _distributed_state()
+    rank, world = (state.process_index, state.num_processes) if state else (0, 1)
+    parts = _claim_parts(output, identity) if rank == 0 else output.with_name(output.name + ".parts")
+    if state:
+        state.wait_for_everyone()
+    suffix, written = output.suffix, 0
+    bar = tqdm(total=total, unit="picture", desc="classifying", disable=rank != 0, dynamic_ncols=True)
+    with ThreadPoolExecutor(max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))) as pool:
+        for index, chunk in enumerate(_chunks(pictures, chunk_size)):
+            written += 1
+            part = parts / f"{index:08d}{suffix}"
+            if index % world != rank:  # another process's chunk
+                continue
+            if not part.is_file():
+                _write(classify_chunk(predictor, chunk, pool), part, suffix)
+            bar.update(len(chunk) * world if world > 1 else len(chunk))
+    bar.close()
+    if state:
+        state.wait_for_everyone()
+    return _merge(parts, written, output, suffix) if rank == 0 else Counter()
+
+
+def _merge(parts: Path, chunks: int, output: Path, suffix: str) -> Counter:
+    """The chunks in order, into OUT atomically; then OUT.parts/ goes. Returns the counts per verdict."""
+    rows = [row for index in range(chunks) for row in _read(parts / f"{index:08d}{suffix}", suffix)]
+    if not rows:
+        raise BatchError("no picture to classify: the inputs hold none")
+    _write(rows, output, suffix)
+    shutil.rmtree(parts)
+    return Counter(row["verdict"] for row in rows)
+
+
+def _distributed_state():
+    """accelerate's PartialState under ``accelerate launch``; None for one plain process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    try:
+        from accelerate import PartialState
+    except ImportError:
+        raise BatchError(f"several processes {TRAIN_EXTRA}") from None
+    return PartialState(cpu=True)
+
+
+def _push(output: Path, repo_id: str) -> None:
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, HTTPError
+
+    try:
+        api = HfApi()
+        api.create_repo(repo_id, repo_type="dataset", exist_ok=True)
+        api.upload_file(path_or_fileobj=output, path_in_repo=f"data/{output.name}", repo_id=repo_id, repo_type="dataset")
+    except (HfHubHTTPError, HTTPError, OSError, ValueError) as error:
+        raise BatchError(f"Could not push to {repo_id}: {str(error).splitlines()[0]}. {output} is kept.") from None
+    logger.info("pushed %s to the dataset %s", output, repo_id)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("inputs", nargs="*", metavar="PATH", help="folders (recursive), picture files or globs")
+    parser.add_argument("--dataset", help="a Hub dataset id or a local dataset folder, instead of PATHs")
+    parser.add_argument("--split", default="train", help="the dataset's split (default: train)")
+    parser.add_argument("--image-column", help="the dataset's image column (default: its one Image column)")
+    parser.add_argument("--output", required=True, help=f"the rows: {', '.join(FORMATS)}, by extension")
+    parser.add_argument("--model", help="a folder or Hub id (default: $CATDOG_MODEL, else ./catdog-model, else the "
+                                        "published model, as the Space)")
+    parser.add_argument("--push-to-hub", metavar="USER/DATASET", help="upload the rows as a Hub dataset")
+    parser.add_argument("--debug", action="store_true", help="log the full traceback behind a one-line error")
+    args = parser.parse_args(argv)
+    if args.debug:
+        os.environ["CATDOG_DEBUG"] = "1"
+    setup_logging()
+    try:
+        counts = _run(args)
+    except (BatchError, ModelLoadError, ImageError, OSError) as error:
+        exit_with_error(error)
+    if counts is not None:
+        logger.info("classified %d pictures: %s", sum(counts.values()),
+                    ", ".join(f"{count} {verdict}" for verdict, count in counts.most_common()))
+
+
+def _run(args) -> Optional[Counter]:
+    output = Path(args.output)
+    if output.suffix not in FORMATS:
+        raise BatchError(f"--output {output} must end in {', '.join(FORMATS)}")
+    if not output.parent.is_dir():
+        raise BatchError(f"--output {output}: no folder {output.parent}")
+    if output.suffix == ".parquet":
+        try:
+            import pyarrow  # noqa: F401  (datasets brings it)
+        except ImportError:
+            raise BatchError(f"Parquet output {TRAIN_EXTRA}, or write .csv or .jsonl") from None
+    if output.exists() and not output.with_name(output.name + ".parts").exists():
+        raise BatchError(f"{output} is already complete: pick another --output, or delete it to classify again")
+    if bool(args.inputs) == bool(args.dataset):
+        raise BatchError("pass either PATHs or --dataset")
+    source = ({"dataset": args.dataset, "split": args.split, "image_column": args.image_column} if args.dataset
+              else {"paths": args.inputs})
+    if args.model is not None and not args.model.strip():
+        raise BatchError("--model is empty: pass a model folder or a Hub id like user/repo")
+    model = args.model or os.environ.get("CATDOG_MODEL", "").strip() or (
+        "catdog-model" if Path("catdog-model", "config.json").is_file() else "catdog-project/catdog-resnet50")
+    state = _distributed_state()
+    threads = max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # each process its share of cores
+    predictor = load_predictor(model, threads=threads)
+    if args.dataset:
+        pictures = _dataset_rows(args.dataset, args.split, args.image_column)
+        total = None
+    else:
+        total = sum(1 for _ in _files(args.inputs))  # names only: nothing is decoded
+        if total == 0:
+            raise BatchError(f"no picture in {' '.join(args.inputs)} (looked for {', '.join(sorted(EXTENSIONS))})")
+        pictures = _files(args.inputs)
+    counts = predict_files(predictor, pictures, output, _identity(predictor, source), total)
+    if args.push_to_hub and (state is None or state.is_main_process):
+        _push(output, args.push_to_hub)
+    return counts if state is None or state.is_main_process else None
+
+
+if __name__ == "__main__":
+    main()

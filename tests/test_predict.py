@@ -1,0 +1,149 @@
+"""catdog-predict: a photo library or a dataset classified into CSV, JSON Lines or Parquet, resumably, by one
+process or several, with the answers `predictor.explain` gives."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet
+import pytest
+from datasets import load_dataset
+
+from catdog_model import load_predictor
+from conftest import ROOT, assert_clean_error
+from test_data import _jpeg, write_parquet_dataset
+
+
+def _predict(*args, env=None, launcher=(sys.executable, "-m", "catdog_model.predict")):
+    return subprocess.run([*launcher, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory, mini_dataset):
+    """A folder tree of mini-set photos, with a text file called .jpg, a truncated JPEG and a file that is no picture."""
+    root = tmp_path_factory.mktemp("library")
+    rows = load_dataset(str(mini_dataset), split="train")
+    for index in (0, 7, 1500, 1600, 2999):
+        folder = root / ("cats" if index < 1500 else "dogs") / ("old" if index % 2 else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        rows[index]["image"].save(folder / f"photo{index}.jpg")
+    (root / "cats" / "notes.jpg").write_text("not a picture")
+    (root / "dogs" / "cut.jpg").write_bytes((root / "dogs" / "photo1600.jpg").read_bytes()[:900])
+    (root / "readme.txt").write_text("not one of Pillow's picture extensions: not listed")
+    return root
+
+
+def _csv(path):
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def test_a_folder_tree_gives_one_row_per_picture_with_the_predictors_own_answers(trained_model, library, tmp_path):
+    result = _predict(library, "--output", tmp_path / "rows.csv", "--model", trained_model)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = _csv(tmp_path / "rows.csv")
+    names = [row["picture"] for row in rows]
+    assert sorted(names) == sorted(["cats/photo0.jpg", "cats/old/photo7.jpg", "cats/notes.jpg", "dogs/photo1600.jpg",
+                                    "dogs/photo1500.jpg", "dogs/old/photo2999.jpg", "dogs/cut.jpg"])
+    predictor = load_predictor(str(trained_model))
+    for row in rows:
+        if row["picture"] in ("cats/notes.jpg", "dogs/cut.jpg"):
+            assert row["verdict"] == "error" and row["note"].startswith("Cannot read this file")
+            continue
+        explanation = predictor.explain(str(library / row["picture"]), heatmap=False)
+        assert row["verdict"] == explanation.verdict.answer  # the one rule, from the same predictor: bit for bit
+        assert float(row["p_dog"]) == explanation.probabilities["dog"] and float(row["ood_score"]) == explanation.ood_score
+    assert "classified 7 pictures" in result.stderr and "2 error" in result.stderr
+    assert "picture/s" in result.stderr  # the progress bar, with its rate
+    assert not (tmp_path / "rows.csv.parts").exists()
+
+
+def test_json_lines_and_parquet_hold_the_same_rows_and_a_file_list_and_globs_work(trained_model, library, tmp_path):
+    assert _predict(library, "--output", tmp_path / "rows.jsonl", "--model", trained_model).returncode == 0
+    assert _predict(library, "--output", tmp_path / "rows.parquet", "--model", trained_model).returncode == 0
+    lines = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert lines == pyarrow.parquet.read_table(tmp_path / "rows.parquet").to_pylist() and len(lines) == 7
+    picked = _predict(library / "cats" / "photo0.jpg", f"{library}/dogs/**/*.jpg", "--output", tmp_path / "some.jsonl",
+                      "--model", trained_model)
+    assert picked.returncode == 0, picked.stderr[-2000:]
+    some = [json.loads(line) for line in (tmp_path / "some.jsonl").read_text().splitlines()]
+    assert [row["picture"] for row in some][0] == "photo0.jpg" and len(some) == 5  # 1 file, 4 matches
+
+
+def test_a_local_dataset_by_row_with_the_same_answers_as_its_pictures(trained_model, tmp_path):
+    rows = [(_jpeg(i), i % 2) for i in range(20)] + [(b"broken", 0)]
+    folder = write_parquet_dataset(tmp_path / "data", rows)
+    result = _predict("--dataset", folder, "--output", tmp_path / "rows.csv", "--model", trained_model)
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = _csv(tmp_path / "rows.csv")
+    predictor = load_predictor(str(trained_model))
+    assert [row["picture"] for row in written] == [str(i) for i in range(21)] and written[20]["verdict"] == "error"
+    assert all(float(written[i]["p_dog"]) == predictor.explain(rows[i][0], heatmap=False).probabilities["dog"]
+               for i in range(20))
+
+
+@pytest.mark.parametrize("args, message", [
+    (("{library}", "--output", "{tmp}/rows.txt"), "must end in .csv, .jsonl, .parquet"),
+    (("{library}", "--output", "{tmp}/nowhere/rows.csv"), "no folder"),
+    (("{tmp}/empty", "--output", "{tmp}/rows.csv"), "no picture in"),
+    (("{tmp}/missing", "--output", "{tmp}/rows.csv"), "No such file or folder"),
+    (("--dataset", "{data}", "--image-column", "photo", "--output", "{tmp}/rows.csv"), "has no image column photo"),
+    (("--dataset", "{data}", "--split", "test", "--output", "{tmp}/rows.csv"), "Could not load split 'test'"),
+    (("{library}", "--output", "{tmp}/rows.csv", "--model", ""), "--model is empty"),
+])
+def test_bad_input_is_one_clear_line(trained_model, library, tmp_path, args, message):
+    (tmp_path / "empty").mkdir()
+    data = write_parquet_dataset(tmp_path / "data", [(_jpeg(i), i % 2) for i in range(4)])
+    filled = [arg.format(library=library, tmp=tmp_path, data=data) for arg in args]
+    result = _predict(*filled, *(() if "--model" in filled else ("--model", trained_model)))
+    assert_clean_error(result, message)
+
+
+@pytest.fixture(scope="module")
+def many_photos(tmp_path_factory, mini_dataset):
+    """400 mini-set photos as files: enough chunks to kill a run in the middle of."""
+    root = tmp_path_factory.mktemp("many")
+    rows = load_dataset(str(mini_dataset), split="train")
+    for index in range(0, 3000, 7)[:400]:
+        rows[index]["image"].save(root / f"{index:04d}.jpg")
+    return root
+
+
+@pytest.mark.slow
+def test_a_kill_9_midway_then_a_rerun_gives_the_uninterrupted_rows_each_once(trained_model, many_photos, tmp_path):
+    assert _predict(many_photos, "--output", tmp_path / "whole.csv", "--model", trained_model).returncode == 0
+    command = [sys.executable, "-m", "catdog_model.predict", str(many_photos), "--output", str(tmp_path / "rows.csv"),
+               "--model", str(trained_model)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    parts, deadline = tmp_path / "rows.csv.parts", time.monotonic() + 300
+    try:
+        while len(list(parts.glob("0*.csv"))) < 2:
+            assert process.poll() is None and time.monotonic() < deadline, "the run ended before it was killed"
+            time.sleep(0.005)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert not (tmp_path / "rows.csv").exists()  # never a half-written output
+    other = _predict(many_photos / "0000.jpg", "--output", tmp_path / "rows.csv", "--model", trained_model)
+    assert_clean_error(other, "holds the rows of another run (inputs differ)")
+    rerun = _predict(many_photos, "--output", tmp_path / "rows.csv", "--model", trained_model)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert (tmp_path / "rows.csv").read_bytes() == (tmp_path / "whole.csv").read_bytes()
+    assert_clean_error(_predict(many_photos, "--output", tmp_path / "rows.csv", "--model", trained_model),
+                       "is already complete")
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_rows_of_one(trained_model, many_photos, tmp_path):
+    assert _predict(many_photos, "--output", tmp_path / "one.jsonl", "--model", trained_model).returncode == 0
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "catdog_model.predict")
+    result = _predict(many_photos, "--output", tmp_path / "two.jsonl", "--model", trained_model, launcher=launcher)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
+    assert "classified 400 pictures" in result.stderr
