@@ -30,7 +30,7 @@ import gradio as gr
 
 from catdog_model import DEFAULT_LABELS, ImageError, ModelLoadError, PredictionError, Predictor, load_predictor
 from catdog_model.hardware import cap_malloc_arenas, exit_with_error, setup_logging, usable_cores
-from catdog_model.predict import classify_chunk, neutralised
+from catdog_model.predict import classify_chunk, decode_chunk, neutralised
 from catdog_model.serving.describe import demonstration_notice, details, headline, report
 from catdog_model.serving.verdict import NEITHER, NOT_SURE, Verdict
 
@@ -132,7 +132,10 @@ class Space:
             logger.error("%s", error)
             return _page(status=f"⚠️ **The model failed on this picture.** {error}")
         verdict = explanation.verdict
-        return _page(explanation.probabilities, verdict=_verdict_markdown(verdict), heatmap=explanation.overlay)
+        # For "neither", the bars are what the classifier would answer, were it a cat or a dog: labelled so.
+        bars = gr.update(value=explanation.probabilities,
+                         label="If it were a cat or a dog" if verdict.answer == NEITHER else "Probabilities")
+        return _page(bars, verdict=_verdict_markdown(verdict), heatmap=explanation.overlay)
 
     def predict_batch(self, files: list | None, progress=gr.Progress()) -> tuple[list[list], str]:
         """Classify up to 100 pictures: one row per file (file, verdict, both probabilities, note), the verdict as on the
@@ -146,8 +149,9 @@ class Space:
         with ThreadPoolExecutor(2) as pool:
             for start in progress.tqdm(range(0, len(files), step), desc=f"Classifying, {step} pictures a pass"):
                 chunk = [(_upload_name(upload), _upload_path(upload) or "") for upload in files[start : start + step]]
+                classified = classify_chunk(self.predictor, chunk, decode_chunk(self.predictor, chunk, pool))
                 rows += [[row["picture"], row["verdict"], *(None if p is None else round(p, 3) for p in list(row.values())[2:4]),
-                          row["note"]] for row in classify_chunk(self.predictor, chunk, pool)]
+                          row["note"]] for row in classified]
         return rows, self._write_csv(rows)
 
     def _write_csv(self, rows: list[list]) -> str:

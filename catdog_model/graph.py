@@ -17,7 +17,6 @@ from torch import nn
 
 from .config import FEATURE_NAMES, HIDDEN, STAGE_FEATURES, WEIGHTS
 from .model import CatDogClassifier
-from .serving.engine import EngineOutputs, NonFiniteWeightError
 
 __all__ = ["ServingGraph", "TorchEngine"]
 
@@ -67,15 +66,15 @@ class TorchEngine:
 
     @classmethod
     def load(cls, folder: str | Path, threads: int | None = None) -> TorchEngine:
-        """From a model folder's config.json and model.safetensors, strict; ``NonFiniteWeightError`` for NaN weights."""
+        """From a model folder's config.json and model.safetensors, strict; ValueError for NaN weights."""
         model = CatDogClassifier.from_pretrained(str(folder)).eval()
         broken = next((name for name, tensor in model.state_dict().items()
                        if tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
         if broken:
-            raise NonFiniteWeightError(f"{WEIGHTS} holds non-finite weights ({broken})")
+            raise ValueError(f"{WEIGHTS} holds non-finite weights ({broken}); retrain the model")
         return cls(model, threads)
 
     @torch.inference_mode()
-    def __call__(self, pixels: np.ndarray) -> EngineOutputs:
-        values = self.graph(torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)))
-        return EngineOutputs.from_values(value.numpy() for value in values)
+    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The graph's outputs in order (logits, heatmaps, the detector's features), as the OpenVINO engine gives them."""
+        return tuple(value.numpy() for value in self.graph(torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))))

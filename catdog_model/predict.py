@@ -26,7 +26,7 @@ import shutil
 import tempfile
 import unicodedata
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import islice
 from pathlib import Path
 from typing import Iterator, Optional
@@ -39,7 +39,7 @@ from .images import ImageError
 from .serving.files import ModelLoadError
 from .serving.predictor import Predictor, PredictionError, load_predictor
 
-__all__ = ["FORMATS", "classify_chunk", "main", "neutralised", "predict_files"]
+__all__ = ["FORMATS", "classify_chunk", "decode_chunk", "main", "neutralised", "predict_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -112,11 +112,17 @@ def _chunks(pictures: Iterator, size: int) -> Iterator[list]:
         yield chunk
 
 
-def classify_chunk(predictor: Predictor, chunk: list[tuple[str, object]], pool: ThreadPoolExecutor) -> list[dict]:
-    """One row per (name, picture): decoded in the pool's threads, then the predictor's forward passes. The rows of
-    this command and of the Space's batch tab."""
+def decode_chunk(predictor: Predictor, chunk: list[tuple[str, object]], pool: ThreadPoolExecutor) -> list[Future]:
+    """Each picture of (name, picture) pairs turned into the model's input in the pool's threads, as futures: the
+    caller runs the model on the chunk before while these decode."""
+    return [pool.submit(_decode, predictor, picture) for _, picture in chunk]
+
+
+def classify_chunk(predictor: Predictor, chunk: list[tuple[str, object]], decoding: list[Future]) -> list[dict]:
+    """One row per (name, picture), from its decoded input (``decode_chunk``) and the predictor's forward passes:
+    the rows of this command and of the Space's batch tab."""
     negative, positive = predictor.labels
-    decoded = list(pool.map(lambda item: _decode(predictor, item[1]), chunk))
+    decoded = [future.result() for future in decoding]
     inputs = [value for value in decoded if not isinstance(value, ImageError)]
     try:
         explanations = iter(predictor.explain_inputs(inputs) if inputs else [])
@@ -209,18 +215,28 @@ def predict_files(predictor: Predictor, pictures: Iterator, output: Path, identi
     suffix, written = output.suffix, 0
     bar = tqdm(total=total, unit="picture", desc="classifying", disable=rank != 0, dynamic_ncols=True)
     with ThreadPoolExecutor(max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))) as pool:
+        pending = None  # the chunk decoding while the model runs on the one before
         for index, chunk in enumerate(_chunks(pictures, chunk_size)):
             written += 1
             part = parts / f"{index:08d}{suffix}"
-            if index % world != rank:  # another process's chunk
+            if index % world != rank or part.is_file():  # another process's chunk, or one written before a kill
+                bar.update(len(chunk) if part.is_file() or world == 1 else 0)
                 continue
-            if not part.is_file():
-                _write(classify_chunk(predictor, chunk, pool), part, suffix)
-            bar.update(len(chunk) * world if world > 1 else len(chunk))
+            decoding = decode_chunk(predictor, chunk, pool)
+            if pending:
+                _finish(predictor, *pending, suffix, bar)
+            pending = (chunk, decoding, part)
+        if pending:
+            _finish(predictor, *pending, suffix, bar)
     bar.close()
     if state:
         state.wait_for_everyone()
     return _merge(parts, written, output, suffix) if rank == 0 else Counter()
+
+
+def _finish(predictor: Predictor, chunk: list, decoding: list[Future], part: Path, suffix: str, bar: tqdm) -> None:
+    _write(classify_chunk(predictor, chunk, decoding), part, suffix)
+    bar.update(len(chunk) * int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def _merge(parts: Path, chunks: int, output: Path, suffix: str) -> Counter:

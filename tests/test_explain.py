@@ -132,7 +132,7 @@ def test_grad_cam_equals_captums_layer_grad_cam(trained_model, mini_rows):
     pixels = torch.stack([torch.from_numpy(model_input(mini_rows[row]["image"], model.image_size)) for row in
                           (0, 1600, 2999, 700)]).float() / 255
     outputs = TorchEngine(model)(pixels.numpy())
-    logits, ours = torch.from_numpy(outputs.logits), torch.from_numpy(outputs.heatmaps)
+    logits, ours = torch.from_numpy(outputs[0]), torch.from_numpy(outputs[1])  # the logits and the heatmaps
     sign = torch.where(logits >= 0, 1.0, -1.0)
     reference = LayerGradCam(lambda x: model(x) * sign, model.backbone).attribute(pixels, relu_attributions=True)
     reference = reference[:, 0] / reference.flatten(1).max(dim=1).values.clamp_min(1e-12)[:, None, None]

@@ -71,8 +71,9 @@ def test_one_verdict_on_the_page_in_the_api_and_in_the_batch_and_its_csv(tmp_pat
 
     space = _space(FixedPredictor(p_dog, looks_right), tmp_path, monkeypatch)
     assert decide({"cat": 1 - p_dog, "dog": p_dog}, looks_right).answer == answer
-    probabilities, status, verdict, heatmap = space.predict_on_page(CAT_PHOTO)
-    assert probabilities == {"cat": 1 - p_dog, "dog": p_dog} and verdict["visible"] and not status["visible"]
+    bars, status, verdict, heatmap = space.predict_on_page(CAT_PHOTO)
+    assert bars["value"] == {"cat": 1 - p_dog, "dog": p_dog} and verdict["visible"] and not status["visible"]
+    assert bars["label"] == ("If it were a cat or a dog" if answer == "neither" else "Probabilities")
     assert {"not sure": "Not sure", "neither": "Neither a cat nor a dog"}.get(answer, answer.capitalize()) in verdict["value"]
     ranked = sorted([("cat", 1 - p_dog), ("dog", p_dog)], key=lambda item: -item[1])
     assert space.predict(CAT_PHOTO) == {"label": answer, "confidences": [{"label": k, "confidence": v} for k, v in ranked]}
@@ -274,3 +275,11 @@ def test_make_demo_with_no_model_no_hub_and_no_dataset_says_what_it_needs_in_sec
     assert time.monotonic() - start < 20 and result.returncode != 0
     assert "no model to serve, the Hub does not answer, and no local copy of the dataset" in result.stderr
     assert "DATASET=path/to/cats_vs_dogs" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("p, said", [(0.697, "Not sure: the model leans to cat, with only 69.7%."), (0.703, "Cat, 70.3% sure."),
+                                     (0.6996, "Not sure: the model leans to cat, with only 69.96%."), (0.81, "Cat, 81% sure.")])
+def test_a_confidence_near_the_line_shows_the_digits_that_put_it_on_its_side(p, said):
+    from catdog_model import decide
+
+    assert decide({"cat": p, "dog": 1 - p}).sentence() == said

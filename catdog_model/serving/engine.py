@@ -57,9 +57,10 @@ class OpenVINOEngine:
         self.image_size = compiled.inputs[0].get_partial_shape()[2].get_length()
         self.feature_sizes = {name: shape[1].get_length() for name, shape in zip(FEATURE_NAMES, shapes[2:])}
 
-    def __call__(self, pixels: np.ndarray) -> EngineOutputs:
+    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The graph's outputs in order: logits, heatmaps, then the detector's features (``EngineOutputs.from_values``)."""
         results = self._request.infer({0: np.ascontiguousarray(pixels, dtype=np.float32)}, share_outputs=False)
-        return EngineOutputs.from_values(results[index] for index in range(len(results)))
+        return tuple(results[index] for index in range(len(results)))
 
 
 def compile_openvino(model: "openvino.Model | str | Path", threads: int) -> OpenVINOEngine:

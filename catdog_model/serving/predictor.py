@@ -98,7 +98,8 @@ def _stretched(heatmap: np.ndarray, width: int, height: int, longest: int) -> np
 def _overlay(picture: Image.Image, heatmap: np.ndarray, opacity: float = 0.45, longest: int = 384) -> Image.Image:
     """The picture, its longest side ``longest`` pixels, with the heatmap in "jet" colours over it."""
     scale = longest / max(picture.size)
-    small = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))), Image.BILINEAR)
+    small = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))), Image.BILINEAR,
+                           reducing_gap=3.0)
     heat = Image.fromarray(_jet(heatmap)).resize(small.size, Image.BILINEAR)
     return Image.blend(small, heat, opacity)
 
@@ -125,7 +126,7 @@ class Predictor:
     thread, and one forward pass at a time runs under a lock, since on a 2-core CPU passes run side by side
     only spin their thread teams against each other."""
 
-    backend: object  # OpenVINOEngine (engine.py) or TorchEngine (graph.py): pixels -> EngineOutputs
+    backend: object  # OpenVINOEngine (engine.py) or TorchEngine (graph.py): pixels -> the graph's outputs, in order
     config: dict  # the model's own config.json, checked: labels, image_size, temperature, ood_threshold, ...
     source: str
     detector: dict  # the tensors of ood.safetensors
@@ -231,7 +232,7 @@ class Predictor:
         pixels = np.asarray(pixels)
         pixels = pixels.astype(np.float32) / 255 if pixels.dtype == np.uint8 else pixels.astype(np.float32)
         with self._lock:
-            outputs = self.backend(pixels)
+            outputs = EngineOutputs.from_values(self.backend(pixels))
         if not all(np.isfinite(values).all() for values in (outputs.logits, *outputs.features.values())):
             raise PredictionError(f"The model {self.source} computed a non-finite output: its weights are damaged. "
                                   "Retrain it, or load another revision.")
@@ -295,8 +296,6 @@ def _load_engine(files: ModelFiles, exact: bool, threads: int):
         raise ModelLoadError(TORCH_MISSING) from None
     try:  # a Hub download's snapshot holds config.json beside the weights
         return TorchEngine.load(files.path(WEIGHTS).parent, threads)
-    except NonFiniteWeightError as error:
-        raise ModelLoadError(f"{files.where}: {error}; retrain the model.") from None
     except (RuntimeError, ValueError, TypeError, KeyError, AttributeError, SafetensorError, OSError) as error:
         files.invalid(error)
 

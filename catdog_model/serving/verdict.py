@@ -31,14 +31,23 @@ class Verdict:
     def is_confident(self) -> bool:
         return self.answer not in (NOT_SURE, NEITHER)
 
+    @property
+    def percent(self) -> str:
+        """The confidence as a percentage, with the digits it takes to fall on its own side of the 70% line:
+        0.697 is "69.7%" (not sure) and 0.703 "70.3%" (sure), never both "70%"."""
+        digits = 0
+        while digits < 3 and self.confidence != UNSURE_BELOW and round(self.confidence * 100, digits) == UNSURE_BELOW * 100:
+            digits += 1
+        return f"{self.confidence * 100:.{digits}f}%"
+
     def sentence(self) -> str:
         """One plain sentence, for a page or a table's note column."""
         if self.answer == NEITHER:
             return (f"This doesn't look like a cat or a dog: it is unlike every training photo "
-                    f"(the model would have said {self.leaning}, {self.confidence:.0%}).")
+                    f"(the model would have said {self.leaning}, {self.percent}).")
         if self.answer == NOT_SURE:
-            return f"Not sure: the model leans to {self.leaning}, with only {self.confidence:.0%}."
-        return f"{self.answer.capitalize()}, {self.confidence:.0%} sure."
+            return f"Not sure: the model leans to {self.leaning}, with only {self.percent}."
+        return f"{self.answer.capitalize()}, {self.percent} sure."
 
 
 def decide(probabilities: Mapping[str, float], looks_like_training_photos: bool = True) -> Verdict:
