@@ -179,3 +179,53 @@ def test_a_push_the_server_drops_midway_keeps_every_local_file_and_names_the_com
         process.wait(timeout=30)
     assert_clean_error(result, "Could not push to user/catdog-dropped", "hf upload user/catdog-dropped")
     assert SERVING_FILES | {"model.safetensors", "README.md"} <= {p.name for p in (tmp_path / "out").iterdir()}
+
+
+def test_a_quick_fine_tune_takes_imagenet_weights_through_timms_own_download_then_serves(hub, pushed, tmp_path):
+    """As `make demo` does where the Hub answers: the dataset by id, the backbone's "ImageNet" weights fetched by
+    timm's pretrained=True from a repo laid out as timm's are (random values, the right names and shapes), the
+    backbone frozen, then the Space serving the result."""
+    env = _hub_env(hub, tmp_path / "hf")
+    _python("""
+import timm, torch
+from huggingface_hub import HfApi
+from safetensors.torch import save_file
+repo = timm.models.get_pretrained_cfg("resnet18").hf_hub_id
+torch.manual_seed(7)
+save_file(timm.create_model("resnet18").state_dict(), "model.safetensors")
+HfApi().create_repo(repo, exist_ok=True)
+HfApi().upload_file(path_or_fileobj="model.safetensors", path_in_repo="model.safetensors", repo_id=repo)
+""", env, tmp_path)
+    command = training_command(tmp_path / "out", "--epochs", "1", "--max-train-samples", "16", "--max-eval-samples", "16",
+                               "--backbone", "resnet18", "--freeze-backbone")
+    command.remove("--no-pretrained")
+    command[command.index("--dataset") + 1] = "user/catdog-data"
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    import timm
+    import torch
+    from safetensors.torch import load_file
+
+    torch.manual_seed(7)
+    uploaded, trained = timm.create_model("resnet18").state_dict(), load_file(tmp_path / "out" / "model.safetensors")
+    assert torch.equal(trained["backbone.conv1.weight"], uploaded["conv1.weight"])  # frozen: the downloaded weights
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "fine-tuned from ImageNet weights" in card and "timm ImageNet weights" in card
+    url, process = start_server(str(tmp_path / "out"), {**env, "GRADIO_TEMP_DIR": str(tmp_path / "gradio")},
+                                tmp_path / "app.log")
+    try:
+        answer = Client(url, verbose=False).predict(handle_file(str(ROOT / "examples" / "beagle_puppy.jpg")),
+                                                    api_name="/predict")
+        assert answer["label"] in ("cat", "dog", "not sure", "neither")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_catdog_predict_classifies_a_dataset_by_its_hub_id(hub, pushed, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "catdog_model.predict", "--dataset", "user/catdog-data",
+                             "--output", str(tmp_path / "rows.jsonl"), "--model", str(pushed / "v1")],
+                            cwd=ROOT, env=_hub_env(hub, tmp_path / "hf"), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert [row["picture"] for row in rows] == [str(i) for i in range(200)] and "classified 200 pictures" in result.stderr
