@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import unicodedata
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor

@@ -1,7 +1,6 @@
 """Shared fixtures. Everything runs offline and writes only under temporary folders."""
 
 import atexit
-import json
 import os
 import shutil
 import subprocess

@@ -14,7 +14,7 @@ from catdog_model.config import OOD_FILE
 from catdog_model.graph import TorchEngine
 from catdog_model.images import model_input
 from catdog_model.serving.detector import load_detector
-from conftest import complete_folder, vouch_for
+from conftest import ROOT, complete_folder, vouch_for
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +147,19 @@ def test_explain_agrees_with_predict_and_refuses_what_is_not_a_picture(predictor
     assert all(explained[label] == pytest.approx(predicted[label], abs=1e-5) for label in predicted)
     with pytest.raises(TypeError, match="expected a PIL image, a file path or a file.s bytes"):
         predictor.explain(42)
+
+
+def test_one_file_one_answer_whichever_way_python_hands_it_over(predictor, mini_dataset, tmp_path):
+    """A path, the file's bytes, or a PIL image opened lazily as a script does: the same decode (JPEG draft mode
+    included), so the same probabilities, bit for bit, as the Space and catdog-predict give for that file."""
+
+    rows = load_dataset(str(mini_dataset), split="train")
+    paths = sorted((ROOT / "examples").glob("*.jpg"))
+    for index in range(0, 3000, 30):
+        rows[index]["image"].save(tmp_path / f"{index}.jpg", quality=90)
+        paths.append(tmp_path / f"{index}.jpg")
+    by_path = predictor.predict([str(path) for path in paths])
+    by_bytes = predictor.predict([path.read_bytes() for path in paths])
+    lazily = predictor.predict([Image.open(path) for path in paths])
+    one_by_one = [predictor.explain(str(path), heatmap=False).probabilities for path in paths[:20]]
+    assert by_path == by_bytes == lazily and by_path[:20] == one_by_one
