@@ -70,10 +70,10 @@ class DecodeBudget:
 
 def decode_cost(image: Image.Image) -> int:
     """The bytes decoding and converting ``image`` to RGB will hold at its peak, from its header: Pillow keeps
-    1-byte modes in 1 byte a pixel, I;16 in 2 and every other mode in 4; the RGB copy takes 4 more, and
-    high-bit-depth modes a float32 working copy besides."""
+    1-byte modes in 1 byte a pixel, I;16 in 2 and every other mode in 4; the RGB copy takes 4 more, an alpha
+    channel 1 more (the mask it is pasted through), and high-bit-depth modes their float32 working copy."""
     stored = 1 if image.mode in ("1", "L", "P") else 2 if image.mode.startswith("I;16") else 4
-    working = 8 if image.mode.startswith("I") or image.mode == "F" else 4
+    working = 8 if image.mode.startswith("I") or image.mode == "F" else 5 if "A" in image.mode or image.mode == "P" else 4
     return image.width * image.height * (stored + working)
 
 
