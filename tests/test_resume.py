@@ -163,7 +163,7 @@ def test_a_checkpoint_at_an_epochs_last_batch_resumes_though_validation_saved_a_
 
 def test_checkpoints_total_limit_keeps_the_newest(tmp_path):
     run_training(tmp_path, *FLAGS, "--epochs", "1", "--checkpoints-total-limit", "2")
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002", "step_00000003"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_00000002", "step_00000003"]
 
 
 def test_overwrite_removes_the_previous_run_only_after_the_flags_and_the_data_are_checked(full_run, tmp_path):
