@@ -86,22 +86,23 @@ def _files(inputs: list[str]) -> Iterator[tuple[str, str]]:
 
 
 def _dataset_rows(name: str, split: str, column: Optional[str]) -> Iterator[tuple[str, bytes]]:
-    """(row index, the picture's bytes) of a Hub or local dataset, streamed: nothing is decoded here."""
+    """(row index, the picture's bytes) of a Hub or local dataset. datasets keeps it on disk as Arrow, memory-mapped,
+    so memory stays flat however large it is; nothing is decoded here."""
     try:
         import datasets
     except ImportError:
         raise BatchError(f"--dataset {TRAIN_EXTRA}") from None
     try:
-        stream = datasets.load_dataset(name, split=split, streaming=True)
+        rows = datasets.load_dataset(name, split=split)
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError, ConnectionError) as error:
         raise BatchError(f"Could not load split {split!r} of {name!r}: {str(error).splitlines()[0]}") from None
-    images = [key for key, feature in (stream.features or {}).items() if isinstance(feature, datasets.Image)]
+    images = [key for key, feature in rows.features.items() if isinstance(feature, datasets.Image)]
     column = column or (images[0] if len(images) == 1 else None)
-    if column is None or column not in (stream.features or {}):
-        found = ", ".join(stream.features or {}) or "no columns"
+    if column is None or column not in rows.features:
+        found = ", ".join(rows.features) or "no columns"
         raise BatchError(f"{name!r} has no image column {column or ''} (pass --image-column; it has: {found})".replace(" ()", ""))
-    stream = stream.cast_column(column, datasets.Image(decode=False)).select_columns([column])
-    for index, row in enumerate(stream):
+    rows = rows.select_columns([column]).cast_column(column, datasets.Image(decode=False))
+    for index, row in enumerate(rows):
         image = row[column] or {}
         yield str(index), image.get("bytes") or (Path(image["path"]).read_bytes() if image.get("path") else b"")
 
