@@ -32,10 +32,9 @@ from catdog_model import DEFAULT_LABELS, ImageError, ModelLoadError, PredictionE
 from catdog_model.hardware import cap_malloc_arenas, exit_with_error, setup_logging, usable_cores
 from catdog_model.predict import classify_chunk, decode_chunk, neutralised
 from catdog_model.serving.describe import demonstration_notice, details, headline, report
+from catdog_model.serving.files import DEFAULT_MODEL, LOCAL_MODEL, resolve_model
 from catdog_model.serving.verdict import NEITHER, NOT_SURE, Verdict
 
-DEFAULT_MODEL = "catdog-project/catdog-resnet50"  # the published model: named here and in README.md only
-LOCAL_MODEL = "catdog-model"  # train_accelerate.py's default --output-dir, relative to where the app starts
 MAX_FILE_MB = 10  # per picture: a larger one gets its own clear error (a row of its own in a batch)
 SERVER_CAP_MB = 50  # Gradio refuses anything larger outright, against abuse
 MAX_BATCH_FILES = 100
@@ -311,16 +310,10 @@ def _model_source(argv: list[str]) -> tuple[str, str, bool, bool]:
     if parsed.debug:
         os.environ["CATDOG_DEBUG"] = "1"
     exact = parsed.exact or _setting("CATDOG_EXACT", "0")
-    if parsed.model is not None:
-        if not parsed.model.strip():
-            exit_with_error("--model is empty: pass a model folder or a Hub id like user/repo.")
-        return parsed.model, "--model", exact, parsed.check
-    if os.environ.get("CATDOG_MODEL", "").strip():
-        return os.environ["CATDOG_MODEL"], "$CATDOG_MODEL", exact, parsed.check
-    if (Path(LOCAL_MODEL) / "config.json").is_file():
-        why = f"no --model or $CATDOG_MODEL, and ./{LOCAL_MODEL} (the training script's output) exists"
-        return LOCAL_MODEL, why, exact, parsed.check
-    return DEFAULT_MODEL, f"no --model, $CATDOG_MODEL or ./{LOCAL_MODEL}: the published model", exact, parsed.check
+    try:
+        return (*resolve_model(parsed.model), exact, parsed.check)
+    except ModelLoadError as error:
+        exit_with_error(error)
 
 
 def main(argv: list[str]) -> None:

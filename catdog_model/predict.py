@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from .hardware import exit_with_error, setup_logging, usable_cores
 from .images import ImageError
-from .serving.files import ModelLoadError
+from .serving.files import ModelLoadError, resolve_model
 from .serving.predictor import Predictor, PredictionError, load_predictor
 
 __all__ = ["FORMATS", "classify_chunk", "decode_chunk", "main", "neutralised", "predict_files"]
@@ -314,10 +314,8 @@ def _run(args) -> Optional[Counter]:
         raise BatchError("pass either PATHs or --dataset")
     source = ({"dataset": args.dataset, "split": args.split, "image_column": args.image_column} if args.dataset
               else {"paths": args.inputs})
-    if args.model is not None and not args.model.strip():
-        raise BatchError("--model is empty: pass a model folder or a Hub id like user/repo")
-    model = args.model or os.environ.get("CATDOG_MODEL", "").strip() or (
-        "catdog-model" if Path("catdog-model", "config.json").is_file() else "catdog-project/catdog-resnet50")
+    model, why = resolve_model(args.model)
+    logger.info("classifying with %s (%s)", model, why)
     state = _distributed_state()
     threads = max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # each process its share of cores
     predictor = load_predictor(model, threads=threads)

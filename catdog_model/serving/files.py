@@ -19,6 +19,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -28,10 +29,13 @@ from huggingface_hub.utils import validate_repo_id
 
 from ..config import MANIFEST_KEY, WEIGHTS, check_config
 
-__all__ = ["HUB_UNREACHABLE", "ModelFiles", "ModelLoadError", "file_sha256", "first_line", "hub_reachable", "parse_source"]
+__all__ = ["DEFAULT_MODEL", "HUB_UNREACHABLE", "LOCAL_MODEL", "ModelFiles", "ModelLoadError", "file_sha256", "first_line",
+           "hub_reachable", "parse_source", "resolve_model"]
 
 logger = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"  # where an unfinished training run keeps its state (training/checkpoints.py)
+DEFAULT_MODEL = "catdog-project/catdog-resnet50"  # the published model: named here and in README.md only
+LOCAL_MODEL = "catdog-model"  # train_accelerate.py's default --output-dir, relative to where a command starts
 REEXPORT = "python -m catdog_model.training.export"
 
 
@@ -90,6 +94,20 @@ def parse_source(source: str) -> tuple[str, Optional[str]]:
     if "@" in source and not revision:
         raise ModelLoadError(f"{source!r} ends with '@' but names no revision.")
     return repo_id, revision or None
+
+
+def resolve_model(given: Optional[str]) -> tuple[str, str]:
+    """The model the Space and catdog-predict serve, and why that one: ``given`` (--model), else $CATDOG_MODEL,
+    else ./catdog-model if a training run finished there, else the published model."""
+    if given is not None:
+        if not given.strip():
+            raise ModelLoadError("--model is empty: pass a model folder or a Hub id like user/repo.")
+        return given, "--model"
+    if os.environ.get("CATDOG_MODEL", "").strip():
+        return os.environ["CATDOG_MODEL"], "$CATDOG_MODEL"
+    if (Path(LOCAL_MODEL) / "config.json").is_file():
+        return LOCAL_MODEL, f"no --model or $CATDOG_MODEL, and ./{LOCAL_MODEL} (the training script's output) exists"
+    return DEFAULT_MODEL, f"no --model, $CATDOG_MODEL or ./{LOCAL_MODEL}: the published model"
 
 
 def first_line(error: BaseException) -> str:
