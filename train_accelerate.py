@@ -30,35 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-try:
-    import timm
-    import torch
-    import torch.nn.functional as F
-    from accelerate import Accelerator, DataLoaderConfiguration, PartialState
-    from accelerate.logging import get_logger
-    from accelerate.utils import ProjectConfiguration, set_seed
-    from huggingface_hub import constants, get_token
-    from huggingface_hub.errors import HFValidationError, HTTPError, LocalEntryNotFoundError
-    from huggingface_hub.utils import validate_repo_id
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
+from huggingface_hub import constants, get_token
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
-    from catdog_model.config import DEFAULTS
-    from catdog_model.hardware import exit_with_error, setup_logging
-    from catdog_model.model import CatDogClassifier
-    from catdog_model.serving.files import HUB_UNREACHABLE, hub_reachable
-    from catdog_model.training.checkpoints import find_resume_checkpoint, load_checkpoint, save_checkpoint
-    from catdog_model.training.data import (DatasetError, check_classes, collate, dataset_fingerprint, load_image_dataset,
-                                            make_transform, split_dataset, undecoded)
-    from catdog_model.training.loop import (CHECKPOINTS, Progress, RunningMetrics, TrainingError, calibrate_and_test,
-                                            check_finite, default_mixed_precision, default_num_workers, evaluate,
-                                            exit_with_parent, exit_with_parent_worker, on_main_process, save_model)
-    from catdog_model.training.run_folder import TRACKER_PROJECT, claim_output_dir, publish_run, push_run, start_run
-except ImportError as missing:  # the serving install has no torch
-    sys.exit(f'error: training needs torch, timm, accelerate and datasets ({missing}): pip install "catdog-classifier[train]"')
-
-logger = get_logger(__name__)
-
+from catdog_model.config import DEFAULTS
+from catdog_model.hardware import exit_with_error, setup_logging
+from catdog_model.serving.files import HUB_UNREACHABLE, hub_reachable
+from catdog_model.training import TrainingError
 
 # ---- The run's settings: one frozen dataclass, the command line built from it, checked before any work.
 
@@ -156,13 +135,89 @@ class RunConfig:
         return {key: value for key, value in dataclasses.asdict(self).items() if key != "hub_token"}
 
 
-def check_model_flags(config: RunConfig) -> None:
-    """The backbone and the image size, on PyTorch's meta device (no memory, no download); and, where the run needs
-    the Hub (a dataset id, ImageNet weights), that the Hub answers: one line in seconds, not minutes of retries."""
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:  # one line, not the whole usage
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action) -> str:  # a default worth reading: not "None" or "False"
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
+def parse_args(argv=None) -> RunConfig:
+    """The command line, built from RunConfig's fields; their defaults show in --help."""
+    parser = _Parser(description=__doc__.split("\n\n")[0], formatter_class=_Help)
+    groups, types = {}, typing.get_type_hints(RunConfig)
+    for option in dataclasses.fields(RunConfig):
+        metadata = dict(option.metadata)
+        if not metadata.pop("flag", True):
+            continue
+        group = groups.get(metadata["group"]) or groups.setdefault(metadata["group"], parser.add_argument_group(metadata["group"]))
+        flag, kind = "--" + option.name.replace("_", "-"), types[option.name]
+        kind = next(t for t in typing.get_args(kind) if t is not type(None)) if typing.get_origin(kind) else kind
+        metadata.pop("group")
+        if kind is bool:
+            group.add_argument(flag, action="store_true", **metadata)
+        else:
+            group.add_argument(flag, type=kind, default=option.default, **metadata)
+    return RunConfig(**vars(parser.parse_args(argv)))
+
+
+def check_hub(config: "RunConfig") -> None:
+    """Where the run needs the Hub (a dataset id, ImageNet weights), that the Hub answers: one line in seconds,
+    not minutes of retries."""
     needs_hub = [what for what, needed in (("--dataset " + config.dataset, not Path(config.dataset).exists()),
                                            ("ImageNet weights (or --no-pretrained)", not config.no_pretrained)) if needed]
     if needs_hub and not constants.HF_HUB_OFFLINE and not hub_reachable():
         raise TrainingError(f"{' and '.join(needs_hub)} need the Hub, but " + HUB_UNREACHABLE.format(endpoint=constants.ENDPOINT) + ".")
+
+
+def settings(argv=None) -> RunConfig:
+    """The run's settings, checked, and the Hub reached where the run needs it; or one line and exit 2. A second
+    or so, before the training libraries take their seconds to load."""
+    setup_logging()
+    try:
+        config = parse_args(argv)
+        if config.debug:
+            os.environ["CATDOG_DEBUG"] = "1"
+        check_hub(config)
+    except TrainingError as error:
+        exit_with_error(error)
+    return config
+
+
+if __name__ == "__main__":
+    SETTINGS = settings()
+
+try:
+    import timm
+    import torch
+    import torch.nn.functional as F
+    from accelerate import Accelerator, DataLoaderConfiguration, PartialState
+    from accelerate.logging import get_logger
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from huggingface_hub.errors import HTTPError, LocalEntryNotFoundError
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from catdog_model.model import CatDogClassifier
+    from catdog_model.training.checkpoints import find_resume_checkpoint, load_checkpoint, save_checkpoint
+    from catdog_model.training.data import (DatasetError, check_classes, collate, dataset_fingerprint, load_image_dataset,
+                                            make_transform, split_dataset, undecoded)
+    from catdog_model.training.loop import (CHECKPOINTS, Progress, RunningMetrics, calibrate_and_test,
+                                            check_finite, default_mixed_precision, default_num_workers, evaluate,
+                                            exit_with_parent, exit_with_parent_worker, on_main_process, save_model)
+    from catdog_model.training.run_folder import (TRACKER_PROJECT, claim_output_dir, publish_run, push_run,
+                                                  remove_unused_folder, start_run)
+except ImportError as missing:  # the serving install has no torch
+    sys.exit(f'error: training needs torch, timm, accelerate and datasets ({missing}): pip install "catdog-classifier[train]"')
+
+logger = get_logger(__name__)
+
+
+def check_model_flags(config: RunConfig) -> None:
+    """The backbone and the image size, on PyTorch's meta device: no memory, no download."""
     # The real model is built after the data is loaded (its labels come from the dataset).
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore")  # loading real tensors into meta ones is a no-op, by design here
@@ -240,7 +295,9 @@ def build_model(config, labels: tuple[str, ...]) -> CatDogClassifier:
 def train_one_epoch(config, accelerator: Accelerator, model, optimizer, loader, progress: Progress, checkpoint: Callable) -> None:
     """The batches of one epoch, or what is left of it after a resume."""
     unchecked_losses = []  # (batch, step, summed loss) since the last finiteness check: checked without a per-step sync
-    bar = tqdm(loader, desc=f"epoch {progress.epoch + 1}/{config.epochs}", disable=not accelerator.is_local_main_process)
+    # A resumed epoch's bar starts where it stands: the batches done before the resume count.
+    bar = tqdm(loader, desc=f"epoch {progress.epoch + 1}/{config.epochs}", initial=progress.batches_in_epoch,
+               total=progress.batches_in_epoch + len(loader), disable=not accelerator.is_local_main_process)
     for batch in bar:
         with accelerator.accumulate(model):
             # Channels-last input lets the convolutions skip a layout conversion: 2.3x per step with bf16 on CPU.
@@ -324,13 +381,17 @@ def training_function(config: RunConfig) -> None:
     output_dir = Path(config.output_dir)
     identity = run_identity(config, accelerator)
     resume_from = find_resume_checkpoint(config.resume_from_checkpoint, output_dir, identity, config.epochs)
+    created = not output_dir.exists()
     lock = on_main_process(accelerator, claim_output_dir, output_dir, config.overwrite_output_dir, bool(resume_from))
     set_seed(config.seed)
-
-    data, splits, rows, used, train_transform = load_splits(config, accelerator)
-    (train_loader, val_loader, test_loader), loader_kwargs = make_loaders(config, used)
-
-    model = build_model(config, data.labels)
+    try:
+        data, splits, rows, used, train_transform = load_splits(config, accelerator)
+        (train_loader, val_loader, test_loader), loader_kwargs = make_loaders(config, used)
+        model = build_model(config, data.labels)
+    except BaseException:  # refused before it wrote anything: a folder this run made goes again
+        if created and accelerator.is_main_process:
+            remove_unused_folder(output_dir, lock)
+        raise
     # Every check has passed, the data's included: only now may a previous run be cleared and the folder written.
     on_main_process(accelerator, start_run, output_dir, config.overwrite_output_dir)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
@@ -379,53 +440,18 @@ def training_function(config: RunConfig) -> None:
         lock.release()
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> typing.NoReturn:  # one line, not the whole usage
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action) -> str:  # a default worth reading: not "None" or "False"
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
-
-
-def parse_args(argv=None) -> RunConfig:
-    """The command line, built from RunConfig's fields; their defaults show in --help."""
-    parser = _Parser(description=__doc__.split("\n\n")[0], formatter_class=_Help)
-    groups, types = {}, typing.get_type_hints(RunConfig)
-    for option in dataclasses.fields(RunConfig):
-        metadata = dict(option.metadata)
-        if not metadata.pop("flag", True):
-            continue
-        group = groups.get(metadata["group"]) or groups.setdefault(metadata["group"], parser.add_argument_group(metadata["group"]))
-        flag, kind = "--" + option.name.replace("_", "-"), types[option.name]
-        kind = next(t for t in typing.get_args(kind) if t is not type(None)) if typing.get_origin(kind) else kind
-        metadata.pop("group")
-        if kind is bool:
-            group.add_argument(flag, action="store_true", **metadata)
-        else:
-            group.add_argument(flag, type=kind, default=option.default, **metadata)
-    return RunConfig(**vars(parser.parse_args(argv)))
-
-
-def main(argv=None) -> None:
-    setup_logging()
+def main(config: RunConfig) -> None:
     if "LOCAL_RANK" in os.environ:  # started by torchrun (accelerate launch): never outlive the launcher
         exit_with_parent(os.getppid(), signal.SIGTERM)
-    config = None
     try:
-        config = parse_args(argv)
-        if config.debug:
-            os.environ["CATDOG_DEBUG"] = "1"
         training_function(config)
     except (TrainingError, DatasetError) as error:
         exit_with_error(error)
     except KeyboardInterrupt:
-        where = f"{config.output_dir}/{CHECKPOINTS}" if config else "the output folder"
-        print(f"interrupted; the checkpoints (if any) are in {where}: continue with the same command and "
-              "--resume-from-checkpoint latest", file=sys.stderr)
+        print(f"interrupted; the checkpoints (if any) are in {config.output_dir}/{CHECKPOINTS}: continue with the same "
+              "command and --resume-from-checkpoint latest", file=sys.stderr)
         sys.exit(130)
 
 
 if __name__ == "__main__":
-    main()
+    main(SETTINGS)

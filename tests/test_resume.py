@@ -4,6 +4,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -64,6 +65,8 @@ def test_resume_mid_epoch_or_at_its_last_step_is_bit_exact(full_run, tmp_path, s
     # Step 2 is mid-epoch 1; step 3 is its last batch. Another --num-workers must not matter either.
     result = _resume_from(full_run, tmp_path, step, "--num-workers", workers)
     assert f"at epoch 1, batch {step}" in result.stderr
+    # The resumed epoch's bar starts at the batches already done, out of the epoch's three.
+    assert re.search(rf"epoch 1/2: +{round(100 * step / 3)}%\|[^|]*\| {step}/3 ", result.stderr), result.stderr[-2000:]
     assert weights_equal(full_run, tmp_path)
     assert _history(tmp_path) == _history(full_run)  # epoch 1's train metrics complete, not restarted
 

@@ -74,6 +74,7 @@ def test_imagenet_weights_offline_names_the_ways_out(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert_clean_error(result, "Could not download the ImageNet weights", "--no-pretrained", "`hf download timm/resnet50.a1_in1k`")
+    assert not (tmp_path / "out").exists()  # refused before it wrote anything: no folder left behind
 
 
 @pytest.mark.slow
@@ -158,6 +159,18 @@ def test_help_shows_every_default():
         train_accelerate.parse_args(["--help"])
     text = " ".join(out.getvalue().split())
     assert "(default: 10)" in text and "(default: microsoft/cats_vs_dogs)" in text and "505 MB each at 224 px" in text
+
+
+def test_where_the_hub_does_not_answer_training_is_refused_before_its_libraries_load(tmp_path):
+    env = {key: value for key, value in os.environ.items() if key != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path))  # a closed port: nothing answers
+    result = subprocess.run([sys.executable, "-X", "importtime", "train_accelerate.py", "--output-dir", str(tmp_path / "out")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    line = "error: --dataset microsoft/cats_vs_dogs and ImageNet weights (or --no-pretrained) need the Hub"
+    assert result.returncode == 1 and line in result.stderr and "HF_HUB_OFFLINE=1" in result.stderr
+    imported = {row.split("|")[-1].strip() for row in result.stderr.splitlines() if row.startswith("import time:")}
+    assert "catdog_model.serving.files" in imported and not {"torch", "timm", "datasets"} & imported
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -27,6 +27,7 @@ from ..config import WEIGHTS
 from ..hardware import native_bf16, usable_cores
 from ..model import CatDogClassifier
 from ..serving.files import file_sha256
+from . import TrainingError
 from .calibration import calibrate, fit_detector
 from .data import make_transform
 
@@ -38,10 +39,6 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"  # output_dir/checkpoints/step_<8 digits>, and the best epoch's weights so far:
 BEST = "checkpoints/best"  # out of the files a predictor reads until the run publishes its finished model
-
-class TrainingError(RuntimeError):
-    """A problem the user can fix; the training script prints it as one line, without a traceback."""
-
 
 class RunningMetrics:
     """Summed BCE loss and correct answers over gathered batches (every process sees the same sums).

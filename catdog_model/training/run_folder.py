@@ -39,7 +39,7 @@ from .export import save_openvino
 from .loop import BEST, CHECKPOINTS, Progress, TrainingError, save_atomically
 
 __all__ = ["LOCK_FILE", "NOT_PUSHED", "RUN_FILES", "RUN_RECORD", "SPLIT_FILE", "TRACKER_PROJECT", "backbone_init",
-           "claim_output_dir", "publish_run", "push_run", "start_run"]
+           "claim_output_dir", "publish_run", "push_run", "remove_unused_folder", "start_run"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +97,14 @@ def claim_output_dir(output_dir: Path, overwrite: bool, resuming: bool) -> FileL
         save_atomically(output_dir, lambda temp: (temp / RUN_RECORD).write_text(
             json.dumps({"written_by": "train_accelerate.py", "files": list(OWN_NAMES)}, indent=2)))
     return lock
+
+
+def remove_unused_folder(output_dir: Path, lock: FileLock) -> None:
+    """A folder this run created and left unused (the run was refused after claiming it): removed again, if it
+    holds only what ``claim_output_dir`` put there."""
+    lock.release()
+    if {entry.name for entry in output_dir.iterdir()} <= {LOCK_FILE, RUN_RECORD}:
+        shutil.rmtree(output_dir, ignore_errors=True)
 
 
 def start_run(output_dir: Path, overwrite: bool) -> None:
