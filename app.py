@@ -46,7 +46,11 @@ SHOW_ANSWER_JS = "() => document.querySelector('#verdict')?.scrollIntoView({bloc
 # On a phone, the heatmap and the probabilities share a row under the verdict, and the examples fit 4 a row.
 CSS = ("#answer-row { flex-wrap: nowrap; } #answer-row > * { min-width: 0 !important; } "
        "#examples .grid-container { grid-template-columns: repeat(auto-fit, minmax(72px, 1fr)); grid-template-rows: none; "
-       "grid-auto-rows: auto; } #examples .grid-wrap { height: auto !important; min-height: 0 !important; }")
+       "grid-auto-rows: auto; } #examples .grid-wrap { height: auto !important; min-height: 0 !important; } "
+       # The batch's results: file names may break anywhere, verdicts and probabilities never.
+       "#batch-results { width: 100%; border-collapse: collapse; } #batch-results th { text-align: left; } "
+       "#batch-results td { vertical-align: top; padding: 6px 8px; border-top: 1px solid #8884; overflow-wrap: anywhere; } "
+       "#batch-results td:last-child { white-space: nowrap; }")
 
 logger = logging.getLogger("catdog.app")
 
@@ -168,12 +172,25 @@ class Space:
         return str(csv_path)
 
     def predict_batch_on_page(self, files: list | None, progress=gr.Progress()) -> tuple:
-        """The page's batch: the same rows, with problems shown inline as on the first tab."""
+        """The page's batch: the same rows, two columns that fit a phone, problems shown inline as on the first tab."""
         try:
             rows, csv_path = self.predict_batch(files, progress)
         except gr.Error as error:
             return gr.update(), gr.update(visible=False), _status(f"👆 **{error.message}**")
-        return rows, gr.update(value=csv_path, visible=True), _status()
+        return _results_html(rows, self.table_headers), gr.update(value=csv_path, visible=True), _status()
+
+
+def _results_html(rows: list[list], headers: list[str]) -> str:
+    """The batch's rows as a table of two columns, each cell a word or two wide: the file with its note under it,
+    the verdict with both probabilities under it."""
+    def cell(text: str, under: str) -> str:
+        return f"<td><b>{html.escape(str(text))}</b>" + (f"<br><small>{html.escape(under)}</small>" if under else "") + "</td>"
+
+    body = "".join(
+        "<tr>" + cell(name, note) + cell(verdict, "" if p_negative is None else
+                                         f"{headers[2]} {p_negative:.3f} · {headers[3]} {p_positive:.3f}") + "</tr>"
+        for name, verdict, p_negative, p_positive, note in rows)
+    return f"<table id='batch-results'><thead><tr><th>file</th><th>verdict</th></tr></thead><tbody>{body}</tbody></table>"
 
 
 def _status(text: str = "") -> dict:
@@ -273,13 +290,13 @@ def _batch_tab(space: Space, ready: bool) -> None:
                     height=180, interactive=ready)
     status = gr.Markdown(visible=False, elem_id="batch-status")
     button = gr.Button("Classify all", variant="primary", interactive=ready)
-    table = gr.Dataframe(headers=space.table_headers, label="Results", interactive=False, wrap=True,
-                         column_widths=["30%", "15%", "12%", "12%", "31%"])
+    table = gr.HTML(elem_id="batch-table")
     csv_file = gr.File(label="Download as CSV", visible=False)
     # preprocess=False: the handler gets each upload's FileData, with the name the file had on the user's machine.
     button.click(space.predict_batch_on_page, inputs=files, outputs=[table, csv_file, status], concurrency_id="model",
                  show_progress_on=table, preprocess=False, api_visibility="private")
-    gr.Button(visible=False).click(space.predict_batch, inputs=files, outputs=[table, gr.File(label="CSV", visible=False)],
+    rows = gr.Dataframe(headers=space.table_headers, label="Results", visible=False)  # the API's rows
+    gr.Button(visible=False).click(space.predict_batch, inputs=files, outputs=[rows, gr.File(label="CSV", visible=False)],
                                    api_name="predict_batch", concurrency_id="model", preprocess=False,
                                    api_description=Space.predict_batch.__doc__)
 

@@ -171,3 +171,22 @@ def test_neither_and_the_heatmap_are_shown_and_the_heatmap_can_be_hidden(browser
     page.wait_for_function("() => !document.body.innerText.includes(\"doesn't look like\")", timeout=60_000)
     page.get_by_label("Show where the model looked").check()
     page.locator("#heatmap img").first.wait_for(timeout=10_000)
+
+
+@pytest.mark.slow
+def test_on_a_phone_the_batch_results_fit_and_no_verdict_or_number_breaks(browser, app_url, tmp_path):
+    long_name = tmp_path / ("a_very_long_file_name_from_a_phone_camera_" * 3 + ".jpg")
+    shutil.copy(ROOT / "examples" / "chelsea_cat.jpg", long_name)
+    page = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True)
+    page.goto(app_url)
+    page.get_by_role("tab", name="Many pictures").click()
+    page.locator("input[type=file][multiple]").first.set_input_files([str(long_name), str(_noise(tmp_path))])
+    page.get_by_role("button", name="Classify all").click()
+    page.locator("#batch-results td").first.wait_for(timeout=60_000)
+    fits = page.evaluate("() => { const t = document.querySelector('#batch-results');"
+                         " return t.getBoundingClientRect().right <= innerWidth && t.scrollWidth <= t.clientWidth; }")
+    assert fits  # every column on the screen
+    lines = page.evaluate("() => [...document.querySelectorAll('#batch-results td:last-child > *')]"
+                          ".map(e => e.getClientRects().length)")
+    assert lines and set(lines) == {1}  # each verdict and each pair of probabilities on one line, whole
+    page.screenshot(path=str(tmp_path / "phone-batch.png"), full_page=True)
