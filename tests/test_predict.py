@@ -55,8 +55,10 @@ def test_a_folder_tree_gives_one_row_per_picture_with_the_predictors_own_answers
             assert row["verdict"] == "error" and row["note"].startswith("Cannot read this file")
             continue
         explanation = predictor.explain(str(library / row["picture"]), heatmap=False)
-        assert row["verdict"] == explanation.verdict.answer  # the one rule, from the same predictor: bit for bit
-        assert float(row["p_dog"]) == explanation.probabilities["dog"] and float(row["ood_score"]) == explanation.ood_score
+        assert row["verdict"] == explanation.verdict.answer  # the one rule, from the same predictor
+        # batched here, alone there: OpenVINO's kernels per batch size round differently on some CPUs
+        assert float(row["p_dog"]) == pytest.approx(explanation.probabilities["dog"], abs=1e-3)
+        assert float(row["ood_score"]) == pytest.approx(explanation.ood_score, abs=1e-2)
     assert "classified 7 pictures" in result.stderr and "2 error" in result.stderr
     assert "picture/s" in result.stderr  # the progress bar, with its rate
     assert not (tmp_path / "rows.csv.parts").exists()
@@ -82,8 +84,8 @@ def test_a_local_dataset_by_row_with_the_same_answers_as_its_pictures(trained_mo
     written = _csv(tmp_path / "rows.csv")
     predictor = load_predictor(str(trained_model))
     assert [row["picture"] for row in written] == [str(i) for i in range(21)] and written[20]["verdict"] == "error"
-    assert all(float(written[i]["p_dog"]) == predictor.explain(rows[i][0], heatmap=False).probabilities["dog"]
-               for i in range(20))
+    alone = [predictor.explain(rows[i][0], heatmap=False).probabilities["dog"] for i in range(20)]
+    assert [float(row["p_dog"]) for row in written[:20]] == pytest.approx(alone, abs=1e-3)
 
 
 @pytest.mark.parametrize("args, message", [
