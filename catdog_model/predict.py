@@ -260,14 +260,22 @@ def _distributed_state():
     return PartialState(cpu=True)
 
 
-def _push(output: Path, repo_id: str) -> None:
-    from huggingface_hub import HfApi
+def _push(output: Path, repo_id: str, model: str, counts: Counter) -> None:
+    """The rows and a dataset card naming the model and the counts, in one commit: ``load_dataset(repo_id)``
+    reads them."""
+    from huggingface_hub import CommitOperationAdd, DatasetCard, DatasetCardData, HfApi
     from huggingface_hub.errors import HfHubHTTPError, HTTPError
 
+    data = DatasetCardData(configs=[{"config_name": "default", "data_files": f"data/{output.name}"}], tags=["catdog"])
+    summary = ", ".join(f"{count} {verdict}" for verdict, count in counts.most_common())
+    card = DatasetCard(f"---\n{data.to_yaml()}\n---\n# Verdicts by catdog-predict\n\nOne row per picture, classified "
+                       f"by `{model}`: {summary}.\n")
     try:
         api = HfApi()
         api.create_repo(repo_id, repo_type="dataset", exist_ok=True)
-        api.upload_file(path_or_fileobj=output, path_in_repo=f"data/{output.name}", repo_id=repo_id, repo_type="dataset")
+        api.create_commit(repo_id, repo_type="dataset", commit_message=f"Verdicts of {sum(counts.values())} pictures",
+                          operations=[CommitOperationAdd(f"data/{output.name}", output),
+                                      CommitOperationAdd("README.md", str(card).encode())])
     except (HfHubHTTPError, HTTPError, OSError, ValueError) as error:
         raise BatchError(f"Could not push to {repo_id}: {str(error).splitlines()[0]}. {output} is kept.") from None
     logger.info("pushed %s to the dataset %s", output, repo_id)
@@ -329,7 +337,7 @@ def _run(args) -> Optional[Counter]:
         pictures = _files(args.inputs)
     counts = predict_files(predictor, pictures, output, _identity(predictor, source), total)
     if args.push_to_hub and (state is None or state.is_main_process):
-        _push(output, args.push_to_hub)
+        _push(output, args.push_to_hub, model, counts)
     return counts if state is None or state.is_main_process else None
 
 

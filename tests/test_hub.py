@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -222,10 +223,23 @@ HfApi().upload_file(path_or_fileobj="model.safetensors", path_in_repo="model.saf
         process.wait(timeout=30)
 
 
-def test_catdog_predict_classifies_a_dataset_by_its_hub_id(hub, pushed, tmp_path):
+def test_catdog_predict_classifies_a_dataset_by_hub_id_and_pushes_its_rows_as_a_dataset(hub, pushed, tmp_path):
     result = subprocess.run([sys.executable, "-m", "catdog_model.predict", "--dataset", "user/catdog-data",
-                             "--output", str(tmp_path / "rows.jsonl"), "--model", str(pushed / "v1")],
+                             "--output", str(tmp_path / "rows.jsonl"), "--model", str(pushed / "v1"),
+                             "--push-to-hub", "user/catdog-rows"],
                             cwd=ROOT, env=_hub_env(hub, tmp_path / "hf"), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
     assert [row["picture"] for row in rows] == [str(i) for i in range(200)] and "classified 200 pictures" in result.stderr
+    read_back = _python("""
+import json, datasets
+rows = datasets.load_dataset("user/catdog-rows", split="train")
+print(json.dumps(rows.to_list()))
+from huggingface_hub import DatasetCard
+print(DatasetCard.load("user/catdog-rows", repo_type="dataset").text.splitlines()[-1])
+""", _hub_env(hub, tmp_path / "hf-reader"), tmp_path)
+    rows_read, card_line = read_back.stdout.splitlines()[-2:]
+    assert json.loads(rows_read) == rows
+    verdicts = Counter(row["verdict"] for row in rows)
+    assert str(pushed / "v1") in card_line
+    assert all(f"{count} {verdict}" in card_line for verdict, count in verdicts.items())
