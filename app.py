@@ -20,6 +20,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,9 +28,10 @@ from pathlib import Path
 from typing import Optional
 
 import gradio as gr
+from starlette.requests import ClientDisconnect
 
 from catdog_model import DEFAULT_LABELS, ImageError, ModelLoadError, PredictionError, Predictor, load_predictor
-from catdog_model.hardware import cap_malloc_arenas, exit_with_error, setup_logging, usable_cores
+from catdog_model.hardware import cap_malloc_arenas, debug, exit_with_error, setup_logging, usable_cores
 from catdog_model.predict import classify_chunk, decode_chunk, neutralised
 from catdog_model.serving.describe import demonstration_notice, details, headline, report
 from catdog_model.serving.files import DEFAULT_MODEL, LOCAL_MODEL, resolve_model
@@ -160,12 +162,7 @@ class Space:
     def _write_csv(self, rows: list[list]) -> str:
         """The table as CSV, in a folder of its own (Gradio copies it into its cache to serve it); a folder per run
         keeps the plain file name, and folders older than the upload TTL are removed here."""
-        for folder in self.csv_dir.iterdir():
-            try:
-                if time.time() - folder.stat().st_mtime > self.upload_ttl_s:
-                    shutil.rmtree(folder, ignore_errors=True)
-            except FileNotFoundError:  # another batch removed it first
-                pass
+        _remove_expired(self.csv_dir.iterdir(), self.upload_ttl_s)
         csv_path = Path(tempfile.mkdtemp(dir=self.csv_dir)) / "catdog-predictions.csv"
         with open(csv_path, "w", newline="") as out:
             csv.writer(out).writerows([self.table_headers, *([neutralised(cell) for cell in row] for row in rows)])
@@ -333,6 +330,39 @@ def _model_source(argv: list[str]) -> tuple[str, str, bool, bool]:
         exit_with_error(error)
 
 
+def _remove_expired(paths, ttl_s: int) -> None:
+    for path in paths:
+        try:
+            if time.time() - path.stat().st_mtime <= ttl_s:
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink()
+        except FileNotFoundError:  # another request removed it first
+            pass
+
+
+def _sweep_abandoned_uploads(ttl_s: int) -> None:
+    """An upload the client abandons leaves Gradio's temporary file at the top of its cache, where Gradio's own
+    clean-up never looks (finished uploads move into folders named by hash): remove those past the TTL."""
+    cache = Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio")
+    while True:
+        time.sleep(min(600, ttl_s))
+        _remove_expired((path for path in cache.glob("tmp*") if path.is_file()), ttl_s)
+
+
+class _HangUpsInOneLine(logging.Filter):
+    """A visitor who closes the tab mid-upload is routine on a public Space: one log line, not starlette's
+    70-line traceback (kept with CATDOG_DEBUG=1)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], ClientDisconnect) and not debug():
+            record.msg, record.args, record.exc_info = "a client hung up before its request was read", (), None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 def main(argv: list[str]) -> None:
     # Before the model's threads start. CATDOG_MALLOC_ARENAS=0 switches it off (for the load test).
     cap_malloc_arenas(_setting("CATDOG_MALLOC_ARENAS", "2", minimum=0, maximum=1024))
@@ -341,6 +371,7 @@ def main(argv: list[str]) -> None:
     threads = _setting("CATDOG_THREADS", str(min(2, usable_cores())), minimum=1, maximum=1024)
     source, why, exact, check = _model_source(argv)
     setup_logging()
+    logging.getLogger("uvicorn.error").addFilter(_HangUpsInOneLine())
     logger.info("loading the model %s (%s)", source, why)
     try:
         predictor, load_error = load_predictor(source, exact=exact, threads=threads, max_megabytes=MAX_FILE_MB), None
@@ -354,6 +385,7 @@ def main(argv: list[str]) -> None:
     demo = build_demo(predictor, load_error, concurrency=concurrency, upload_ttl_s=upload_ttl_s)
     # A Space (or docker, or systemd) stops the app with SIGTERM: close the server as Ctrl+C does, and exit 0.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    threading.Thread(target=_sweep_abandoned_uploads, args=(upload_ttl_s,), daemon=True).start()
     demo.launch(max_file_size=f"{SERVER_CAP_MB}mb", css=CSS)
 
 

@@ -5,6 +5,7 @@ import io
 import os
 import shutil
 import signal
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -158,8 +159,19 @@ def test_the_batch_keeps_the_uploaded_names_and_its_csv_is_safe_in_a_spreadsheet
 
 
 @pytest.mark.slow
-def test_uploads_and_batch_files_do_not_pile_up_on_disk(trained_model, tmp_path):
-    """A Space runs for months: what 40 uploads and 4 batches leave is deleted once older than the TTL."""
+def _hang_up_mid_upload(url: str) -> None:
+    """A visitor closing the tab: a multipart upload announced at 100 kB, cut off after 1 kB."""
+    host, port = url.split("//")[1].strip("/").split(":")
+    with socket.create_connection((host, int(port))) as connection:
+        connection.sendall(b"POST /gradio_api/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+                           b"Content-Type: multipart/form-data; boundary=B\r\n\r\n--B\r\nContent-Disposition: "
+                           b'form-data; name="files"; filename="a.jpg"\r\nContent-Type: image/jpeg\r\n\r\n' + b"x" * 1000)
+        time.sleep(0.3)
+
+
+def test_uploads_and_batch_files_do_not_pile_up_on_disk_and_hang_ups_are_one_line(trained_model, tmp_path):
+    """A Space runs for months: what 40 uploads, 4 batches and 5 visitors leaving mid-upload leave is deleted once
+    older than the TTL, and each hang-up is one line in the log."""
     cache, own = tmp_path / "gradio", tmp_path / "tmp"  # Gradio's cache, and the temporary folder the app writes CSVs in
     own.mkdir()
     env = {"GRADIO_TEMP_DIR": str(cache), "TMPDIR": str(own), "CATDOG_THREADS": "1", "CATDOG_UPLOAD_TTL": "2"}
@@ -173,11 +185,15 @@ def test_uploads_and_batch_files_do_not_pile_up_on_disk(trained_model, tmp_path)
             client.predict(handle_file(str(pictures[index % 4])), api_name="/predict")
         for _ in range(4):
             client.predict([handle_file(str(path)) for path in pictures], api_name="/predict_batch")
+        for _ in range(5):
+            _hang_up_mid_upload(url)
         assert len(stored() - examples) >= 5  # the 4 uploads and the CSV (the same 4 times: Gradio keeps one copy)
         time.sleep(6)  # past the TTL, and past a run of Gradio's clean-up, which comes every TTL seconds
         assert stored() == examples
         client.predict([handle_file(str(pictures[0]))], api_name="/predict_batch")
         assert len(list(own.glob("catdog-csv-*/*"))) == 1  # the app's older CSV folders went with the new batch
+        log = (tmp_path / "app.log").read_text()
+        assert log.count("a client hung up") == 5 and "Traceback" not in log
     finally:
         process.terminate()
         process.wait(timeout=30)
