@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Optional
 
 import gradio as gr
-from starlette.requests import ClientDisconnect
 
 from catdog_model import DEFAULT_LABELS, ImageError, ModelLoadError, PredictionError, Predictor, load_predictor
 from catdog_model.hardware import cap_malloc_arenas, debug, exit_with_error, setup_logging, usable_cores
@@ -357,7 +356,8 @@ class _HangUpsInOneLine(logging.Filter):
     70-line traceback (kept with CATDOG_DEBUG=1)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], ClientDisconnect) and not debug():
+        hung_up = record.exc_info and type(record.exc_info[1]).__name__ == "ClientDisconnect"  # starlette's, under gradio
+        if hung_up and not debug():
             record.msg, record.args, record.exc_info = "a client hung up before its request was read", (), None
             record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
