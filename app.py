@@ -48,6 +48,10 @@ SHOW_ANSWER_JS = "() => document.querySelector('#verdict')?.scrollIntoView({bloc
 CSS = ("#answer-row { flex-wrap: nowrap; } #answer-row > * { min-width: 0 !important; } "
        "#examples .grid-container { grid-template-columns: repeat(auto-fit, minmax(72px, 1fr)); grid-template-rows: none; "
        "grid-auto-rows: auto; } #examples .grid-wrap { height: auto !important; min-height: 0 !important; } "
+       # Captions whole, across the thumbnail's foot; the report's figures one a row on a phone.
+       "#examples .caption-label { white-space: normal; max-width: none; left: 0; right: 0; bottom: 0; border-radius: 0; "
+       "font-size: 11px; line-height: 1.25; } "
+       "@media (max-width: 640px) { #report-figures .grid-container { grid-template-columns: 1fr !important; } } "
        # The batch's results: file names may break anywhere, verdicts and probabilities never.
        "#batch-results { width: 100%; border-collapse: collapse; } #batch-results th { text-align: left; } "
        "#batch-results td { vertical-align: top; padding: 6px 8px; border-top: 1px solid #8884; overflow-wrap: anywhere; } "
@@ -229,7 +233,8 @@ def build_demo(predictor: Optional[Predictor], load_error: Optional[str] = None,
                 text, figures = report(predictor)
                 gr.Markdown(text)
                 if figures:
-                    gr.Gallery(figures, columns=3, height="auto", label="Evaluation on the test photos", object_fit="contain")
+                    gr.Gallery(figures, columns=3, height="auto", label="Evaluation on the test photos", object_fit="contain",
+                               elem_id="report-figures")
                 if full_report := predictor.model_file("evaluation.html"):
                     gr.File(str(full_report), label="The whole report, one page to open in a browser")
             with gr.Accordion("About the model", open=False, elem_id="model-panel"):

@@ -190,3 +190,20 @@ def test_on_a_phone_the_batch_results_fit_and_no_verdict_or_number_breaks(browse
                           ".map(e => e.getClientRects().length)")
     assert lines and set(lines) == {1}  # each verdict and each pair of probabilities on one line, whole
     page.screenshot(path=str(tmp_path / "phone-batch.png"), full_page=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("width, height", [(390, 844), (1280, 900)])
+def test_the_report_figures_fill_a_phone_and_no_example_caption_is_cut_off(browser, app_url, tmp_path, width, height):
+    page = browser.new_page(viewport={"width": width, "height": height}, is_mobile=width < 640)
+    page.goto(app_url)
+    page.locator("#examples .caption-label").first.wait_for()
+    cut = page.eval_on_selector_all("#examples .caption-label", "labels => labels.filter("
+                                    "label => label.scrollWidth > label.clientWidth + 1).map(label => label.innerText)")
+    assert cut == []
+    page.get_by_text("How good is this model?").click()
+    page.wait_for_function("() => [...document.querySelectorAll('#report img')].every(img => img.naturalWidth > 0)"
+                           " && document.querySelectorAll('#report img').length == 3", timeout=10_000)
+    widths = [page.locator("#report img").nth(index).bounding_box()["width"] for index in range(3)]
+    page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+    assert min(widths) >= (width / 2 if width < 640 else 200)  # one a row on a phone, three on a desktop
