@@ -30,13 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from huggingface_hub import constants, get_token
+from huggingface_hub import get_token
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from catdog_model.config import DEFAULTS
 from catdog_model.hardware import exit_with_error, setup_logging
-from catdog_model.serving.files import HUB_UNREACHABLE, hub_reachable
+from catdog_model.serving.files import hub_unreachable
 from catdog_model.training import TrainingError
 
 # ---- The run's settings: one frozen dataclass, the command line built from it, checked before any work.
@@ -167,10 +167,10 @@ def parse_args(argv=None) -> RunConfig:
 def check_hub(config: "RunConfig") -> None:
     """Where the run needs the Hub (a dataset id, ImageNet weights), that the Hub answers: one line in seconds,
     not minutes of retries."""
-    needs_hub = [what for what, needed in (("--dataset " + config.dataset, not Path(config.dataset).exists()),
-                                           ("ImageNet weights (or --no-pretrained)", not config.no_pretrained)) if needed]
-    if needs_hub and not constants.HF_HUB_OFFLINE and not hub_reachable():
-        raise TrainingError(f"{' and '.join(needs_hub)} need the Hub, but " + HUB_UNREACHABLE.format(endpoint=constants.ENDPOINT) + ".")
+    unreachable = hub_unreachable(None if Path(config.dataset).exists() else "--dataset " + config.dataset,
+                                  None if config.no_pretrained else "ImageNet weights (or --no-pretrained)")
+    if unreachable:
+        raise TrainingError(unreachable)
 
 
 def settings(argv=None) -> RunConfig:

@@ -260,6 +260,10 @@ def _distributed_state():
     return PartialState(cpu=True)
 
 
+def _in_words(counts: Counter) -> str:
+    return ", ".join(f"{count} {verdict}" for verdict, count in counts.most_common())
+
+
 def _push(output: Path, repo_id: str, model: str, counts: Counter) -> None:
     """The rows and a dataset card naming the model and the counts, in one commit: ``load_dataset(repo_id)``
     reads them."""
@@ -267,9 +271,8 @@ def _push(output: Path, repo_id: str, model: str, counts: Counter) -> None:
     from huggingface_hub.errors import HfHubHTTPError, HTTPError
 
     data = DatasetCardData(configs=[{"config_name": "default", "data_files": f"data/{output.name}"}], tags=["catdog"])
-    summary = ", ".join(f"{count} {verdict}" for verdict, count in counts.most_common())
     card = DatasetCard(f"---\n{data.to_yaml()}\n---\n# Verdicts by catdog-predict\n\nOne row per picture, classified "
-                       f"by `{model}`: {summary}.\n")
+                       f"by `{model}`: {_in_words(counts)}.\n")
     try:
         api = HfApi()
         api.create_repo(repo_id, repo_type="dataset", exist_ok=True)
@@ -301,8 +304,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     except (BatchError, ModelLoadError, ImageError, OSError) as error:
         exit_with_error(error)
     if counts is not None:
-        logger.info("classified %d pictures: %s", sum(counts.values()),
-                    ", ".join(f"{count} {verdict}" for verdict, count in counts.most_common()))
+        logger.info("classified %d pictures: %s", sum(counts.values()), _in_words(counts))
 
 
 def _run(args) -> Optional[Counter]:

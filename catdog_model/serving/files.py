@@ -30,7 +30,7 @@ from huggingface_hub.utils import validate_repo_id
 from ..config import MANIFEST_KEY, WEIGHTS, check_config
 
 __all__ = ["DEFAULT_MODEL", "HUB_UNREACHABLE", "LOCAL_MODEL", "ModelFiles", "ModelLoadError", "file_sha256", "first_line",
-           "hub_reachable", "parse_source", "resolve_model"]
+           "hub_reachable", "hub_unreachable", "parse_source", "resolve_model"]
 
 logger = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"  # where an unfinished training run keeps its state (training/checkpoints.py)
@@ -55,6 +55,15 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         logger.info("the Hub at %s does not answer (%s)", constants.ENDPOINT, first_line(error))
         return False
     return True
+
+
+def hub_unreachable(*needs: Optional[str]) -> Optional[str]:
+    """The one line for a command whose ``needs`` (a flag each; None where it is not needed) take the Hub, where
+    the Hub does not answer; None where nothing needs it, it answers, or HF_HUB_OFFLINE=1 asks for the cache."""
+    needs = [need for need in needs if need]
+    if not needs or constants.HF_HUB_OFFLINE or hub_reachable():
+        return None
+    return f"{' and '.join(needs)} need the Hub, but " + HUB_UNREACHABLE.format(endpoint=constants.ENDPOINT) + "."
 
 
 class ModelLoadError(RuntimeError):

@@ -26,7 +26,6 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from huggingface_hub import constants
 from PIL import Image, ImageDraw
 from torchmetrics.functional.classification import binary_auroc, binary_confusion_matrix, binary_roc
 from torch.utils.data import DataLoader
@@ -35,7 +34,7 @@ from tqdm.auto import tqdm
 from ..hardware import exit_with_error, setup_logging
 from ..images import ImageError, model_input, open_image
 from ..serving.detector import ood_score
-from ..serving.files import HUB_UNREACHABLE, ModelLoadError, hub_reachable
+from ..serving.files import ModelLoadError, hub_unreachable
 from ..serving.predictor import load_predictor
 from ..serving.verdict import NEITHER, NOT_SURE, decide
 from .calibration import ECE_BINS, calibration_summary
@@ -96,8 +95,8 @@ def _auroc(negatives: torch.Tensor, positives: torch.Tensor) -> float:
 
 
 def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, temperature: float, class_names: Sequence[str],
-                    ood: Optional[dict] = None) -> dict:
-    """The report's numbers. ``ood``: {"threshold", "in_scores" (of these images), "out_scores"} if given."""
+                    ood: dict) -> dict:
+    """The report's numbers. ``ood``: the detector's {"threshold", "in_scores" (of these images), "out_scores"}."""
     logits, labels = logits.float().cpu(), labels.long().cpu()
     probabilities = torch.sigmoid(logits / temperature)
     matrix = binary_confusion_matrix(probabilities, labels)
@@ -116,27 +115,22 @@ def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
                              "counts": matrix.tolist()},
     }
     results["verdicts"] = _verdict_counts(probabilities, labels, class_names, ood)
-    if ood is not None:
-        results["ood"] = {
-            "threshold": ood["threshold"],
-            "in_distribution": len(ood["in_scores"]),
-            "out_of_distribution": len(ood["out_scores"]),
-            "auroc": _auroc(ood["in_scores"], ood["out_scores"]) if len(ood["out_scores"]) else None,
-            "flagged_in_distribution": float((ood["in_scores"] > ood["threshold"]).float().mean()),
-            "flagged_out_of_distribution": (float((ood["out_scores"] > ood["threshold"]).float().mean())
-                                            if len(ood["out_scores"]) else None),
-        }
+    outside = len(ood["out_scores"])
+    results["ood"] = {
+        "threshold": ood["threshold"], "in_distribution": len(ood["in_scores"]), "out_of_distribution": outside,
+        "auroc": _auroc(ood["in_scores"], ood["out_scores"]) if outside else None,
+        "flagged_in_distribution": float((ood["in_scores"] > ood["threshold"]).float().mean()),
+        "flagged_out_of_distribution": float((ood["out_scores"] > ood["threshold"]).float().mean()) if outside else None,
+    }
     return results
 
 
-def _verdict_counts(probabilities: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str],
-                    ood: Optional[dict]) -> dict[str, int]:
+def _verdict_counts(probabilities: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str], ood: dict) -> dict[str, int]:
     """What the Space would answer for each of these pictures, by the one rule (verdict.py): how many confident
     and right, confident and wrong, not sure, and neither."""
     counts = {"right": 0, "wrong": 0, NOT_SURE: 0, NEITHER: 0}
     for index, (p, label) in enumerate(zip(probabilities.tolist(), labels.tolist())):
-        looks_right = ood is None or float(ood["in_scores"][index]) <= ood["threshold"]
-        verdict = decide({class_names[0]: 1 - p, class_names[1]: p}, looks_right)
+        verdict = decide({class_names[0]: 1 - p, class_names[1]: p}, float(ood["in_scores"][index]) <= ood["threshold"])
         counts[("right" if verdict.answer == class_names[label] else "wrong") if verdict.is_confident else verdict.answer] += 1
     return counts
 
@@ -241,8 +235,8 @@ def _write_html(results: dict, figures: list[str], output_dir: Path, title: str)
 
 
 def write_report(output_dir: Path, logits: torch.Tensor, labels: torch.Tensor, temperature: float,
-                 class_names: Sequence[str], image_of: Optional[Callable[[int], Image.Image]] = None,
-                 history: Optional[list] = None, ood: Optional[dict] = None, title: str = "catdog evaluation") -> dict:
+                 class_names: Sequence[str], ood: dict, image_of: Optional[Callable[[int], Image.Image]] = None,
+                 history: Optional[list] = None, title: str = "catdog evaluation") -> dict:
     """Compute the numbers, draw the figures and write evaluation.json and evaluation.html into output_dir.
 
     ``image_of(i)``, the picture behind ``logits[i]``, feeds the gallery of the most confident mistakes.
@@ -271,7 +265,7 @@ def report_training_run(model, detector: dict, test_outputs: tuple, image_of: Ca
     logits, labels, features = test_outputs
     ood = {"threshold": model.ood_threshold, "in_scores": torch.from_numpy(ood_score(features, detector)),
            "out_scores": torch.from_numpy(ood_score(synthetic_features, detector))}
-    results = write_report(output_dir, logits, labels, model.temperature, model.labels, image_of, history, ood, title)
+    results = write_report(output_dir, logits, labels, model.temperature, model.labels, ood, image_of, history, title)
     results["ood"]["out_of_distribution_images"] = "synthetic: noise, flat colours, gradients, stripes, text"
     (Path(output_dir) / EVALUATION_FILE).write_text(json.dumps(results, indent=2))
     logger.info("'neither' detector: threshold %.3f flags %.1f%% of the test split and %.1f%% of %d synthetic pictures "
@@ -280,15 +274,14 @@ def report_training_run(model, detector: dict, test_outputs: tuple, image_of: Ca
     return results
 
 
-def _model_outputs(predictor, loader: DataLoader, description: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Logits and, when the model has a detector, "neither" scores, for a loader of uint8 pictures (N, 3, S, S)."""
+def _model_outputs(predictor, loader: DataLoader, description: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and "neither" scores, for a loader of uint8 pictures (N, 3, S, S)."""
     logits, scores = [], []
     for pixels in tqdm(loader, desc=description):
         outputs = predictor.outputs(pixels.numpy())  # model_input's uint8 pixels: the serving path's input
         logits.append(torch.from_numpy(outputs.logits))
-        if predictor.detector is not None:
-            scores.append(torch.from_numpy(ood_score(outputs.features, predictor.detector)))
-    return torch.cat(logits), (torch.cat(scores) if scores else None)
+        scores.append(torch.from_numpy(ood_score(outputs.features, predictor.detector)))
+    return torch.cat(logits), torch.cat(scores)
 
 
 def _loader(pictures, predictor, data=None) -> DataLoader:
@@ -363,8 +356,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         _check_output_dir(Path(args.output_dir))
         ood_images = _ood_images(Path(args.ood_dir)) if args.ood_dir else []
         predictor = load_predictor(args.model, exact=not args.serving_engine)
-        if not Path(args.dataset).exists() and not constants.HF_HUB_OFFLINE and not hub_reachable():
-            raise DatasetError(f"--dataset {args.dataset} needs the Hub, but " + HUB_UNREACHABLE.format(endpoint=constants.ENDPOINT))
+        if unreachable := hub_unreachable(None if Path(args.dataset).exists() else f"--dataset {args.dataset}"):
+            raise DatasetError(unreachable)
         data = load_image_dataset(args.dataset, args.dataset_revision)
         split_file = args.split_file or (Path(args.model) / "split.json" if (Path(args.model) / "split.json").is_file() else None)
         if args.all_rows or split_file is None:
@@ -379,22 +372,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     if tuple(data.labels) != tuple(predictor.labels):
         exit_with_error(f"the dataset's labels {list(data.labels)} are not the model's {list(predictor.labels)}")
     logits, in_scores = _model_outputs(predictor, _loader(rows, predictor, data), "evaluating")
-    ood = None
-    if predictor.detector is not None:
-        out_scores = torch.empty(0)
-        if ood_images:
-            _, out_scores = _model_outputs(predictor, _loader(ood_images, predictor), "out-of-distribution")
-        ood = {"threshold": predictor.ood_threshold, "in_scores": in_scores, "out_scores": out_scores}
-    elif args.ood_dir:
-        logger.warning("this model has no 'neither' detector (no ood_threshold in its config); --ood-dir is ignored")
+    out_scores = _model_outputs(predictor, _loader(ood_images, predictor), "out-of-distribution")[1] if ood_images else torch.empty(0)
+    ood = {"threshold": predictor.ood_threshold, "in_scores": in_scores, "out_scores": out_scores}
     try:
         results = write_report(Path(args.output_dir), logits, torch.tensor(rows[data.label_column]), predictor.temperature,
-                               predictor.labels, lambda i: rows[i][data.image_column], history=predictor.metrics.get("history"),
-                               ood=ood, title=f"catdog evaluation: {args.model} on {args.dataset}")
+                               predictor.labels, ood, lambda i: rows[i][data.image_column],
+                               history=predictor.metrics.get("history"), title=f"catdog evaluation: {args.model} on {args.dataset}")
     except OSError as error:  # a full disk, most often
         exit_with_error(f"Could not write the report in {args.output_dir}: {error.strerror or error}.")
     summary = f"accuracy {results['accuracy']:.4f}, ROC AUC {results['roc_auc']:.4f}, ECE {results['ece']:.4f}"
-    if ood and ood["out_scores"].numel():
+    if ood_images:
         summary += f", 'neither' AUROC {results['ood']['auroc']:.4f}"
     logger.info("%s on %d images; report in %s", summary, results["samples"], Path(args.output_dir) / REPORT_FILE)
 
