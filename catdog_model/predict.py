@@ -34,7 +34,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .hardware import exit_with_error, setup_logging, usable_cores
-from .images import ImageError
+from .images import FORMATS as PICTURE_FORMATS, ImageError
 from .serving.files import ModelLoadError, resolve_model
 from .serving.predictor import Predictor, PredictionError, load_predictor
 
@@ -44,8 +44,7 @@ logger = logging.getLogger(__name__)
 
 FORMATS = (".csv", ".jsonl", ".parquet")
 CHUNK = 64  # pictures per chunk: what a kill can lose, and one forward pass at the predictor's batch size or four
-EXTENSIONS = {ext for ext, name in Image.registered_extensions().items() if name in ("JPEG", "PNG", "WEBP", "GIF", "BMP",
-                                                                                   "TIFF", "PPM")}
+EXTENSIONS = {ext for ext, name in Image.registered_extensions().items() if name in PICTURE_FORMATS}
 TRAIN_EXTRA = 'needs datasets and accelerate: pip install "catdog-classifier[train]"'
 
 
