@@ -60,33 +60,6 @@ CSS = ("#answer-row { flex-wrap: nowrap; } #answer-row > * { min-width: 0 !impor
 logger = logging.getLogger("catdog.app")
 
 
-def _sample(name: str) -> dict:
-    """An example picture as an API sample: a path in a clone of this repository, where the API page's snippets
-    run as written, offline too. Gradio's own samples are pictures on GitHub, which a machine offline cannot fetch."""
-    path = f"{EXAMPLES_DIR.name}/{name}"
-    return {"path": path, "url": path, "orig_name": name, "meta": {"_type": "gradio.FileData"}}
-
-
-class Picture(gr.Image):
-    """gr.Image with the first example as its API sample (``example_payload``: what a component gives the API page)."""
-
-    is_template = True  # Gradio's mark for a component built on another: the page draws it as a gr.Image
-
-    def example_payload(self) -> dict:
-        examples, _ = _examples()
-        return _sample(Path(examples[0]).name) if examples else super().example_payload()
-
-
-class Pictures(gr.File):
-    """gr.File with the first and the last example as its API sample: a cat and a picture that is neither."""
-
-    is_template = True
-
-    def example_payload(self) -> list[dict]:
-        examples, _ = _examples()
-        return [_sample(Path(path).name) for path in (examples[0], examples[-1])] if examples else super().example_payload()
-
-
 def _upload_path(upload) -> Optional[str]:
     # Gradio hands the raw upload over as a cached file path, a FileData dict or a FileData object.
     return upload if isinstance(upload, str) else upload.get("path") if isinstance(upload, dict) else getattr(upload, "path", None)
@@ -273,7 +246,7 @@ def build_demo(predictor: Optional[Predictor], load_error: Optional[str] = None,
 def _picture_tab(space: Space, ready: bool, concurrency: int) -> None:
     with gr.Row():
         with gr.Column():
-            image = Picture(type="filepath", image_mode=None, sources=["upload", "clipboard", "webcam"],
+            image = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard", "webcam"],
                              label="Picture", height=300, interactive=ready)
             status = gr.Markdown(visible=False, elem_id="upload-status")
             button = gr.Button("Classify", variant="primary", interactive=ready)
@@ -314,7 +287,7 @@ def _picture_tab(space: Space, ready: bool, concurrency: int) -> None:
 
 
 def _batch_tab(space: Space, ready: bool) -> None:
-    files = Pictures(file_count="multiple", file_types=["image"], label=f"Pictures (up to {MAX_BATCH_FILES})",
+    files = gr.File(file_count="multiple", file_types=["image"], label=f"Pictures (up to {MAX_BATCH_FILES})",
                     height=180, interactive=ready)
     status = gr.Markdown(visible=False, elem_id="batch-status")
     button = gr.Button("Classify all", variant="primary", interactive=ready)

@@ -6,8 +6,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -311,14 +309,7 @@ def test_the_api_page_documents_every_endpoints_outputs_by_name_and_type(client)
     assert [label for label, _ in returns["/predict_batch"]] == ["Results", "CSV"]
 
 
-def test_the_api_pages_python_snippets_run_as_written_offline_and_a_url_it_cannot_fetch_says_why(app_url, client):
-    endpoints = httpx.get(app_url + "gradio_api/info", timeout=30).json()["named_endpoints"]
-    for name, endpoint in endpoints.items():
-        snippet = endpoint["code_snippets"]["python"]
-        assert "https://" not in snippet and "handle_file('examples/" in snippet
-        result = subprocess.run([sys.executable, "-c", snippet], cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0, result.stderr[-2000:]
-        assert ("'verdict'" if name == "/explain" else "'label'" if name == "/predict" else "rocket_launch.jpg") in result.stdout
+def test_a_picture_url_the_server_cannot_fetch_is_one_clear_error(client):
     with pytest.raises(AppError, match="Unable to resolve hostname nonexistent.invalid"):
         client.predict(handle_file("https://nonexistent.invalid/cat.jpg"), api_name="/predict")
 
