@@ -3,9 +3,6 @@
     python app.py                              # ./catdog-model if it exists, else the published model
     CATDOG_MODEL=some/folder python app.py     # a folder written by train_accelerate.py
     python app.py --model user/repo@v1         # any Hub repo, pinned to a revision
-
-``build_demo(predictor)`` builds the page (tests pass their own predictor): importing this file loads nothing.
-``main()`` reads the settings, loads the model once and launches; without a model it says what is missing.
 """
 
 from __future__ import annotations
@@ -235,8 +232,6 @@ def build_demo(predictor: Optional[Predictor], load_error: Optional[str] = None,
                 if figures:
                     gr.Gallery(figures, columns=3, height="auto", label="Evaluation on the test photos", object_fit="contain",
                                elem_id="report-figures")
-                if full_report := predictor.model_file("evaluation.html"):
-                    gr.File(str(full_report), label="The whole report, one page to open in a browser")
             with gr.Accordion("About the model", open=False, elem_id="model-panel"):
                 gr.Markdown(details(predictor))
     demo.queue(max_size=32, default_concurrency_limit=1)

@@ -1,191 +1,28 @@
 """Fine-tune the catdog classifier (timm ResNet50 + the fixed head) on cats_vs_dogs with 🤗 Accelerate.
 
-Runs unchanged wherever `accelerate config` points: CPU, one GPU, several GPUs, several machines. Unless
---mixed-precision or accelerate config says otherwise, it trains in bf16 autocast wherever the hardware
-computes bf16 natively (AVX-512 BF16 or AMX CPUs, recent GPUs), with float32 weights. For example:
+Runs unchanged wherever `accelerate config` points: CPU, one GPU, several GPUs, several machines, in bf16
+autocast where the hardware computes it natively unless told otherwise. For example:
 
     python train_accelerate.py --dataset ../shared/data/cats_vs_dogs_mini --epochs 1 --no-pretrained
     accelerate launch train_accelerate.py --mixed-precision bf16 --push-to-hub --hub-model-id you/catdog
     accelerate launch --multi_gpu --num_processes 2 train_accelerate.py --cpu ...   # two CPU processes
 
-The output folder receives config.json + model.safetensors (best validation epoch), the serving engine
-exported from them (openvino_model.xml/.bin), ood.safetensors (the "neither" detector), metrics.json,
-split.json (row indices of train/validation/test), the evaluation report and README.md (the model card),
-all at the end in one step, config.json with every file's size and sha256 last: until then the best weights
-wait in checkpoints/best and a previous model stays servable. One run owns the folder at a time (a lock),
-and its checkpoints record the run's identity, so that a resume can only continue the run that wrote them,
-bit for bit.
+The output folder gets the whole model at the end, in one step (training/run_folder.py); until then a previous
+model there stays servable. Checkpoints record the run's identity, so a resume continues only that run, bit for bit.
 """
 
-import argparse
 import dataclasses
 import json
-import math
 import os
 import signal
 import sys
-import typing
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
-from huggingface_hub import get_token
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
-
-from catdog_model.config import DEFAULTS
-from catdog_model.hardware import exit_with_error, setup_logging
-from catdog_model.serving.files import hub_unreachable
+from catdog_model.hardware import exit_with_error
 from catdog_model.training import TrainingError
-
-# ---- The run's settings: one frozen dataclass, the command line built from it, checked before any work.
-
-def _flag(default, help: str = "", group: str = "training", **argparse_options):
-    return field(default=default, metadata=dict(help=help, group=group, **argparse_options))
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Every setting of a run. The command line is built from these fields (their defaults and help), and a
-    value that cannot work is refused here, within seconds, before the dataset is touched."""
-
-    dataset: str = _flag("microsoft/cats_vs_dogs", "Hub dataset id or local folder", "data")
-    dataset_revision: Optional[str] = _flag(None, "pin the Hub dataset to a branch, tag or commit", "data")
-    test_split: float = _flag(0.1, "held-out test fraction, taken first", "data")
-    val_split: float = _flag(0.2, "validation fraction of the rest", "data")
-    max_train_samples: Optional[int] = _flag(None, "cap the training split", "data")
-    max_eval_samples: Optional[int] = _flag(None, "caps validation and test alike", "data")
-    num_workers: Optional[int] = _flag(None, "DataLoader workers per process (default: 1 on a CPU, else the cores per "
-                                             "process, at most 8)", "data")
-    backbone: str = _flag(DEFAULTS["backbone"], "any timm model name", "model")
-    image_size: int = _flag(DEFAULTS["image_size"], "pictures are resized to this square", "model")
-    no_pretrained: bool = _flag(False, "random backbone, no download", "model")
-    freeze_backbone: bool = _flag(False, "train the head only", "model")
-    epochs: int = _flag(10, "passes over the training split")
-    batch_size: int = _flag(20, "per process")
-    learning_rate: float = _flag(0.01, "SGD's step size")
-    seed: int = _flag(42, "0 to 2**32 - 1")
-    no_augmentation: bool = _flag(False, "no rotation/flip/zoom (for overfitting checks)")
-    gradient_accumulation_steps: int = _flag(1, "batches per optimizer step")
-    mixed_precision: Optional[str] = _flag(None, "default: accelerate config's choice if not 'no', else bf16 where the "
-                                                 "CPU (AVX-512 BF16, AMX) or GPU computes it natively, else no",
-                                           choices=["no", "fp16", "bf16"])
-    cpu: bool = _flag(False, "train on the CPU even if a GPU is there")
-    checkpointing_steps: Optional[str] = _flag(None, 'save the state every N optimizer steps, or "epoch"')
-    checkpoints_total_limit: Optional[int] = _flag(None, "keep only the newest N checkpoints (505 MB each at 224 px)",
-                                                   metavar="N")
-    resume_from_checkpoint: Optional[str] = _flag(
-        None, 'a checkpoint folder, or "latest": the newest complete one in OUTPUT_DIR/checkpoints. Refused if the '
-              "run's identity differs (data, seed, splits, model, batch size x processes x accumulation, learning rate, "
-              "augmentation, precision, max samples); --num-workers may differ, and --epochs may grow to extend a run",
-        metavar="PATH|latest")
-    with_tracking: bool = _flag(False, "log to every tracker installed")
-    output_dir: str = _flag("catdog-model", "where the model is written", "output")
-    overwrite_output_dir: bool = _flag(False, "replace a previous run's files (only those)", "output")
-    push_to_hub: bool = _flag(False, "upload the finished folder", "output")
-    hub_model_id: Optional[str] = _flag(None, "user/repo", "output")
-    hub_private: bool = _flag(False, "create the repo private", "output")
-    hub_token: Optional[str] = _flag(None, "default: the logged-in token", "output")
-    debug: bool = _flag(False, "log the full traceback behind a one-line error", "output")
-    # What the machine decided, set once the Accelerator exists (not flags).
-    precision_reason: str = field(default="", metadata=dict(flag=False))
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "gradient_accumulation_steps", "max_train_samples", "max_eval_samples",
-                     "checkpoints_total_limit"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise TrainingError(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
-        if self.num_workers is not None and self.num_workers < 0:
-            raise TrainingError(f"--num-workers must be 0 or more, got {self.num_workers}.")
-        if not 0 <= self.seed < 2**32:  # what numpy's and torch's seeding take
-            raise TrainingError(f"--seed must be from 0 to 2**32 - 1, got {self.seed}.")
-        if not (math.isfinite(self.learning_rate) and 0 < self.learning_rate < 3.4e38):  # a float32 must hold it
-            raise TrainingError(f"--learning-rate must be a finite number above 0, got {self.learning_rate}.")
-        if not (0 < self.test_split < 1 and 0 < self.val_split < 1):
-            raise TrainingError("--test-split and --val-split must be between 0 and 1.")
-        for name in ("dataset", "output_dir"):
-            if not getattr(self, name).strip():
-                raise TrainingError(f"--{name.replace('_', '-')} is empty.")
-        steps = self.checkpointing_steps
-        if steps not in (None, "epoch") and not (steps.isdecimal() and int(steps) > 0):
-            raise TrainingError('--checkpointing-steps takes a number of steps (1 or more) or "epoch".')
-        if self.resume_from_checkpoint and self.overwrite_output_dir:
-            raise TrainingError("--resume-from-checkpoint continues a run and --overwrite-output-dir deletes it: pick one.")
-        if self.push_to_hub and not (self.hub_model_id and (self.hub_token or get_token())):
-            raise TrainingError("--push-to-hub needs --hub-model-id and a token: run `hf auth login` or pass --hub-token.")
-        if self.push_to_hub:
-            try:
-                validate_repo_id(self.hub_model_id)
-            except HFValidationError as error:
-                raise TrainingError(f"--hub-model-id {self.hub_model_id!r} is not a valid Hub repo id: "
-                                    f"{str(error).splitlines()[0]}") from None
-
-    @property
-    def checkpoint_every(self) -> Optional[int]:
-        return int(self.checkpointing_steps) if (self.checkpointing_steps or "").isdecimal() else None
-
-    @property
-    def checkpoint_each_epoch(self) -> bool:
-        return self.checkpointing_steps == "epoch"
-
-    def public(self) -> dict:
-        """The settings worth recording: all but the token."""
-        return {key: value for key, value in dataclasses.asdict(self).items() if key != "hub_token"}
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> typing.NoReturn:  # one line, not the whole usage
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action) -> str:  # a default worth reading: not "None" or "False"
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
-
-
-def parse_args(argv=None) -> RunConfig:
-    """The command line, built from RunConfig's fields; their defaults show in --help."""
-    parser = _Parser(description=__doc__.split("\n\n")[0], formatter_class=_Help)
-    groups, types = {}, typing.get_type_hints(RunConfig)
-    for option in dataclasses.fields(RunConfig):
-        metadata = dict(option.metadata)
-        if not metadata.pop("flag", True):
-            continue
-        group = groups.get(metadata["group"]) or groups.setdefault(metadata["group"], parser.add_argument_group(metadata["group"]))
-        flag, kind = "--" + option.name.replace("_", "-"), types[option.name]
-        kind = next(t for t in typing.get_args(kind) if t is not type(None)) if typing.get_origin(kind) else kind
-        metadata.pop("group")
-        if kind is bool:
-            group.add_argument(flag, action="store_true", **metadata)
-        else:
-            group.add_argument(flag, type=kind, default=option.default, **metadata)
-    return RunConfig(**vars(parser.parse_args(argv)))
-
-
-def check_hub(config: "RunConfig") -> None:
-    """Where the run needs the Hub (a dataset id, ImageNet weights), that the Hub answers: one line in seconds,
-    not minutes of retries."""
-    unreachable = hub_unreachable(None if Path(config.dataset).exists() else "--dataset " + config.dataset,
-                                  None if config.no_pretrained else "ImageNet weights (or --no-pretrained)")
-    if unreachable:
-        raise TrainingError(unreachable)
-
-
-def settings(argv=None) -> RunConfig:
-    """The run's settings, checked, and the Hub reached where the run needs it; or one line and exit 2. A second
-    or so, before the training libraries take their seconds to load."""
-    setup_logging()
-    try:
-        config = parse_args(argv)
-        if config.debug:
-            os.environ["CATDOG_DEBUG"] = "1"
-        check_hub(config)
-    except TrainingError as error:
-        exit_with_error(error)
-    return config
-
+from catdog_model.training.settings import RunConfig, settings
 
 if __name__ == "__main__":
     SETTINGS = settings()
@@ -231,10 +68,8 @@ def check_model_flags(config: RunConfig) -> None:
 
 
 def run_identity(config, accelerator: Accelerator) -> dict:
-    """Everything that makes a run's result what it is, keyed by the flag that sets it.
-
-    Flags that only change speed (--num-workers, --with-tracking, --checkpointing-steps) are not here,
-    nor --epochs: a run may be extended."""
+    """Everything that makes a run's result what it is, keyed by the flag that sets it: not the flags that only
+    change speed, nor --epochs (a run may be extended)."""
     local = Path(config.dataset).exists()
     return {
         "--dataset": None if local else config.dataset,  # a local folder is known by its content, wherever it lies

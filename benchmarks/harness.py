@@ -81,15 +81,11 @@ def rss_mb(process: subprocess.Popen) -> float:
 def vouch_for(folder: Path) -> None:
     """Rewrite the manifest of a model folder for the files it holds now, as a training run would have written it:
     for tests that need a folder whose run wrote, say, NaN weights."""
-    from catdog_model.config import IR_FILES, OOD_FILE, WEIGHTS
-    from catdog_model.serving.files import file_sha256
+    from catdog_model.serving.files import manifest_of
 
     config = json.loads((folder / "config.json").read_text())
-    files = {name: {"size": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
-             for name in config["manifest"]["files"] if (folder / name).is_file()}
-    for name in (*IR_FILES, OOD_FILE):
-        files[name]["made_from"] = files[WEIGHTS]["sha256"]
-    (folder / "config.json").write_text(json.dumps({**config, "manifest": {"files": files}}))
+    names = [name for name in config["manifest"]["files"] if (folder / name).is_file()]
+    (folder / "config.json").write_text(json.dumps({**config, "manifest": manifest_of(folder, names)}))
 
 
 def complete_folder(model, folder: Path, threshold: float = 1e9) -> Path:

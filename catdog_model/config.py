@@ -1,18 +1,14 @@
-"""What a model folder holds and what its config.json may say, checked without torch.
-
-The architecture arguments of ``CatDogClassifier`` (backbone, image_size, hidden_size, dropout, labels) and
-what training fits after them (temperature, ood_threshold) live in config.json, next to the weights; the
-training script, the predictor and the benchmarks all read them from there. ``check_config`` is the one
-place that says what a valid value is: the model's ``__init__`` calls it, and so does ``load_predictor``.
-The file names of a model folder and the layer names the detector and the export share are defined here too.
-"""
+"""What a model folder holds and what its config.json may say, checked without torch: the model's arguments and
+what training fits after them, the folder's file names and the layer names the detector and the export share.
+``check_config`` is the one judge of a valid value, for the model's ``__init__`` and ``load_predictor`` alike."""
 
 from __future__ import annotations
 
 import math
 
-__all__ = ["DEFAULTS", "DEFAULT_LABELS", "FEATURE_NAMES", "HIDDEN", "HUB_METADATA", "IR_FILES", "MANIFEST_KEY", "OOD_FILE",
-           "STAGE_FEATURES", "STAT_STAGES", "WEIGHTS", "check_config", "check_labels"]
+__all__ = ["DEFAULTS", "DEFAULT_LABELS", "FEATURE_NAMES", "HIDDEN", "HUB_METADATA", "IR_FILES", "MADE_FROM_WEIGHTS",
+           "MANIFEST_KEY", "OOD_FILE", "REPORT_FIGURES", "STAGE_FEATURES", "STAT_STAGES", "WEIGHTS", "check_config",
+           "check_labels"]
 
 DEFAULT_LABELS = ("cat", "dog")  # the order of microsoft/cats_vs_dogs: cat=0, dog=1
 # What the Hub shows about every catdog model: the mixin's class arguments and the model card's metadata.
@@ -25,7 +21,12 @@ DEFAULTS = {"backbone": "resnet50", "image_size": 224, "hidden_size": 1024, "dro
 WEIGHTS = "model.safetensors"
 IR_FILES = ("openvino_model.xml", "openvino_model.bin")  # the names the Hub gives OpenVINO files
 OOD_FILE = "ood.safetensors"
+MADE_FROM_WEIGHTS = (*IR_FILES, OOD_FILE)  # their manifest entries also name the weights' sha256
 MANIFEST_KEY = "manifest"  # config.json's list of every file with its size and sha256
+# The evaluation's figures (training/evaluate.py draws them), with the captions the page shows, in its order.
+REPORT_FIGURES = {"confusion_matrix.png": "Confusion matrix: the test photos, by true and predicted label",
+                  "reliability.png": "Reliability: how often it is right at each stated confidence",
+                  "mistakes.png": "Its most confident mistakes on the test photos"}
 
 # The "neither" detector's layers: the head's hidden layer and the per-channel statistics of two early
 # backbone stages (timm's forward_intermediates indices). The model computes them, the export names them.
@@ -55,10 +56,8 @@ def _number(value) -> bool:
 
 
 def check_config(config: dict) -> dict:
-    """The model's arguments from a config dict, defaults filled in and each value checked.
-
-    Raises ValueError or TypeError naming the first value that cannot work. Keys it does not know
-    (the manifest, ``pretrained``) are left out of the result."""
+    """The model's arguments from a config dict, defaults filled in and each checked: ValueError or TypeError names the
+    first that cannot work. Keys it does not know (the manifest, ``pretrained``) are left out."""
     checked = {name: config.get(name, default) for name, default in DEFAULTS.items()}
     if not isinstance(checked["backbone"], str) or not checked["backbone"]:
         raise ValueError(f"backbone must be a timm model name, got {checked['backbone']!r}")

@@ -1,10 +1,5 @@
-"""The serving graph in torch: what the OpenVINO export traces (training/export.py), and what ``exact=True`` runs.
-
-``ServingGraph`` is the classifier's forward pass with more outputs: the logits, the Grad-CAM heatmap and
-the "neither" detector's features, so that one pass answers both ``predict`` and ``explain``.
-``TorchEngine`` runs it eagerly in float32 from ``model.safetensors``. Parity between it and the OpenVINO
-engine is tested on all 3,000 mini photos (tests/test_engine.py).
-"""
+"""The serving graph in torch: what the OpenVINO export traces, and what ``exact=True`` runs (``TorchEngine``,
+eager float32 from model.safetensors)."""
 
 from __future__ import annotations
 
@@ -22,14 +17,9 @@ __all__ = ["ServingGraph", "TorchEngine"]
 
 
 class ServingGraph(nn.Module):
-    """pixels (N, 3, S, S) in [0, 1] → logits, Grad-CAM heatmaps, and the detector's features, in one pass.
-
-    Grad-CAM (Selvaraju et al., 2017, https://arxiv.org/abs/1610.02391) weighs each channel of the last
-    feature map by the mean gradient of the predicted label's logit over the map. The head is Linear →
-    ReLU → Linear on the flattened map, so that mean is exact in closed form: (w2 ⊙ relu'(hidden)) · W1,
-    summed over each channel's positions (``pooled``, computed once) and divided by their number. No
-    autograd, so the exported graph computes it too.
-    """
+    """pixels (N, 3, S, S) in [0, 1] → logits, Grad-CAM heatmaps (Selvaraju et al., 2017) and the detector's
+    features, in one pass. The head is Linear → ReLU → Linear on the flattened map, so Grad-CAM's mean gradient
+    is exact in closed form, (w2 ⊙ relu'(hidden)) · W1 pooled per channel: no autograd, so the export has it too."""
 
     def __init__(self, model: CatDogClassifier, compact: bool = False) -> None:
         super().__init__()

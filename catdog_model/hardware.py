@@ -1,10 +1,5 @@
-"""What this machine computes fast, and how every entry point sets up its process: the one place that reads CPU
-flags and cores, the shared log format, the one-line errors (``CATDOG_DEBUG=1`` adds the traceback) and glibc's
-malloc arenas.
-
-The serving engine is compiled in bf16 where ``native_bf16()``; training trains in bf16 autocast there unless
-told otherwise; the benchmarks record ``cpu_name()`` next to every number they print.
-"""
+"""How every entry point sets up its process: CPU flags and cores, the log format, one-line errors
+(``CATDOG_DEBUG=1`` adds the traceback) and glibc's malloc arenas."""
 
 from __future__ import annotations
 
@@ -48,10 +43,8 @@ def usable_cores() -> int:
 
 
 def cap_malloc_arenas(arenas: int) -> None:
-    """glibc gives each thread that allocates its own malloc arena (up to 8 per core) and rarely hands the
-    memory back; a server answering on many worker threads grew by hundreds of MB per few hundred requests
-    without levelling off. A cap keeps it flat (benchmarks/load_test.py). It is set in the process, not
-    the environment, because a Space starts `python app.py` with none of ours. 0 leaves glibc's default."""
+    """Cap glibc's malloc arenas (0: its default of 8 a core): a server answering on many threads otherwise grew by
+    hundreds of MB without levelling off (benchmarks/load_test.py). Set in-process: a Space starts plain `python app.py`."""
     if arenas > 0 and sys.platform.startswith("linux"):
         try:
             ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # -8 = M_ARENA_MAX

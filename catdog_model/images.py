@@ -1,10 +1,6 @@
-"""The one path from any picture to the model's input, shared by training, evaluation and serving.
-
-``open_image`` reads an upload (path, bytes or file object) safely: the pixel count is checked
-from the header before anything is decoded, so a decompression bomb is refused without
-allocating it. ``to_rgb`` fixes orientation and colour mode; ``model_input`` adds the resize and
-returns the (3, S, S) uint8 array every side feeds the model (numpy and Pillow only).
-"""
+"""The one path from any picture to the model's input, shared by training, evaluation and serving: ``open_image``
+checks the pixel count from the header before decoding, ``to_rgb`` fixes orientation and mode, ``model_input``
+resizes to the (3, S, S) uint8 array every side feeds the model."""
 
 from __future__ import annotations
 
@@ -42,14 +38,9 @@ class TooLargeError(ImageError):
 
 def open_image(source: ImageSource, max_pixels: int = MAX_PIXELS, draft_size: Optional[int] = None,
                max_megabytes: Optional[float] = None, decode_now: bool = True) -> Image.Image:
-    """Open and fully decode a picture, or raise ``ImageError`` with a short reason (``TooLargeError`` for a
-    file over ``max_megabytes`` or a picture over ``max_pixels``, checked before anything is decoded). Only
-    the formats of ``FORMATS`` are read.
-
-    With ``draft_size``, a JPEG is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling), as far
-    as both sides stay at least ``draft_size``: a 12-megapixel phone photo bound for a 224-pixel
-    model then costs a fraction of the time and memory of a full decode.
-    """
+    """Open and decode a picture, or raise ``ImageError`` with a short reason (``TooLargeError`` over
+    ``max_megabytes`` or ``max_pixels``, checked from the header first). With ``draft_size``, a JPEG decodes at
+    1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) while both sides stay at least ``draft_size``."""
     if isinstance(source, bytes):
         if not source:
             raise ImageError("The file is empty.")

@@ -1,8 +1,5 @@
-"""The cat-vs-dog classifier: a timm backbone with the project's fixed head.
-
-Every architecture choice is a plain, typed ``__init__`` argument. ``PyTorchModelHubMixin``
-stores those arguments in config.json next to model.safetensors, so that file alone rebuilds
-the model for training, serving and benchmarks alike.
+"""The cat-vs-dog classifier: a timm backbone with the project's fixed head. ``PyTorchModelHubMixin`` stores the
+typed ``__init__`` arguments in config.json next to model.safetensors, so that file alone rebuilds the model.
 
     model = CatDogClassifier(pretrained=False)          # the project's model, no network needed
     model.save_pretrained("out")                        # config.json + model.safetensors
@@ -41,13 +38,8 @@ class CatDogClassifier(
     repo_url="https://github.com/catdog-project/catdog",
     model_card_template=(Path(__file__).parent / "model_card.md").read_text(),  # the one card: training fills it in
 ):
-    """ResNet features → Flatten → Linear(hidden_size) + ReLU → Dropout → Linear(1).
-
-    Input: RGB images scaled to [0, 1], shape (N, 3, image_size, image_size). The backbone's
-    own mean/std normalisation happens inside ``forward``, so callers never need it.
-    Output: one logit per image; ``probability(logit)``, the sigmoid of logit / temperature, is the
-    calibrated probability of ``labels[1]``.
-    """
+    """ResNet features → Flatten → Linear(hidden_size) + ReLU → Dropout → Linear(1): one logit per (N, 3, S, S)
+    image in [0, 1], normalised inside ``forward``; ``probability(logit)`` is the calibrated P(``labels[1]``)."""
 
     def __init__(
         self,
@@ -124,11 +116,8 @@ class CatDogClassifier(
         return self.backbone(self._normalise(pixels))
 
     def inspect(self, pixels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One backbone pass: the last feature map, and each early stage's per-channel mean and spread.
-
-        The early stages see textures and colours, which is what tells noise, flat colour and text
-        from a photo even when the later, trained layers cannot.
-        """
+        """One backbone pass: the last feature map, and each early stage's per-channel mean and spread (textures and
+        colours, which set noise, flat colour and text apart from a photo even where the later layers cannot)."""
         final, stages = self.backbone.forward_intermediates(self._normalise(pixels), indices=list(STAT_STAGES))
         statistics = {
             STAGE_FEATURES[index]: torch.cat([stage.float().mean(dim=(2, 3)), stage.float().std(dim=(2, 3), correction=0)], dim=1)

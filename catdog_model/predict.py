@@ -1,17 +1,10 @@
-"""Classify a whole photo library: folders, files, globs or a dataset in, one row per picture out.
+"""catdog-predict: folders, files, globs or a dataset in, one row per picture out (CSV, JSON Lines or Parquet).
 
-    catdog-predict PATH... --output OUT [--model M]                    # folders (recursive), files, globs
-    catdog-predict --dataset ID_OR_FOLDER [--split S] [--image-column C] --output OUT [--model M]
-    accelerate launch --num_processes 4 -m catdog_model.predict ...    # several processes or machines
+    catdog-predict PATH... --output OUT [--model M]
+    catdog-predict --dataset ID_OR_FOLDER [--split S] [--image-column C] --output OUT
+    accelerate launch --num_processes 4 -m catdog_model.predict ...
 
-Each row: the picture (its path relative to the input, or the dataset row), the verdict (the one rule of
-every output), both probabilities, the "neither" score and a note; a picture that cannot be used is verdict
-``error`` with the reason. OUT is CSV, JSON Lines or Parquet, by its extension. The pictures go in chunks,
-each written atomically into ``OUT.parts/`` and merged into OUT at the end, so a rerun after a kill skips
-what is done; a rerun with other inputs or another model is refused. Under ``accelerate launch`` each
-process classifies its share of the chunks with its own engine, and the merged rows are those of one process.
-Folders and files need the serving install; ``--dataset`` and several processes need ``datasets`` and
-``accelerate`` (``pip install "catdog-classifier[train]"``).
+Chunks are written atomically into ``OUT.parts/`` and merged at the end, so a rerun after a kill skips what is done.
 """
 
 from __future__ import annotations

@@ -139,24 +139,25 @@ def test_bf16_mixed_precision_runs_and_saves_float32_weights(tmp_path):
 ])
 def test_every_flag_is_checked_before_any_work(flags, message):
     import train_accelerate
+    from catdog_model.training.settings import parse_args
     with pytest.raises(train_accelerate.TrainingError) as error:
-        train_accelerate.check_model_flags(train_accelerate.parse_args(["--no-pretrained", *flags]))
+        train_accelerate.check_model_flags(parse_args(["--no-pretrained", *flags]))
     assert message in str(error.value)
 
 
 def test_a_flag_argparse_cannot_read_is_one_line_with_a_pointer_to_help(capsys):
-    import train_accelerate
+    from catdog_model.training.settings import parse_args
     with pytest.raises(SystemExit) as exit:
-        train_accelerate.parse_args(["--epochs", "ten"])
+        parse_args(["--epochs", "ten"])
     message = capsys.readouterr().err
     assert exit.value.code == 2 and message.count("\n") == 1
     assert message == "error: argument --epochs: invalid int value: 'ten' (see --help)\n"
 
 
 def test_help_shows_every_default():
-    import train_accelerate
+    from catdog_model.training.settings import parse_args
     with pytest.raises(SystemExit), __import__("contextlib").redirect_stdout(__import__("io").StringIO()) as out:
-        train_accelerate.parse_args(["--help"])
+        parse_args(["--help"])
     text = " ".join(out.getvalue().split())
     assert "(default: 10)" in text and "(default: microsoft/cats_vs_dogs)" in text and "505 MB each at 224 px" in text
 

@@ -1,26 +1,20 @@
-"""A loaded model described in plain words, from its own files (config.json, metrics.json, evaluation.json) only.
-
-The Space shows these to visitors: what the model is, whether it is only a demonstration, how good it
-is and what computes its answers. Nothing here is hard-coded about any particular model.
-"""
+"""A loaded model described in plain words for the page, from its own config.json, metrics.json and
+evaluation.json only."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional
 
+from ..config import REPORT_FIGURES
 from .predictor import Predictor
 
-__all__ = ["DEMONSTRATION_BELOW", "REPORT_FIGURES", "demonstration_notice", "details", "engine_in_words", "facts", "headline",
+__all__ = ["DEMONSTRATION_BELOW", "demonstration_notice", "details", "engine_in_words", "facts", "headline",
            "report"]
 
 
 # A model right on fewer of its held-out test photos than this is called a demonstration model.
 DEMONSTRATION_BELOW = 0.90
-# The evaluation figures a training run writes next to the weights, in the order a visitor should see them.
-REPORT_FIGURES = {"confusion_matrix.png": "Confusion matrix: the test photos, by true and predicted label",
-                  "reliability.png": "Reliability: how often it is right at each stated confidence",
-                  "mistakes.png": "Its most confident mistakes on the test photos"}
 
 
 def facts(predictor: Predictor) -> dict:
@@ -96,8 +90,5 @@ def report(predictor: Predictor) -> tuple[str, list[tuple[str, str]]]:
     if "ece" in evaluation:
         lines.append(f"When it says 80%, it is right about 80% of the time, give or take {evaluation['ece']:.1%} "
                      "(expected calibration error).")
-    if not predictor.is_local:
-        lines.append(f"The full report: [evaluation.html](https://huggingface.co/{predictor.source}/blob/"
-                     f"{predictor.revision or 'main'}/evaluation.html).")
     figures = [(str(path), caption) for name, caption in REPORT_FIGURES.items() if (path := predictor.model_file(name))]
     return "\n\n".join(lines), figures

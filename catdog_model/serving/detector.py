@@ -1,19 +1,6 @@
-"""The "neither a cat nor a dog" detector: it reads the classifier itself, no second model.
-
-The detector follows Lee et al. ("A Simple Unified Framework for Detecting Out-of-Distribution Samples
-and Adversarial Attacks", 2018, https://arxiv.org/abs/1807.03888): for each of a few layers it keeps
-the training split's class means and a shared covariance, and a picture's distance is its Mahalanobis
-distance to the nearest class mean. The layers are the head's 1024-d hidden layer (what the classifier
-decides on) and the per-channel mean and spread of two early backbone stages (textures and colours,
-which set noise, flat colour or a page of text apart even when the later layers cannot). Each layer's
-distance is divided by its median on the validation split, and the score is the largest of them.
-Above the threshold, the validation split's 95th percentile, a picture is "neither": so about 5% of
-real cats and dogs are flagged. The statistics live in ``ood.safetensors`` next to the weights; the
-threshold is ``ood_threshold`` in config.json.
-
-Scoring is numpy: the predictor scores pictures without importing torch. Fitting is training's
-(training/calibration.py).
-"""
+"""The "neither a cat nor a dog" detector, scored with numpy: Mahalanobis distances on three of the classifier's
+own layers (Lee et al., 2018, https://arxiv.org/abs/1807.03888), each in units of its validation median; the
+largest is the score. catdog_model/README.md says how it works; training/calibration.py fits it."""
 
 from __future__ import annotations
 

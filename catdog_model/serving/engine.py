@@ -1,12 +1,6 @@
-"""The serving engine: the OpenVINO IR shipped next to the weights, run with numpy alone (no torch).
-
-The training script exports it (training/export.py) as ``openvino_model.xml`` / ``openvino_model.bin``, the
-names the Hub gives OpenVINO files. Its weights are int8, one scale per output channel, and its outputs are
-everything ``predict`` and ``explain`` need: the logits, the Grad-CAM heatmaps and the "neither"
-detector's features. ``compile_openvino`` compiles it for this CPU: bfloat16 where the CPU computes bf16
-natively (AVX-512 BF16 or AMX), float32 elsewhere; the head's big Linear runs straight from its int8
-weights. A process that serves it never imports torch, so it answers its first request sooner.
-"""
+"""The serving engine: the OpenVINO IR shipped next to the weights, run with numpy alone (no torch), compiled
+in bfloat16 where the CPU computes it natively, else float32. One pass gives the logits, the Grad-CAM heatmaps
+and the "neither" detector's features."""
 
 from __future__ import annotations
 

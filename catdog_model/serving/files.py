@@ -1,16 +1,7 @@
 """Where a model's files come from, and whether they are its own: the one resolver every loader shares.
 
-``parse_source`` reads "folder", "user/repo" or "user/repo@revision"; ``ModelFiles`` hands out each file,
-from the folder or through huggingface_hub's cache, checked against the manifest in config.json:
-
-    "manifest": {"files": {"model.safetensors": {"size": ..., "sha256": "..."},
-                           "openvino_model.bin": {"size": ..., "sha256": "...", "made_from": "<model.safetensors' sha256>"},
-                           ...}}
-
-Every file the run wrote is listed with its size and sha256; each file made from the fp32 weights (the
-OpenVINO IR, ood.safetensors) also names the sha256 of the weights it was made from. A folder that mixes
-two runs' files, or holds a replaced or damaged one, is refused instead of served. config.json itself is
-the root: it holds the manifest, and a config.json copied from another run names that run's files.
+``ModelFiles`` hands out each file, from a folder or huggingface_hub's cache, checked against the manifest of
+config.json (every file's size and sha256; a derived file also names the weights it was made from).
 """
 
 from __future__ import annotations
@@ -27,10 +18,10 @@ from huggingface_hub import constants, get_session, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, HTTPError, LocalEntryNotFoundError
 from huggingface_hub.utils import validate_repo_id
 
-from ..config import MANIFEST_KEY, WEIGHTS, check_config
+from ..config import MADE_FROM_WEIGHTS, MANIFEST_KEY, WEIGHTS, check_config
 
 __all__ = ["DEFAULT_MODEL", "HUB_UNREACHABLE", "LOCAL_MODEL", "ModelFiles", "ModelLoadError", "file_sha256", "first_line",
-           "hub_reachable", "hub_unreachable", "parse_source", "resolve_model"]
+           "hub_reachable", "hub_unreachable", "manifest_of", "parse_source", "resolve_model"]
 
 logger = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"  # where an unfinished training run keeps its state (training/checkpoints.py)
@@ -75,12 +66,20 @@ def file_sha256(path: str | Path) -> str:
         return hashlib.file_digest(file, "sha256").hexdigest()
 
 
-def parse_source(source: str) -> tuple[str, Optional[str]]:
-    """Split "user/repo@revision" into ("user/repo", "revision"), or check a local folder.
+def manifest_of(folder: Path, names) -> dict:
+    """The manifest of these files of ``folder``: each one's size and sha256 and, for a file made from the weights,
+    the weights' sha256."""
+    weights, files = file_sha256(folder / WEIGHTS), {}
+    for name in names:
+        files[name] = {"size": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
+        if name in MADE_FROM_WEIGHTS:
+            files[name]["made_from"] = weights
+    return {"files": files}
 
-    Raises ``ModelLoadError`` for what can be neither: an empty name, a file, a local-looking path
-    that does not exist, a revision on a local folder, or a string that is no Hub repo id.
-    """
+
+def parse_source(source: str) -> tuple[str, Optional[str]]:
+    """Split "user/repo@revision" into ("user/repo", "revision"), or check a local folder; ``ModelLoadError`` for
+    what can be neither (empty, a file, a missing local path, a folder with a revision, no valid repo id)."""
     source = str(source).strip()
     if not source:
         raise ModelLoadError("No model given: pass a folder written by train_accelerate.py or a Hub id like user/repo.")

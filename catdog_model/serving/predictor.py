@@ -3,12 +3,6 @@
     predictor = load_predictor("user/catdog")            # or "user/catdog@v1", or a local folder
     predictor.predict(["cat.jpg"])                       # [{"cat": 0.97, "dog": 0.03}]: PIL images or paths
     predictor.explain("car.jpg").verdict.answer          # "neither": see Explanation
-
-The OpenVINO IR shipped next to the weights serves (engine.py), or the eager float32 model for
-``exact=True`` (graph.py, which needs torch: ``pip install "catdog-classifier[train]"``). Every file read is
-checked against the manifest in config.json (files.py). The predictor owns everything between a file and
-an answer: decoding under a memory budget, resizing, the forward pass, the verdict and the heatmap drawn
-over the picture. The Space, the evaluation command and the benchmarks use exactly this object.
 """
 
 from __future__ import annotations
@@ -27,7 +21,7 @@ from safetensors import SafetensorError
 
 from ..config import IR_FILES, OOD_FILE, WEIGHTS
 from ..hardware import usable_cores
-from ..images import MAX_PIXELS, ImageError, decode, model_input, open_image, to_rgb
+from ..images import MAX_PIXELS, decode, model_input, open_image, to_rgb
 from .detector import load_detector, ood_score
 from .engine import EngineOutputs, NonFiniteWeightError, compile_openvino
 from .files import ModelFiles, ModelLoadError, first_line, parse_source
@@ -46,10 +40,8 @@ class PredictionError(RuntimeError):
 
 
 class DecodeBudget:
-    """Bytes that decoded pictures may hold at once across threads, so that a server's memory stays bounded
-    however many large pictures arrive together. A picture's cost is read from its header before anything is
-    decoded (``decode_cost``); ``hold`` waits while it would pass the budget, and one larger than the whole
-    budget takes all of it."""
+    """Bytes decoded pictures may hold at once across threads, so a server's memory stays bounded: ``acquire``
+    waits while a picture's cost (``decode_cost``) would pass the budget; one larger than all of it takes all."""
 
     def __init__(self, total_bytes: int) -> None:
         self.total, self.free = total_bytes, total_bytes
@@ -190,30 +182,14 @@ class Predictor:
                 return explanation
         return self.explain_many([picture])[0]
 
-    def explain_many(self, pictures: Sequence[Picture], keep_errors: bool = False,
-                     caller: str = "explain_many") -> list[Union[Explanation, ImageError]]:
-        """``explain`` without heatmaps for each picture, in order, ``batch_size`` pictures a forward pass. Each
-        is decoded under the budget and kept only as the model's small input. ``keep_errors``: a picture that
-        cannot be used gives its ``ImageError`` in its place, instead of raising it."""
+    def explain_many(self, pictures: Sequence[Picture], caller: str = "explain_many") -> list[Explanation]:
+        """``explain`` without heatmaps for each picture, in order, ``batch_size`` pictures a forward pass, each
+        decoded under the budget and kept only as the model's small input."""
         if isinstance(pictures, (str, bytes, Path, Image.Image)) or not isinstance(pictures, Sequence):
             hint = ": wrap it in a list" if isinstance(pictures, (str, Path, Image.Image)) else ""
             raise TypeError(f"{caller} takes a list of PIL images or file paths, got {type(pictures).__name__}{hint}")
-        results: list = []
-        for start in range(0, len(pictures), self.batch_size):
-            chunk: list = list(pictures[start : start + self.batch_size])
-            inputs, readable = [], []
-            for index, picture in enumerate(chunk):
-                try:
-                    inputs.append(self.model_input(picture))
-                    readable.append(index)
-                except ImageError as error:
-                    if not keep_errors:
-                        raise
-                    chunk[index] = error
-            for index, explanation in zip(readable, self.explain_inputs(inputs) if inputs else []):
-                chunk[index] = explanation
-            results.extend(chunk)
-        return results
+        return [explanation for start in range(0, len(pictures), self.batch_size) for explanation in
+                self.explain_inputs([self.model_input(picture) for picture in pictures[start : start + self.batch_size]])]
 
     def model_input(self, picture: Picture) -> np.ndarray:
         """One picture as the model's (3, S, S) uint8 input, decoded under the budget (``images.model_input``)."""
@@ -314,14 +290,10 @@ def _optional_json(files: ModelFiles, name: str) -> dict:
 
 def load_predictor(source: str, batch_size: int = 16, exact: bool = False, threads: Optional[int] = None,
                    max_megabytes: Optional[float] = None) -> Predictor:
-    """Load a model from a local folder, "user/repo" or "user/repo@revision", ready to serve.
-
-    By default the OpenVINO IR shipped next to the weights serves (engine.py), so a Hub model downloads
-    config.json, the IR and ood.safetensors only; ``exact=True`` serves the eager float32 model from
-    model.safetensors. Each file is checked against the manifest in config.json. Raises
-    ``ModelLoadError``, and only that, with a one-line message naming the source and the reason.
-    ``threads``: how many the engine computes with (default: every core this process may use).
-    """
+    """Load a model from a local folder, "user/repo" or "user/repo@revision", ready to serve: the OpenVINO IR
+    (a Hub model downloads config.json, the IR and ood.safetensors only), or with ``exact=True`` the eager float32
+    model. Every file is checked against the manifest; raises ``ModelLoadError``, and only that, in one line.
+    ``threads``: how many the engine computes with (default: every core this process may use)."""
     repo_id, revision = parse_source(source)
     files = ModelFiles(str(source).strip(), repo_id, revision)
     config = files.config()

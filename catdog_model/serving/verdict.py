@@ -1,9 +1,5 @@
-"""The one rule that turns the model's numbers into an answer: a label, "not sure" or "neither".
-
-Every output uses it: the Space's page, its batch table and CSV, and the /predict, /explain and
-/predict_batch endpoints. So a picture the page calls "neither" or "not sure" is never handed to an
-API client as a confident "dog".
-"""
+"""The one rule that turns the model's numbers into an answer: a label, "not sure" or "neither". Every output
+uses it: the page, the batch table and CSV, /predict, /explain, /predict_batch and ``catdog-predict``."""
 
 from __future__ import annotations
 

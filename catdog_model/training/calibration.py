@@ -1,11 +1,5 @@
-"""What a run fits after its epochs: the temperature that makes probabilities honest, and the "neither" detector.
-
-One scalar T divides the logit before the sigmoid (Guo et al., "On Calibration of Modern Neural
-Networks", 2017, https://arxiv.org/abs/1706.04599). It never changes which label wins, only how sure
-the model says it is. It is kept only where it lowers the validation split's ECE. T lives in config.json,
-so training, serving and the model card all use it. The detector (serving/detector.py says how it scores)
-keeps the training split's class means and shrunk covariance for each layer, in ood.safetensors.
-"""
+"""What a run fits after its epochs: the temperature (Guo et al., 2017, https://arxiv.org/abs/1706.04599), kept
+only where it lowers the validation ECE, and the "neither" detector's statistics (ood.safetensors)."""
 
 from __future__ import annotations
 

@@ -1,15 +1,7 @@
-"""Checkpoints that survive kills and refuse the wrong run.
-
-Layout: ``output_dir/checkpoints/step_<8 digits>/``, each holding what ``Accelerator.save_state`` writes
-plus ``checkpoint.json``: the run's identity and the size of every file. Every process writes into
-``.tmp-step_<N>`` first; only when all of them are done is the manifest written and the folder renamed,
-so a kill at any moment leaves the previous complete checkpoint or the new one, never half of one.
-
-Why not accelerate's own automatic checkpoint naming (``ProjectConfiguration(automatic_checkpoint_naming=True)``):
-``save_state`` then writes straight into ``checkpoints/checkpoint_<i>``, and with ``total_limit`` it deletes
-the oldest checkpoint *before* the new one is written, so a kill during a save can leave one checkpoint
-fewer and a half-written one under a final name. The limit itself is the run's ``ProjectConfiguration``'s
-``total_limit``, read here; the manifest, the run identity and the atomic rename are what this module adds.
+"""Checkpoints that survive kills and refuse the wrong run: ``checkpoints/step_<8 digits>/``, what
+``Accelerator.save_state`` writes plus ``checkpoint.json`` (the run's identity, every file's size), written
+into a temporary folder and renamed when whole. Not accelerate's automatic naming: with ``total_limit`` it
+deletes the oldest checkpoint before the new one is written, so a kill mid-save leaves one fewer.
 """
 
 from __future__ import annotations
@@ -101,11 +93,8 @@ def _prune(checkpoints_dir: Path, keep: int) -> None:
 
 
 def save_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, step: int, info: dict, keep: Optional[int]) -> Path:
-    """``accelerator.save_state`` into a temporary folder, then an atomic rename to ``step_<step>``.
-
-    Call it on every process: each one saves its own random state. The main process publishes the
-    folder; on machines that do not share the disk, each machine's local main publishes its own copy.
-    """
+    """``accelerator.save_state`` into a temporary folder, then an atomic rename to ``step_<step>``. Call it on
+    every process; each machine's local main publishes its copy where machines do not share a disk."""
     final = checkpoints_dir / f"step_{step:08d}"
     temp = checkpoints_dir / f"{_TEMP_PREFIX}{final.name}"
     if accelerator.is_local_main_process:

@@ -1,8 +1,5 @@
-"""Dataset loading for training and evaluation: columns, broken rows, the split, the transforms.
-
-Works on ``microsoft/cats_vs_dogs`` from the Hub and on any local folder that
-``datasets.load_dataset`` understands (parquet with a dataset card, or class subfolders).
-"""
+"""Dataset loading for training and evaluation: columns, broken rows, the split, the transforms, for
+``microsoft/cats_vs_dogs`` and any local folder ``datasets.load_dataset`` reads."""
 
 from __future__ import annotations
 
@@ -183,17 +180,10 @@ def load_split(path: Path, data: LoadedDataset, name: str, used: bool = False) -
         raise DatasetError(f"{path} names row {error} that this dataset does not have: another dataset or revision?") from None
 
 class _Transform:
-    """A ``Dataset.set_transform`` function yielding uint8 ``pixels`` and ``label``; augments only for training.
-
-    Rows may hold PIL images or, better, the undecoded image (see ``undecoded``), decoded by Pillow. Every
-    picture becomes the model's input through ``images.model_input``, the serving path's own function;
-    training then flips, rotates and zooms that square.
-
-    Each row's augmentation is drawn from a generator seeded by (seed, epoch, row), never from the
-    global random state. So the data order, the number of workers, the loader's prefetching and a
-    resume mid-epoch cannot change what a row looks like. Call ``set_epoch`` before each epoch's
-    loader iterator is created (workers copy the transform then).
-    """
+    """A ``Dataset.set_transform`` function yielding uint8 ``pixels`` and ``label``, through ``images.model_input``
+    (the serving path's own function); for training, then flipped, rotated and zoomed. Each row's augmentation is
+    seeded by (seed, epoch, row), so order, workers, prefetching and a resume cannot change it: call ``set_epoch``
+    before each epoch's loader iterator is created."""
 
     def __init__(self, data: LoadedDataset, image_size: int, train: bool, seed: int) -> None:
         self.image_column, self.label_column = data.image_column, data.label_column

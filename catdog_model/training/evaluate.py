@@ -1,22 +1,16 @@
 """An evaluation report anyone can rerun, on any saved or Hub model:
 
     python -m catdog_model.training.evaluate MODEL --dataset DATASET [--split-file split.json] [--ood-dir DIR] --output-dir DIR
-                                    [--serving-engine]
 
-MODEL is a folder written by train_accelerate.py or a Hub id. With ``--split-file`` (the model's own
-``split.json`` by default, when there is one) the rows of its held-out test split are evaluated,
-else the whole dataset. ``--ood-dir`` adds pictures that are neither cats nor dogs, for the AUROC of
-the "neither" detector. It evaluates the fp32 weights, as the training run's report did;
-``--serving-engine`` evaluates the OpenVINO engine ``load_predictor`` serves instead. It writes ``evaluation.json``, PNG figures (confusion matrix, ROC, reliability
-diagram, training curves, the most confident mistakes) and ``evaluation.html``, which holds all of it.
-The training script calls ``write_report`` on its test split, so the model card shows the same numbers.
+It evaluates the test rows of the model's ``split.json`` (or the whole dataset), with the fp32 weights as the
+training run did, or with ``--serving-engine`` the OpenVINO engine that serves. It writes ``evaluation.json`` and
+three PNG figures (confusion matrix, reliability diagram, the most confident mistakes); the training script calls
+``write_report`` on its test split, so the model card and the page show the same numbers.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import html
 import json
 import logging
 import os
@@ -27,10 +21,11 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from torchmetrics.functional.classification import binary_auroc, binary_confusion_matrix, binary_roc
+from torchmetrics.functional.classification import binary_auroc, binary_confusion_matrix
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..config import REPORT_FIGURES
 from ..hardware import exit_with_error, setup_logging
 from ..images import ImageError, model_input, open_image
 from ..serving.detector import ood_score
@@ -40,20 +35,12 @@ from ..serving.verdict import NEITHER, NOT_SURE, decide
 from .calibration import ECE_BINS, calibration_summary
 from .data import DatasetError, collate, dataset_fingerprint, load_image_dataset, load_split, make_transform, undecoded
 
-__all__ = ["EVALUATION_FILE", "FIGURES", "compute_metrics", "report_training_run", "synthetic_ood_images", "write_report",
+__all__ = ["EVALUATION_FILE", "compute_metrics", "report_training_run", "synthetic_ood_images", "write_report",
            "main"]
 
 logger = logging.getLogger(__name__)
 
 EVALUATION_FILE = "evaluation.json"
-REPORT_FILE = "evaluation.html"
-FIGURES = {
-    "confusion_matrix": "Confusion matrix (test split)",
-    "roc": "ROC curve",
-    "reliability": "Reliability diagram",
-    "training_curves": "Training curves",
-    "mistakes": "The most confident mistakes",
-}
 MISTAKES_SHOWN = 8
 
 
@@ -148,15 +135,6 @@ def _figure_confusion(results: dict, axes) -> None:
     axes.set_title(f"accuracy {results['accuracy']:.3f} on {results['samples']} images")
 
 
-def _figure_roc(results: dict, probabilities: torch.Tensor, labels: torch.Tensor, axes) -> None:
-    false_positive, true_positive, _ = binary_roc(probabilities, labels)
-    axes.plot(false_positive, true_positive, label=f"AUC {results['roc_auc']:.3f}")
-    axes.plot([0, 1], [0, 1], linestyle=":", color="grey")
-    axes.set_xlabel("false positive rate")
-    axes.set_ylabel("true positive rate")
-    axes.legend(loc="lower right")
-
-
 def _figure_reliability(results: dict, logits: torch.Tensor, labels: torch.Tensor, axes) -> None:
     edges = torch.linspace(0, 1, ECE_BINS + 1)
     for temperature, name in ((1.0, "before scaling"), (results["temperature"], "after scaling")):
@@ -173,14 +151,6 @@ def _figure_reliability(results: dict, logits: torch.Tensor, labels: torch.Tenso
     axes.legend(loc="upper left")
 
 
-def _figure_history(history: list[dict], axes) -> None:
-    epochs = [row["epoch"] for row in history]
-    for key, style in (("train_loss", "-"), ("val_loss", "-"), ("train_accuracy", "--"), ("val_accuracy", "--")):
-        axes.plot(epochs, [row[key] for row in history], style, marker="o", label=key.replace("_", " "))
-    axes.set_xlabel("epoch")
-    axes.legend()
-
-
 def _figure_mistakes(mistakes: list[tuple[Image.Image, str, float]], figure) -> None:
     for index, (image, truth, confidence) in enumerate(mistakes):
         axes = figure.add_subplot(2, (len(mistakes) + 1) // 2, index + 1)
@@ -189,58 +159,32 @@ def _figure_mistakes(mistakes: list[tuple[Image.Image, str, float]], figure) -> 
         axes.axis("off")
 
 
-def _save_figures(results: dict, logits: torch.Tensor, labels: torch.Tensor, output_dir: Path,
-                  history: Optional[list], mistakes: list) -> list[str]:
+def _save_figures(results: dict, logits: torch.Tensor, labels: torch.Tensor, output_dir: Path, mistakes: list) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, on any machine
     from matplotlib import pyplot
 
-    probabilities = torch.sigmoid(logits / results["temperature"])
     written = []
-    for name in FIGURES:
-        if (name == "training_curves" and not history) or (name == "mistakes" and not mistakes):
-            continue
-        figure = pyplot.figure(figsize=(9, 4.5) if name == "mistakes" else (5, 4.2))
-        if name == "mistakes":
+    for name in REPORT_FIGURES if mistakes else list(REPORT_FIGURES)[:-1]:
+        figure = pyplot.figure(figsize=(9, 4.5) if name == "mistakes.png" else (5, 4.2))
+        if name == "mistakes.png":
             _figure_mistakes(mistakes, figure)
+        elif name == "reliability.png":
+            _figure_reliability(results, logits, labels, figure.add_subplot())
         else:
-            axes = figure.add_subplot()
-            {"confusion_matrix": lambda: _figure_confusion(results, axes),
-             "roc": lambda: _figure_roc(results, probabilities, labels, axes),
-             "reliability": lambda: _figure_reliability(results, logits, labels, axes),
-             "training_curves": lambda: _figure_history(history, axes)}[name]()
-        figure.suptitle(FIGURES[name])
+            _figure_confusion(results, figure.add_subplot())
         figure.tight_layout()
-        figure.savefig(output_dir / f"{name}.png", dpi=90)
+        figure.savefig(output_dir / name, dpi=90)
         pyplot.close(figure)
-        written.append(f"{name}.png")
+        written.append(name)
     return written
 
 
-def _write_html(results: dict, figures: list[str], output_dir: Path, title: str) -> None:
-    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.4f}</td></tr>" for k, v in results.items() if isinstance(v, float))
-    images = "".join(
-        f'<figure><img src="data:image/png;base64,{base64.b64encode((output_dir / name).read_bytes()).decode()}" '
-        f'alt="{html.escape(FIGURES[name[:-4]])}"><figcaption>{html.escape(FIGURES[name[:-4]])}</figcaption></figure>'
-        for name in figures
-    )
-    details = html.escape(json.dumps(results, indent=2))
-    (output_dir / REPORT_FILE).write_text(
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}img{max-width:100%}"
-        "figure{display:inline-block;margin:8px}td{padding:2px 12px}</style></head>"
-        f"<body><h1>{html.escape(title)}</h1><table>{rows}</table>{images}<pre>{details}</pre></body></html>"
-    )
-
-
 def write_report(output_dir: Path, logits: torch.Tensor, labels: torch.Tensor, temperature: float,
-                 class_names: Sequence[str], ood: dict, image_of: Optional[Callable[[int], Image.Image]] = None,
-                 history: Optional[list] = None, title: str = "catdog evaluation") -> dict:
-    """Compute the numbers, draw the figures and write evaluation.json and evaluation.html into output_dir.
-
-    ``image_of(i)``, the picture behind ``logits[i]``, feeds the gallery of the most confident mistakes.
-    """
+                 class_names: Sequence[str], ood: dict, image_of: Optional[Callable[[int], Image.Image]] = None) -> dict:
+    """Compute the numbers, draw the figures and write evaluation.json into output_dir. ``image_of(i)``, the picture
+    behind ``logits[i]``, feeds the gallery of the most confident mistakes."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     results = compute_metrics(logits, labels, temperature, class_names, ood)
@@ -248,15 +192,13 @@ def write_report(output_dir: Path, logits: torch.Tensor, labels: torch.Tensor, t
     wrong = ((p > 0.5).long() != labels.long().cpu()).nonzero().flatten()
     worst = wrong[torch.argsort((p[wrong] - 0.5).abs(), descending=True)][:MISTAKES_SHOWN].tolist()
     mistakes = [(image_of(i), class_names[int(labels[i])], float(max(p[i], 1 - p[i]))) for i in worst] if image_of else []
-    results["figures"] = _save_figures(results, logits.float().cpu(), labels.long().cpu(), output_dir, history, mistakes)
-    results["report"] = REPORT_FILE
+    results["figures"] = _save_figures(results, logits.float().cpu(), labels.long().cpu(), output_dir, mistakes)
     (output_dir / EVALUATION_FILE).write_text(json.dumps(results, indent=2))
-    _write_html(results, results["figures"], output_dir, title)
     return results
 
 
 def report_training_run(model, detector: dict, test_outputs: tuple, image_of: Callable[[int], Image.Image],
-                        output_dir: Path, history: list, title: str) -> dict:
+                        output_dir: Path) -> dict:
     """The training script's report: its test split's (logits, labels, detector features), and for the
     "neither" AUROC, synthetic pictures that are plainly neither (noise, flat colours, stripes, text)."""
     synthetic = torch.stack([torch.from_numpy(model_input(image, model.image_size)) for image in synthetic_ood_images()])
@@ -265,7 +207,7 @@ def report_training_run(model, detector: dict, test_outputs: tuple, image_of: Ca
     logits, labels, features = test_outputs
     ood = {"threshold": model.ood_threshold, "in_scores": torch.from_numpy(ood_score(features, detector)),
            "out_scores": torch.from_numpy(ood_score(synthetic_features, detector))}
-    results = write_report(output_dir, logits, labels, model.temperature, model.labels, ood, image_of, history, title)
+    results = write_report(output_dir, logits, labels, model.temperature, model.labels, ood, image_of)
     results["ood"]["out_of_distribution_images"] = "synthetic: noise, flat colours, gradients, stripes, text"
     (Path(output_dir) / EVALUATION_FILE).write_text(json.dumps(results, indent=2))
     logger.info("'neither' detector: threshold %.3f flags %.1f%% of the test split and %.1f%% of %d synthetic pictures "
@@ -376,14 +318,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     ood = {"threshold": predictor.ood_threshold, "in_scores": in_scores, "out_scores": out_scores}
     try:
         results = write_report(Path(args.output_dir), logits, torch.tensor(rows[data.label_column]), predictor.temperature,
-                               predictor.labels, ood, lambda i: rows[i][data.image_column],
-                               history=predictor.metrics.get("history"), title=f"catdog evaluation: {args.model} on {args.dataset}")
+                               predictor.labels, ood, lambda i: rows[i][data.image_column])
     except OSError as error:  # a full disk, most often
         exit_with_error(f"Could not write the report in {args.output_dir}: {error.strerror or error}.")
     summary = f"accuracy {results['accuracy']:.4f}, ROC AUC {results['roc_auc']:.4f}, ECE {results['ece']:.4f}"
     if ood_images:
         summary += f", 'neither' AUROC {results['ood']['auroc']:.4f}"
-    logger.info("%s on %d images; report in %s", summary, results["samples"], Path(args.output_dir) / REPORT_FILE)
+    logger.info("%s on %d images; report in %s", summary, results["samples"], Path(args.output_dir) / EVALUATION_FILE)
 
 
 if __name__ == "__main__":

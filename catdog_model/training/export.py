@@ -1,10 +1,6 @@
-"""The serving engine, made from a trained fp32 model: the OpenVINO IR with int8 weights, and its command.
-
-``export_openvino`` / ``save_openvino`` trace ``ServingGraph`` (graph.py) into the OpenVINO IR
-(serving/engine.py), with int8 weights, one scale per output channel: the head's 100352×1024 Linear (81.4% of
-the weights at 224 px) and every plain convolution. A Space then downloads 0.28× the bytes of
-``model.safetensors``. The training script saves it next to the weights; for a folder whose IR is missing or
-damaged, the command makes it again from the weights, which the manifest must vouch for:
+"""The serving engine made from a trained fp32 model: ``ServingGraph`` traced into the OpenVINO IR, int8 weights
+with one scale per output channel (0.28× the bytes of model.safetensors). For a folder whose IR is missing or
+damaged, the command makes it again from the weights the manifest vouches for:
 
     python -m catdog_model.training.export MODEL_FOLDER
 """

@@ -1,7 +1,5 @@
-"""A training run's state: progress and running metrics, evaluation and calibration, the one atomic save, the
-precision and workers a machine trains with, and the process control that keeps workers from outliving the
-run. Used by train_accelerate.py; its checkpoints are checkpoints.py's.
-"""
+"""A training run's state and steps: progress and running metrics, evaluation and calibration, the one atomic
+save, the precision and workers a machine trains with, and workers that never outlive the run."""
 
 from __future__ import annotations
 
@@ -41,10 +39,7 @@ CHECKPOINTS = "checkpoints"  # output_dir/checkpoints/step_<8 digits>, and the b
 BEST = "checkpoints/best"  # out of the files a predictor reads until the run publishes its finished model
 
 class RunningMetrics:
-    """Summed BCE loss and correct answers over gathered batches (every process sees the same sums).
-
-    The sums stay on the device; only ``result`` reads them back, so updating costs no GPU sync.
-    """
+    """Summed BCE loss and correct answers over gathered batches, kept on the device: only ``result`` syncs."""
 
     def __init__(self) -> None:
         self.loss_sum, self.correct, self.count = 0.0, 0.0, 0
@@ -134,10 +129,8 @@ def model_outputs(model, loader, accelerator: Accelerator, desc: str, features: 
 
 def calibrate_and_test(config, accelerator: Accelerator, model, progress: Progress, data, train_split, val_loader,
                        test_loader, loader_kwargs: dict) -> tuple[dict, tuple, dict]:
-    """The kept (best-validation) weights: calibrated on the validation split, run on the held-out one, and the
-    "neither" detector fitted on the training split's features (seen without augmentation).
-
-    Returns the calibration block, the test split's outputs and the detector's tensors."""
+    """The kept weights calibrated on the validation split, run on the test split, and the "neither" detector fitted
+    on the training split (unaugmented): returns the calibration block, the test outputs and the detector."""
     unwrapped = accelerator.unwrap_model(model)
     on_main_process(accelerator, check_best_model, Path(config.output_dir), progress)
     safetensors.torch.load_model(unwrapped, str(Path(config.output_dir) / BEST / WEIGHTS))
@@ -199,12 +192,8 @@ def save_model(model: CatDogClassifier, output_dir: Path) -> str:
 
 
 def check_best_model(output_dir: Path, progress: Progress, epoch_ended: bool = False) -> None:
-    """A run tests the best epoch's weights at the end: they must be the very file it saved.
-
-    Checked when a run resumes, and again before the test. A checkpoint taken at an epoch's last batch
-    comes before that epoch's validation, which may have saved a better model since (``epoch_ended``):
-    the resumed run validates the epoch again and saves the same file, so only the final check applies.
-    """
+    """The best epoch's weights, which the run tests at the end, must be the very file it saved. A checkpoint from an
+    epoch's last batch (``epoch_ended``) predates that epoch's validation, which the resume repeats: no check then."""
     path = output_dir / BEST / WEIGHTS
     if epoch_ended:
         return
@@ -232,12 +221,9 @@ def on_main_process(accelerator: Accelerator, check: Callable, *check_args):
 
 def default_mixed_precision(device: "torch.device", configured: str | None = None,
                             flags: frozenset[str] | None = None) -> tuple[str, str]:
-    """The precision to train in when no flag names one, and why.
-
-    ``configured`` is what ``accelerate config`` / ``accelerate launch`` chose (ACCELERATE_MIXED_PRECISION):
-    a choice other than "no" is kept. Otherwise bf16 autocast wherever the hardware computes bf16
-    natively (the weights stay float32), measured 2.3× faster per CPU train step on an AVX-512 BF16 EPYC.
-    """
+    """The precision to train in when no flag names one, and why: ``accelerate config``'s choice
+    (ACCELERATE_MIXED_PRECISION) unless "no", else bf16 autocast where the hardware computes it natively
+    (2.3× per CPU train step on an AVX-512 BF16 EPYC), else float32."""
     if configured and configured != "no":
         return configured, "accelerate config"
     if device.type == "cpu":
@@ -250,12 +236,8 @@ def default_mixed_precision(device: "torch.device", configured: str | None = Non
 
 
 def default_num_workers(device: "torch.device", processes: int = 1) -> int:
-    """DataLoader workers per process.
-
-    On a GPU, the cores this process may use, shared among the processes (at most 8): decoding must keep
-    up with the GPU. On a CPU, one: the train step costs ~100 ms per image there and decoding ~2 ms, so
-    more workers would only take cores from the step.
-    """
+    """DataLoader workers per process: on a GPU the cores, shared among the processes (at most 8), to keep it fed;
+    on a CPU one, since decoding (~2 ms an image) is cheap next to the step (~100 ms) and more take its cores."""
     if device.type == "cpu":
         return 1
     return max(1, min(8, usable_cores() // max(1, processes)))

@@ -1,15 +1,5 @@
-"""What a training run leaves behind: its files in the output folder, and their copy on the Hub.
-
-A run writes only into a folder that is new, empty, or a previous run's. A run's folder holds
-``.catdog-run.json``, the record of the names this script writes there; anything else in the folder is
-the user's, so the run is refused before any work, and ``--overwrite-output-dir`` removes only what the
-record names, once every check (the data's included) has passed.
-
-A model folder is always whole: while a run works, its best weights live in checkpoints/best, out of the
-files a predictor reads, so the previous complete model stays servable, untouched. At the end
-``publish_run`` writes the finished set (weights, engine, detector, report, card, config.json with its
-manifest last) in one atomic step. Used by train_accelerate.py.
-"""
+"""What a training run leaves behind: its output folder, claimed, cleared only of its own files, and published
+whole in one atomic step (config.json with its manifest last), and its copy on the Hub."""
 
 from __future__ import annotations
 
@@ -28,13 +18,13 @@ from filelock import FileLock, Timeout
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HTTPError
 
-from ..config import IR_FILES, MANIFEST_KEY, OOD_FILE, WEIGHTS
+from ..config import IR_FILES, MANIFEST_KEY, OOD_FILE, REPORT_FIGURES, WEIGHTS
 from ..model import CatDogClassifier
-from ..serving.files import file_sha256
+from ..serving.files import manifest_of
 from .calibration import save_detector
 from .card import make_model_card
 from .data import load_split, save_split
-from .evaluate import EVALUATION_FILE, FIGURES, REPORT_FILE, report_training_run
+from .evaluate import EVALUATION_FILE, report_training_run
 from .export import save_openvino
 from .loop import BEST, CHECKPOINTS, Progress, TrainingError, save_atomically
 
@@ -47,7 +37,7 @@ SPLIT_FILE = "split.json"
 TRACKER_PROJECT = "catdog"  # trackers log under output_dir/catdog
 # What a run writes into its output folder (with checkpoints/): --overwrite-output-dir removes these, nothing else.
 RUN_FILES = ("config.json", WEIGHTS, *IR_FILES, OOD_FILE, "metrics.json", SPLIT_FILE, "README.md", EVALUATION_FILE,
-             REPORT_FILE, *(f"{name}.png" for name in FIGURES), TRACKER_PROJECT)
+             *REPORT_FIGURES, TRACKER_PROJECT)
 LOCK_FILE = ".catdog.lock"
 RUN_RECORD = ".catdog-run.json"
 OWN_NAMES = (*RUN_FILES, CHECKPOINTS, LOCK_FILE, RUN_RECORD)
@@ -130,10 +120,8 @@ def backbone_init(config) -> str:
 
 def publish_run(config, accelerator: Accelerator, model: CatDogClassifier, progress: Progress, calibration: dict,
                 test_outputs: tuple, detector: dict, data, splits: dict, used: dict, fingerprint: str) -> None:
-    """The finished model, in one atomic step (loop.save_atomically, config.json last): the best epoch's weights,
-    the serving engine made from them (on the CPU), the "neither" detector, split.json, the evaluation report
-    on the test split, metrics.json, the model card and config.json with the calibration and the manifest of
-    every file. Files of the previous model that this run did not write again are then removed."""
+    """The finished model in one atomic step, config.json with its manifest last: weights, engine, detector,
+    split.json, the report, metrics.json and the card; files of a previous model not written again are removed."""
     output_dir, best = Path(config.output_dir), Path(config.output_dir) / BEST
     name = config.hub_model_id or output_dir.resolve().name
     model_config = {**json.loads((best / "config.json").read_text()), "temperature": calibration["temperature"],
@@ -147,16 +135,11 @@ def publish_run(config, accelerator: Accelerator, model: CatDogClassifier, progr
         save_split(temp / SPLIT_FILE, splits, used, data, dataset=config.dataset, revision=config.dataset_revision,
                    seed=config.seed, fingerprint=fingerprint)
         test_rows = load_split(temp / SPLIT_FILE, data, "test", used=True)
-        evaluation = report_training_run(model, detector, test_outputs, lambda i: test_rows[i][data.image_column], temp,
-                                         progress.history, title=f"catdog evaluation: {name}, test split")
+        evaluation = report_training_run(model, detector, test_outputs, lambda i: test_rows[i][data.image_column], temp)
         metrics = _run_record(config, accelerator, progress, calibration, data, splits, used, fingerprint)
         (temp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         make_model_card(model, metrics, evaluation, name).save(temp / "README.md")
-        written = sorted(path.name for path in temp.iterdir())
-        model_config[MANIFEST_KEY] = {"files": {file: {"size": (temp / file).stat().st_size, "sha256": file_sha256(temp / file)}
-                                          for file in written}}
-        for derived in (*IR_FILES, OOD_FILE):
-            model_config[MANIFEST_KEY]["files"][derived]["made_from"] = model_config[MANIFEST_KEY]["files"][WEIGHTS]["sha256"]
+        model_config[MANIFEST_KEY] = manifest_of(temp, sorted(path.name for path in temp.iterdir()))
         (temp / "config.json").write_text(json.dumps(model_config, indent=2))
 
     written = save_atomically(output_dir, write)
