@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .hardware import exit_with_error, setup_logging, usable_cores
 from .images import FORMATS as PICTURE_FORMATS, ImageError
-from .serving.files import ModelLoadError, resolve_model
+from .serving.files import ModelLoadError, resolve_model, write_atomically
 from .serving.predictor import Predictor, PredictionError, load_predictor
 
 __all__ = ["FORMATS", "classify_chunk", "decode_chunk", "main", "neutralised", "predict_files"]
@@ -145,21 +145,22 @@ def _decode(predictor: Predictor, picture):
 
 
 def _write(rows: list[dict], path: Path, suffix: str) -> None:
-    """``rows`` into ``path``, in the output's format, through a temporary file and a rename: whole or absent."""
-    temporary = path.with_name(f".tmp-{path.name}")
-    if suffix == ".csv":
-        with open(temporary, "w", newline="") as out:
-            writer = csv.DictWriter(out, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows({key: neutralised(value) for key, value in row.items()} for row in rows)
-    elif suffix == ".jsonl":
-        temporary.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    else:
-        import pyarrow
-        import pyarrow.parquet
+    """``rows`` into ``path``, in the output's format, whole or absent (``write_atomically``)."""
+    def write(temp: Path) -> None:
+        if suffix == ".csv":
+            with open(temp / path.name, "w", newline="") as out:
+                writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows({key: neutralised(value) for key, value in row.items()} for row in rows)
+        elif suffix == ".jsonl":
+            (temp / path.name).write_text("".join(json.dumps(row) + "\n" for row in rows))
+        else:
+            import pyarrow
+            import pyarrow.parquet
 
-        pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), temporary)
-    os.replace(temporary, path)
+            pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), temp / path.name)
+
+    write_atomically(path.parent, write)
 
 
 def _read(path: Path, suffix: str) -> list[dict]:

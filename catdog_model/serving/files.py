@@ -11,8 +11,9 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from huggingface_hub import constants, get_session, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, HTTPError, LocalEntryNotFoundError
@@ -21,13 +22,15 @@ from huggingface_hub.utils import validate_repo_id
 from ..config import MADE_FROM_WEIGHTS, MANIFEST_KEY, WEIGHTS, check_config
 
 __all__ = ["DEFAULT_MODEL", "HUB_UNREACHABLE", "LOCAL_MODEL", "ModelFiles", "ModelLoadError", "file_sha256", "first_line",
-           "hub_reachable", "hub_unreachable", "manifest_of", "parse_source", "resolve_model"]
+           "hub_reachable", "hub_unreachable", "manifest_of", "parse_source", "resolve_model",
+           "write_atomically"]
 
 logger = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"  # where an unfinished training run keeps its state (training/checkpoints.py)
 DEFAULT_MODEL = "catdog-project/catdog-resnet50"  # the published model: named here and in README.md only
 LOCAL_MODEL = "catdog-model"  # train_accelerate.py's default --output-dir, relative to where a command starts
 REEXPORT = "python -m catdog_model.training.export"
+TEMPORARY_PREFIX = ".tmp-catdog-"  # what an interrupted ``write_atomically`` leaves behind
 
 
 HUB_UNREACHABLE = ("the Hugging Face Hub cannot be reached from here ({endpoint}): connect, use a local folder, or set "
@@ -64,6 +67,18 @@ class ModelLoadError(RuntimeError):
 def file_sha256(path: str | Path) -> str:
     with open(path, "rb") as file:
         return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def write_atomically(folder: Path, write: Callable[[Path], None]) -> list[str]:
+    """``write(temporary_folder)``, then each file it wrote renamed into ``folder``, config.json last: a kill or a full
+    disk never leaves a half-written file, and a model's manifest always comes last. Returns the names written."""
+    with tempfile.TemporaryDirectory(dir=folder, prefix=TEMPORARY_PREFIX) as temp:
+        write(Path(temp))
+        names = sorted(os.listdir(temp), key=lambda name: name == "config.json")
+        for name in names:
+            os.chmod(Path(temp) / name, 0o644)
+            os.replace(Path(temp) / name, Path(folder) / name)
+    return names
 
 
 def manifest_of(folder: Path, names) -> dict:

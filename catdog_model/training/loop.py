@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -24,7 +23,7 @@ from tqdm.auto import tqdm
 from ..config import WEIGHTS
 from ..hardware import native_bf16, usable_cores
 from ..model import CatDogClassifier
-from ..serving.files import file_sha256
+from ..serving.files import file_sha256, write_atomically
 from . import TrainingError
 from .calibration import calibrate, fit_detector
 from .data import make_transform
@@ -166,20 +165,12 @@ def check_finite(losses: list, model: torch.nn.Module, progress: Progress) -> No
 
 
 def save_atomically(folder: Path, write: Callable[[Path], None]) -> list[str]:
-    """``write(temporary_folder)``, then each file it wrote renamed into ``folder``, config.json last: a kill or a
-    full disk never leaves a half-written file, and a model's config.json (its manifest) always comes last.
-    Returns the names written."""
+    """``write_atomically``, a failure (a full disk, most often) as one ``TrainingError``: the files there are kept."""
     try:
-        with tempfile.TemporaryDirectory(dir=folder, prefix=".tmp-catdog-") as temp:
-            write(Path(temp))
-            names = sorted(os.listdir(temp), key=lambda name: name == "config.json")
-            for name in names:
-                os.chmod(Path(temp) / name, 0o644)
-                os.replace(Path(temp) / name, folder / name)
-    except (OSError, SafetensorError, RuntimeError) as error:  # a full disk: the files already there are kept
+        return write_atomically(folder, write)
+    except (OSError, SafetensorError, RuntimeError) as error:
         reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
         raise TrainingError(f"Could not write to {folder}: {reason}. The files already there are kept.") from None
-    return names
 
 
 def save_model(model: CatDogClassifier, output_dir: Path) -> str:

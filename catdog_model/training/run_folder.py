@@ -20,7 +20,7 @@ from huggingface_hub.errors import HTTPError
 
 from ..config import IR_FILES, MANIFEST_KEY, OOD_FILE, REPORT_FIGURES, WEIGHTS
 from ..model import CatDogClassifier
-from ..serving.files import manifest_of
+from ..serving.files import TEMPORARY_PREFIX, manifest_of
 from .calibration import save_detector
 from .card import make_model_card
 from .data import load_split, save_split
@@ -41,7 +41,6 @@ RUN_FILES = ("config.json", WEIGHTS, *IR_FILES, OOD_FILE, "metrics.json", SPLIT_
 LOCK_FILE = ".catdog.lock"
 RUN_RECORD = ".catdog-run.json"
 OWN_NAMES = (*RUN_FILES, CHECKPOINTS, LOCK_FILE, RUN_RECORD)
-OWN_TEMPORARY = ".tmp-catdog-"  # what this script's own interrupted writes leave (save_atomically's folders)
 NOT_PUSHED = (f"{CHECKPOINTS}/*", f"{TRACKER_PROJECT}/*", LOCK_FILE, RUN_RECORD, ".tmp-*")
 
 
@@ -64,7 +63,7 @@ def claim_output_dir(output_dir: Path, overwrite: bool, resuming: bool) -> FileL
         raise TrainingError(f"--output-dir {output_dir} is not writable: {error.strerror or error}.") from None
     recorded = _recorded_names(output_dir)
     foreign = sorted(entry.name for entry in output_dir.iterdir()
-                     if entry.name not in (*recorded, LOCK_FILE) and not entry.name.startswith(OWN_TEMPORARY))
+                     if entry.name not in (*recorded, LOCK_FILE) and not entry.name.startswith(TEMPORARY_PREFIX))
     if foreign:  # refused before the lock file is made: the folder is left exactly as it was
         listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise TrainingError(f"--output-dir {output_dir} holds files this script did not write ({listed}); pick a new "
@@ -100,7 +99,7 @@ def remove_unused_folder(output_dir: Path, lock: FileLock) -> None:
 def start_run(output_dir: Path, overwrite: bool) -> None:
     """Every check has passed: remove this script's interrupted writes and, with ``overwrite``, what the
     previous run recorded writing here. Nothing else is touched."""
-    stale = [entry for entry in output_dir.iterdir() if entry.name.startswith(OWN_TEMPORARY)]
+    stale = [entry for entry in output_dir.iterdir() if entry.name.startswith(TEMPORARY_PREFIX)]
     if overwrite:
         stale += [output_dir / name for name in _recorded_names(output_dir) if name not in (LOCK_FILE, RUN_RECORD)]
     try:
