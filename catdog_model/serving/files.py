@@ -81,10 +81,10 @@ def write_atomically(folder: Path, write: Callable[[Path], None]) -> list[str]:
     return names
 
 
-def manifest_of(folder: Path, names) -> dict:
+def manifest_of(folder: Path, names, weights: Optional[str] = None) -> dict:
     """The manifest of these files of ``folder``: each one's size and sha256 and, for a file made from the weights,
-    the weights' sha256."""
-    weights, files = file_sha256(folder / WEIGHTS), {}
+    the weights' sha256 (``weights``, else that of the folder's own)."""
+    weights, files = weights or file_sha256(folder / WEIGHTS), {}
     for name in names:
         files[name] = {"size": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
         if name in MADE_FROM_WEIGHTS:

@@ -24,7 +24,7 @@ from ..config import IR_FILES, MANIFEST_KEY, WEIGHTS
 from ..graph import ServingGraph
 from ..hardware import exit_with_error, setup_logging
 from ..model import CatDogClassifier
-from ..serving.files import file_sha256
+from ..serving.files import file_sha256, manifest_of
 from .loop import TrainingError, save_atomically
 
 __all__ = ["export_openvino", "main", "reexport", "save_openvino"]
@@ -116,8 +116,7 @@ def reexport(folder: Path) -> None:
 
     def write(temp: Path) -> None:
         save_openvino(model, temp)
-        for name in IR_FILES:
-            manifest[name] = {"size": (temp / name).stat().st_size, "sha256": file_sha256(temp / name), "made_from": weights}
+        manifest.update(manifest_of(temp, IR_FILES, weights)["files"])
         (temp / "config.json").write_text(json.dumps(config, indent=2))
 
     save_atomically(folder, write)
