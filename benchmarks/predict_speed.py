@@ -19,9 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.harness import complete_folder
+from benchmarks.harness import complete_folder, cpu_name
 from catdog_model import CatDogClassifier, load_predictor
-from catdog_model.hardware import cpu_name
 
 
 def _images(count: int, seed: int = 0) -> list[Image.Image]:

@@ -6,11 +6,10 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import platform
 import sys
 from typing import NoReturn
 
-__all__ = ["cap_malloc_arenas", "cpu_flags", "cpu_name", "debug", "exit_with_error", "native_bf16", "setup_logging",
+__all__ = ["cap_malloc_arenas", "cpu_flags", "debug", "exit_with_error", "native_bf16", "setup_logging",
            "usable_cores"]
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -59,14 +58,6 @@ def cpu_flags() -> frozenset[str]:
             return frozenset(next(line for line in cpuinfo if line.startswith(("flags", "Features"))).split(":", 1)[1].split())
     except (OSError, StopIteration):
         return frozenset()
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def native_bf16(flags: frozenset[str] | None = None) -> bool:

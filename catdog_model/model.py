@@ -177,15 +177,3 @@ class CatDogClassifier(
                             hidden_size=self.head[1].out_features, dropout=self.head[3].p, model_name="catdog",
                             repo_id="user/repo", trained="trained")
         return super().generate_model_card(*args, **{**architecture, **kwargs})
-
-    @property
-    def num_parameters(self) -> dict[str, int]:
-        """Parameter counts of the backbone and the head."""
-        return {
-            "backbone": sum(p.numel() for p in self.backbone.parameters()),
-            "head": sum(p.numel() for p in self.head.parameters()),
-        }
-
-    def extra_repr(self) -> str:
-        return f"backbone={self.backbone_name!r}, image_size={self.image_size}, labels={self.labels}"
-

@@ -144,15 +144,15 @@ def _decode(predictor: Predictor, picture):
         return error
 
 
-def _write(rows: list[dict], path: Path, suffix: str) -> None:
-    """``rows`` into ``path``, in the output's format, whole or absent (``write_atomically``)."""
+def _write(rows: list[dict], path: Path) -> None:
+    """``rows`` into ``path``, in the format of its extension, whole or absent (``write_atomically``)."""
     def write(temp: Path) -> None:
-        if suffix == ".csv":
+        if path.suffix == ".csv":
             with open(temp / path.name, "w", newline="") as out:
                 writer = csv.DictWriter(out, fieldnames=list(rows[0]))
                 writer.writeheader()
                 writer.writerows({key: neutralised(value) for key, value in row.items()} for row in rows)
-        elif suffix == ".jsonl":
+        elif path.suffix == ".jsonl":
             (temp / path.name).write_text("".join(json.dumps(row) + "\n" for row in rows))
         else:
             import pyarrow
@@ -161,17 +161,6 @@ def _write(rows: list[dict], path: Path, suffix: str) -> None:
             pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), temp / path.name)
 
     write_atomically(path.parent, write)
-
-
-def _read(path: Path, suffix: str) -> list[dict]:
-    if suffix == ".csv":
-        with open(path, newline="") as file:
-            return list(csv.DictReader(file))
-    if suffix == ".jsonl":
-        return [json.loads(line) for line in path.read_text().splitlines()]
-    import pyarrow.parquet
-
-    return pyarrow.parquet.read_table(path).to_pylist()
 
 
 def _identity(predictor: Predictor, source: dict) -> dict:
@@ -205,39 +194,39 @@ def predict_files(predictor: Predictor, pictures: Iterator, output: Path, identi
     parts = _claim_parts(output, identity) if rank == 0 else output.with_name(output.name + ".parts")
     if state:
         state.wait_for_everyone()
-    suffix, written = output.suffix, 0
+    written = 0
     bar = tqdm(total=total, unit="picture", desc="classifying", disable=rank != 0, dynamic_ncols=True)
     with ThreadPoolExecutor(max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))) as pool:
         pending = None  # the chunk decoding while the model runs on the one before
         for index, chunk in enumerate(_chunks(pictures, chunk_size)):
             written += 1
-            part = parts / f"{index:08d}{suffix}"
+            part = parts / f"{index:08d}.jsonl"  # JSON Lines whatever the output: the rows' types survive the merge
             if index % world != rank or part.is_file():  # another process's chunk, or one written before a kill
                 bar.update(len(chunk) if part.is_file() or world == 1 else 0)
                 continue
             decoding = decode_chunk(predictor, chunk, pool)
             if pending:
-                _finish(predictor, *pending, suffix, bar)
+                _finish(predictor, *pending, bar)
             pending = (chunk, decoding, part)
         if pending:
-            _finish(predictor, *pending, suffix, bar)
+            _finish(predictor, *pending, bar)
     bar.close()
     if state:
         state.wait_for_everyone()
-    return _merge(parts, written, output, suffix) if rank == 0 else Counter()
+    return _merge(parts, written, output) if rank == 0 else Counter()
 
 
-def _finish(predictor: Predictor, chunk: list, decoding: list[Future], part: Path, suffix: str, bar: tqdm) -> None:
-    _write(classify_chunk(predictor, chunk, decoding), part, suffix)
+def _finish(predictor: Predictor, chunk: list, decoding: list[Future], part: Path, bar: tqdm) -> None:
+    _write(classify_chunk(predictor, chunk, decoding), part)
     bar.update(len(chunk) * int(os.environ.get("WORLD_SIZE", "1")))
 
 
-def _merge(parts: Path, chunks: int, output: Path, suffix: str) -> Counter:
+def _merge(parts: Path, chunks: int, output: Path) -> Counter:
     """The chunks in order, into OUT atomically; then OUT.parts/ goes. Returns the counts per verdict."""
-    rows = [row for index in range(chunks) for row in _read(parts / f"{index:08d}{suffix}", suffix)]
+    rows = [json.loads(line) for index in range(chunks) for line in (parts / f"{index:08d}.jsonl").read_text().splitlines()]
     if not rows:
         raise BatchError("no picture to classify: the inputs hold none")
-    _write(rows, output, suffix)
+    _write(rows, output)
     shutil.rmtree(parts)
     return Counter(row["verdict"] for row in rows)
 

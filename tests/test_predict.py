@@ -124,7 +124,7 @@ def test_a_kill_9_midway_then_a_rerun_gives_the_uninterrupted_rows_each_once(tra
                                start_new_session=True)
     parts, deadline = tmp_path / "rows.csv.parts", time.monotonic() + 300
     try:
-        while len(list(parts.glob("0*.csv"))) < 2:
+        while len(list(parts.glob("0*.jsonl"))) < 2:
             assert process.poll() is None and time.monotonic() < deadline, "the run ended before it was killed"
             time.sleep(0.005)
     finally:

@@ -12,7 +12,6 @@ from ..model import CatDogClassifier
 __all__ = ["make_model_card"]
 
 
-
 def _dataset_source(metrics: dict) -> str:
     """A Hub dataset with its revision, or a local folder with the content hash its checkpoints recorded."""
     fingerprint = metrics.get("dataset_fingerprint") or ""
@@ -25,33 +24,9 @@ def _dataset_source(metrics: dict) -> str:
 def make_model_card(model: CatDogClassifier, metrics: dict, evaluation: dict, repo_id: str) -> ModelCard:
     """The card of a finished run, from its record (metrics.json) and its evaluation (evaluation.json, with its
     figures): the card reads each number from the one file that holds it."""
-    args = metrics["args"]
-    card = model.generate_model_card(
-        repo_id=repo_id,
-        model_name=repo_id,
-        trained="trained from scratch" if metrics["backbone_init"].startswith("random") else "fine-tuned from ImageNet weights",
-        test_samples=evaluation["samples"],
-        test_accuracy=evaluation["accuracy"],
-        test_loss=evaluation["loss"],
-        best_epoch=metrics["best_epoch"],
-        history=metrics["history"],
-        calibration=metrics["calibration"],
-        evaluation=evaluation,
-        figures=evaluation["figures"],
-        dataset=metrics["dataset"],
-        dataset_source=_dataset_source(metrics),
-        skipped=metrics["skipped_rows"],
-        seed=args["seed"],
-        split_sizes=metrics["split_sizes"],
-        init=metrics["backbone_init"],
-        learning_rate=args["learning_rate"],
-        epochs=args["epochs"],
-        batch_size=args["batch_size"],
-        world_size=metrics["world_size"],
-        accumulation=args["gradient_accumulation_steps"],
-        mixed_precision=metrics["mixed_precision"],
-        versions=metrics["versions"],
-    )
+    trained = "trained from scratch" if metrics["backbone_init"].startswith("random") else "fine-tuned from ImageNet weights"
+    card = model.generate_model_card(repo_id=repo_id, model_name=repo_id, trained=trained, metrics=metrics,
+                                     evaluation=evaluation, dataset_source=_dataset_source(metrics))
     # A local folder is no Hub dataset id: keep it out of the metadata, which the Hub validates.
     hub_dataset = None if Path(metrics["dataset"]).exists() else metrics["dataset"]
     card.data.datasets = [hub_dataset] if hub_dataset else None

@@ -83,7 +83,8 @@ def _auroc(negatives: torch.Tensor, positives: torch.Tensor) -> float:
 
 def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, temperature: float, class_names: Sequence[str],
                     ood: dict) -> dict:
-    """The report's numbers. ``ood``: the detector's {"threshold", "in_scores" (of these images), "out_scores"}."""
+    """The report's numbers. ``ood``: the detector's {"threshold", "in_scores" (of these images), "out_scores"},
+    and what the out-of-distribution pictures are ("out_images")."""
     logits, labels = logits.float().cpu(), labels.long().cpu()
     probabilities = torch.sigmoid(logits / temperature)
     matrix = binary_confusion_matrix(probabilities, labels)
@@ -105,6 +106,7 @@ def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
     outside = len(ood["out_scores"])
     results["ood"] = {
         "threshold": ood["threshold"], "in_distribution": len(ood["in_scores"]), "out_of_distribution": outside,
+        "out_of_distribution_images": ood.get("out_images"),
         "auroc": _auroc(ood["in_scores"], ood["out_scores"]) if outside else None,
         "flagged_in_distribution": float((ood["in_scores"] > ood["threshold"]).float().mean()),
         "flagged_out_of_distribution": float((ood["out_scores"] > ood["threshold"]).float().mean()) if outside else None,
@@ -206,10 +208,9 @@ def report_training_run(model, detector: dict, test_outputs: tuple, image_of: Ca
         _, _, synthetic_features = model.forward_with_features(synthetic.to(next(model.parameters()).device))
     logits, labels, features = test_outputs
     ood = {"threshold": model.ood_threshold, "in_scores": torch.from_numpy(ood_score(features, detector)),
-           "out_scores": torch.from_numpy(ood_score(synthetic_features, detector))}
+           "out_scores": torch.from_numpy(ood_score(synthetic_features, detector)),
+           "out_images": "synthetic: noise, flat colours, gradients, stripes, text"}
     results = write_report(output_dir, logits, labels, model.temperature, model.labels, ood, image_of)
-    results["ood"]["out_of_distribution_images"] = "synthetic: noise, flat colours, gradients, stripes, text"
-    (Path(output_dir) / EVALUATION_FILE).write_text(json.dumps(results, indent=2))
     logger.info("'neither' detector: threshold %.3f flags %.1f%% of the test split and %.1f%% of %d synthetic pictures "
                 "(AUROC %.3f)", model.ood_threshold, 100 * results["ood"]["flagged_in_distribution"],
                 100 * results["ood"]["flagged_out_of_distribution"], len(synthetic), results["ood"]["auroc"])
@@ -315,7 +316,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         exit_with_error(f"the dataset's labels {list(data.labels)} are not the model's {list(predictor.labels)}")
     logits, in_scores = _model_outputs(predictor, _loader(rows, predictor, data), "evaluating")
     out_scores = _model_outputs(predictor, _loader(ood_images, predictor), "out-of-distribution")[1] if ood_images else torch.empty(0)
-    ood = {"threshold": predictor.ood_threshold, "in_scores": in_scores, "out_scores": out_scores}
+    ood = {"threshold": predictor.ood_threshold, "in_scores": in_scores, "out_scores": out_scores,
+           "out_images": f"the pictures of {args.ood_dir}" if ood_images else None}
     try:
         results = write_report(Path(args.output_dir), logits, torch.tensor(rows[data.label_column]), predictor.temperature,
                                predictor.labels, ood, lambda i: rows[i][data.image_column])
