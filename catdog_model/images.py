@@ -12,7 +12,7 @@ from typing import BinaryIO, Optional, Union
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
-__all__ = ["ImageError", "MAX_PIXELS", "TooLargeError", "check_image", "decode", "model_input", "open_image", "to_rgb"]
+__all__ = ["ImageError", "MAX_PIXELS", "TooLargeError", "decode", "model_input", "open_image", "to_rgb"]
 
 # 40 megapixels: larger than any phone photo, small enough to decode on a 2-vCPU Space.
 MAX_PIXELS = 40_000_000
@@ -106,16 +106,6 @@ def _scale_to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.rint(array, out=array).astype(np.uint8), mode="L")
 
 
-def check_image(image: object) -> Image.Image:
-    """A PIL image that still has pixels, or ``TypeError`` / ``ImageError`` saying what it is instead."""
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"expected a PIL image, got {type(image).__name__}: open files with catdog_model.open_image first")
-    if image.width == 0 or image.height == 0:
-        raise ImageError(f"The image has no pixels ({image.width}×{image.height}).")
-    decode(image)  # an image opened lazily from a truncated file fails here
-    return image
-
-
 def _upright(image: Image.Image) -> Image.Image:
     """The picture turned as its EXIF orientation says; unturned, with a log line, when the EXIF is broken."""
     try:
@@ -128,9 +118,11 @@ def _upright(image: Image.Image) -> Image.Image:
 
 def to_rgb(image: Image.Image, draft_size: Optional[int] = None) -> Image.Image:
     """Upright, RGB, first frame: what every mode and orientation becomes before resizing (``draft_size``: see ``decode``)."""
-    if isinstance(image, Image.Image):
-        decode(image, draft_size)
-    check_image(image)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"expected a PIL image, got {type(image).__name__}: open files with catdog_model.open_image first")
+    if image.width == 0 or image.height == 0:
+        raise ImageError(f"The image has no pixels ({image.width}×{image.height}).")
+    decode(image, draft_size)  # an image opened lazily from a truncated file fails here
     if getattr(image, "is_animated", False):
         image.seek(0)
     image = _upright(image)

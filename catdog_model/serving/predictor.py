@@ -79,19 +79,21 @@ def _jet(values: np.ndarray) -> np.ndarray:
     return (np.stack(channels, axis=-1) * 255).astype(np.uint8)
 
 
+def _fitted(width: int, height: int, longest: int) -> tuple[int, int]:
+    """The size of a (width, height) picture scaled until its longest side is ``longest`` pixels."""
+    scale = longest / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 def _stretched(heatmap: np.ndarray, width: int, height: int, longest: int) -> np.ndarray:
     """A (h, w) map stretched back to the picture's aspect ratio, its longest side ``longest`` pixels (bilinear)."""
-    scale = longest / max(width, height)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    resized = Image.fromarray(np.asarray(heatmap, dtype=np.float32)).resize(size, Image.BILINEAR)
+    resized = Image.fromarray(np.asarray(heatmap, dtype=np.float32)).resize(_fitted(width, height, longest), Image.BILINEAR)
     return np.clip(np.asarray(resized, dtype=np.float32), 0, 1)
 
 
 def _overlay(picture: Image.Image, heatmap: np.ndarray, opacity: float = 0.45, longest: int = 384) -> Image.Image:
     """The picture, its longest side ``longest`` pixels, with the heatmap in "jet" colours over it."""
-    scale = longest / max(picture.size)
-    small = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))), Image.BILINEAR,
-                           reducing_gap=3.0)
+    small = picture.resize(_fitted(*picture.size, longest), Image.BILINEAR, reducing_gap=3.0)
     heat = Image.fromarray(_jet(heatmap)).resize(small.size, Image.BILINEAR)
     return Image.blend(small, heat, opacity)
 
