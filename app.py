@@ -27,7 +27,7 @@ from typing import Optional
 import gradio as gr
 
 from catdog_model import DEFAULT_LABELS, ImageError, ModelLoadError, PredictionError, Predictor, load_predictor
-from catdog_model.hardware import cap_malloc_arenas, debug, exit_with_error, setup_logging, usable_cores
+from catdog_model.hardware import cap_malloc_arenas, debug, exit_with_error, parse_command, usable_cores
 from catdog_model.predict import classify_chunk, decode_chunk, neutralised
 from catdog_model.serving.describe import demonstration_notice, details, headline, report
 from catdog_model.serving.files import DEFAULT_MODEL, LOCAL_MODEL, resolve_model
@@ -317,11 +317,8 @@ def _model_source(argv: list[str]) -> tuple[str, str, bool, bool]:
                         f"$CATDOG_MODEL, else ./{LOCAL_MODEL} if it exists, else {DEFAULT_MODEL})")
     parser.add_argument("--exact", action="store_true",
                         help="serve the eager float32 model (model.safetensors, needs torch) instead of the OpenVINO engine")
-    parser.add_argument("--debug", action="store_true", help="log the full traceback behind every one-line error")
     parser.add_argument("--check", action="store_true", help="only load the model: exit 0 if it can be served, else 1")
-    parsed = parser.parse_args(argv)
-    if parsed.debug:
-        os.environ["CATDOG_DEBUG"] = "1"
+    parsed = parse_command(parser, argv)
     exact = parsed.exact or _setting("CATDOG_EXACT", "0")
     try:
         return (*resolve_model(parsed.model), exact, parsed.check)
@@ -370,7 +367,6 @@ def main(argv: list[str]) -> None:
     upload_ttl_s = _setting("CATDOG_UPLOAD_TTL", "3600", minimum=1, maximum=10 * 365 * 86400)
     threads = _setting("CATDOG_THREADS", str(min(2, usable_cores())), minimum=1, maximum=1024)
     source, why, exact, check = _model_source(argv)
-    setup_logging()
     logging.getLogger("uvicorn.error").addFilter(_HangUpsInOneLine())
     logger.info("loading the model %s (%s)", source, why)
     try:

@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import logging
 import os
 import sys
-from typing import NoReturn
+from typing import NoReturn, Optional
 
-__all__ = ["cap_malloc_arenas", "cpu_flags", "debug", "exit_with_error", "native_bf16", "setup_logging",
+__all__ = ["cap_malloc_arenas", "cpu_flags", "debug", "exit_with_error", "native_bf16", "parse_command", "setup_logging",
            "usable_cores"]
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -34,6 +35,16 @@ def setup_logging() -> None:
     # huggingface_hub prints through a handler of its own and also passes records on to ours: each Hub retry
     # warning came out twice. Keep one, in this format.
     logging.getLogger("huggingface_hub").handlers.clear()
+
+
+def parse_command(parser: argparse.ArgumentParser, argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """``parser``'s arguments and the ``--debug`` every command takes (it sets ``CATDOG_DEBUG``); logging set up."""
+    parser.add_argument("--debug", action="store_true", help="log the full traceback behind every one-line error")
+    args = parser.parse_args(argv)
+    if args.debug:
+        os.environ["CATDOG_DEBUG"] = "1"
+    setup_logging()
+    return args
 
 
 def usable_cores() -> int:

@@ -26,7 +26,7 @@ from typing import Iterator, Optional
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .hardware import exit_with_error, setup_logging, usable_cores
+from .hardware import exit_with_error, parse_command, usable_cores
 from .images import FORMATS as PICTURE_FORMATS, ImageError
 from .serving.files import ModelLoadError, resolve_model, write_atomically
 from .serving.predictor import Predictor, PredictionError, load_predictor
@@ -276,11 +276,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--model", help="a folder or Hub id (default: $CATDOG_MODEL, else ./catdog-model, else the "
                                         "published model, as the Space)")
     parser.add_argument("--push-to-hub", metavar="USER/DATASET", help="upload the rows as a Hub dataset")
-    parser.add_argument("--debug", action="store_true", help="log the full traceback behind a one-line error")
-    args = parser.parse_args(argv)
-    if args.debug:
-        os.environ["CATDOG_DEBUG"] = "1"
-    setup_logging()
+    args = parse_command(parser, argv)
     try:
         counts = _run(args)
     except (BatchError, ModelLoadError, ImageError, OSError) as error:

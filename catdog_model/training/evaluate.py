@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..config import REPORT_FIGURES
-from ..hardware import exit_with_error, setup_logging
+from ..hardware import exit_with_error, parse_command
 from ..images import ImageError, model_input, open_image
 from ..serving.detector import ood_score
 from ..serving.files import ModelLoadError, hub_unreachable
@@ -287,11 +287,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--serving-engine", action="store_true",
                         help="evaluate the engine load_predictor serves (the OpenVINO IR) instead of the fp32 weights "
                              "the training run's report used")
-    parser.add_argument("--debug", action="store_true", help="log the full traceback behind a one-line error")
-    args = parser.parse_args(argv)
-    if args.debug:
-        os.environ["CATDOG_DEBUG"] = "1"
-    setup_logging()
+    args = parse_command(parser, argv)
     try:  # every input is checked before the evaluation, which may take a while
         if Path(args.model).is_dir() and Path(args.output_dir).resolve() == Path(args.model).resolve():
             raise DatasetError(f"--output-dir {args.output_dir} is the model's own folder, whose report the manifest "

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..config import IR_FILES, MANIFEST_KEY, WEIGHTS
 from ..graph import ServingGraph
-from ..hardware import exit_with_error, setup_logging
+from ..hardware import exit_with_error, parse_command
 from ..model import CatDogClassifier
 from ..serving.files import file_sha256, manifest_of
 from .loop import TrainingError, save_atomically
@@ -126,8 +126,7 @@ def reexport(folder: Path) -> None:
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description="Make a finished model folder's OpenVINO engine again from its weights.")
     parser.add_argument("folder", type=Path, help="a folder written by train_accelerate.py")
-    args = parser.parse_args(argv)
-    setup_logging()
+    args = parse_command(parser, argv)
     try:
         reexport(args.folder)
     except TrainingError as error:
