@@ -67,13 +67,6 @@ def _upload_name(upload) -> str:  # the name the file had on the user's machine,
     return name or Path(_upload_path(upload) or "").name
 
 
-def _label_value(verdict: Verdict, probabilities: dict[str, float]) -> dict:
-    """gr.Label's own value format, headed by the verdict ("not sure" and "neither" included) over both
-    probabilities: what /predict returns, sent as it is (postprocess=False)."""
-    ranked = sorted(probabilities.items(), key=lambda item: -item[1])
-    return {"label": verdict.answer, "confidences": [{"label": name, "confidence": p} for name, p in ranked]}
-
-
 @dataclass
 class Space:
     """The app's handlers, bound to one loaded predictor (or to the reason there is none)."""
@@ -111,8 +104,9 @@ class Space:
         """Classify one picture (JPEG, PNG, WebP, GIF, ... up to 10 MB). Returns {"label": the verdict ("cat", "dog",
         "not sure" under 70% either way, or "neither": unlike every training photo), "confidences": both labels'
         probabilities, as [{"label": str, "confidence": float}, ...]}."""
-        explanation = self._api_explanation(upload)
-        return _label_value(explanation.verdict, explanation.probabilities)
+        explanation = self._api_explanation(upload)  # as gr.Label's own value, sent as it is (postprocess=False)
+        ranked = sorted(explanation.probabilities.items(), key=lambda item: -item[1])
+        return {"label": explanation.verdict.answer, "confidences": [{"label": name, "confidence": p} for name, p in ranked]}
 
     def explain(self, upload: str | dict | None) -> dict:
         """Classify one picture and say why. Returns a dict: verdict (str), label (str, the likelier label),
@@ -297,31 +291,25 @@ def _batch_tab(space: Space, ready: bool) -> None:
                                    api_description=Space.predict_batch.__doc__)
 
 
-def _setting(name: str, default: str, minimum: Optional[int] = None, maximum: int = 2**31 - 1) -> int | bool:
-    """$name as a whole number from ``minimum`` to ``maximum`` or, with no minimum, as a yes/no switch. A value that
-    is neither stops the app with one line: a Space's log should say what is wrong, not run on another setting."""
+def _setting(name: str, default: str, minimum: int, maximum: int = 2**31 - 1) -> int:
+    """$name as a whole number from ``minimum`` to ``maximum``. Any other value stops the app with one line: a
+    Space's log should say what is wrong, not run on another setting."""
     value = os.environ.get(name, default).strip()
-    if minimum is None and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
-        return value.lower() in ("1", "true", "yes", "on")
-    if minimum is not None and value.isdecimal() and minimum <= int(value) <= maximum:
+    if value.isdecimal() and minimum <= int(value) <= maximum:
         return int(value)
-    meaning = "1/true/yes or 0/false/no" if minimum is None else f"a whole number from {minimum} to {maximum}"
-    exit_with_error(f"${name} must be {meaning}, got {value!r} (see the settings table in README.md)")
+    exit_with_error(f"${name} must be a whole number from {minimum} to {maximum}, got {value!r} (see the settings "
+                    "table in README.md)")
 
 
-def _model_source(argv: list[str]) -> tuple[str, str, bool, bool]:
-    """The model to serve, why that one (--model, then $CATDOG_MODEL, then ./catdog-model, then the Hub), --exact
-    and --check."""
+def _model_source(argv: list[str]) -> tuple[str, str, bool]:
+    """The model to serve, why that one (--model, then $CATDOG_MODEL, then ./catdog-model, then the Hub), and --check."""
     parser = argparse.ArgumentParser(description="Serve the catdog demo.")
     parser.add_argument("--model", default=None, help=f"Hub repo id, id@revision, or a local folder (default: "
                         f"$CATDOG_MODEL, else ./{LOCAL_MODEL} if it exists, else {DEFAULT_MODEL})")
-    parser.add_argument("--exact", action="store_true",
-                        help="serve the eager float32 model (model.safetensors, needs torch) instead of the OpenVINO engine")
     parser.add_argument("--check", action="store_true", help="only load the model: exit 0 if it can be served, else 1")
     parsed = parse_command(parser, argv)
-    exact = parsed.exact or _setting("CATDOG_EXACT", "0")
     try:
-        return (*resolve_model(parsed.model), exact, parsed.check)
+        return (*resolve_model(parsed.model), parsed.check)
     except ModelLoadError as error:
         exit_with_error(error)
 
@@ -366,12 +354,12 @@ def main(argv: list[str]) -> None:
     concurrency = _setting("CATDOG_CONCURRENCY", "4", minimum=1, maximum=64)  # API calls decoded side by side
     upload_ttl_s = _setting("CATDOG_UPLOAD_TTL", "3600", minimum=1, maximum=10 * 365 * 86400)
     threads = _setting("CATDOG_THREADS", str(min(2, usable_cores())), minimum=1, maximum=1024)
-    source, why, exact, check = _model_source(argv)
+    source, why, check = _model_source(argv)
     logging.getLogger("uvicorn.error").addFilter(_HangUpsInOneLine())
     logger.info("loading the model %s (%s)", source, why)
     try:
-        predictor, load_error = load_predictor(source, exact=exact, threads=threads, max_megabytes=MAX_FILE_MB), None
-        where = "the local folder" if predictor.is_local else f"revision {predictor.revision or 'main'} of"
+        predictor, load_error = load_predictor(source, threads=threads, max_megabytes=MAX_FILE_MB), None
+        where = "the local folder" if predictor.files.local else f"revision {predictor.revision or 'main'} of"
         logger.info("serving %s %s", where, predictor.source)
     except ModelLoadError as error:
         predictor, load_error = None, str(error)

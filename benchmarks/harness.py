@@ -116,3 +116,26 @@ def complete_folder(model, folder: Path, threshold: float = 1e9) -> Path:
     (folder / "config.json").write_text(json.dumps(config))
     vouch_for(folder)
     return folder
+
+
+def torch_reference(folder: Path):
+    """The folder's predictor answering with its eager float32 weights (model.safetensors run through the export's
+    ``ServingGraph``, in torch): the reference the OpenVINO engine is measured against."""
+    import dataclasses
+
+    import torch
+
+    from catdog_model import CatDogClassifier, load_predictor
+    from catdog_model.config import FEATURE_NAMES
+    from catdog_model.serving.engine import EngineOutputs
+    from catdog_model.training.export import ServingGraph
+
+    graph = ServingGraph(CatDogClassifier.from_pretrained(str(folder)).eval())
+
+    @torch.inference_mode()
+    def engine(pixels: np.ndarray) -> EngineOutputs:
+        logits, heatmaps, *features = (value.numpy() for value in graph(torch.from_numpy(pixels)))
+        return EngineOutputs(logits, heatmaps, dict(zip(FEATURE_NAMES, features)))
+
+    engine.name = "torch-fp32"
+    return dataclasses.replace(load_predictor(str(folder)), backend=engine)

@@ -1,11 +1,12 @@
-"""The shipped engine against eager fp32, side by side in one run: latency, parity, download, cold start, memory.
+"""The shipped engine against eager fp32, side by side in one run: latency, parity, download; and the shipped
+engine's cold start and memory.
 
     python -m benchmarks.serving_speed --model catdog-model --dataset ../shared/data/cats_vs_dogs_mini
 
 - latency: batch 1, p50 of --repeats; from a 12-megapixel JPEG file to probabilities (decode and resize
   included: exact decodes in full, the default at the model's scale with Image.draft), and from the median
-  cats_vs_dogs photo already decoded. "exact" is ``load_predictor(..., exact=True)`` (torch fp32), "default"
-  what ``load_predictor`` serves (the OpenVINO IR shipped with the model);
+  cats_vs_dogs photo already decoded. "exact" is the fp32 weights in torch (``harness.torch_reference``),
+  "default" what ``load_predictor`` serves (the OpenVINO IR shipped with the model);
 - parity: P(dog) of the default against exact on every photo of --dataset;
 - download: the files each reads (config.json, ood.safetensors, and model.safetensors or the IR);
 - cold start: a fresh `python` process, from its start to its first prediction, weights local (split into
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.harness import describe
+from benchmarks.harness import describe, torch_reference
 from catdog_model import load_predictor, open_image
 from catdog_model.config import IR_FILES, OOD_FILE
 
@@ -42,10 +43,9 @@ import sys, time
 start = float(sys.argv[1])
 from catdog_model import load_predictor, open_image
 imported = time.time() - start
-predictor = load_predictor(sys.argv[2], exact=sys.argv[3] == "exact")
+predictor = load_predictor(sys.argv[2])
 loaded = time.time() - start
-size = None if sys.argv[3] == "exact" else predictor.image_size
-image = open_image(sys.argv[4], draft_size=size)
+image = open_image(sys.argv[3], draft_size=predictor.image_size)
 predictor.predict([image])
 first = time.time() - start
 for _ in range(100):
@@ -83,27 +83,26 @@ def _from_file(predictor, data: bytes, draft: bool):
     return lambda: predictor.predict([open_image(io.BytesIO(data), draft_size=size)])
 
 
-def _cold_start(folder: str, engine: str, photo: Path, threads: int, runs: int = 2) -> dict:
+def _cold_start(folder: str, photo: Path, threads: int, runs: int = 2) -> dict:
     """The fastest of ``runs`` fresh processes (the first may also pay for a cold disk cache)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     results = []
     for _ in range(runs):
-        out = subprocess.run([sys.executable, "-c", COLD_START, str(time.time()), folder, engine, str(photo)],
+        out = subprocess.run([sys.executable, "-c", COLD_START, str(time.time()), folder, str(photo)],
                              capture_output=True, text=True, env=env, check=True)
         results.append([float(value) for value in out.stdout.strip().splitlines()[-1].split()])
     imported, loaded, first, rss = min(results, key=lambda result: result[2])
     return {"imports_s": imported, "loaded_s": loaded, "first_prediction_s": first, "rss_mb": rss}
 
 
-def _app_cold_start(folder: str, exact: bool, photo: Path, threads: int) -> float:
+def _app_cold_start(folder: str, photo: Path, threads: int) -> float:
     """`python app.py` started → its first /predict answered, through gradio_client, on loopback."""
     from gradio_client import Client, handle_file
 
     from benchmarks.harness import running_app
 
-    env = {"CATDOG_EXACT": "1" if exact else "0", "CATDOG_THREADS": str(threads)}
     start = time.monotonic()
-    with running_app(folder, env, photo.with_name(f"app-{exact}.log")) as (url, _):
+    with running_app(folder, {"CATDOG_THREADS": str(threads)}, photo.with_name("app.log")) as (url, _):
         Client(url, verbose=False).predict(handle_file(str(photo)), api_name="/predict")
         return time.monotonic() - start
 
@@ -135,7 +134,7 @@ def main() -> None:
     try:
         folder = work / "model"
         shutil.copytree(args.model, folder, ignore=shutil.ignore_patterns("*.png", "*.html", "checkpoints", ".*"))
-        engines = {"exact": load_predictor(str(folder), exact=True), "default": load_predictor(str(folder))}
+        engines = {"exact": torch_reference(folder), "default": load_predictor(str(folder))}
         photo = _phone_photo(work / "phone.jpg")
         photo_bytes, median_photo = photo.read_bytes(), Image.open(photo).resize((447, 374))
         size = {name: (folder / name).stat().st_size / 1e6 for name in ("config.json", OOD_FILE, "model.safetensors", *IR_FILES)}
@@ -149,8 +148,8 @@ def main() -> None:
                                               for name, predictor in engines.items()}, args.repeats),
             "download_mb": {"exact": shared + size["model.safetensors"], "default": shared + sum(size[n] for n in IR_FILES),
                             "model.safetensors": size["model.safetensors"]},
-            "cold_start": {name: _cold_start(str(folder), name, photo, args.threads) for name in engines},
-            "app_cold_start_s": {name: _app_cold_start(str(folder), name == "exact", photo, args.threads) for name in engines},
+            "cold_start": _cold_start(str(folder), photo, args.threads),
+            "app_cold_start_s": _app_cold_start(str(folder), photo, args.threads),
         }
         if args.dataset:
             results["parity"] = _parity(engines["exact"], engines["default"], args.dataset)
@@ -180,13 +179,10 @@ def _print(results: dict, args) -> None:
     cold = results["cold_start"]
     for label, key, unit in (("fresh process: imports done", "imports_s", "s"),
                              ("fresh process: load_predictor returned", "loaded_s", "s"),
-                             ("fresh process: first prediction (weights local)", "first_prediction_s", "s"),
+                             ("fresh process: first prediction (files local)", "first_prediction_s", "s"),
                              ("resident memory after 100 predictions + 10 explanations", "rss_mb", "MB")):
-        exact, default = cold["exact"][key], cold["default"][key]
-        print(f"| {label} | {exact:.2f} {unit} | {default:.2f} {unit} | {default / exact:.2f}× |")
-    app = results["app_cold_start_s"]
-    print(f"| `python app.py` → first /predict answered | {app['exact']:.1f} s | {app['default']:.1f} s "
-          f"| {app['default'] / app['exact']:.2f}× |")
+        print(f"| {label} | | {cold[key]:.2f} {unit} | |")
+    print(f"| `python app.py` → first /predict answered | | {results['app_cold_start_s']:.1f} s | |")
     if "parity" in results:
         parity = results["parity"]
         print(f"parity on {parity['images']} photos: P(dog) max |diff| {parity['max_abs_diff']:.4f}, mean "

@@ -14,7 +14,6 @@ from pathlib import Path
 import timm
 import torch
 from huggingface_hub import PyTorchModelHubMixin
-from safetensors import safe_open
 from torch import nn
 
 from .config import DEFAULTS, HIDDEN, HUB_METADATA, STAGE_FEATURES, STAT_STAGES, check_config
@@ -105,7 +104,7 @@ class CatDogClassifier(
         """Map (N, 3, H, W) images in [0, 1] (or uint8 in 0..255) to (N,) logits for ``labels[1]``."""
         return self.classify(self.hidden(self.feature_map(pixels)))
 
-    # The forward pass in named steps, for the "neither" detector and Grad-CAM (see graph.py).
+    # The forward pass in named steps, for the "neither" detector and Grad-CAM (training/export.py).
     def _normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         if pixels.dtype == torch.uint8:  # model_input's pixels: converted here, on the device, as serving does
             pixels = pixels.to(torch.float32).div(255)
@@ -150,25 +149,6 @@ class CatDogClassifier(
         kwargs["pretrained"] = False
         # The mixin defaults to strict=False; mismatched weights must fail loudly instead.
         return super()._from_pretrained(model_id=model_id, strict=True, **kwargs)
-
-    @classmethod
-    def _load_as_safetensor(cls, model: CatDogClassifier, model_file: str, map_location: str, strict: bool):
-        # torch's own message lists every mismatch over many lines; name the first one in a sentence instead.
-        with safe_open(model_file, framework="pt") as weights:
-            saved = {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}
-        expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-        for name in expected:
-            if name not in saved:
-                raise ValueError(f"{Path(model_file).name} has no tensor {name!r} that the config's model needs")
-            if saved[name] != expected[name]:
-                raise ValueError(
-                    f"tensor {name!r} has shape {list(saved[name])} in {Path(model_file).name}, "
-                    f"but the model built from config.json needs {list(expected[name])}"
-                )
-        unexpected = sorted(set(saved) - set(expected))
-        if unexpected:
-            raise ValueError(f"{Path(model_file).name} holds {len(unexpected)} tensors the model does not have, e.g. {unexpected[0]!r}")
-        return super()._load_as_safetensor(model, model_file, map_location, strict)
 
     def generate_model_card(self, *args, **kwargs):
         """The mixin's card from model_card.md, with this model's architecture; a finished run adds its results

@@ -72,7 +72,7 @@ def test_the_training_run_stores_the_temperature_and_the_card_reports_the_ece(tr
 
 def test_the_predictor_applies_the_temperature(trained_model):
     predictor = load_predictor(str(trained_model))
-    predictor.config = {**predictor.config, "temperature": 2.5}  # whatever the run kept, the predictor divides by it
+    predictor.temperature = 2.5  # whatever the run kept, the predictor divides by it
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     logit = torch.from_numpy(predictor.outputs(model_input(image, 64)[None]).logits)
     assert predictor.predict([image])[0]["dog"] == pytest.approx(float(torch.sigmoid(logit / 2.5)), abs=1e-6)

@@ -21,7 +21,7 @@ from catdog_model.config import HIDDEN, IR_FILES, OOD_FILE, STAGE_FEATURES
 from catdog_model.serving import engine as engines
 from catdog_model.training.calibration import save_detector
 from catdog_model.training.export import save_openvino
-from conftest import ROOT, hub_snapshot, vouch_for
+from conftest import ROOT, hub_snapshot, torch_reference, vouch_for
 
 SPACE_FILES = ("config.json", *IR_FILES, OOD_FILE)
 
@@ -38,8 +38,8 @@ def _p_dog(predictor, images) -> np.ndarray:
 
 @pytest.mark.slow
 def test_the_default_engine_keeps_the_answers_on_all_3000_mini_photos(trained_model, mini_images):
-    default, exact = load_predictor(str(trained_model)), load_predictor(str(trained_model), exact=True)
-    assert default.engine.startswith("openvino-") and exact.engine == "torch-fp32"
+    default, exact = load_predictor(str(trained_model)), torch_reference(trained_model)
+    assert default.engine.startswith("openvino-")
     p_default, p_exact = _p_dog(default, mini_images), _p_dog(exact, mini_images)
     difference = np.abs(p_default - p_exact)
     summary = f"max {difference.max():.4f}, mean {difference.mean():.5f}"
@@ -53,13 +53,12 @@ def test_the_engine_is_named_by_what_the_cpu_computes(trained_model, monkeypatch
     assert load_predictor(str(trained_model)).engine == expected
     monkeypatch.setattr(engines, "native_bf16", lambda: False)  # an AVX2-only CPU
     assert load_predictor(str(trained_model)).engine == "openvino-f32"
-    assert load_predictor(str(trained_model), exact=True).engine == "torch-fp32"
 
 
 def test_explain_through_openvino_matches_torch_on_photos_and_on_pictures_of_neither(trained_model, mini_images):
     from catdog_model.training.evaluate import synthetic_ood_images
 
-    default, exact = load_predictor(str(trained_model)), load_predictor(str(trained_model), exact=True)
+    default, exact = load_predictor(str(trained_model)), torch_reference(trained_model)
     for image in [*mini_images[::300], *synthetic_ood_images(count=6, size=128)]:
         expected, got = exact.explain(image), default.explain(image)
         assert abs(got.probabilities["dog"] - expected.probabilities["dog"]) < 0.01
@@ -74,15 +73,11 @@ def test_the_space_needs_only_config_the_ir_and_the_detector(trained_model, mini
         shutil.copy(trained_model / name, space / name)
     images = mini_images[::100]
     assert np.array_equal(_p_dog(load_predictor(str(space)), images), _p_dog(load_predictor(str(trained_model)), images))
-    with pytest.raises(ModelLoadError, match="model.safetensors is missing"):
-        load_predictor(str(space), exact=True)
     # The same from the Hub: HF_HUB_OFFLINE=1, so only the files in the cache can be read.
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     hub_snapshot(tmp_path / "hub", "someone/space", space)
     from_hub = load_predictor("someone/space")
     assert from_hub.engine.startswith("openvino-") and from_hub.detector is not None
-    with pytest.raises(ModelLoadError, match="Could not download"):
-        load_predictor("someone/space", exact=True)
 
 
 @pytest.mark.slow
@@ -135,10 +130,6 @@ predictor = load_predictor(sys.argv[1])
 print(predictor.predict(["examples/chelsea_cat.jpg"]), predictor.explain("examples/coffee_cup.jpg").verdict.answer)
 app.build_demo(predictor)
 try:
-    load_predictor(sys.argv[1], exact=True)
-except ModelLoadError as error:
-    print("exact:", error)
-try:
     from catdog_model import CatDogClassifier
 except ImportError as error:
     print("model:", error)
@@ -150,7 +141,6 @@ def test_serving_and_the_app_never_import_torch(trained_model):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[{'cat': " in result.stdout
-    assert 'exact: exact=True serves the float32 weights with torch: pip install "catdog-classifier[train]"' in result.stdout
     assert 'model: CatDogClassifier needs torch and timm' in result.stdout
 
 
@@ -170,14 +160,13 @@ def other_run(trained_model, tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("name, exact", [(IR_FILES[1], False), (IR_FILES[0], False), (OOD_FILE, False),
-                                         ("model.safetensors", True)])
-def test_a_file_from_another_run_is_refused_naming_it(trained_model, other_run, tmp_path, name, exact):
+@pytest.mark.parametrize("name", [IR_FILES[1], IR_FILES[0], OOD_FILE])
+def test_a_file_from_another_run_is_refused_naming_it(trained_model, other_run, tmp_path, name):
     mixed = tmp_path / "mixed"
     shutil.copytree(trained_model, mixed)
     shutil.copy(other_run / name, mixed / name)
     with pytest.raises(ModelLoadError) as error:
-        load_predictor(str(mixed), exact=exact)
+        load_predictor(str(mixed))
     message = str(error.value)
     assert f"{name} is not the file its training run wrote" in message and str(mixed) in message
     assert "\n" not in message
@@ -218,16 +207,15 @@ def _with_nan(folder, tensor_name):
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
 
 
-@pytest.mark.parametrize("exact", [True, False])
-def test_non_finite_weights_are_refused_at_load(trained_model, tmp_path, exact):
+def test_non_finite_weights_are_refused_at_load(trained_model, tmp_path):
     folder = tmp_path / "nan"
     shutil.copytree(trained_model, folder)
     _with_nan(folder, "head.4.weight")
     model = CatDogClassifier.from_pretrained(str(folder)).eval()
     save_openvino(model, folder)
     vouch_for(folder)
-    with pytest.raises(ModelLoadError, match=r"non-finite weights? \((self.model.)?head.4.weight\); retrain"):
-        load_predictor(str(folder), exact=exact)
+    with pytest.raises(ModelLoadError, match=r"non-finite weight \((self.model.)?head.4.weight\); retrain"):
+        load_predictor(str(folder))
 
 
 def test_a_non_finite_ir_detector_temperature_or_threshold_is_refused(trained_model, tmp_path):
@@ -266,7 +254,7 @@ def test_a_non_finite_output_is_an_error_never_an_answer(trained_model, mini_ima
 
         def __call__(self, pixels):
             outputs = real(pixels)
-            outputs[0][:] = np.nan  # the logits
+            outputs.logits[:] = np.nan
             return outputs
 
     predictor.backend = Broken()

@@ -4,7 +4,6 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -66,28 +65,20 @@ def _evaluate(*args: str):
 
 
 @pytest.mark.slow
-def test_the_command_reproduces_the_training_runs_numbers(trained_model, mini_dataset, tmp_path):
-    ood_dir = tmp_path / "not-pets"
-    ood_dir.mkdir()
-    rng = np.random.default_rng(5)
-    for index in range(6):
-        Image.fromarray(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)).save(ood_dir / f"noise{index}.png")
-        Image.new("RGB", (160, 120), tuple(int(v) for v in rng.integers(0, 256, 3))).save(ood_dir / f"flat{index}.jpg")
-    (ood_dir / "notes.txt").write_text("not a picture")  # skipped with a warning
-    result = _evaluate(str(trained_model), "--dataset", str(mini_dataset), "--ood-dir", str(ood_dir),
-                       "--output-dir", str(tmp_path / "report"))
+def test_the_command_reproduces_the_training_runs_numbers_with_the_serving_engine(trained_model, mini_dataset, tmp_path):
+    result = _evaluate(str(trained_model), "--dataset", str(mini_dataset), "--output-dir", str(tmp_path / "report"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "skipping" in result.stderr and "notes.txt" in result.stderr
+    assert "with openvino-" in result.stderr
     ours = json.loads((tmp_path / "report" / "evaluation.json").read_text())
     training = json.loads((trained_model / "evaluation.json").read_text())
-    assert ours["samples"] == training["samples"] and ours["accuracy"] == training["accuracy"]
-    assert ours["confusion_matrix"] == training["confusion_matrix"]
+    assert ours["samples"] == training["samples"]
     # The command evaluates the shipped engine (int8 weights, bf16 where native), training its torch model: they
     # agree to the engine's parity (|ΔP| ≤ 0.01), and this barely trained model's ranking is mostly ties near 0.5.
+    assert ours["accuracy"] == pytest.approx(training["accuracy"], abs=1 / 32)
     for key, tolerance in (("loss", 2e-3), ("roc_auc", 0.02), ("ece", 0.01)):
         assert ours[key] == pytest.approx(training[key], abs=tolerance)
-    assert ours["ood"]["out_of_distribution"] == 12 and ours["ood"]["auroc"] > 0.9
-    assert ours["ood"]["flagged_out_of_distribution"] >= 0.9
+    assert ours["ood"]["out_images"] == training["ood"]["out_images"]
+    assert ours["ood"]["auroc"] == pytest.approx(training["ood"]["auroc"], abs=0.02)
     assert (tmp_path / "report" / "mistakes.png").is_file()
 
 
@@ -102,10 +93,6 @@ def test_the_command_fails_in_one_line(tmp_path, mini_dataset):
 def test_every_input_is_checked_before_the_evaluation(trained_model, mini_dataset, tmp_path):
     a_file = tmp_path / "report.txt"
     a_file.write_text("not a folder")
-    empty, not_pictures = tmp_path / "empty", tmp_path / "notes"
-    empty.mkdir()
-    not_pictures.mkdir()
-    (not_pictures / "notes.txt").write_text("not a picture")
     bad_json, a_list, no_used = (tmp_path / name for name in ("bad.json", "list.json", "no-used.json"))
     bad_json.write_text("{not json")
     a_list.write_text("[1, 2]")
@@ -115,8 +102,6 @@ def test_every_input_is_checked_before_the_evaluation(trained_model, mini_datase
     common = (str(trained_model), "--dataset", str(mini_dataset))
     for flags, message in (
         (("--output-dir", str(a_file)), "is not a writable folder"),
-        (("--output-dir", str(tmp_path / "r"), "--ood-dir", str(empty)), "holds no picture that can be read"),
-        (("--output-dir", str(tmp_path / "r"), "--ood-dir", str(not_pictures)), "holds no picture that can be read"),
         (("--output-dir", str(tmp_path / "r"), "--split-file", str(bad_json)), "is not a readable split.json"),
         (("--output-dir", str(tmp_path / "r"), "--split-file", str(a_list)), "is not a split.json written by"),
         (("--output-dir", str(tmp_path / "r"), "--split-file", str(no_used)), "is not a split.json written by"),
@@ -126,11 +111,3 @@ def test_every_input_is_checked_before_the_evaluation(trained_model, mini_datase
         assert_clean_error(result, message)
         assert "evaluating" not in result.stderr  # refused before the first picture was classified
     assert not (tmp_path / "r" / "evaluation.json").exists()
-
-
-@pytest.mark.slow
-def test_the_fp32_weights_are_evaluated_unless_the_serving_engine_is_asked_for(trained_model, mini_dataset, tmp_path):
-    for flags, engine in (((), "torch-fp32"), (("--serving-engine",), "openvino-")):
-        result = _evaluate(str(trained_model), "--dataset", str(mini_dataset), "--output-dir", str(tmp_path / "r"), *flags)
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert f"with {engine}" in result.stderr

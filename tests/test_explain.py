@@ -11,9 +11,9 @@ from PIL import Image, ImageDraw
 
 from catdog_model import CatDogClassifier, ModelLoadError, load_predictor
 from catdog_model.config import OOD_FILE
-from catdog_model.graph import TorchEngine
 from catdog_model.images import model_input
 from catdog_model.serving.detector import load_detector
+from catdog_model.training.export import ServingGraph
 from conftest import ROOT, complete_folder, vouch_for
 
 
@@ -131,8 +131,8 @@ def test_grad_cam_equals_captums_layer_grad_cam(trained_model, mini_rows):
     model = CatDogClassifier.from_pretrained(str(trained_model)).eval()  # captum needs autograd: the fp32 model
     pixels = torch.stack([torch.from_numpy(model_input(mini_rows[row]["image"], model.image_size)) for row in
                           (0, 1600, 2999, 700)]).float() / 255
-    outputs = TorchEngine(model)(pixels.numpy())
-    logits, ours = torch.from_numpy(outputs[0]), torch.from_numpy(outputs[1])  # the logits and the heatmaps
+    with torch.no_grad():
+        logits, ours = ServingGraph(model)(pixels)[:2]  # the logits and the heatmaps
     sign = torch.where(logits >= 0, 1.0, -1.0)
     reference = LayerGradCam(lambda x: model(x) * sign, model.backbone).attribute(pixels, relu_attributions=True)
     reference = reference[:, 0] / reference.flatten(1).max(dim=1).values.clamp_min(1e-12)[:, None, None]

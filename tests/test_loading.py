@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from catdog_model import CatDogClassifier, ImageError, ModelLoadError, load_predictor
-from conftest import ROOT, complete_folder, vouch_for
+from conftest import ROOT, complete_folder
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +39,10 @@ def _copy_with_config(saved_model, tmp_path, **changes):
     ('{"labels": ["Cat", " cat"]}', "not only in case or spaces"),
     ('{"labels": ["", "dog"]}', "exactly two non-empty label names"),
     ('{"labels": null}', "labels must be a list"),
-    ('{"backbone": "resnet5O"}', "timm has no model named 'resnet5O'"),
     ('{"image_size": "big"}', "image_size must be a positive whole number"),
     ('{"image_size": 0}', "image_size must be a positive whole number"),
     ('{"hidden_size": -1}', "hidden_size must be a positive whole number"),
     ('{"dropout": 2}', "dropout must be a probability"),
-    ('{"hidden_size": 16}', "tensor 'head.1.weight' has shape [8, 512] in model.safetensors, but the model built "
-                            "from config.json needs [16, 512]"),
 ])
 def test_bad_config_is_one_model_load_error_naming_source_and_reason(saved_model, tmp_path, config_text, reason):
     _copy_with_config(saved_model, tmp_path)
@@ -56,36 +53,8 @@ def test_bad_config_is_one_model_load_error_naming_source_and_reason(saved_model
     except (ValueError, TypeError):  # not a JSON object: write it as it is
         (tmp_path / "config.json").write_text(config_text)
     with pytest.raises(ModelLoadError) as error:
-        load_predictor(str(tmp_path), exact=True)  # the weights are read, so their shapes are checked too
+        load_predictor(str(tmp_path))
     assert reason in str(error.value) and str(tmp_path) in str(error.value)
-
-
-@pytest.mark.parametrize("weights, reason", [
-    (b"", "do not form a valid model"),
-    (b"\x00" * 64, "do not form a valid model"),
-    ("truncated", "do not form a valid model"),
-    (None, "model.safetensors is missing"),
-])
-def test_broken_weights_are_one_model_load_error(saved_model, tmp_path, weights, reason):
-    _copy_with_config(saved_model, tmp_path)
-    if weights is None:
-        (tmp_path / "model.safetensors").unlink()
-    else:
-        good = (saved_model / "model.safetensors").read_bytes()
-        (tmp_path / "model.safetensors").write_bytes(good[: len(good) // 2] if weights == "truncated" else weights)
-        vouch_for(tmp_path)  # as if its run had written these bytes: the weights themselves are refused
-    with pytest.raises(ModelLoadError, match=reason):
-        load_predictor(str(tmp_path), exact=True)
-
-
-def test_extra_tensors_in_the_weights_are_refused(saved_model, tmp_path):
-    from safetensors.torch import load_file, save_file
-    weights = load_file(saved_model / "model.safetensors")
-    _copy_with_config(saved_model, tmp_path)
-    save_file({**weights, "head.9.weight": torch.zeros(2)}, tmp_path / "model.safetensors")
-    vouch_for(tmp_path)
-    with pytest.raises(ModelLoadError, match="1 tensors the model does not have, e.g. 'head.9.weight'"):
-        load_predictor(str(tmp_path), exact=True)
 
 
 @pytest.mark.parametrize("source, message", [

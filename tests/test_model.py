@@ -58,6 +58,20 @@ def test_from_pretrained_never_downloads_imagenet_weights(tmp_path):
     assert CatDogClassifier.from_pretrained(tmp_path).image_size == 64
 
 
+def test_from_pretrained_is_strict_where_the_mixin_is_not(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    CatDogClassifier(backbone="resnet18", image_size=32, hidden_size=8).save_pretrained(tmp_path)
+    config, weights = json.loads((tmp_path / "config.json").read_text()), load_file(tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({**config, "hidden_size": 16}))
+    with pytest.raises(RuntimeError, match="head.1.weight"):
+        CatDogClassifier.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file({**weights, "head.9.weight": torch.zeros(2)}, tmp_path / "model.safetensors")
+    with pytest.raises(RuntimeError, match="head.9.weight"):
+        CatDogClassifier.from_pretrained(tmp_path)
+
+
 def _snapshot(tmp_path, repo_id: str, commit: str, refs: list[str], **model_args) -> CatDogClassifier:
     """Lay out a model in the Hugging Face cache exactly as a download would."""
     model = CatDogClassifier(**model_args).eval()
@@ -80,10 +94,11 @@ def test_load_by_repo_id_and_revision_through_the_hub_cache(tmp_path, monkeypatc
     from_main = CatDogClassifier.from_pretrained("someone/catdog", cache_dir=tmp_path / "hub")
     with torch.no_grad():
         assert torch.equal(from_main.eval()(pixels), main(pixels))
-    predictor = load_predictor("someone/catdog@v1", exact=True)
-    assert (predictor.source, predictor.revision, predictor.image_size) == ("someone/catdog", "v1", 32)
+    tagged_in_torch = CatDogClassifier.from_pretrained("someone/catdog", revision="v1", cache_dir=tmp_path / "hub")
     with torch.no_grad():
-        assert torch.equal(torch.from_numpy(predictor.outputs(pixels[:, :, :32, :32]).logits), tagged(pixels[:, :, :32, :32]))
+        assert torch.equal(tagged_in_torch.eval()(pixels[:, :, :32, :32]), tagged(pixels[:, :, :32, :32]))
+    predictor = load_predictor("someone/catdog@v1")  # its engine is the 32 px model's
+    assert (predictor.source, predictor.revision, predictor.image_size) == ("someone/catdog", "v1", 32)
 
 
 def test_unknown_repo_offline_is_a_clear_error():

@@ -71,7 +71,7 @@ def test_pip_install_then_load_a_saved_model_from_another_folder(trained_model, 
 
 
 SERVING = ("__init__.py", "config.py", "images.py", "hardware.py", "serving/*.py")  # and app.py: no torch
-TRAINING = ("model.py", "graph.py", "training/*.py")
+TRAINING = ("model.py", "training/*.py")
 COMMANDS = ("predict.py",)  # serving at import; --dataset and several processes import the extra when asked
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,7 +21,8 @@ class FixedPredictor:
     """Answers every picture with the same probabilities (and, unless told, says it looks like the training photos)."""
 
     labels, image_size, batch_size, ood_threshold = ("cat", "dog"), 64, 16, 1.0
-    source, revision, backbone, engine, is_local = "someone/catdog", None, "resnet50", "openvino-bf16", False
+    source, revision, backbone, engine = "someone/catdog", None, "resnet50", "openvino-bf16"
+    files = SimpleNamespace(local=False)
     metrics: dict = {}
     evaluation: dict = {}
 
@@ -204,7 +206,7 @@ def test_importing_the_app_loads_nothing_and_reads_no_setting():
 @pytest.mark.parametrize("name, value", [("CATDOG_CONCURRENCY", "abc"), ("CATDOG_CONCURRENCY", "0"),
                                          ("CATDOG_CONCURRENCY", "-1"), ("CATDOG_THREADS", "abc"), ("CATDOG_THREADS", "0"),
                                          ("CATDOG_THREADS", "2147483648"), ("CATDOG_MALLOC_ARENAS", "x"),
-                                         ("CATDOG_MALLOC_ARENAS", "99999999999999999999"), ("CATDOG_EXACT", "maybe")])
+                                         ("CATDOG_MALLOC_ARENAS", "99999999999999999999")])
 def test_a_setting_that_cannot_work_stops_the_app_in_one_line(name, value):
     env = {**os.environ, name: value, "CATDOG_MODEL": "no/such-model"}
     result = subprocess.run([sys.executable, "app.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
@@ -218,13 +220,6 @@ def test_an_empty_model_is_an_error_not_another_model(capsys):
     with pytest.raises(SystemExit) as exit:
         app._model_source(["--model", ""])
     assert exit.value.code == 1 and "--model is empty" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("value, expected", [("true", True), ("yes", True), ("1", True), ("false", False), ("0", False)])
-def test_switches_read_as_people_write_them(monkeypatch, value, expected):
-    import app
-    monkeypatch.setenv("CATDOG_EXACT", value)
-    assert app._model_source([])[2] is expected
 
 
 def test_hub_warnings_are_logged_once_in_the_shared_format():

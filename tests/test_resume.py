@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from catdog_model.training.run_folder import LOCK_FILE, RUN_RECORD
 from catdog_model.training.checkpoints import CheckpointError, find_latest, read_manifest, save_checkpoint
-from conftest import ROOT, assert_clean_error, run_training, training_command, weights_equal
+from conftest import ROOT, assert_clean_error, run_training, torch_reference, training_command, weights_equal
 
 pytestmark = pytest.mark.slow  # about 20 training runs, each a subprocess
 
@@ -260,7 +260,7 @@ def _predictions(folder) -> list:
     from catdog_model import load_predictor
 
     pictures = [str(ROOT / "examples" / name) for name in ("chelsea_cat.jpg", "beagle_puppy.jpg", "coffee_cup.jpg")]
-    return [load_predictor(str(folder), exact=exact).predict(pictures) for exact in (False, True)]
+    return [predictor.predict(pictures) for predictor in (load_predictor(str(folder)), torch_reference(folder))]
 
 
 def test_an_extension_killed_midway_leaves_the_finished_model_served_as_it_was(full_run, tmp_path):

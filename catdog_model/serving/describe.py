@@ -1,5 +1,5 @@
 """A loaded model described in plain words for the page, from its own config.json, metrics.json and
-evaluation.json only."""
+evaluation.json only (the files its manifest vouches for; a missing one reads as {})."""
 
 from __future__ import annotations
 
@@ -9,48 +9,40 @@ from typing import Optional
 from ..config import REPORT_FIGURES
 from .predictor import Predictor
 
-__all__ = ["DEMONSTRATION_BELOW", "demonstration_notice", "details", "engine_in_words", "facts", "headline",
-           "report"]
+__all__ = ["DEMONSTRATION_BELOW", "demonstration_notice", "details", "headline", "report"]
 
 
 # A model right on fewer of its held-out test photos than this is called a demonstration model.
 DEMONSTRATION_BELOW = 0.90
 
 
-def facts(predictor: Predictor) -> dict:
-    """What the page shows of metrics.json and evaluation.json (files the manifest vouches for: as the run wrote
-    them, or left out), each None where the model has no such file."""
-    metrics, test = predictor.metrics, predictor.evaluation
-    return {"backbone_init": metrics.get("backbone_init"), "dataset": metrics.get("dataset"),
-            "accuracy": test.get("accuracy"), "samples": test.get("samples"),
-            "trained_on": metrics.get("split_sizes", {}).get("train")}
-
-
-def _dataset_name(dataset: Optional[str]) -> Optional[str]:
-    """A local dataset folder by its name only: its full path means nothing to a visitor."""
+def _dataset(predictor: Predictor) -> Optional[str]:
+    """The dataset it was trained on; a local folder by its name only (its full path means nothing to a visitor)."""
+    dataset = predictor.metrics.get("dataset")
     return (Path(dataset).name if Path(dataset).exists() else dataset) if dataset else None
+
+
+def _from_scratch(predictor: Predictor) -> bool:
+    return predictor.metrics.get("backbone_init", "").startswith("random")
 
 
 def headline(predictor: Predictor) -> str:
     """One sentence: the backbone, how it was trained, on what, at which size."""
-    found = facts(predictor)
-    init, dataset = found["backbone_init"] or "", _dataset_name(found["dataset"])
-    how = "trained from scratch" if init.startswith("random") else "fine-tuned from ImageNet weights" if init else "trained"
-    where = f" on `{dataset}`" if dataset else ""
+    how = ("trained from scratch" if _from_scratch(predictor) else "fine-tuned from ImageNet weights"
+           if predictor.metrics.get("backbone_init") else "trained")
+    where = f" on `{_dataset(predictor)}`" if _dataset(predictor) else ""
     return f"A {predictor.backbone} {how}{where}, at {predictor.image_size} px, tells which it is."
 
 
 def demonstration_notice(predictor: Predictor) -> Optional[str]:
     """A plain warning when the model was not pretrained, or is right on under 90% of its test photos
     (or never recorded how often): what it is, what it was trained on and what to expect. None otherwise."""
-    found = facts(predictor)
-    from_scratch = (found["backbone_init"] or "").startswith("random")
-    accuracy = found["accuracy"]
-    if not from_scratch and accuracy is not None and accuracy >= DEMONSTRATION_BELOW:
+    accuracy, trained_on = predictor.evaluation.get("accuracy"), predictor.metrics.get("split_sizes", {}).get("train")
+    if not _from_scratch(predictor) and accuracy is not None and accuracy >= DEMONSTRATION_BELOW:
         return None
-    trained = "trained from scratch, without ImageNet weights," if from_scratch else "trained"
-    photos = f"{found['trained_on']:,} photos" if found["trained_on"] else "photos"
-    dataset = f" from `{_dataset_name(found['dataset'])}`" if found["dataset"] else ""
+    trained = "trained from scratch, without ImageNet weights," if _from_scratch(predictor) else "trained"
+    photos = f"{trained_on:,} photos" if trained_on else "photos"
+    dataset = f" from `{_dataset(predictor)}`" if _dataset(predictor) else ""
     how_good = (f"It is right on **{accuracy:.0%}** of the photos held out to test it"
                 if accuracy is not None else "It recorded no test accuracy")
     return (f"⚠️ **This is a demonstration model.** It was {trained} on {photos}{dataset} at "
@@ -58,31 +50,23 @@ def demonstration_notice(predictor: Predictor) -> Optional[str]:
             "mistakes: it shows how the app works, not how well a cat-vs-dog classifier can do.")
 
 
-def engine_in_words(engine: str) -> str:
-    """``Predictor.engine`` for a visitor."""
-    if engine.startswith("openvino"):
-        precision = "bfloat16" if engine.endswith("bf16") else "float32"
-        return f"a fast CPU engine (OpenVINO, {precision} arithmetic, 8-bit weights)"
-    return "the original PyTorch model (float32), unchanged"
-
-
 def details(predictor: Predictor) -> str:
     """Where the model comes from and what computes its answers, for the page's "About the model"."""
-    if predictor.is_local:
+    if predictor.files.local:
         name, where = f"`{predictor.source}`", "a local folder"
     else:
         name, where = f"[`{predictor.source}`](https://huggingface.co/{predictor.source})", f"revision `{predictor.revision or 'main'}`"
-    return (f"**Model** {name} ({where}): a {predictor.backbone} at {predictor.image_size} px. "
-            f"**Answers computed by** {engine_in_words(predictor.engine)} (`{predictor.engine}`).")
+    precision = "bfloat16" if predictor.engine.endswith("bf16") else "float32"
+    return (f"**Model** {name} ({where}): a {predictor.backbone} at {predictor.image_size} px. **Answers computed by** "
+            f"a fast CPU engine (OpenVINO, {precision} arithmetic, 8-bit weights) (`{predictor.engine}`).")
 
 
 def report(predictor: Predictor) -> tuple[str, list[tuple[str, str]]]:
     """"How good is this model?": a few sentences, and the evaluation figures (path, caption) the model ships."""
-    found = facts(predictor)
-    if found["accuracy"] is None:
-        return "This model recorded no evaluation (no evaluation.json next to its weights).", []
     evaluation = predictor.evaluation
-    lines = [f"Right on **{found['accuracy']:.1%}** of {found['samples'] or 'its'} photos held out from training."]
+    if evaluation.get("accuracy") is None:
+        return "This model recorded no evaluation (no evaluation.json next to its weights).", []
+    lines = [f"Right on **{evaluation['accuracy']:.1%}** of {evaluation.get('samples') or 'its'} photos held out from training."]
     verdicts = evaluation.get("verdicts", {})
     if verdicts:
         lines.append(f"On those photos this page would answer: **{verdicts['right']}** right and **{verdicts['wrong']}** "

@@ -33,12 +33,6 @@ class EngineOutputs:
     heatmaps: np.ndarray  # (N, h, w) Grad-CAM for the predicted label, in [0, 1]
     features: dict[str, np.ndarray]  # the "neither" detector's layers, by FEATURE_NAMES
 
-    @classmethod
-    def from_values(cls, values) -> EngineOutputs:
-        """From the graph's outputs in order: logits, heatmaps, then the features in FEATURE_NAMES order."""
-        logits, heatmaps, *features = values
-        return cls(logits, heatmaps, dict(zip(FEATURE_NAMES, features)))
-
 
 class OpenVINOEngine:
     """pixels (N, 3, S, S) float32 in [0, 1] → EngineOutputs, compiled for this CPU.
@@ -51,10 +45,10 @@ class OpenVINOEngine:
         self.image_size = compiled.inputs[0].get_partial_shape()[2].get_length()
         self.feature_sizes = {name: shape[1].get_length() for name, shape in zip(FEATURE_NAMES, shapes[2:])}
 
-    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, ...]:
-        """The graph's outputs in order: logits, heatmaps, then the detector's features (``EngineOutputs.from_values``)."""
+    def __call__(self, pixels: np.ndarray) -> EngineOutputs:
         results = self._request.infer({0: np.ascontiguousarray(pixels, dtype=np.float32)}, share_outputs=False)
-        return tuple(results[index] for index in range(len(results)))
+        logits, heatmaps, *features = (results[index] for index in range(len(results)))  # the export's order
+        return EngineOutputs(logits, heatmaps, dict(zip(FEATURE_NAMES, features)))
 
 
 def compile_openvino(model: "openvino.Model | str | Path", threads: int) -> OpenVINOEngine:

@@ -23,7 +23,7 @@ from ..config import IR_FILES, OOD_FILE, WEIGHTS
 from ..hardware import usable_cores
 from ..images import MAX_PIXELS, decode, model_input, open_image, to_rgb
 from .detector import load_detector, ood_score
-from .engine import EngineOutputs, NonFiniteWeightError, compile_openvino
+from .engine import EngineOutputs, NonFiniteWeightError, OpenVINOEngine, compile_openvino
 from .files import ModelFiles, ModelLoadError, first_line, parse_source
 from .verdict import Verdict, decide
 
@@ -32,7 +32,6 @@ __all__ = ["DecodeBudget", "Explanation", "ModelLoadError", "PredictionError", "
 logger = logging.getLogger(__name__)
 
 Picture = Union[Image.Image, str, Path, bytes]
-TORCH_MISSING = 'exact=True serves the float32 weights with torch: pip install "catdog-classifier[train]"'
 
 
 class PredictionError(RuntimeError):
@@ -120,52 +119,32 @@ class Predictor:
     thread, and one forward pass at a time runs under a lock, since on a 2-core CPU passes run side by side
     only spin their thread teams against each other."""
 
-    backend: object  # OpenVINOEngine (engine.py) or TorchEngine (graph.py): pixels -> the graph's outputs, in order
-    config: dict  # the model's own config.json, checked: labels, image_size, temperature, ood_threshold, ...
-    source: str
-    detector: dict  # the tensors of ood.safetensors
-    revision: Optional[str] = None
+    backend: OpenVINOEngine  # pixels -> EngineOutputs
+    files: ModelFiles  # the model's files, each checked against its manifest
+    source: str  # a local folder or "user/repo"
+    revision: Optional[str]
+    labels: tuple[str, str]  # config.json's, as check_config reads them (config.py)
+    image_size: int
+    backbone: str
+    temperature: float  # probabilities are sigmoid(logit / temperature), fitted after training
+    ood_threshold: float  # a "neither" score above this is "neither" (detector.py)
+    detector: dict  # the arrays of ood.safetensors
     metrics: dict = field(default_factory=dict)  # metrics.json: how the model was trained
     evaluation: dict = field(default_factory=dict)  # evaluation.json: how good it is on its test split
     batch_size: int = 16
     max_megabytes: Optional[float] = None  # refuse picture files larger than this
     budget: DecodeBudget = field(default_factory=lambda: DecodeBudget(DEFAULT_BUDGET), repr=False)
-    _files: Optional[ModelFiles] = field(default=None, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def engine(self) -> str:
-        """What computes the answers: "openvino-bf16", "openvino-f32" or "torch-fp32"."""
+        """What computes the answers: "openvino-bf16" or "openvino-f32"."""
         return self.backend.name
 
     @property
-    def labels(self) -> tuple[str, ...]:
-        return tuple(self.config["labels"])
-
-    @property
-    def image_size(self) -> int:
-        return self.config["image_size"]
-
-    @property
-    def backbone(self) -> str:
-        return self.config["backbone"]
-
-    @property
-    def ood_threshold(self) -> float:
-        return self.config["ood_threshold"]
-
-    @property
-    def temperature(self) -> float:
-        return self.config["temperature"]
-
-    @property
-    def weights_sha256(self) -> Optional[str]:
+    def weights_sha256(self) -> str:
         """The sha256 of the weights every file of this model was made from (its manifest's)."""
-        return self._files.manifest["files"][WEIGHTS]["sha256"] if self._files is not None else None
-
-    @property
-    def is_local(self) -> bool:
-        return self._files.local if self._files is not None else Path(self.source).is_dir()
+        return self.files.manifest["files"][WEIGHTS]["sha256"]
 
     def predict(self, pictures: Sequence[Picture]) -> list[dict[str, float]]:
         """One ``{label: probability}`` per picture (PIL images or file paths), in order, batched: the model's
@@ -210,7 +189,7 @@ class Predictor:
         pixels = np.asarray(pixels)
         pixels = pixels.astype(np.float32) / 255 if pixels.dtype == np.uint8 else pixels.astype(np.float32)
         with self._lock:
-            outputs = EngineOutputs.from_values(self.backend(pixels))
+            outputs = self.backend(pixels)
         if not all(np.isfinite(values).all() for values in (outputs.logits, *outputs.features.values())):
             raise PredictionError(f"The model {self.source} computed a non-finite output: its weights are damaged. "
                                   "Retrain it, or load another revision.")
@@ -250,32 +229,22 @@ class Predictor:
         """One of the model's own optional files (an evaluation figure, say), checked against its manifest and
         downloaded if it lives on the Hub; None, with a log line, if it is missing or cannot be vouched for."""
         try:
-            return self._files.path(name, required=False) if self._files is not None else None
+            return self.files.path(name, required=False)
         except ModelLoadError as error:
             logger.warning("leaving %s out: %s", name, error)
             return None
 
 
-def _load_engine(files: ModelFiles, exact: bool, threads: int):
-    """The OpenVINO IR, or with ``exact`` the eager float32 model (which needs torch)."""
-    if not exact:
-        xml, binary = files.path(IR_FILES[0]), files.path(IR_FILES[1])
-        if xml.parent != binary.parent:  # a Hub download keeps both in one snapshot; so does a folder
-            raise ModelLoadError(f"{files.where}: {IR_FILES[0]} and {IR_FILES[1]} come from different snapshots.")
-        try:
-            return compile_openvino(xml, threads)
-        except NonFiniteWeightError as error:
-            raise ModelLoadError(f"{files.where}: {error}; retrain the model.") from None
-        except Exception as error:  # OpenVINO's reader and compiler raise their own types
-            raise ModelLoadError(f"{files.where}: OpenVINO cannot read {IR_FILES[0]} ({first_line(error)}).") from None
+def _load_engine(files: ModelFiles, threads: int) -> OpenVINOEngine:
+    xml, binary = files.path(IR_FILES[0]), files.path(IR_FILES[1])
+    if xml.parent != binary.parent:  # a Hub download keeps both in one snapshot; so does a folder
+        raise ModelLoadError(f"{files.where}: {IR_FILES[0]} and {IR_FILES[1]} come from different snapshots.")
     try:
-        from ..graph import TorchEngine
-    except ImportError:
-        raise ModelLoadError(TORCH_MISSING) from None
-    try:  # a Hub download's snapshot holds config.json beside the weights
-        return TorchEngine.load(files.path(WEIGHTS).parent, threads)
-    except (RuntimeError, ValueError, TypeError, KeyError, AttributeError, SafetensorError, OSError) as error:
-        files.invalid(error)
+        return compile_openvino(xml, threads)
+    except NonFiniteWeightError as error:
+        raise ModelLoadError(f"{files.where}: {error}; retrain the model.") from None
+    except Exception as error:  # OpenVINO's reader and compiler raise their own types
+        raise ModelLoadError(f"{files.where}: OpenVINO cannot read {IR_FILES[0]} ({first_line(error)}).") from None
 
 
 def _optional_json(files: ModelFiles, name: str) -> dict:
@@ -290,16 +259,16 @@ def _optional_json(files: ModelFiles, name: str) -> dict:
     return content if isinstance(content, dict) else {}
 
 
-def load_predictor(source: str, batch_size: int = 16, exact: bool = False, threads: Optional[int] = None,
+def load_predictor(source: str, batch_size: int = 16, threads: Optional[int] = None,
                    max_megabytes: Optional[float] = None) -> Predictor:
-    """Load a model from a local folder, "user/repo" or "user/repo@revision", ready to serve: the OpenVINO IR
-    (a Hub model downloads config.json, the IR and ood.safetensors only), or with ``exact=True`` the eager float32
-    model. Every file is checked against the manifest; raises ``ModelLoadError``, and only that, in one line.
+    """Load a model from a local folder, "user/repo" or "user/repo@revision", ready to serve with its OpenVINO engine
+    (a Hub model downloads config.json, the IR and ood.safetensors only). Every file is checked against the
+    manifest; raises ``ModelLoadError``, and only that, in one line.
     ``threads``: how many the engine computes with (default: every core this process may use)."""
     repo_id, revision = parse_source(source)
     files = ModelFiles(str(source).strip(), repo_id, revision)
     config = files.config()
-    backend = _load_engine(files, exact, threads or usable_cores())
+    backend = _load_engine(files, threads or usable_cores())
     if backend.image_size != config["image_size"]:
         raise ModelLoadError(f"{files.where}: the engine takes {backend.image_size} px pictures, config.json says "
                              f"{config['image_size']}: its files come from different models.")
@@ -307,8 +276,9 @@ def load_predictor(source: str, batch_size: int = 16, exact: bool = False, threa
         detector = load_detector(files.path(OOD_FILE), backend.feature_sizes)
     except (OSError, ValueError, SafetensorError) as error:
         raise ModelLoadError(f"{files.where}: {first_line(error)}") from None
-    predictor = Predictor(backend, config, source=repo_id, detector=detector, revision=revision,
+    described = {name: config[name] for name in ("labels", "image_size", "backbone", "temperature", "ood_threshold")}
+    predictor = Predictor(backend, files, repo_id, revision, **described, detector=detector,
                           metrics=_optional_json(files, "metrics.json"), evaluation=_optional_json(files, "evaluation.json"),
-                          batch_size=batch_size, max_megabytes=max_megabytes, _files=files)
+                          batch_size=batch_size, max_megabytes=max_megabytes)
     logger.info("serving %s with %s", source, predictor.engine)
     return predictor

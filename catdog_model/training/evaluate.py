@@ -1,11 +1,11 @@
 """An evaluation report anyone can rerun, on any saved or Hub model:
 
-    python -m catdog_model.training.evaluate MODEL --dataset DATASET [--split-file split.json] [--ood-dir DIR] --output-dir DIR
+    python -m catdog_model.training.evaluate MODEL --dataset DATASET [--split-file split.json] --output-dir DIR
 
-It evaluates the test rows of the model's ``split.json`` (or the whole dataset), with the fp32 weights as the
-training run did, or with ``--serving-engine`` the OpenVINO engine that serves. It writes ``evaluation.json`` and
-three PNG figures (confusion matrix, reliability diagram, the most confident mistakes); the training script calls
-``write_report`` on its test split, so the model card and the page show the same numbers.
+It evaluates the test rows of the model's ``split.json`` (or the whole dataset) with the engine that serves, and
+the "neither" detector on synthetic pictures that are plainly neither. It writes ``evaluation.json`` and three PNG
+figures (confusion matrix, reliability diagram, the most confident mistakes); the training script calls
+``write_report`` on its test split with its fp32 model, so the model card and the page show the same numbers.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -27,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..config import REPORT_FIGURES
 from ..hardware import exit_with_error, parse_command
-from ..images import ImageError, model_input, open_image
+from ..images import model_input
 from ..serving.detector import ood_score
 from ..serving.files import ModelLoadError, hub_unreachable
 from ..serving.predictor import load_predictor
@@ -42,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 EVALUATION_FILE = "evaluation.json"
 MISTAKES_SHOWN = 8
+SYNTHETIC = "synthetic: noise, flat colours, gradients, stripes, text"
 
 
 def synthetic_ood_images(count: int = 60, size: int = 256, seed: int = 0) -> list[Image.Image]:
@@ -209,7 +209,7 @@ def report_training_run(model, detector: dict, test_outputs: tuple, image_of: Ca
     logits, labels, features = test_outputs
     ood = {"threshold": model.ood_threshold, "in_scores": torch.from_numpy(ood_score(features, detector)),
            "out_scores": torch.from_numpy(ood_score(synthetic_features, detector)),
-           "out_images": "synthetic: noise, flat colours, gradients, stripes, text"}
+           "out_images": SYNTHETIC}
     results = write_report(output_dir, logits, labels, model.temperature, model.labels, ood, image_of)
     logger.info("'neither' detector: threshold %.3f flags %.1f%% of the test split and %.1f%% of %d synthetic pictures "
                 "(AUROC %.3f)", model.ood_threshold, 100 * results["ood"]["flagged_in_distribution"],
@@ -217,39 +217,17 @@ def report_training_run(model, detector: dict, test_outputs: tuple, image_of: Ca
     return results
 
 
-def _model_outputs(predictor, loader: DataLoader, description: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and "neither" scores, for a loader of uint8 pictures (N, 3, S, S)."""
+def _model_outputs(predictor, rows, data) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and "neither" scores of dataset rows through the serving engine, read as timm's inference.py reads
+    them: a DataLoader with the evaluation transform (data.py)."""
+    pictures = undecoded(rows, data).with_transform(make_transform(data, predictor.image_size, train=False))
+    loader = DataLoader(pictures, batch_size=predictor.batch_size, collate_fn=lambda batch: collate(batch)["pixels"])
     logits, scores = [], []
-    for pixels in tqdm(loader, desc=description):
+    for pixels in tqdm(loader, desc="evaluating"):
         outputs = predictor.outputs(pixels.numpy())  # model_input's uint8 pixels: the serving path's input
         logits.append(torch.from_numpy(outputs.logits))
         scores.append(torch.from_numpy(ood_score(outputs.features, predictor.detector)))
     return torch.cat(logits), torch.cat(scores)
-
-
-def _loader(pictures, predictor, data=None) -> DataLoader:
-    """Batches of the model's input, as timm's inference.py reads them: a DataLoader over dataset rows with the
-    evaluation transform (data.py), or over a list of PIL images resized alike."""
-    if data is not None:
-        pictures = undecoded(pictures, data).with_transform(make_transform(data, predictor.image_size, train=False))
-        return DataLoader(pictures, batch_size=predictor.batch_size, collate_fn=lambda rows: collate(rows)["pixels"])
-    return DataLoader(pictures, batch_size=predictor.batch_size, collate_fn=lambda images: torch.stack(
-        [torch.from_numpy(model_input(image, predictor.image_size)) for image in images]))
-
-
-def _ood_images(folder: Path) -> list[Image.Image]:
-    """The readable pictures of --ood-dir (others are skipped with a warning); DatasetError if there are none."""
-    if not folder.is_dir():
-        raise DatasetError(f"--ood-dir {folder} is not a folder")
-    images = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        try:
-            images.append(open_image(path))
-        except ImageError as error:
-            logger.warning("skipping %s: %s", path, error)
-    if not images:
-        raise DatasetError(f"--ood-dir {folder} holds no picture that can be read")
-    return images
 
 
 def _check_output_dir(folder: Path) -> None:
@@ -282,19 +260,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--dataset-revision", default=None)
     parser.add_argument("--split-file", default=None, help="split.json: evaluate its test rows (default: the model's own, if local)")
     parser.add_argument("--all-rows", action="store_true", help="evaluate the whole dataset instead of a test split")
-    parser.add_argument("--ood-dir", default=None, help="a folder of pictures that are neither cats nor dogs")
     parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--serving-engine", action="store_true",
-                        help="evaluate the engine load_predictor serves (the OpenVINO IR) instead of the fp32 weights "
-                             "the training run's report used")
     args = parse_command(parser, argv)
     try:  # every input is checked before the evaluation, which may take a while
         if Path(args.model).is_dir() and Path(args.output_dir).resolve() == Path(args.model).resolve():
             raise DatasetError(f"--output-dir {args.output_dir} is the model's own folder, whose report the manifest "
                                "vouches for: write the new report elsewhere.")
         _check_output_dir(Path(args.output_dir))
-        ood_images = _ood_images(Path(args.ood_dir)) if args.ood_dir else []
-        predictor = load_predictor(args.model, exact=not args.serving_engine)
+        predictor = load_predictor(args.model)
         if unreachable := hub_unreachable(None if Path(args.dataset).exists() else f"--dataset {args.dataset}"):
             raise DatasetError(unreachable)
         data = load_image_dataset(args.dataset, args.dataset_revision)
@@ -310,19 +283,17 @@ def main(argv: Optional[list[str]] = None) -> None:
         exit_with_error(error)
     if tuple(data.labels) != tuple(predictor.labels):
         exit_with_error(f"the dataset's labels {list(data.labels)} are not the model's {list(predictor.labels)}")
-    logits, in_scores = _model_outputs(predictor, _loader(rows, predictor, data), "evaluating")
-    out_scores = _model_outputs(predictor, _loader(ood_images, predictor), "out-of-distribution")[1] if ood_images else torch.empty(0)
-    ood = {"threshold": predictor.ood_threshold, "in_scores": in_scores, "out_scores": out_scores,
-           "out_images": f"the pictures of {args.ood_dir}" if ood_images else None}
+    logits, in_scores = _model_outputs(predictor, rows, data)
+    out_scores = torch.tensor([found.ood_score for found in predictor.explain_many(synthetic_ood_images())])
+    ood = {"threshold": predictor.ood_threshold, "in_scores": in_scores, "out_scores": out_scores, "out_images": SYNTHETIC}
     try:
         results = write_report(Path(args.output_dir), logits, torch.tensor(rows[data.label_column]), predictor.temperature,
                                predictor.labels, ood, lambda i: rows[i][data.image_column])
     except OSError as error:  # a full disk, most often
         exit_with_error(f"Could not write the report in {args.output_dir}: {error.strerror or error}.")
-    summary = f"accuracy {results['accuracy']:.4f}, ROC AUC {results['roc_auc']:.4f}, ECE {results['ece']:.4f}"
-    if ood_images:
-        summary += f", 'neither' AUROC {results['ood']['auroc']:.4f}"
-    logger.info("%s on %d images; report in %s", summary, results["samples"], Path(args.output_dir) / EVALUATION_FILE)
+    logger.info("accuracy %.4f, ROC AUC %.4f, ECE %.4f, 'neither' AUROC %.4f on %d images with %s; report in %s",
+                results["accuracy"], results["roc_auc"], results["ece"], results["ood"]["auroc"], results["samples"],
+                predictor.engine, Path(args.output_dir) / EVALUATION_FILE)
 
 
 if __name__ == "__main__":

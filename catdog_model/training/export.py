@@ -1,6 +1,7 @@
-"""The serving engine made from a trained fp32 model: ``ServingGraph`` traced into the OpenVINO IR, int8 weights
-with one scale per output channel (0.28× the bytes of model.safetensors). For a folder whose IR is missing or
-damaged, the command makes it again from the weights the manifest vouches for:
+"""The serving engine made from a trained fp32 model: ``ServingGraph`` (logits, Grad-CAM and the detector's features
+in one pass) traced into the OpenVINO IR, int8 weights with one scale per output channel (0.28× the bytes of
+model.safetensors). For a folder whose IR is missing or damaged, the command makes it again from the weights
+the manifest vouches for:
 
     python -m catdog_model.training.export MODEL_FOLDER
 """
@@ -20,16 +21,38 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import IR_FILES, MANIFEST_KEY, WEIGHTS
-from ..graph import ServingGraph
+from ..config import FEATURE_NAMES, HIDDEN, IR_FILES, MANIFEST_KEY, WEIGHTS
 from ..hardware import exit_with_error, parse_command
 from ..model import CatDogClassifier
 from ..serving.files import file_sha256, manifest_of
 from .loop import TrainingError, save_atomically
 
-__all__ = ["export_openvino", "main", "reexport", "save_openvino"]
+__all__ = ["ServingGraph", "export_openvino", "main", "reexport", "save_openvino"]
 
 logger = logging.getLogger(__name__)
+
+
+class ServingGraph(nn.Module):
+    """pixels (N, 3, S, S) in [0, 1] → logits, Grad-CAM heatmaps (Selvaraju et al., 2017) and the detector's
+    features, in one pass. The head is Linear → ReLU → Linear on the flattened map, so Grad-CAM's mean gradient
+    is exact in closed form, (w2 ⊙ relu'(hidden)) · W1 pooled per channel: no autograd, so the export has it too."""
+
+    def __init__(self, model: CatDogClassifier, compact: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        first = self.model.head[1].weight.detach().float()
+        pooled = first.view(first.shape[0], self.model.backbone.num_features, -1).sum(-1)
+        # ``compact`` (the export): stored in float16 in the IR (4 MB at 224 px), expanded at compile time.
+        self.register_buffer("pooled", pooled.half() if compact else pooled, persistent=False)
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        feature_map, logits, features = self.model.forward_with_features(pixels)
+        sign = torch.where(logits >= 0, 1.0, -1.0)[:, None]
+        upstream = (features[HIDDEN] > 0).float() * self.model.head[4].weight * sign  # d(±logit)/d(hidden)
+        weights = upstream @ self.pooled.float() / (feature_map.shape[2] * feature_map.shape[3])
+        cams = F.relu(torch.einsum("nc,nchw->nhw", weights, feature_map))
+        cams = cams / cams.flatten(1).amax(dim=1).clamp_min(1e-12)[:, None, None]
+        return logits, cams, *(features[name] for name in FEATURE_NAMES)
 
 
 def _int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
