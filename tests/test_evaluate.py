@@ -77,7 +77,7 @@ def test_the_command_reproduces_the_training_runs_numbers_with_the_serving_engin
     assert ours["accuracy"] == pytest.approx(training["accuracy"], abs=1 / 32)
     for key, tolerance in (("loss", 2e-3), ("roc_auc", 0.02), ("ece", 0.01)):
         assert ours[key] == pytest.approx(training[key], abs=tolerance)
-    assert ours["ood"]["out_images"] == training["ood"]["out_images"]
+    assert ours["ood"]["out_of_distribution_images"] == training["ood"]["out_of_distribution_images"]
     assert ours["ood"]["auroc"] == pytest.approx(training["ood"]["auroc"], abs=0.02)
     assert (tmp_path / "report" / "mistakes.png").is_file()
 
