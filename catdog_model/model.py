@@ -66,9 +66,8 @@ class CatDogClassifier(
         # No classifier and no pooling: the fixed head flattens the whole feature map.
         self.backbone = timm.create_model(backbone, pretrained=pretrained, num_classes=0, global_pool="")
         # Non-persistent: they come from timm's config for this backbone, not from the weights file.
-        self.register_buffer("mean", torch.zeros(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.ones(1, 3, 1, 1), persistent=False)
-        self.reset_normalisation()
+        for name in ("mean", "std"):
+            self.register_buffer(name, torch.tensor(self.backbone.pretrained_cfg[name]).view(1, 3, 1, 1), persistent=False)
 
         # Measure the feature map instead of assuming a stride: any backbone or size works.
         # Eval mode, so the probe leaves batch-norm statistics untouched and works at any size.
@@ -92,13 +91,6 @@ class CatDogClassifier(
             nn.Dropout(dropout),
             nn.Linear(hidden_size, 1),
         )
-
-    def reset_normalisation(self) -> None:
-        """The backbone's mean/std input normalisation, from timm's config (e.g. after building on the meta device)."""
-        cfg = self.backbone.pretrained_cfg
-        with torch.no_grad():
-            self.mean.copy_(torch.tensor(cfg["mean"]).view(1, 3, 1, 1))
-            self.std.copy_(torch.tensor(cfg["std"]).view(1, 3, 1, 1))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """Map (N, 3, H, W) images in [0, 1] (or uint8 in 0..255) to (N,) logits for ``labels[1]``."""

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 
 from .loop import CHECKPOINTS, TrainingError, check_best_model
 
-__all__ = ["CHECKPOINTS", "MANIFEST", "CheckpointError", "find_latest", "find_resume_checkpoint", "identity_changes",
+__all__ = ["CHECKPOINTS", "MANIFEST", "CheckpointError", "find_latest", "find_resume_checkpoint",
            "load_checkpoint", "read_manifest", "save_checkpoint"]
 
 logger = logging.getLogger(__name__)
@@ -120,15 +120,6 @@ def save_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, step: int, 
     return final
 
 
-def identity_changes(saved: dict, current: dict) -> list[str]:
-    """``"KEY was X, now Y"`` for every entry of the run identity that differs (keys name the flags)."""
-    return [
-        f"{key} was {saved.get(key)!r}, now {current.get(key)!r}"
-        for key in sorted(set(saved) | set(current))
-        if saved.get(key) != current.get(key)
-    ]
-
-
 def find_resume_checkpoint(resume_from: Optional[str], output_dir: Path, identity: dict, epochs: int) -> Optional[Path]:
     """The checkpoint to resume from ("latest" or a folder), complete and written by this very run."""
     if not resume_from:
@@ -143,7 +134,9 @@ def find_resume_checkpoint(resume_from: Optional[str], output_dir: Path, identit
             manifest = read_manifest(path)
     except CheckpointError as error:
         raise TrainingError(f"--resume-from-checkpoint {resume_from}: {error}") from None
-    changes = identity_changes(manifest["identity"], identity)
+    saved = manifest["identity"]  # keys name the flags
+    changes = [f"{key} was {saved.get(key)!r}, now {identity.get(key)!r}"
+               for key in sorted(set(saved) | set(identity)) if saved.get(key) != identity.get(key)]
     if changes:
         raise TrainingError(
             f"{path} belongs to another run ({'; '.join(changes)}). Resume with the same flags, "
