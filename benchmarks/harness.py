@@ -126,7 +126,6 @@ def torch_reference(folder: Path):
     import torch
 
     from catdog_model import CatDogClassifier, load_predictor
-    from catdog_model.config import FEATURE_NAMES
     from catdog_model.serving.engine import EngineOutputs
     from catdog_model.training.export import ServingGraph
 
@@ -134,8 +133,7 @@ def torch_reference(folder: Path):
 
     @torch.inference_mode()
     def engine(pixels: np.ndarray) -> EngineOutputs:
-        logits, heatmaps, *features = (value.numpy() for value in graph(torch.from_numpy(pixels)))
-        return EngineOutputs(logits, heatmaps, dict(zip(FEATURE_NAMES, features)))
+        return EngineOutputs.from_values(value.numpy() for value in graph(torch.from_numpy(pixels)))
 
     engine.name = "torch-fp32"
     return dataclasses.replace(load_predictor(str(folder)), backend=engine)

@@ -23,14 +23,15 @@ def _dataset(predictor: Predictor) -> Optional[str]:
 
 
 def _from_scratch(predictor: Predictor) -> bool:
-    return predictor.metrics.get("backbone_init", "").startswith("random")
+    return (predictor.metrics.get("backbone_init") or "").startswith("random")
 
 
 def headline(predictor: Predictor) -> str:
     """One sentence: the backbone, how it was trained, on what, at which size."""
     how = ("trained from scratch" if _from_scratch(predictor) else "fine-tuned from ImageNet weights"
            if predictor.metrics.get("backbone_init") else "trained")
-    where = f" on `{_dataset(predictor)}`" if _dataset(predictor) else ""
+    dataset = _dataset(predictor)
+    where = f" on `{dataset}`" if dataset else ""
     return f"A {predictor.backbone} {how}{where}, at {predictor.image_size} px, tells which it is."
 
 
@@ -38,11 +39,12 @@ def demonstration_notice(predictor: Predictor) -> Optional[str]:
     """A plain warning when the model was not pretrained, or is right on under 90% of its test photos
     (or never recorded how often): what it is, what it was trained on and what to expect. None otherwise."""
     accuracy, trained_on = predictor.evaluation.get("accuracy"), predictor.metrics.get("split_sizes", {}).get("train")
-    if not _from_scratch(predictor) and accuracy is not None and accuracy >= DEMONSTRATION_BELOW:
+    from_scratch, dataset = _from_scratch(predictor), _dataset(predictor)
+    if not from_scratch and accuracy is not None and accuracy >= DEMONSTRATION_BELOW:
         return None
-    trained = "trained from scratch, without ImageNet weights," if _from_scratch(predictor) else "trained"
+    trained = "trained from scratch, without ImageNet weights," if from_scratch else "trained"
     photos = f"{trained_on:,} photos" if trained_on else "photos"
-    dataset = f" from `{_dataset(predictor)}`" if _dataset(predictor) else ""
+    dataset = f" from `{dataset}`" if dataset else ""
     how_good = (f"It is right on **{accuracy:.0%}** of the photos held out to test it"
                 if accuracy is not None else "It recorded no test accuracy")
     return (f"⚠️ **This is a demonstration model.** It was {trained} on {photos}{dataset} at "

@@ -33,6 +33,12 @@ class EngineOutputs:
     heatmaps: np.ndarray  # (N, h, w) Grad-CAM for the predicted label, in [0, 1]
     features: dict[str, np.ndarray]  # the "neither" detector's layers, by FEATURE_NAMES
 
+    @classmethod
+    def from_values(cls, values) -> EngineOutputs:
+        """From the serving graph's outputs in its order: logits, heatmaps, then the features by FEATURE_NAMES."""
+        logits, heatmaps, *features = values
+        return cls(logits, heatmaps, dict(zip(FEATURE_NAMES, features)))
+
 
 class OpenVINOEngine:
     """pixels (N, 3, S, S) float32 in [0, 1] → EngineOutputs, compiled for this CPU.
@@ -47,8 +53,7 @@ class OpenVINOEngine:
 
     def __call__(self, pixels: np.ndarray) -> EngineOutputs:
         results = self._request.infer({0: np.ascontiguousarray(pixels, dtype=np.float32)}, share_outputs=False)
-        logits, heatmaps, *features = (results[index] for index in range(len(results)))  # the export's order
-        return EngineOutputs(logits, heatmaps, dict(zip(FEATURE_NAMES, features)))
+        return EngineOutputs.from_values(results[index] for index in range(len(results)))
 
 
 def compile_openvino(model: "openvino.Model | str | Path", threads: int) -> OpenVINOEngine:
