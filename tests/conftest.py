@@ -45,6 +45,46 @@ def run_training(output_dir: Path, *flags: str, launcher: tuple[str, ...] = (sys
     return result
 
 
+def train_in_process(output_dir: Path, *flags: str, check: bool = True) -> subprocess.CompletedProcess:
+    """train_accelerate.py's ``main`` on the same command line as ``run_training``, in this process: the same code
+    from the parsed flags on, without the 5 s of imports a new process pays. Its stderr (logs, bars, the one-line
+    error) and exit code come back as ``run_training``'s do. Runs that need a process of their own (a kill, loader
+    workers, a file-size limit, several processes) use ``run_training``."""
+    import contextlib
+    import gc
+    import io
+    import logging
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    import train_accelerate
+    from catdog_model.hardware import LOG_FORMAT
+    from catdog_model.training.settings import settings
+
+    command = training_command(output_dir, *flags)[2:]  # the flags, without the interpreter and the script
+    AcceleratorState._reset_state(reset_partial_state=True)  # a new run, as a new process would start it
+    GradientState._reset_state()
+    stderr, handler, root = io.StringIO(), logging.StreamHandler(), logging.getLogger()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setStream(stderr)
+    level, root.level = root.level, logging.INFO
+    root.addHandler(handler)
+    returncode = 0
+    try:
+        with contextlib.redirect_stderr(stderr):
+            train_accelerate.main(settings(command))
+    except SystemExit as exit:
+        returncode = exit.code if isinstance(exit.code, int) else 1
+    finally:
+        root.removeHandler(handler)
+        root.level = level
+        gc.collect()  # a refused run's folder lock goes with it, as it would with its process
+    result = subprocess.CompletedProcess(command, returncode, "", stderr.getvalue())
+    if check and returncode != 0:
+        raise AssertionError(f"training failed ({returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
 def assert_clean_error(result, *phrases: str) -> None:
     """A non-zero exit with the phrases in stderr and no traceback."""
     assert result.returncode != 0

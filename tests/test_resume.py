@@ -18,19 +18,19 @@ from safetensors.torch import load_file
 
 from catdog_model.training.run_folder import LOCK_FILE, RUN_RECORD
 from catdog_model.training.checkpoints import CheckpointError, find_latest, read_manifest, save_checkpoint
-from conftest import ROOT, assert_clean_error, run_training, torch_reference, training_command, weights_equal
+from conftest import (ROOT, assert_clean_error, run_training, torch_reference, train_in_process, training_command,
+                      weights_equal)
 
-pytestmark = pytest.mark.slow  # about 20 training runs, each a subprocess
-
-# Augmentation on, two loader workers: the hard case for an exact resume.
-FLAGS = ("--epochs", "2", "--batch-size", "8", "--max-train-samples", "24", "--max-eval-samples", "8",
-         "--checkpointing-steps", "1")
+# Augmentation on, two loader workers: the hard case for an exact resume. timm's 0.4M-parameter test_resnet: what is
+# tested is the run's state, not the architecture. Runs that need no process of their own run in this one.
+FLAGS = ("--backbone", "test_resnet", "--epochs", "2", "--batch-size", "8", "--max-train-samples", "24",
+         "--max-eval-samples", "8", "--checkpointing-steps", "1")
 RESUME = ("--resume-from-checkpoint", "latest")
 
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
-    """The uninterrupted reference run: 3 batches an epoch, a checkpoint after every step."""
+    """The uninterrupted reference run, as a user starts it: 3 batches an epoch, a checkpoint after every step."""
     output_dir = tmp_path_factory.mktemp("full")
     run_training(output_dir, *FLAGS, "--num-workers", "2")
     return output_dir
@@ -45,7 +45,7 @@ def _resume_from(full_run, tmp_path, step: int, *flags: str, check: bool = True)
     name = f"step_{step:08d}"
     shutil.copytree(full_run / "checkpoints" / name, tmp_path / "checkpoints" / name)
     shutil.copy(full_run / RUN_RECORD, tmp_path / RUN_RECORD)  # written before any checkpoint: a killed run has it
-    return run_training(tmp_path, *FLAGS, *RESUME, *flags, check=check)
+    return train_in_process(tmp_path, *FLAGS, *RESUME, *flags, check=check)
 
 
 def test_every_step_left_a_complete_checkpoint_with_the_runs_identity(full_run):
@@ -60,10 +60,15 @@ def test_every_step_left_a_complete_checkpoint_with_the_runs_identity(full_run):
     assert identity["dataset content"].startswith("sha256:") and "--num-workers" not in identity
 
 
-@pytest.mark.parametrize("step, workers", [(2, "0"), (3, "1")])
+@pytest.mark.parametrize("step, workers", [(2, "0"), pytest.param(3, "1", marks=pytest.mark.slow)])
 def test_resume_mid_epoch_or_at_its_last_step_is_bit_exact(full_run, tmp_path, step, workers):
     # Step 2 is mid-epoch 1; step 3 is its last batch. Another --num-workers must not matter either.
-    result = _resume_from(full_run, tmp_path, step, "--num-workers", workers)
+    if workers == "0":
+        result = _resume_from(full_run, tmp_path, step, "--num-workers", workers)
+    else:  # a loader worker forks: from a process of its own, as a user's resume does
+        shutil.copytree(full_run / "checkpoints" / f"step_{step:08d}", tmp_path / "checkpoints" / f"step_{step:08d}")
+        shutil.copy(full_run / RUN_RECORD, tmp_path / RUN_RECORD)
+        result = run_training(tmp_path, *FLAGS, *RESUME, "--num-workers", workers)
     assert f"at epoch 1, batch {step}" in result.stderr
     # The resumed epoch's bar starts at the batches already done, out of the epoch's three.
     assert re.search(rf"epoch 1/2: +{round(100 * step / 3)}%\|[^|]*\| {step}/3 ", result.stderr), result.stderr[-2000:]
@@ -71,8 +76,10 @@ def test_resume_mid_epoch_or_at_its_last_step_is_bit_exact(full_run, tmp_path, s
     assert _history(tmp_path) == _history(full_run)  # epoch 1's train metrics complete, not restarted
 
 
+@pytest.mark.slow
 def test_num_workers_do_not_change_the_result(full_run, tmp_path):
-    run_training(tmp_path, *FLAGS, "--num-workers", "0")
+    # Also what lets a run in this process stand for one in its own: the same weights, bit for bit.
+    train_in_process(tmp_path, *FLAGS, "--num-workers", "0")
     assert weights_equal(full_run, tmp_path) and _history(tmp_path) == _history(full_run)
 
 
@@ -102,14 +109,18 @@ def test_latest_skips_incomplete_checkpoints_and_names_them(full_run, tmp_path, 
         find_latest(tmp_path / "elsewhere")
 
 
-def test_a_kill_during_a_checkpoint_write_resumes_from_the_last_complete_one(full_run, tmp_path):
-    process = subprocess.Popen(training_command(tmp_path, *FLAGS, "--num-workers", "2"), cwd=ROOT,
+@pytest.mark.slow
+def test_a_kill_during_a_checkpoint_write_resumes_from_the_last_complete_one(tmp_path):
+    # resnet18's 53 MB checkpoints take tens of milliseconds to write: long enough for the kill to land inside one.
+    flags = tuple("resnet18" if flag == "test_resnet" else flag for flag in FLAGS)
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    process = subprocess.Popen(training_command(killed, *flags, "--num-workers", "2"), cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    checkpoints, deadline = tmp_path / "checkpoints", time.monotonic() + 300
+    checkpoints, deadline = killed / "checkpoints", time.monotonic() + 300
     try:  # kill -9 while step 3 is being written (its temporary folder exists)
         while not (checkpoints / ".tmp-step_00000003").exists():
             assert process.poll() is None and time.monotonic() < deadline, "the run ended before step 3 was written"
-            time.sleep(0.002)
+            time.sleep(0.001)
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
@@ -117,16 +128,17 @@ def test_a_kill_during_a_checkpoint_write_resumes_from_the_last_complete_one(ful
         read_manifest(folder)
     _write_incomplete_checkpoints(checkpoints, checkpoints / "step_00000002")
 
-    result = run_training(tmp_path, *FLAGS, "--num-workers", "2", *RESUME)
+    result = train_in_process(killed, *flags, *RESUME)
     assert "skipping incomplete checkpoint" in result.stderr and "step_00000099" in result.stderr
-    assert weights_equal(full_run, tmp_path) and _history(tmp_path) == _history(full_run)
+    train_in_process(whole, *flags)
+    assert weights_equal(whole, killed) and _history(killed) == _history(whole)
     assert not list(checkpoints.glob(".tmp-*"))
 
 
 @pytest.mark.parametrize("flags, named", [
     (("--batch-size", "16"), "--batch-size was 8, now 16"),
     (("--image-size", "32"), "--image-size was 64, now 32"),
-    (("--backbone", "resnet18"), "--backbone was 'resnet50', now 'resnet18'"),
+    (("--backbone", "resnet18"), "--backbone was 'test_resnet', now 'resnet18'"),
     (("--seed", "1", "--no-augmentation"), "--no-augmentation was False, now True; --seed was 42, now 1"),
 ])
 def test_a_resume_with_another_identity_is_refused_in_one_line(full_run, tmp_path, flags, named):
@@ -136,11 +148,12 @@ def test_a_resume_with_another_identity_is_refused_in_one_line(full_run, tmp_pat
     assert not (tmp_path / "config.json").exists() and not (tmp_path / "checkpoints" / "best").exists()  # before any work
 
 
+@pytest.mark.slow
 def test_more_epochs_extend_a_run_and_fewer_are_refused(full_run, tmp_path):
     shutil.copytree(full_run, tmp_path / "out")
-    result = run_training(tmp_path / "out", *FLAGS, *RESUME, "--epochs", "1", check=False)
+    result = train_in_process(tmp_path / "out", *FLAGS, *RESUME, "--epochs", "1", check=False)
     assert_clean_error(result, "has already reached epoch 2; --epochs 1 would end the run before it")
-    run_training(tmp_path / "out", *FLAGS, *RESUME, "--epochs", "3")
+    train_in_process(tmp_path / "out", *FLAGS, *RESUME, "--epochs", "3")
     assert [row["epoch"] for row in _history(tmp_path / "out")] == [1, 2, 3]
     assert _history(tmp_path / "out")[:2] == _history(full_run)
 
@@ -152,9 +165,10 @@ def test_a_resume_whose_best_model_is_gone_or_replaced_is_refused(full_run, tmp_
     weights[-1] ^= 1  # any other file, even one bit off
     (tmp_path / "checkpoints" / "best").mkdir()
     (tmp_path / "checkpoints" / "best" / "model.safetensors").write_bytes(bytes(weights))
-    assert_clean_error(run_training(tmp_path, *FLAGS, *RESUME, check=False), "was replaced")
+    assert_clean_error(train_in_process(tmp_path, *FLAGS, *RESUME, check=False), "was replaced")
 
 
+@pytest.mark.slow
 def test_a_checkpoint_at_an_epochs_last_batch_resumes_though_validation_saved_a_model_after_it(full_run, tmp_path):
     # Step 6 was written before epoch 2's validation, which may have saved a better model than the one the
     # checkpoint knows (it does with bf16 on this project's CPUs): the resumed run validates epoch 2 again.
@@ -164,27 +178,28 @@ def test_a_checkpoint_at_an_epochs_last_batch_resumes_though_validation_saved_a_
     assert weights_equal(full_run, tmp_path) and _history(tmp_path) == _history(full_run)
 
 
+@pytest.mark.slow
 def test_checkpoints_total_limit_keeps_the_newest(tmp_path):
-    run_training(tmp_path, *FLAGS, "--epochs", "1", "--checkpoints-total-limit", "2")
+    train_in_process(tmp_path, *FLAGS, "--epochs", "1", "--checkpoints-total-limit", "2")
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_00000002", "step_00000003"]
 
 
 def test_overwrite_removes_the_previous_run_only_after_the_flags_and_the_data_are_checked(full_run, tmp_path):
     old = tmp_path / "out"
     shutil.copytree(full_run, old)
-    assert_clean_error(run_training(old, "--overwrite-output-dir", "--batch-size", "0", check=False), "--batch-size")
+    assert_clean_error(train_in_process(old, "--overwrite-output-dir", "--batch-size", "0", check=False), "--batch-size")
     # A training split of one photo holds one class: refused by the data check, after the dataset is read.
-    assert_clean_error(run_training(old, "--overwrite-output-dir", "--max-train-samples", "1", check=False),
+    assert_clean_error(train_in_process(old, "--overwrite-output-dir", "--max-train-samples", "1", check=False),
                        "The train split (1 images) holds no")
     assert (old / "checkpoints").is_dir() and weights_equal(full_run, old)
     assert (old / "split.json").read_text() == (full_run / "split.json").read_text()
 
-    run_training(old, "--overwrite-output-dir", "--epochs", "1", "--max-train-samples", "8", "--max-eval-samples", "8",
-                 "--seed", "1")
+    train_in_process(old, "--overwrite-output-dir", "--backbone", "test_resnet", "--epochs", "1", "--max-train-samples", "8",
+                     "--max-eval-samples", "8", "--seed", "1")
     assert not list((old / "checkpoints").glob("step_*"))  # the previous run's checkpoints went
     assert json.loads((old / "metrics.json").read_text())["seed"] == 1
     assert json.loads((old / "split.json").read_text())["seed"] == 1
-    assert_clean_error(run_training(old, *RESUME, check=False), "no complete checkpoint")
+    assert_clean_error(train_in_process(old, *RESUME, check=False), "no complete checkpoint")
 
 
 @pytest.mark.parametrize("flags", [(), ("--overwrite-output-dir",)])
@@ -200,7 +215,7 @@ def test_a_folder_holding_what_the_script_did_not_write_is_refused_before_any_wo
     (run / "notes.txt").write_text("mine")
     for folder, named in ((clone, ".tmp-mywork, README.md, catdog"), (run, "notes.txt")):
         before = sorted(path.relative_to(folder) for path in folder.rglob("*"))
-        result = run_training(folder, "--epochs", "1", *flags, check=False)
+        result = train_in_process(folder, "--epochs", "1", *flags, check=False)
         assert_clean_error(result, "holds files this script did not write", named)
         assert "rows skipped" not in result.stderr  # refused before the dataset was read
         assert sorted(path.relative_to(folder) for path in folder.rglob("*")) == before
@@ -210,19 +225,19 @@ def test_a_folder_holding_what_the_script_did_not_write_is_refused_before_any_wo
 def test_a_fresh_run_into_a_folder_with_checkpoints_is_refused(full_run, tmp_path):
     shutil.copytree(full_run / "checkpoints" / "step_00000002", tmp_path / "checkpoints" / "step_00000002")
     shutil.copy(full_run / RUN_RECORD, tmp_path / RUN_RECORD)
-    assert_clean_error(run_training(tmp_path, *FLAGS, check=False), "holds checkpoints of an earlier run",
+    assert_clean_error(train_in_process(tmp_path, *FLAGS, check=False), "holds checkpoints of an earlier run",
                        "--resume-from-checkpoint latest")
 
 
 def test_a_second_run_on_a_busy_folder_exits_at_once(tmp_path):
     with FileLock(tmp_path / LOCK_FILE):  # as a running training holds it
-        result = run_training(tmp_path, "--epochs", "1", check=False)
+        result = train_in_process(tmp_path, "--epochs", "1", check=False)
     assert_clean_error(result, "Another training run is writing to")
     assert not (tmp_path / "split.json").exists()
 
 
 def test_a_non_finite_loss_stops_training_and_saves_nothing_non_finite(tmp_path):
-    result = run_training(tmp_path, *FLAGS, "--learning-rate", "1e30", check=False)
+    result = train_in_process(tmp_path, *FLAGS, "--learning-rate", "1e30", check=False)
     assert_clean_error(result, "The training loss became nan at optimizer step 2 (epoch 1, batch 2)", "Lower --learning-rate")
     assert not (tmp_path / "model.safetensors").exists() and not (tmp_path / "checkpoints" / "best").exists()
     saved = list((tmp_path / "checkpoints").glob("step_*"))
@@ -263,6 +278,7 @@ def _predictions(folder) -> list:
     return [predictor.predict(pictures) for predictor in (load_predictor(str(folder)), torch_reference(folder))]
 
 
+@pytest.mark.slow
 def test_an_extension_killed_midway_leaves_the_finished_model_served_as_it_was(full_run, tmp_path):
     folder = tmp_path / "out"
     shutil.copytree(full_run, folder)
@@ -282,6 +298,7 @@ def test_an_extension_killed_midway_leaves_the_finished_model_served_as_it_was(f
     assert _predictions(folder) == _predictions(full_run)
 
 
+@pytest.mark.slow
 def test_a_fresh_run_killed_before_it_finished_is_refused_with_the_command_that_resumes_it(tmp_path):
     from catdog_model import ModelLoadError, load_predictor
 
@@ -300,13 +317,15 @@ def test_a_fresh_run_killed_before_it_finished_is_refused_with_the_command_that_
         load_predictor(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_and_keeps_the_finished_model(full_run, tmp_path):
     folder = tmp_path / "out"
     shutil.copytree(full_run, folder)
-    full_disk = ("prlimit", "--fsize=20000000", sys.executable)  # writes past 20 MB fail with EFBIG, as on a full disk
+    # Writes past 2 MB fail with EFBIG, as on a full disk: the first checkpoint's 3 MB of weights.
+    full_disk = ("prlimit", "--fsize=2000000", sys.executable)
     result = run_training(folder, *FLAGS, *RESUME, "--epochs", "3", launcher=full_disk, check=False)
     assert_clean_error(result, "Could not write", "are kept")
     assert _predictions(folder) == _predictions(full_run)
-    fresh = run_training(tmp_path / "fresh", "--epochs", "1", "--max-train-samples", "8", "--max-eval-samples", "8",
-                         launcher=full_disk, check=False)
+    fresh = run_training(tmp_path / "fresh", "--backbone", "test_resnet", "--epochs", "1", "--max-train-samples", "8",
+                         "--max-eval-samples", "8", launcher=full_disk, check=False)
     assert_clean_error(fresh, "Could not write", "are kept")
