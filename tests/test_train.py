@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from catdog_model import CatDogClassifier, load_predictor
 from catdog_model.training.data import load_image_dataset, load_split
 from catdog_model.hardware import native_bf16
-from conftest import MINI_DATASET, ROOT, assert_clean_error, run_training
+from conftest import MINI_DATASET, ROOT, assert_clean_error, train_in_process
 
 
 
@@ -60,14 +60,14 @@ def test_saved_folder_loads_and_the_test_split_can_be_evaluated_again(trained_mo
     assert not set(split["test"]) & (set(split["train"]) | set(split["validation"]))
 
 
-@pytest.mark.slow
 def test_missing_dataset_is_one_clear_line(tmp_path):
-    result = run_training(tmp_path / "out", "--dataset", str(tmp_path / "nowhere"), check=False)
+    result = train_in_process(tmp_path / "out", "--dataset", str(tmp_path / "nowhere"), check=False)
     assert_clean_error(result, "error: Could not load the dataset")
 
 
 @pytest.mark.slow
 def test_imagenet_weights_offline_names_the_ways_out(tmp_path):
+    # In a process of its own, as typed: the exit code and the one line, with no traceback.
     result = subprocess.run(
         [sys.executable, "train_accelerate.py", "--dataset", str(MINI_DATASET), "--output-dir", str(tmp_path / "out"),
          "--max-train-samples", "8", "--image-size", "64"],  # no --no-pretrained: it tries the Hub, offline
@@ -77,17 +77,16 @@ def test_imagenet_weights_offline_names_the_ways_out(tmp_path):
     assert not (tmp_path / "out").exists()  # refused before it wrote anything: no folder left behind
 
 
-@pytest.mark.slow
 def test_push_without_token_fails_before_training(tmp_path):
-    result = run_training(tmp_path / "out", "--push-to-hub", "--hub-model-id", "me/catdog", check=False)
+    result = train_in_process(tmp_path / "out", "--push-to-hub", "--hub-model-id", "me/catdog", check=False)
     assert_clean_error(result, "needs --hub-model-id and a token")
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
 @pytest.mark.slow
 def test_push_failure_keeps_the_local_files(tmp_path):
-    result = run_training(
-        tmp_path / "out", "--epochs", "1", "--max-train-samples", "8", "--max-eval-samples", "8",
+    result = train_in_process(
+        tmp_path / "out", "--backbone", "test_resnet", "--epochs", "1", "--max-train-samples", "8", "--max-eval-samples", "8",
         "--push-to-hub", "--hub-model-id", "me/catdog", "--hub-token", "hf_not_a_real_token", check=False,
     )
     assert_clean_error(result, "Could not push to me/catdog", "files are kept in")
@@ -96,17 +95,16 @@ def test_push_failure_keeps_the_local_files(tmp_path):
     assert "--exclude 'checkpoints/*'" in result.stderr
 
 
-@pytest.mark.slow
 def test_existing_model_is_not_overwritten(trained_model):
     before = (trained_model / "model.safetensors").stat().st_mtime_ns
-    result = run_training(trained_model, "--epochs", "1", check=False)
+    result = train_in_process(trained_model, "--epochs", "1", check=False)
     assert_clean_error(result, "already holds a model", "--overwrite-output-dir")
     assert (trained_model / "model.safetensors").stat().st_mtime_ns == before
 
 
 @pytest.mark.slow
 def test_bf16_mixed_precision_runs_and_saves_float32_weights(tmp_path):
-    run_training(tmp_path / "out", "--mixed-precision", "bf16", "--epochs", "1", "--batch-size", "4",
+    train_in_process(tmp_path / "out", "--backbone", "test_resnet", "--mixed-precision", "bf16", "--epochs", "1", "--batch-size", "4",
                  "--max-train-samples", "8", "--max-eval-samples", "8")
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["mixed_precision"] == "bf16" and metrics["mixed_precision_reason"] == "--mixed-precision"
@@ -180,22 +178,20 @@ def test_where_the_hub_does_not_answer_training_is_refused_before_its_libraries_
     (("--checkpointing-steps", "0"), "--checkpointing-steps takes a number of steps (1 or more)"),
     (("--checkpointing-steps", "²"), "--checkpointing-steps takes a number of steps (1 or more)"),  # isdigit() took it
 ])
-@pytest.mark.slow
 def test_bad_flags_fail_in_one_line_before_the_dataset_check(tmp_path, flags, message):
-    result = run_training(tmp_path / "out", *flags, check=False)
+    result = train_in_process(tmp_path / "out", *flags, check=False)
     assert_clean_error(result, message)
     assert "Checking images" not in result.stderr and not (tmp_path / "out" / "split.json").exists()
 
 
-@pytest.mark.slow
 def test_an_output_folder_that_cannot_be_written_fails_before_the_dataset_check(tmp_path):
     (tmp_path / "a-file").write_text("")
-    result = run_training(tmp_path / "a-file" / "out", check=False)
+    result = train_in_process(tmp_path / "a-file" / "out", check=False)
     assert_clean_error(result, "is not writable")
     assert "Checking images" not in result.stderr
     if os.geteuid() != 0:  # root writes anywhere, whatever the mode
         (tmp_path / "read-only").mkdir(mode=0o555)
-        assert_clean_error(run_training(tmp_path / "read-only", check=False), "is not writable")
+        assert_clean_error(train_in_process(tmp_path / "read-only", check=False), "is not writable")
 
 
 def test_split_file_records_the_rows_actually_used(trained_model):
