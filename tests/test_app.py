@@ -158,7 +158,6 @@ def test_the_batch_keeps_the_uploaded_names_and_its_csv_is_safe_in_a_spreadsheet
     assert cells == ["'" + name for name in names]
 
 
-@pytest.mark.slow
 def _hang_up_mid_upload(url: str) -> None:
     """A visitor closing the tab: a multipart upload announced at 100 kB, cut off after 1 kB."""
     host, port = url.split("//")[1].strip("/").split(":")
@@ -169,6 +168,7 @@ def _hang_up_mid_upload(url: str) -> None:
         time.sleep(0.3)
 
 
+@pytest.mark.slow
 def test_uploads_and_batch_files_do_not_pile_up_on_disk_and_hang_ups_are_one_line(trained_model, tmp_path):
     """A Space runs for months: what 40 uploads, 4 batches and 5 visitors leaving mid-upload leave is deleted once
     older than the TTL, and each hang-up is one line in the log."""
