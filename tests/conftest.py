@@ -1,12 +1,17 @@
 """Shared fixtures. Everything runs offline and writes only under temporary folders."""
 
 import atexit
+import contextlib
+import gc
+import io
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 # Before any Hugging Face library is imported: a private, temporary cache and no network.
 _CACHE = tempfile.mkdtemp(prefix="catdog-tests-hf-")
@@ -45,25 +50,14 @@ def run_training(output_dir: Path, *flags: str, launcher: tuple[str, ...] = (sys
     return result
 
 
-def train_in_process(output_dir: Path, *flags: str, check: bool = True) -> subprocess.CompletedProcess:
-    """train_accelerate.py's ``main`` on the same command line as ``run_training``, in this process: the same code
-    from the parsed flags on, without the 5 s of imports a new process pays. Its stderr (logs, bars, the one-line
-    error) and exit code come back as ``run_training``'s do. Runs that need a process of their own (a kill, loader
-    workers, a file-size limit, several processes) use ``run_training``."""
-    import contextlib
-    import gc
-    import io
-    import logging
-
-    from accelerate.state import AcceleratorState, GradientState
-
-    import train_accelerate
+def in_process(command: Callable[[], None], argv: list[str]) -> subprocess.CompletedProcess:
+    """A command's ``main`` run in this process: the same code from the command line on, without the seconds of
+    imports a new process pays. Its stderr (log lines in the commands' format, bars, the one-line error) and exit
+    code come back as ``subprocess.run``'s do; an exception that is no exit propagates, as a traceback would show.
+    Runs that need a process of their own (a kill, loader workers, a file-size limit, several processes, a clean
+    environment) stay subprocesses."""
     from catdog_model.hardware import LOG_FORMAT
-    from catdog_model.training.settings import settings
 
-    command = training_command(output_dir, *flags)[2:]  # the flags, without the interpreter and the script
-    AcceleratorState._reset_state(reset_partial_state=True)  # a new run, as a new process would start it
-    GradientState._reset_state()
     stderr, handler, root = io.StringIO(), logging.StreamHandler(), logging.getLogger()
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     handler.setStream(stderr)
@@ -72,16 +66,29 @@ def train_in_process(output_dir: Path, *flags: str, check: bool = True) -> subpr
     returncode = 0
     try:
         with contextlib.redirect_stderr(stderr):
-            train_accelerate.main(settings(command))
+            command()
     except SystemExit as exit:
         returncode = exit.code if isinstance(exit.code, int) else 1
     finally:
         root.removeHandler(handler)
         root.level = level
-        gc.collect()  # a refused run's folder lock goes with it, as it would with its process
-    result = subprocess.CompletedProcess(command, returncode, "", stderr.getvalue())
-    if check and returncode != 0:
-        raise AssertionError(f"training failed ({returncode}):\n{result.stderr[-4000:]}")
+        gc.collect()  # what a refused run held (its folder's lock) goes, as it would with its process
+    return subprocess.CompletedProcess(argv, returncode, "", stderr.getvalue())
+
+
+def train_in_process(output_dir: Path, *flags: str, check: bool = True) -> subprocess.CompletedProcess:
+    """``run_training``'s command line, through train_accelerate.py's ``main`` in this process (``in_process``)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    import train_accelerate
+    from catdog_model.training.settings import settings
+
+    argv = training_command(output_dir, *flags)[2:]  # the flags, without the interpreter and the script
+    AcceleratorState._reset_state(reset_partial_state=True)  # a new run, as a new process would start it
+    GradientState._reset_state()
+    result = in_process(lambda: train_accelerate.main(settings(argv)), argv)
+    if check and result.returncode != 0:
+        raise AssertionError(f"training failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result
 
 

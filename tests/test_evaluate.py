@@ -10,7 +10,7 @@ from PIL import Image
 
 from catdog_model.config import REPORT_FIGURES
 from catdog_model.training.evaluate import compute_metrics
-from conftest import ROOT, assert_clean_error
+from conftest import ROOT, assert_clean_error, in_process
 
 
 def test_metrics_on_known_logits():
@@ -60,8 +60,9 @@ def test_training_writes_the_report_once_and_the_card_reads_it(trained_model):
 
 
 def _evaluate(*args: str):
-    return subprocess.run([sys.executable, "-m", "catdog_model.training.evaluate", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
+    from catdog_model.training import evaluate
+
+    return in_process(lambda: evaluate.main(list(args)), list(args))
 
 
 @pytest.mark.slow
@@ -84,12 +85,13 @@ def test_the_command_reproduces_the_training_runs_numbers_with_the_serving_engin
 
 @pytest.mark.slow
 def test_the_command_fails_in_one_line(tmp_path, mini_dataset):
-    assert_clean_error(_evaluate(str(tmp_path / "no-such-model"), "--output-dir", str(tmp_path / "r")), "No such model folder")
+    typed = subprocess.run([sys.executable, "-m", "catdog_model.training.evaluate", str(tmp_path / "no-such-model"),
+                            "--output-dir", str(tmp_path / "r")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert_clean_error(typed, "No such model folder")  # as typed, in a process of its own: exit code 1, one line
     assert_clean_error(_evaluate(str(ROOT / "examples"), "--dataset", str(mini_dataset), "--output-dir", str(tmp_path / "r")),
                        "has no config.json")
 
 
-@pytest.mark.slow
 def test_every_input_is_checked_before_the_evaluation(trained_model, mini_dataset, tmp_path):
     a_file = tmp_path / "report.txt"
     a_file.write_text("not a folder")
