@@ -63,16 +63,18 @@ def in_process(command: Callable[[], None], argv: list[str]) -> subprocess.Compl
     handler.setStream(stderr)
     level, root.level = root.level, logging.INFO
     root.addHandler(handler)
-    returncode = 0
+    environment, returncode = dict(os.environ), 0
     try:
         with contextlib.redirect_stderr(stderr):
             command()
     except SystemExit as exit:
         returncode = exit.code if isinstance(exit.code, int) else 1
-    finally:
+    finally:  # what a process's end would undo: its environment, its handler, what it held (a folder's lock)
+        os.environ.clear()
+        os.environ.update(environment)
         root.removeHandler(handler)
         root.level = level
-        gc.collect()  # what a refused run held (its folder's lock) goes, as it would with its process
+        gc.collect()
     return subprocess.CompletedProcess(argv, returncode, "", stderr.getvalue())
 
 
@@ -129,10 +131,8 @@ def mini_dataset() -> Path:
 def trained_model(mini_dataset, tmp_path_factory) -> Path:
     """A tiny model, trained once per session: 32 training images, no augmentation, 6 epochs."""
     output_dir = tmp_path_factory.mktemp("trained")
-    run_training(
-        output_dir, "--epochs", "6", "--batch-size", "8", "--max-train-samples", "32",
-        "--max-eval-samples", "32", "--no-augmentation",
-    )
+    train_in_process(output_dir, "--epochs", "6", "--batch-size", "8", "--max-train-samples", "32",
+                     "--max-eval-samples", "32", "--no-augmentation")
     return output_dir
 
 
@@ -142,7 +142,7 @@ def start_app(model: str | None, tmp_path, cwd=ROOT):
     return start_server(model, env, tmp_path / "app.log", cwd=cwd)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def app_url(trained_model, tmp_path_factory):
     url, process = start_app(str(trained_model), tmp_path_factory.mktemp("app"))
     yield url

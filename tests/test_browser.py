@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, start_app
+from conftest import ROOT
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # The flags the sandboxed CI machine needs: no GPU, no background calls to a network it does not have.
@@ -37,30 +37,25 @@ def _noise(folder):
 
 
 @pytest.mark.slow
-def test_the_page_says_what_the_model_is_and_how_good_it_is(browser, trained_model, tmp_path):
-    url, process = start_app(str(trained_model), tmp_path)
-    try:
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.goto(url)
-        notice = page.locator("#notice")  # read from the model's own metrics.json: 32 photos, from scratch
-        notice.get_by_text("This is a demonstration model").wait_for()
-        assert "from scratch" in notice.inner_text() and "32 photos" in notice.inner_text()
-        _upload(page, ROOT / "examples" / "chelsea_cat.jpg")
-        page.locator("#verdict").wait_for(state="visible", timeout=60_000)
-        assert page.get_by_test_id("label").inner_text().count("%") >= 2
-        page.get_by_text("How good is this model?").click()
-        report = page.locator("#report")
-        report.get_by_text("Right on").wait_for(timeout=10_000)
-        figures = report.locator("img")
-        figures.first.wait_for(timeout=10_000)
-        page.wait_for_function("() => [...document.querySelectorAll('#report img')].every(img => img.naturalWidth > 0)",
-                               timeout=10_000)
-        assert figures.count() == 3
-        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
-        assert (tmp_path / "report.png").stat().st_size > 10_000
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+def test_the_page_says_what_the_model_is_and_how_good_it_is(browser, app_url, tmp_path):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(app_url)
+    notice = page.locator("#notice")  # read from the model's own metrics.json: 32 photos, from scratch
+    notice.get_by_text("This is a demonstration model").wait_for()
+    assert "from scratch" in notice.inner_text() and "32 photos" in notice.inner_text()
+    _upload(page, ROOT / "examples" / "chelsea_cat.jpg")
+    page.locator("#verdict").wait_for(state="visible", timeout=60_000)
+    assert page.get_by_test_id("label").inner_text().count("%") >= 2
+    page.get_by_text("How good is this model?").click()
+    report = page.locator("#report")
+    report.get_by_text("Right on").wait_for(timeout=10_000)
+    figures = report.locator("img")
+    figures.first.wait_for(timeout=10_000)
+    page.wait_for_function("() => [...document.querySelectorAll('#report img')].every(img => img.naturalWidth > 0)",
+                           timeout=10_000)
+    assert figures.count() == 3
+    page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+    assert (tmp_path / "report.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow

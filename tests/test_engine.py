@@ -22,15 +22,25 @@ from catdog_model.serving import engine as engines
 from catdog_model.training.calibration import save_detector
 from catdog_model.training import export
 from catdog_model.training.export import save_openvino
-from conftest import ROOT, hub_snapshot, torch_reference, vouch_for
+from conftest import ROOT, complete_folder, hub_snapshot, torch_reference, vouch_for
 
 SPACE_FILES = ("config.json", *IR_FILES, OOD_FILE)
 
 
 @pytest.fixture(scope="module")
 def mini_images(mini_dataset):
+    """Every tenth photo of the mini set: 150 cats, then 150 dogs."""
     rows = load_dataset(str(mini_dataset), split="train")
-    return [rows[i]["image"] for i in range(len(rows))]
+    return [rows[i]["image"] for i in range(0, len(rows), 10)]
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """A finished folder of timm's 0.4M-parameter test_resnet, laid out as a run leaves it: for the checks of the
+    manifest and the re-export, which hold for any model; the session's trained model costs seconds more to export."""
+    torch.manual_seed(0)
+    model = CatDogClassifier(backbone="test_resnet", image_size=64, hidden_size=16).eval()
+    return complete_folder(model, tmp_path_factory.mktemp("small-run"))
 
 
 def _p_dog(predictor, images) -> np.ndarray:
@@ -38,8 +48,8 @@ def _p_dog(predictor, images) -> np.ndarray:
 
 
 def test_the_default_engine_keeps_the_answers_on_300_mini_photos(trained_model, mini_images):
-    # Every tenth photo: 150 cats, 150 dogs. benchmarks/serving_speed.py --dataset measures all 3,000.
-    photos = mini_images[::10]
+    # benchmarks/serving_speed.py --dataset measures all 3,000.
+    photos = mini_images
     default, exact = load_predictor(str(trained_model)), torch_reference(trained_model)
     assert default.engine.startswith("openvino-")
     p_default, p_exact = _p_dog(default, photos), _p_dog(exact, photos)
@@ -61,7 +71,7 @@ def test_explain_through_openvino_matches_torch_on_photos_and_on_pictures_of_nei
     from catdog_model.training.evaluate import synthetic_ood_images
 
     default, exact = load_predictor(str(trained_model)), torch_reference(trained_model)
-    for image in [*mini_images[::300], *synthetic_ood_images(count=6, size=128)]:
+    for image in [*mini_images[::30], *synthetic_ood_images(count=6, size=128)]:
         expected, got = exact.explain(image), default.explain(image)
         assert abs(got.probabilities["dog"] - expected.probabilities["dog"]) < 0.01
         assert got.ood_score == pytest.approx(expected.ood_score, rel=0.02)
@@ -73,7 +83,7 @@ def test_the_space_needs_only_config_the_ir_and_the_detector(trained_model, mini
     space.mkdir()
     for name in SPACE_FILES:
         shutil.copy(trained_model / name, space / name)
-    images = mini_images[::100]
+    images = mini_images[::10]
     assert np.array_equal(_p_dog(load_predictor(str(space)), images), _p_dog(load_predictor(str(trained_model)), images))
     # The same from the Hub: HF_HUB_OFFLINE=1, so only the files in the cache can be read.
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
@@ -97,19 +107,19 @@ def test_what_a_space_downloads_is_under_0_3_of_the_fp32_weights_at_224_px(tmp_p
     assert space <= 0.3 * fp32, (space / 1e6, fp32 / 1e6)
 
 
-def test_a_folder_without_its_ir_is_refused_and_the_command_makes_it_again(trained_model, mini_images, tmp_path):
+def test_a_folder_without_its_ir_is_refused_and_the_command_makes_it_again(small_run, mini_images, tmp_path):
     folder = tmp_path / "no-ir"
-    shutil.copytree(trained_model, folder, ignore=shutil.ignore_patterns("openvino_model.*"))
+    shutil.copytree(small_run, folder, ignore=shutil.ignore_patterns("openvino_model.*"))
     with pytest.raises(ModelLoadError, match="openvino_model.xml is missing.*python -m catdog_model.training.export"):
         load_predictor(str(folder))
     export.main([str(folder)])
-    images = mini_images[::150]
-    assert np.array_equal(_p_dog(load_predictor(str(folder)), images), _p_dog(load_predictor(str(trained_model)), images))
+    images = mini_images[::15]
+    assert np.array_equal(_p_dog(load_predictor(str(folder)), images), _p_dog(load_predictor(str(small_run)), images))
 
 
-def test_the_reexport_refuses_weights_nothing_vouches_for(trained_model, other_run, tmp_path, capsys):
+def test_the_reexport_refuses_weights_nothing_vouches_for(small_run, other_run, tmp_path, capsys):
     folder = tmp_path / "replaced"
-    shutil.copytree(trained_model, folder)
+    shutil.copytree(small_run, folder)
     shutil.copy(other_run / "model.safetensors", folder / "model.safetensors")
     with pytest.raises(SystemExit) as exit:
         export.main([str(folder)])
@@ -147,23 +157,23 @@ def test_serving_and_the_app_never_import_torch(trained_model):
 # ---- A model folder that vouches for itself.
 
 @pytest.fixture(scope="module")
-def other_run(trained_model, tmp_path_factory):
+def other_run(small_run, tmp_path_factory):
     """Another run of the same shape: the same files with different weights."""
     folder = tmp_path_factory.mktemp("other")
     torch.manual_seed(1)
-    model = CatDogClassifier(**{k: v for k, v in json.loads((trained_model / "config.json").read_text()).items()
+    model = CatDogClassifier(**{k: v for k, v in json.loads((small_run / "config.json").read_text()).items()
                                 if k in ("backbone", "image_size", "hidden_size", "labels")}).eval()
     model.save_pretrained(folder)
     save_openvino(model, folder)
-    detector = load_file(trained_model / OOD_FILE)
+    detector = load_file(small_run / OOD_FILE)
     save_detector({name: tensor.numpy() * 1.5 for name, tensor in detector.items()}, folder / OOD_FILE)
     return folder
 
 
 @pytest.mark.parametrize("name", [IR_FILES[1], IR_FILES[0], OOD_FILE])
-def test_a_file_from_another_run_is_refused_naming_it(trained_model, other_run, tmp_path, name):
+def test_a_file_from_another_run_is_refused_naming_it(small_run, other_run, tmp_path, name):
     mixed = tmp_path / "mixed"
-    shutil.copytree(trained_model, mixed)
+    shutil.copytree(small_run, mixed)
     shutil.copy(other_run / name, mixed / name)
     with pytest.raises(ModelLoadError) as error:
         load_predictor(str(mixed))
@@ -182,9 +192,9 @@ def test_a_description_nothing_vouches_for_is_left_out_and_the_model_serves(trai
     assert predictor.metrics == json.loads((trained_model / "metrics.json").read_text())
 
 
-def test_a_mixed_hub_download_is_refused_too(trained_model, other_run, tmp_path, monkeypatch):
+def test_a_mixed_hub_download_is_refused_too(small_run, other_run, tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    snapshot = hub_snapshot(tmp_path / "hub", "someone/mixed", trained_model)
+    snapshot = hub_snapshot(tmp_path / "hub", "someone/mixed", small_run)
     (snapshot / OOD_FILE).unlink()
     shutil.copy(other_run / OOD_FILE, snapshot / OOD_FILE)
     with pytest.raises(ModelLoadError, match="'someone/mixed' on the Hub: ood.safetensors is not the file"):
@@ -207,9 +217,9 @@ def _with_nan(folder, tensor_name):
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
 
 
-def test_non_finite_weights_are_refused_at_load(trained_model, tmp_path):
+def test_non_finite_weights_are_refused_at_load(small_run, tmp_path):
     folder = tmp_path / "nan"
-    shutil.copytree(trained_model, folder)
+    shutil.copytree(small_run, folder)
     _with_nan(folder, "head.4.weight")
     model = CatDogClassifier.from_pretrained(str(folder)).eval()
     save_openvino(model, folder)
@@ -218,9 +228,9 @@ def test_non_finite_weights_are_refused_at_load(trained_model, tmp_path):
         load_predictor(str(folder))
 
 
-def test_a_non_finite_ir_detector_temperature_or_threshold_is_refused(trained_model, tmp_path):
+def test_a_non_finite_ir_detector_temperature_or_threshold_is_refused(small_run, tmp_path):
     folder = tmp_path / "nan"
-    shutil.copytree(trained_model, folder)
+    shutil.copytree(small_run, folder)
     model = CatDogClassifier.from_pretrained(str(folder)).eval()
     with torch.no_grad():
         model.head[4].bias.fill_(float("nan"))
@@ -228,15 +238,15 @@ def test_a_non_finite_ir_detector_temperature_or_threshold_is_refused(trained_mo
     vouch_for(folder)
     with pytest.raises(ModelLoadError, match="non-finite"):
         load_predictor(str(folder))
-    shutil.copy(trained_model / IR_FILES[0], folder / IR_FILES[0])
-    shutil.copy(trained_model / IR_FILES[1], folder / IR_FILES[1])
-    detector = load_file(trained_model / OOD_FILE)
+    shutil.copy(small_run / IR_FILES[0], folder / IR_FILES[0])
+    shutil.copy(small_run / IR_FILES[1], folder / IR_FILES[1])
+    detector = load_file(small_run / OOD_FILE)
     detector["hidden.precision"][0, 0] = float("nan")
     save_file(detector, folder / OOD_FILE)
     vouch_for(folder)
     with pytest.raises(ModelLoadError, match="ood.safetensors holds non-finite values in hidden.precision"):
         load_predictor(str(folder))
-    shutil.copy(trained_model / OOD_FILE, folder / OOD_FILE)
+    shutil.copy(small_run / OOD_FILE, folder / OOD_FILE)
     vouch_for(folder)
     config = json.loads((folder / "config.json").read_text())
     for key in ("temperature", "ood_threshold"):

@@ -97,6 +97,7 @@ def _centre_x(heatmap: np.ndarray) -> float:
     return float((columns * np.arange(len(columns))).sum() / columns.sum() / len(columns))
 
 
+@pytest.mark.slow
 def test_heatmap_moves_when_the_animal_moves(mini_rows, tmp_path):
     """A photo pasted on the left, then on the right of a plain canvas: the heatmap's centre follows it.
 
