@@ -13,14 +13,19 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-# Before any Hugging Face library is imported: a private, temporary cache and no network.
+# Before any library is imported, and so for every process a test starts: none of the caller's settings that change
+# what the code under test does (a PYTHONPATH that imports the checkout instead of an installed package, a
+# TRANSFORMERS_OFFLINE that huggingface_hub also reads, a CATDOG_MODEL, an accelerate config's precision)...
+_INHERITED = ("PYTHONPATH", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "ACCELERATE_", "CATDOG_", "GRADIO_")
+for _name in [name for name in os.environ if name.startswith(_INHERITED)]:
+    del os.environ[_name]
+# ...then the suite's own: a private, temporary Hugging Face cache and no network.
 _CACHE = tempfile.mkdtemp(prefix="catdog-tests-hf-")
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)  # the datasets cache of the mini set is 130 MB a run
 os.environ["HF_HOME"] = _CACHE
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
-os.environ.pop("HF_TOKEN", None)
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
 import pytest  # noqa: E402
 

@@ -67,11 +67,19 @@ def _assert_label(result):
         assert result["label"] == max(confidences, key=confidences.get) and confidences[result["label"]] >= 0.70
 
 
-def test_predict_api_on_every_kind_of_valid_image(client, tmp_path):
+def test_predict_api_on_every_kind_of_valid_image(client, trained_model, tmp_path):
+    from catdog_model import load_predictor, open_image
+    predictor = load_predictor(str(trained_model))
     files = _valid_files(tmp_path)
     assert os.path.getsize(files["large.jpg"]) < 10 * 1024 * 1024
     for name, path in files.items():
-        _assert_label(client.predict(handle_file(str(path)), api_name="/predict"))
+        result = client.predict(handle_file(str(path)), api_name="/predict")
+        _assert_label(result)
+        # What the predictor itself answers for the file, decoded as the app decodes it (JPEGs at the model's scale).
+        expected = predictor.explain(open_image(path, draft_size=predictor.image_size), heatmap=False)
+        assert result["label"] == expected.verdict.answer, name
+        confidences = {c["label"]: c["confidence"] for c in result["confidences"]}
+        assert confidences["dog"] == pytest.approx(expected.probabilities["dog"], abs=1e-5), name
 
 
 def test_predictions_match_the_predictor(client, trained_model):
@@ -312,23 +320,6 @@ def test_the_api_page_documents_every_endpoints_outputs_by_name_and_type(client)
 def test_a_picture_url_the_server_cannot_fetch_is_one_clear_error(client):
     with pytest.raises(AppError, match="Unable to resolve hostname nonexistent.invalid"):
         client.predict(handle_file("https://nonexistent.invalid/cat.jpg"), api_name="/predict")
-
-
-def test_one_verdict_for_a_picture_from_every_endpoint_and_the_csv(client, tmp_path):
-    noise = _save(Image.fromarray(np.random.default_rng(9).integers(0, 256, (240, 320, 3), dtype=np.uint8)), tmp_path / "noise.png")
-    paths = [ROOT / "examples" / name for name in ("coffee_cup.jpg", "rocket_launch.jpg", "chelsea_cat.jpg", "beagle_puppy.jpg")]
-    paths.append(noise)
-    table, csv_path = client.predict([handle_file(str(path)) for path in paths], api_name="/predict_batch")
-    with open(csv_path, newline="") as file:
-        csv_rows = list(csv.reader(file))[1:]
-    verdicts = []
-    for path, row, csv_row in zip(paths, table["data"], csv_rows, strict=True):
-        predicted = client.predict(handle_file(str(path)), api_name="/predict")["label"]
-        explained = client.predict(handle_file(str(path)), api_name="/explain")
-        assert predicted == explained["verdict"] == row[1] == csv_row[1], (path.name, predicted, explained, row)
-        assert explained["is_cat_or_dog"] == (predicted != "neither")
-        verdicts.append(predicted)
-    assert verdicts[-1] == "neither"  # noise is unlike every training photo
 
 
 def test_explain_api_says_neither_for_noise(client, tmp_path):

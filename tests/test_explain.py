@@ -51,6 +51,7 @@ def test_noise_flat_colour_and_text_are_neither(predictor, name):
     assert explanation.ood_score > predictor.ood_threshold
 
 
+@pytest.mark.slow
 def test_few_real_photos_of_the_test_split_are_flagged(predictor, trained_model, mini_rows):
     test_rows = json.loads((trained_model / "split.json").read_text())["test"]  # the whole test split: 300 photos
     flagged = [not predictor.explain(mini_rows[row]["image"]).is_cat_or_dog for row in test_rows]
@@ -150,6 +151,7 @@ def test_explain_agrees_with_predict_and_refuses_what_is_not_a_picture(predictor
         predictor.explain(42)
 
 
+@pytest.mark.slow
 def test_one_file_one_answer_whichever_way_python_hands_it_over(predictor, mini_dataset, tmp_path):
     """A path, the file's bytes, or a PIL image opened lazily as a script does: the same decode (JPEG draft mode
     included), so the same probabilities, bit for bit at one batch size. One picture alone agrees to rounding:

@@ -98,8 +98,8 @@ rows.select([*range(0, 100), *range(1500, 1600)]).push_to_hub("user/catdog-data"
 HfApi().create_tag("user/catdog-data", tag="v1", repo_type="dataset")
 """, _hub_env(hub, work / "hf-data"), work)
     for tag, seed in (("v1", "1"), ("v2", "2")):
-        command = training_command(work / tag, "--epochs", "1", "--max-train-samples", "32", "--max-eval-samples", "16",
-                                   "--seed", seed, "--push-to-hub", "--hub-model-id", "user/catdog")
+        command = training_command(work / tag, "--backbone", "test_resnet", "--epochs", "1", "--max-train-samples", "32",
+                                   "--max-eval-samples", "16", "--seed", seed, "--push-to-hub", "--hub-model-id", "user/catdog")
         command[command.index("--dataset") + 1:command.index("--dataset") + 2] = ["user/catdog-data", "--dataset-revision", "v1"]
         result = subprocess.run(command, cwd=ROOT, env=_hub_env(hub, work / f"hf-train-{tag}"), capture_output=True,
                                 text=True, timeout=600)
@@ -169,7 +169,8 @@ def test_a_push_the_server_drops_midway_keeps_every_local_file_and_names_the_com
     url, process = _start_hub(tmp_path / "hub", stop_on="user/catdog-dropped")  # it exits on that repo's commit
     try:
         env = _hub_env(url, tmp_path / "hf")
-        result = subprocess.run(training_command(tmp_path / "out", "--epochs", "1", "--max-train-samples", "16",
+        result = subprocess.run(training_command(tmp_path / "out", "--backbone", "test_resnet", "--epochs", "1",
+                                                 "--max-train-samples", "16",
                                                  "--max-eval-samples", "16", "--push-to-hub", "--hub-model-id",
                                                  "user/catdog-dropped"),
                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -189,14 +190,14 @@ def test_a_quick_fine_tune_takes_imagenet_weights_through_timms_own_download_the
 import timm, torch
 from huggingface_hub import HfApi
 from safetensors.torch import save_file
-repo = timm.models.get_pretrained_cfg("resnet18").hf_hub_id
+repo = timm.models.get_pretrained_cfg("test_resnet").hf_hub_id
 torch.manual_seed(7)
-save_file(timm.create_model("resnet18").state_dict(), "model.safetensors")
+save_file(timm.create_model("test_resnet").state_dict(), "model.safetensors")
 HfApi().create_repo(repo, exist_ok=True)
 HfApi().upload_file(path_or_fileobj="model.safetensors", path_in_repo="model.safetensors", repo_id=repo)
 """, env, tmp_path)
     command = training_command(tmp_path / "out", "--epochs", "1", "--max-train-samples", "16", "--max-eval-samples", "16",
-                               "--backbone", "resnet18", "--freeze-backbone")
+                               "--backbone", "test_resnet", "--freeze-backbone")
     command.remove("--no-pretrained")
     command[command.index("--dataset") + 1] = "user/catdog-data"
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -206,16 +207,22 @@ HfApi().upload_file(path_or_fileobj="model.safetensors", path_in_repo="model.saf
     from safetensors.torch import load_file
 
     torch.manual_seed(7)
-    uploaded, trained = timm.create_model("resnet18").state_dict(), load_file(tmp_path / "out" / "model.safetensors")
-    assert torch.equal(trained["backbone.conv1.weight"], uploaded["conv1.weight"])  # frozen: the downloaded weights
+    uploaded, trained = timm.create_model("test_resnet").state_dict(), load_file(tmp_path / "out" / "model.safetensors")
+    assert torch.equal(trained["backbone.conv1.0.weight"], uploaded["conv1.0.weight"])  # frozen: the downloaded weights
     card = (tmp_path / "out" / "README.md").read_text()
     assert "fine-tuned from ImageNet weights" in card and "timm ImageNet weights" in card
     url, process = start_server(str(tmp_path / "out"), {**env, "GRADIO_TEMP_DIR": str(tmp_path / "gradio")},
                                 tmp_path / "app.log")
     try:
-        answer = Client(url, verbose=False).predict(handle_file(str(ROOT / "examples" / "beagle_puppy.jpg")),
-                                                    api_name="/predict")
-        assert answer["label"] in ("cat", "dog", "not sure", "neither")
+        picture = ROOT / "examples" / "beagle_puppy.jpg"
+        answer = Client(url, verbose=False).predict(handle_file(str(picture)), api_name="/predict")
+        from catdog_model import load_predictor, open_image
+
+        predictor = load_predictor(str(tmp_path / "out"))  # what the fine-tuned model itself answers
+        expected = predictor.explain(open_image(picture, draft_size=predictor.image_size), heatmap=False)
+        assert answer["label"] == expected.verdict.answer
+        assert {c["label"]: c["confidence"] for c in answer["confidences"]}["dog"] == pytest.approx(
+            expected.probabilities["dog"], abs=1e-5)
     finally:
         process.terminate()
         process.wait(timeout=30)

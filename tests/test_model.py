@@ -84,6 +84,7 @@ def _snapshot(tmp_path, repo_id: str, commit: str, refs: list[str], **model_args
     return model
 
 
+@pytest.mark.slow
 def test_load_by_repo_id_and_revision_through_the_hub_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     torch.manual_seed(0)

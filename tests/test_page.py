@@ -195,6 +195,7 @@ def test_the_engine_is_named_in_plain_words_with_the_details_alongside():
     assert "`openvino-bf16`" in details(FixedPredictor(0.5))
 
 
+@pytest.mark.slow
 def test_importing_the_app_loads_nothing_and_reads_no_setting():
     env = {**os.environ, "CATDOG_CONCURRENCY": "abc", "CATDOG_MODEL": "no/such-model"}
     code = "import sys, app\nassert 'torch' not in sys.modules and 'openvino_model.xml' not in str(vars(app))\nprint('ok')"
@@ -258,6 +259,7 @@ def _make(*args: str, env: dict) -> subprocess.CompletedProcess:
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_make_demo_with_no_model_no_hub_and_no_dataset_says_what_it_needs_in_seconds(tmp_path):
     env = {key: value for key, value in os.environ.items() if key != "HF_HUB_OFFLINE"}
     env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path))  # a closed port: nothing answers
