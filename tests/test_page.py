@@ -124,6 +124,18 @@ def test_classify_with_nothing_chosen_says_so_inline_on_both_tabs(tmp_path, monk
     assert "Choose one or more pictures first" in status["value"] and csv_file["visible"] is False
 
 
+def test_a_batch_takes_at_most_100_files_on_the_page_and_in_the_api(tmp_path, monkeypatch):
+    import gradio as gr
+
+    space = _space(FixedPredictor(0.95), tmp_path, monkeypatch)
+    rows, _ = space.predict_batch([CAT_PHOTO] * 100, progress=NoProgress())
+    assert len(rows) == 100 and {row[1] for row in rows} == {"dog"}
+    with pytest.raises(gr.Error, match="At most 100 files at a time"):
+        space.predict_batch([CAT_PHOTO] * 101, progress=NoProgress())
+    table, csv_file, status = space.predict_batch_on_page([CAT_PHOTO] * 101, progress=NoProgress())
+    assert "At most 100 files at a time" in status["value"] and csv_file["visible"] is False
+
+
 def test_a_model_that_computes_nan_gets_a_clear_message_not_an_answer(tmp_path, monkeypatch):
     import app
     from catdog_model import PredictionError
