@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, in_process
 
 CAT_PHOTO = str(ROOT / "examples" / "chelsea_cat.jpg")
 
@@ -215,16 +215,26 @@ def test_importing_the_app_loads_nothing_and_reads_no_setting():
     assert result.returncode == 0 and result.stdout.strip() == "ok" and "loading the model" not in result.stderr, result.stderr
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name, value", [("CATDOG_CONCURRENCY", "abc"), ("CATDOG_CONCURRENCY", "0"),
                                          ("CATDOG_CONCURRENCY", "-1"), ("CATDOG_THREADS", "abc"), ("CATDOG_THREADS", "0"),
                                          ("CATDOG_THREADS", "2147483648"), ("CATDOG_MALLOC_ARENAS", "x"),
-                                         ("CATDOG_MALLOC_ARENAS", "99999999999999999999")])
-def test_a_setting_that_cannot_work_stops_the_app_in_one_line(name, value):
-    env = {**os.environ, name: value, "CATDOG_MODEL": "no/such-model"}
+                                         ("CATDOG_MALLOC_ARENAS", "99999999999999999999"), ("CATDOG_UPLOAD_TTL", "0")])
+def test_a_setting_that_cannot_work_stops_the_app_in_one_line(name, value, monkeypatch):
+    import app
+
+    monkeypatch.setenv(name, value)
+    monkeypatch.setenv("CATDOG_MODEL", "no/such-model")  # --check: a setting let through ends at the model, not a server
+    result = in_process(lambda: app.main(["--check"]), ["app.py", "--check"])
+    assert result.returncode == 1 and f"${name} must be" in result.stderr and repr(value) in result.stderr
+
+
+@pytest.mark.slow
+def test_a_bad_setting_stops_python_app_py_as_typed_in_one_line():
+    env = {**os.environ, "CATDOG_THREADS": "abc", "CATDOG_MODEL": "no/such-model"}
     result = subprocess.run([sys.executable, "app.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert f"${name} must be" in result.stderr and repr(value) in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == ("error: $CATDOG_THREADS must be a whole number from 1 to 1024, "
+                                                      "got 'abc' (see the settings table in README.md)")
 
 
 def test_an_empty_model_is_an_error_not_another_model(capsys):
