@@ -133,6 +133,16 @@ def mini_dataset() -> Path:
 
 
 @pytest.fixture(scope="session")
+def spec_model():
+    """The project's model as specified (ResNet50 at 224 px, random weights), built once: tests/test_model.py counts
+    it, tests/test_engine.py weighs what a Space downloads of it."""
+    from catdog_model import CatDogClassifier
+
+    torch.manual_seed(0)
+    return CatDogClassifier().eval()
+
+
+@pytest.fixture(scope="session")
 def trained_model(mini_dataset, tmp_path_factory) -> Path:
     """A tiny model, trained once per session: 32 training images, no augmentation, 6 epochs."""
     output_dir = tmp_path_factory.mktemp("trained")

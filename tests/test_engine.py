@@ -93,9 +93,8 @@ def test_the_space_needs_only_config_the_ir_and_the_detector(trained_model, mini
 
 
 @pytest.mark.slow
-def test_what_a_space_downloads_is_under_0_3_of_the_fp32_weights_at_224_px(tmp_path):
-    torch.manual_seed(0)
-    model = CatDogClassifier().eval()
+def test_what_a_space_downloads_is_under_0_3_of_the_fp32_weights_at_224_px(spec_model, tmp_path):
+    model = spec_model
     model.save_pretrained(tmp_path)
     save_openvino(model, tmp_path)
     sizes = {name: 2 * model.backbone.feature_info[i]["num_chs"] for i, name in STAGE_FEATURES.items()} | {HIDDEN: 1024}

@@ -189,6 +189,12 @@ def test_pixel_limit_below_pillows_own():
         open_image(data, max_pixels=1_000_000)
 
 
+def test_the_default_limit_is_40_megapixels_read_from_the_header():
+    assert open_image(_encode(Image.new("1", (8_000, 5_000)), "PNG")).size == (8_000, 5_000)
+    with pytest.raises(ImageError, match="too large \\(8000×5001 pixels\\); the limit is 40 megapixels"):
+        open_image(_encode(Image.new("1", (8_000, 5_001)), "PNG"))
+
+
 def _smooth_photo(width: int, height: int) -> Image.Image:
     """A photo-like gradient with some grain: what DCT-scaled decoding is meant for."""
     y, x = np.mgrid[0:height, 0:width]

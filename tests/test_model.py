@@ -10,8 +10,8 @@ from catdog_model import CatDogClassifier, ModelLoadError, load_predictor
 from conftest import complete_folder
 
 
-def test_the_architecture_and_its_parameter_counts_at_224():
-    model = CatDogClassifier(pretrained=False)
+def test_the_architecture_and_its_parameter_counts_at_224(spec_model):
+    model = spec_model
     counts = [sum(p.numel() for p in part.parameters()) for part in (model.backbone, model.head)]
     assert counts == [23_508_032, 102_762_497]
     flatten, hidden, relu, dropout, out = model.head
