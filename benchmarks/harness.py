@@ -94,7 +94,7 @@ def vouch_for(folder: Path) -> None:
 
     config = json.loads((folder / "config.json").read_text())
     names = [name for name in config["manifest"]["files"] if (folder / name).is_file()]
-    (folder / "config.json").write_text(json.dumps({**config, "manifest": manifest_of(folder, names)}))
+    (folder / "config.json").write_text(json.dumps({**config, "manifest": manifest_of(folder, names, config)}))
 
 
 def complete_folder(model, folder: Path, threshold: float = 1e9) -> Path:

@@ -200,6 +200,34 @@ def test_a_mixed_hub_download_is_refused_too(small_run, other_run, tmp_path, mon
         load_predictor("someone/mixed")
 
 
+@pytest.mark.parametrize("key, value, said", [
+    ("labels", ["dog", "cat"], "labels is ('dog', 'cat'), its run wrote ('cat', 'dog')"),  # every answer the other label
+    ("temperature", 1e-9, "temperature is 1e-09, its run wrote 1.0"),  # every answer "100% sure"
+    ("ood_threshold", 2.5, "ood_threshold is 2.5, its run wrote 1000000000.0"),  # small_run's 1e9 calls nothing "neither"
+    ("image_size", 32, "image_size is 32, its run wrote 64"),
+    ("backbone", "resnet18", "backbone is 'resnet18', its run wrote 'test_resnet'"),
+])
+def test_a_value_edited_in_config_json_is_refused_naming_it(small_run, tmp_path, key, value, said):
+    edited = tmp_path / "edited"
+    shutil.copytree(small_run, edited)
+    config = json.loads((edited / "config.json").read_text())
+    (edited / "config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(ModelLoadError) as error:
+        load_predictor(str(edited))
+    message = str(error.value)
+    assert "config.json was edited after its training run" in message and said in message and "\n" not in message
+
+
+def test_a_manifest_without_the_models_values_is_not_a_finished_model(small_run, tmp_path):
+    folder = tmp_path / "older"
+    shutil.copytree(small_run, folder)
+    config = json.loads((folder / "config.json").read_text())
+    del config["manifest"]["config"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="no complete manifest"):
+        load_predictor(str(folder))
+
+
 def test_a_derived_file_must_come_from_the_listed_weights(trained_model, tmp_path):
     edited = tmp_path / "edited"
     shutil.copytree(trained_model, edited)

@@ -19,7 +19,7 @@ from huggingface_hub import constants, get_session, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, HTTPError, LocalEntryNotFoundError
 from huggingface_hub.utils import validate_repo_id
 
-from ..config import MADE_FROM_WEIGHTS, MANIFEST_KEY, WEIGHTS, check_config
+from ..config import DEFAULTS, MADE_FROM_WEIGHTS, MANIFEST_KEY, WEIGHTS, check_config
 
 __all__ = ["DEFAULT_MODEL", "HUB_UNREACHABLE", "LOCAL_MODEL", "ModelFiles", "ModelLoadError", "file_sha256", "first_line",
            "hub_reachable", "hub_unreachable", "manifest_of", "parse_source", "resolve_model",
@@ -81,15 +81,17 @@ def write_atomically(folder: Path, write: Callable[[Path], None]) -> list[str]:
     return names
 
 
-def manifest_of(folder: Path, names, weights: Optional[str] = None) -> dict:
+def manifest_of(folder: Path, names, config: Optional[dict] = None, weights: Optional[str] = None) -> dict:
     """The manifest of these files of ``folder``: each one's size and sha256 and, for a file made from the weights,
-    the weights' sha256 (``weights``, else that of the folder's own)."""
+    the weights' sha256 (``weights``, else that of the folder's own). With ``config``, also the model's values in it
+    (labels, image size, temperature, "neither" threshold...): config.json holds the manifest, so it cannot hash
+    itself, and a hand-edited value would change every answer while every file still checks."""
     weights, files = weights or file_sha256(folder / WEIGHTS), {}
     for name in names:
         files[name] = {"size": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
         if name in MADE_FROM_WEIGHTS:
             files[name]["made_from"] = weights
-    return {"files": files}
+    return {"files": files} if config is None else {"files": files, "config": {key: config[key] for key in DEFAULTS}}
 
 
 def parse_source(source: str) -> tuple[str, Optional[str]]:
@@ -213,6 +215,12 @@ class ModelFiles:
         if not self.manifest or checked["ood_threshold"] is None:
             raise ModelLoadError(f"{self.where}: config.json has no complete manifest and calibration, so it is not a "
                                  "finished model of train_accelerate.py. Retrain it with this version.")
+        vouched = self.manifest["config"]
+        changed = [f"{key} is {checked[key]!r}, its run wrote {vouched[key]!r}"
+                   for key in DEFAULTS if checked[key] != vouched[key]]
+        if changed:
+            raise ModelLoadError(f"{self.where}: config.json was edited after its training run ({'; '.join(changed)}); "
+                                 "every answer depends on these values: put them back, or retrain.")
         return checked
 
     def _not_a_model(self) -> None:
@@ -228,11 +236,17 @@ class ModelFiles:
 
 
 def _checked_manifest(manifest) -> dict:
-    """The manifest if every entry has a whole size and a sha256; {} for anything else."""
+    """The manifest if every entry has a whole size and a sha256 and it holds the model's values, checked; {} for
+    anything else."""
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or WEIGHTS not in files:
         return {}
     for entry in files.values():
         if not (isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)):
             return {}
-    return {"files": files}
+    values = manifest.get("config")
+    try:
+        checked = check_config(values) if isinstance(values, dict) and set(DEFAULTS) <= set(values) else None
+    except (ValueError, TypeError):
+        checked = None
+    return {"files": files, "config": checked} if checked else {}

@@ -139,7 +139,7 @@ def reexport(folder: Path) -> None:
 
     def write(temp: Path) -> None:
         save_openvino(model, temp)
-        manifest.update(manifest_of(temp, IR_FILES, weights)["files"])
+        manifest.update(manifest_of(temp, IR_FILES, weights=weights)["files"])
         (temp / "config.json").write_text(json.dumps(config, indent=2))
 
     save_atomically(folder, write)

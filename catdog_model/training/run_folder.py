@@ -138,7 +138,7 @@ def publish_run(config, accelerator: Accelerator, model: CatDogClassifier, progr
         metrics = _run_record(config, accelerator, progress, calibration, data, splits, used, fingerprint)
         (temp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         make_model_card(model, metrics, evaluation, name).save(temp / "README.md")
-        model_config[MANIFEST_KEY] = manifest_of(temp, sorted(path.name for path in temp.iterdir()))
+        model_config[MANIFEST_KEY] = manifest_of(temp, sorted(path.name for path in temp.iterdir()), model_config)
         (temp / "config.json").write_text(json.dumps(model_config, indent=2))
 
     written = save_atomically(output_dir, write)
