@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -77,9 +78,18 @@ def _files(inputs: list[str]) -> Iterator[tuple[str, str]]:
                 raise BatchError(f"No such file or folder: {match}")
 
 
-def _dataset_rows(name: str, split: str, column: Optional[str]) -> Iterator[tuple[str, bytes]]:
-    """(row index, the picture's bytes) of a Hub or local dataset. datasets keeps it on disk as Arrow, memory-mapped,
-    so memory stays flat however large it is; nothing is decoded here."""
+def _listing_digest(pictures: list[tuple[str, str]]) -> str:
+    """Every picture's name, size and modification time, hashed: what a folder run classifies, as of now."""
+    digest = hashlib.sha256()
+    for name, path in pictures:
+        stat = os.stat(path)
+        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
+def _open_dataset(name: str, split: str, column: Optional[str]):
+    """The split of a Hub or local dataset and its image column, checked before the model loads. datasets keeps it
+    on disk as Arrow, memory-mapped, so memory stays flat however large it is."""
     try:
         import datasets
     except ImportError:
@@ -90,10 +100,14 @@ def _dataset_rows(name: str, split: str, column: Optional[str]) -> Iterator[tupl
         raise BatchError(f"Could not load split {split!r} of {name!r}: {str(error).splitlines()[0]}") from None
     images = [key for key, feature in rows.features.items() if isinstance(feature, datasets.Image)]
     column = column or (images[0] if len(images) == 1 else None)
-    if column is None or column not in rows.features:
-        found = ", ".join(rows.features) or "no columns"
+    if column is None or column not in images:
+        found = ", ".join(f"{key} ({type(feature).__name__})" for key, feature in rows.features.items()) or "no columns"
         raise BatchError(f"{name!r} has no image column {column or ''} (pass --image-column; it has: {found})".replace(" ()", ""))
-    rows = rows.select_columns([column]).cast_column(column, datasets.Image(decode=False))
+    return rows.select_columns([column]).cast_column(column, datasets.Image(decode=False)), column
+
+
+def _dataset_rows(rows, column: str) -> Iterator[tuple[str, bytes]]:
+    """(row index, the picture's bytes): nothing is decoded here."""
     for index, row in enumerate(rows):
         image = row[column] or {}
         yield str(index), image.get("bytes") or (Path(image["path"]).read_bytes() if image.get("path") else b"")
@@ -164,8 +178,9 @@ def _write(rows: list[dict], path: Path) -> None:
 
 
 def _identity(predictor: Predictor, source: dict) -> dict:
-    """What makes the output what it is: the inputs as given and the model's own weights."""
-    return {"inputs": source, "model": predictor.source, "revision": predictor.revision,
+    """What makes the output what it is: what the inputs hold now (not only the strings that named them, which a rerun
+    from another folder, or after pictures were added, reads differently) and the model's own weights."""
+    return {**source, "model": predictor.source, "revision": predictor.revision,
             "weights": predictor.weights_sha256, "engine": predictor.engine}
 
 
@@ -300,21 +315,24 @@ def _run(args) -> Optional[Counter]:
         raise BatchError(f"{output} is already complete: pick another --output, or delete it to classify again")
     if bool(args.inputs) == bool(args.dataset):
         raise BatchError("pass either PATHs or --dataset")
-    source = ({"dataset": args.dataset, "split": args.split, "image_column": args.image_column} if args.dataset
-              else {"paths": args.inputs})
+    if args.dataset:  # checked before the model loads
+        dataset, column = _open_dataset(args.dataset, args.split, args.image_column)
+        local = Path(args.dataset).exists()
+        source = {"dataset": os.path.abspath(args.dataset) if local else args.dataset, "split": args.split,
+                  "image column": column, "dataset content": dataset._fingerprint}
+        total, pictures = len(dataset), _dataset_rows(dataset, column)
+    else:
+        listing = list(_files(args.inputs))  # names and paths only: nothing is decoded
+        if not listing:
+            raise BatchError(f"no picture in {' '.join(args.inputs)} (looked for {', '.join(sorted(EXTENSIONS))})")
+        source = {"paths": [os.path.abspath(given) for given in args.inputs],
+                  "pictures": f"{len(listing)}, sha256 of their names, sizes and times {_listing_digest(listing)}"}
+        total, pictures = len(listing), iter(listing)
     model, why = resolve_model(args.model)
     logger.info("classifying with %s (%s)", model, why)
     state = _distributed_state()
     threads = max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # each process its share of cores
     predictor = load_predictor(model, threads=threads)
-    if args.dataset:
-        pictures = _dataset_rows(args.dataset, args.split, args.image_column)
-        total = None
-    else:
-        total = sum(1 for _ in _files(args.inputs))  # names only: nothing is decoded
-        if total == 0:
-            raise BatchError(f"no picture in {' '.join(args.inputs)} (looked for {', '.join(sorted(EXTENSIONS))})")
-        pictures = _files(args.inputs)
     counts = predict_files(predictor, pictures, output, _identity(predictor, source), total)
     if args.push_to_hub and (state is None or state.is_main_process):
         _push(output, args.push_to_hub, model, counts)

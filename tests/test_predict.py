@@ -4,6 +4,7 @@ process or several, with the answers `predictor.explain` gives."""
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,12 +15,27 @@ import pytest
 from datasets import load_dataset
 
 from catdog_model import load_predictor
-from conftest import ROOT, assert_clean_error
+from conftest import ROOT, assert_clean_error, in_process
 from test_data import _jpeg, write_parquet_dataset
 
 
 def _predict(*args, env=None, launcher=(sys.executable, "-m", "catdog_model.predict")):
     return subprocess.run([*launcher, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+
+
+def _interrupted(*args) -> None:
+    """catdog-predict stopped after writing its chunks, before merging them: OUT.parts/ left as a kill leaves it."""
+    from catdog_model import predict
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(predict, "_merge", lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+        predict.main([str(arg) for arg in args])
+
+
+def _predict_here(*args):
+    from catdog_model import predict
+
+    return in_process(lambda: predict.main([str(arg) for arg in args]), [str(arg) for arg in args])
 
 
 @pytest.fixture(scope="module")
@@ -95,14 +111,44 @@ def test_a_local_dataset_by_row_with_the_same_answers_as_its_pictures(trained_mo
     (("{tmp}/missing", "--output", "{tmp}/rows.csv"), "No such file or folder"),
     (("--dataset", "{data}", "--image-column", "photo", "--output", "{tmp}/rows.csv"), "has no image column photo"),
     (("--dataset", "{data}", "--split", "test", "--output", "{tmp}/rows.csv"), "Could not load split 'test'"),
+    # Checked before the model loads (no such model here): a column that holds no pictures, a mistyped split.
+    (("--dataset", "{data}", "--image-column", "target", "--output", "{tmp}/rows.csv", "--model", "{tmp}/no-model"),
+     "has no image column target (pass --image-column; it has: img (Image), target (ClassLabel))"),
+    (("--dataset", "{data}", "--split", "tset", "--output", "{tmp}/rows.csv", "--model", "{tmp}/no-model"),
+     "Could not load split 'tset'"),
     (("{library}", "--output", "{tmp}/rows.csv", "--model", ""), "--model is empty"),
 ])
 def test_bad_input_is_one_clear_line(trained_model, library, tmp_path, args, message):
     (tmp_path / "empty").mkdir()
     data = write_parquet_dataset(tmp_path / "data", [(_jpeg(i), i % 2) for i in range(4)])
     filled = [arg.format(library=library, tmp=tmp_path, data=data) for arg in args]
-    result = _predict(*filled, *(() if "--model" in filled else ("--model", trained_model)))
+    result = _predict_here(*filled, *(() if "--model" in filled else ("--model", trained_model)))
     assert_clean_error(result, message)
+    assert not list(tmp_path.glob("*.parts"))  # refused before anything was written
+
+
+def test_a_rerun_after_pictures_were_added_is_refused_never_mixed(trained_model, library, tmp_path):
+    photos, output = tmp_path / "photos", tmp_path / "rows.csv"
+    shutil.copytree(library, photos)
+    _interrupted(photos, "--output", output, "--model", trained_model)
+    shutil.copy(photos / "cats" / "photo0.jpg", photos / "aaa.jpg")  # sorts first: every chunk would shift
+    result = _predict_here(photos, "--output", output, "--model", trained_model)
+    assert_clean_error(result, f"{output}.parts holds the rows of another run (pictures differ)", "delete it")
+    assert not output.exists() and (tmp_path / "rows.csv.parts").is_dir()
+
+
+def test_a_relative_folder_rerun_from_another_folder_is_refused_never_mixed(trained_model, library, tmp_path,
+                                                                             monkeypatch):
+    output = tmp_path / "rows.jsonl"
+    for where, photo in (("here", "cats/photo0.jpg"), ("there", "dogs/photo1600.jpg")):
+        (tmp_path / where / "photos").mkdir(parents=True)
+        shutil.copy(library / photo, tmp_path / where / "photos" / "pet.jpg")
+    monkeypatch.chdir(tmp_path / "here")
+    _interrupted("photos", "--output", output, "--model", trained_model)
+    monkeypatch.chdir(tmp_path / "there")
+    result = _predict_here("photos", "--output", output, "--model", trained_model)
+    assert_clean_error(result, "holds the rows of another run (paths, pictures differ)")
+    assert not output.exists()
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +178,7 @@ def test_a_kill_9_midway_then_a_rerun_gives_the_uninterrupted_rows_each_once(tra
         process.wait()
     assert not (tmp_path / "rows.csv").exists()  # never a half-written output
     other = _predict(many_photos / "0000.jpg", "--output", tmp_path / "rows.csv", "--model", trained_model)
-    assert_clean_error(other, "holds the rows of another run (inputs differ)")
+    assert_clean_error(other, "holds the rows of another run (paths, pictures differ)")
     rerun = _predict(many_photos, "--output", tmp_path / "rows.csv", "--model", trained_model)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert (tmp_path / "rows.csv").read_bytes() == (tmp_path / "whole.csv").read_bytes()
