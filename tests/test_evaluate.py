@@ -1,6 +1,7 @@
 """The evaluation report: its numbers, its figures, and their agreement with metrics.json and the card."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -113,3 +114,30 @@ def test_every_input_is_checked_before_the_evaluation(trained_model, mini_datase
         assert_clean_error(result, message)
         assert "evaluating" not in result.stderr  # refused before the first picture was classified
     assert not (tmp_path / "r" / "evaluation.json").exists()
+
+
+def _split_with(trained_model, path, **used):
+    split = json.loads((trained_model / "split.json").read_text())
+    path.write_text(json.dumps({**split, "used": {**split["used"], **used}}))
+    return path
+
+
+def test_a_split_that_repeats_a_row_or_holds_training_rows_is_refused(trained_model, mini_dataset, tmp_path):
+    split = json.loads((trained_model / "split.json").read_text())
+    common = (str(trained_model), "--dataset", str(mini_dataset), "--output-dir", str(tmp_path / "r"))
+    repeated = _split_with(trained_model, tmp_path / "repeated.json", test=[split["used"]["test"][0]] * 50)
+    assert_clean_error(_evaluate(*common, "--split-file", str(repeated)), "lists 49 of its 50 test rows more than once")
+    trained_on = _split_with(trained_model, tmp_path / "trained-on.json", test=split["train"][:30])
+    assert_clean_error(_evaluate(*common, "--split-file", str(trained_on)),
+                       "30 of its test rows are rows the model was trained or calibrated on")
+    assert not (tmp_path / "r" / "evaluation.json").exists()
+
+
+def test_the_models_own_split_is_checked_against_its_manifest(trained_model, mini_dataset, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(trained_model, model)
+    split = json.loads((model / "split.json").read_text())
+    _split_with(trained_model, model / "split.json", test=split["train"][:32])  # an edit that would flatter it
+    result = _evaluate(str(model), "--dataset", str(mini_dataset), "--output-dir", str(tmp_path / "r"))
+    assert_clean_error(result, "split.json is not the file its training run wrote")
+

@@ -23,11 +23,12 @@ from ..images import ImageError, model_input, open_image
 
 __all__ = [
     "DatasetError", "LoadedDataset", "load_image_dataset", "dataset_fingerprint", "split_dataset", "check_classes",
-    "make_transform", "undecoded", "collate", "read_split_file", "load_split", "save_split",
+    "make_transform", "undecoded", "collate", "read_split_file", "load_split", "save_split", "SPLIT_FILE",
 ]
 
 logger = logging.getLogger(__name__)
 
+SPLIT_FILE = "split.json"  # a finished run's rows of each split, in its manifest like every file
 ROW_COLUMN = "__row__"  # the row's index in the original split, kept through filtering and splitting
 _CHECK_THREADS = min(8, usable_cores())
 

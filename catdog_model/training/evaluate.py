@@ -32,7 +32,8 @@ from ..serving.files import ModelLoadError, hub_unreachable
 from ..serving.predictor import load_predictor
 from ..serving.verdict import NEITHER, NOT_SURE, decide
 from .calibration import ECE_BINS, calibration_summary
-from .data import DatasetError, collate, dataset_fingerprint, load_image_dataset, load_split, make_transform, undecoded
+from .data import (SPLIT_FILE, DatasetError, collate, dataset_fingerprint, load_image_dataset, load_split, make_transform,
+                   read_split_file, undecoded)
 
 __all__ = ["EVALUATION_FILE", "compute_metrics", "report_training_run", "synthetic_ood_images", "write_report",
            "main"]
@@ -238,12 +239,11 @@ def _check_output_dir(folder: Path) -> None:
         raise OSError(f"--output-dir {folder} is not a writable folder ({error.strerror or type(error).__name__})") from None
 
 
-def _check_split_is_the_models(split_file: Path, metrics: dict, fingerprint: str) -> None:
-    """A split file made by another run (another seed or dataset), or on data that differs from what it was made
-    on (another revision, rows reordered), would mix training rows into its "test" rows: refuse it, naming why."""
-    from .data import read_split_file
-
-    saved = read_split_file(split_file)
+def _check_split_is_the_models(split_file: Path, predictor, fingerprint: str) -> None:
+    """A split file made by another run (another seed or dataset), on data that differs from what it was made on
+    (another revision, rows reordered), or edited (a row repeated, training rows among its test rows) would not
+    measure the model on photos it has not seen, each once: refuse it, naming why."""
+    saved, metrics = read_split_file(split_file), predictor.metrics
     for key, flag in (("seed", "--seed"), ("dataset", "--dataset")):
         if key in metrics and key in saved and saved[key] != metrics[key]:
             raise DatasetError(f"--split-file {split_file} was made with {flag} {saved[key]}, but the model was trained "
@@ -251,6 +251,17 @@ def _check_split_is_the_models(split_file: Path, metrics: dict, fingerprint: str
     if saved.get("fingerprint") != fingerprint:
         raise DatasetError(f"--split-file {split_file} was made on other data ({saved.get('fingerprint')}, now "
                            f"{fingerprint}): another revision or a reordered copy; its row numbers would point at other rows")
+    test = saved["used"]["test"]
+    if len(set(test)) != len(test):
+        raise DatasetError(f"{split_file} lists {len(test) - len(set(test))} of its {len(test)} test rows more than once: "
+                           "each photo must count once")
+    own = predictor.files.path(SPLIT_FILE, required=False)  # the model's own rows, vouched for by its manifest
+    if own is not None:
+        model_rows = read_split_file(own)
+        seen = set(test) & (set(model_rows["train"]) | set(model_rows.get("validation", [])))
+        if seen:
+            raise DatasetError(f"{split_file}: {len(seen)} of its test rows are rows the model was trained or calibrated "
+                               "on (its own split.json, which its manifest vouches for, says so)")
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -271,13 +282,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         if unreachable := hub_unreachable(None if Path(args.dataset).exists() else f"--dataset {args.dataset}"):
             raise DatasetError(unreachable)
         data = load_image_dataset(args.dataset, args.dataset_revision)
-        split_file = args.split_file or (Path(args.model) / "split.json" if (Path(args.model) / "split.json").is_file() else None)
+        # Without --split-file, a local model's own split.json, checked against its manifest like every file it serves.
+        split_file = args.split_file or (predictor.files.path(SPLIT_FILE, required=False) if predictor.files.local else None)
         if args.all_rows or split_file is None:
             logger.info("evaluating every row of %s (no split file)", args.dataset)
             rows = data.dataset
         else:
-            _check_split_is_the_models(Path(split_file), predictor.metrics,
-                                       dataset_fingerprint(args.dataset, args.dataset_revision))
+            _check_split_is_the_models(Path(split_file), predictor, dataset_fingerprint(args.dataset, args.dataset_revision))
             rows = load_split(Path(split_file), data, "test", used=True)
     except (ModelLoadError, DatasetError, OSError) as error:
         exit_with_error(error)

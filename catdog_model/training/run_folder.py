@@ -23,7 +23,7 @@ from ..model import CatDogClassifier
 from ..serving.files import TEMPORARY_PREFIX, manifest_of
 from .calibration import save_detector
 from .card import make_model_card
-from .data import load_split, save_split
+from .data import SPLIT_FILE, load_split, save_split
 from .evaluate import EVALUATION_FILE, report_training_run
 from .export import save_openvino
 from .loop import BEST, CHECKPOINTS, Progress, TrainingError, save_atomically
@@ -33,7 +33,6 @@ __all__ = ["LOCK_FILE", "NOT_PUSHED", "RUN_FILES", "RUN_RECORD", "SPLIT_FILE", "
 
 logger = logging.getLogger(__name__)
 
-SPLIT_FILE = "split.json"
 TRACKER_PROJECT = "catdog"  # trackers log under output_dir/catdog
 # What a run writes into its output folder (with checkpoints/): --overwrite-output-dir removes these, nothing else.
 RUN_FILES = ("config.json", WEIGHTS, *IR_FILES, OOD_FILE, "metrics.json", SPLIT_FILE, "README.md", EVALUATION_FILE,
