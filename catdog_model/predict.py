@@ -56,9 +56,22 @@ def neutralised(cell):
     return "'" + cell if visible.startswith(("=", "+", "-", "@", "\t")) else cell
 
 
+def _regular(path: Path) -> bool:
+    """Whether ``path`` is a regular file: a FIFO would block the run for ever, a device never end."""
+    if path.is_file():
+        return True
+    logger.warning("skipping %s: not a regular file", path)
+    return False
+
+
+def _unreadable(error: OSError) -> None:  # os.walk's onerror: a folder it cannot list
+    logger.warning("skipping %s and what it holds: %s", error.filename, error.strerror or error)
+
+
 def _files(inputs: list[str]) -> Iterator[tuple[str, str]]:
     """(name, path) for each picture of the inputs, in a fixed order: a folder's pictures by sorted relative path
-    (recursive, by the extensions Pillow reads), a glob's matches sorted, a file as it is."""
+    (recursive, by the extensions Pillow reads), a glob's matches sorted, a file as it is. What is not a regular
+    file, and a folder that cannot be read, is skipped with a warning."""
     for given in inputs:
         matches = sorted(glob.glob(given, recursive=True)) if glob.has_magic(given) else [given]
         if not matches:
@@ -66,14 +79,15 @@ def _files(inputs: list[str]) -> Iterator[tuple[str, str]]:
         for match in matches:
             root = Path(match)
             if root.is_dir():
-                for folder, subfolders, names in os.walk(root):
+                for folder, subfolders, names in os.walk(root, onerror=_unreadable):
                     subfolders.sort()
                     for name in sorted(names):
                         path = Path(folder) / name
-                        if path.suffix.lower() in EXTENSIONS:
+                        if path.suffix.lower() in EXTENSIONS and _regular(path):
                             yield str(path.relative_to(root)), str(path)
             elif root.exists():
-                yield root.name if not glob.has_magic(given) else match, str(root)
+                if _regular(root):
+                    yield root.name if not glob.has_magic(given) else match, str(root)
             else:
                 raise BatchError(f"No such file or folder: {match}")
 
@@ -106,11 +120,16 @@ def _open_dataset(name: str, split: str, column: Optional[str]):
     return rows.select_columns([column]).cast_column(column, datasets.Image(decode=False)), column
 
 
-def _dataset_rows(rows, column: str) -> Iterator[tuple[str, bytes]]:
-    """(row index, the picture's bytes): nothing is decoded here."""
+def _dataset_rows(rows, column: str) -> Iterator[tuple[str, object]]:
+    """(row index, the picture's bytes): nothing is decoded here. A row whose picture is a file that cannot be read
+    gives its reason instead, for an error row: one bad row never stops the run."""
     for index, row in enumerate(rows):
         image = row[column] or {}
-        yield str(index), image.get("bytes") or (Path(image["path"]).read_bytes() if image.get("path") else b"")
+        try:
+            picture = image.get("bytes") or (Path(image["path"]).read_bytes() if image.get("path") else b"")
+        except OSError as error:
+            picture = ImageError(f"{image['path']}: {error.strerror or error}")
+        yield str(index), picture
 
 
 def _chunks(pictures: Iterator, size: int) -> Iterator[list]:
@@ -152,6 +171,8 @@ def classify_chunk(predictor: Predictor, chunk: list[tuple[str, object]], decodi
 
 
 def _decode(predictor: Predictor, picture):
+    if isinstance(picture, ImageError):  # a dataset row whose file could not be read
+        return picture
     try:
         return predictor.model_input(picture)
     except ImageError as error:
@@ -261,6 +282,21 @@ def _in_words(counts: Counter) -> str:
     return ", ".join(f"{count} {verdict}" for verdict, count in counts.most_common())
 
 
+def _check_push(repo_id: str) -> None:
+    from huggingface_hub import get_token
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+        if repo_id.count("/") != 1:
+            raise HFValidationError("it has the form user/name")
+    except HFValidationError as error:
+        raise BatchError(f"--push-to-hub {repo_id!r} is not a dataset id ({str(error).splitlines()[0]})") from None
+    if not get_token():
+        raise BatchError("--push-to-hub needs a token: run `hf auth login` or set $HF_TOKEN")
+
+
 def _push(output: Path, repo_id: str, model: str, counts: Counter) -> None:
     """The rows and a dataset card naming the model and the counts, in one commit: ``load_dataset(repo_id)``
     reads them."""
@@ -296,6 +332,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         counts = _run(args)
     except (BatchError, ModelLoadError, ImageError, OSError) as error:
         exit_with_error(error)
+    except KeyboardInterrupt:
+        exit_with_error(f"interrupted: the rows classified so far are kept in {args.output}.parts; run the same "
+                        "command again to carry on", status=130)
     if counts is not None:
         logger.info("classified %d pictures: %s", sum(counts.values()), _in_words(counts))
 
@@ -315,6 +354,8 @@ def _run(args) -> Optional[Counter]:
         raise BatchError(f"{output} is already complete: pick another --output, or delete it to classify again")
     if bool(args.inputs) == bool(args.dataset):
         raise BatchError("pass either PATHs or --dataset")
+    if args.push_to_hub is not None:  # before hours of work, not after
+        _check_push(args.push_to_hub)
     if args.dataset:  # checked before the model loads
         dataset, column = _open_dataset(args.dataset, args.split, args.image_column)
         local = Path(args.dataset).exists()

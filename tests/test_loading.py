@@ -65,6 +65,8 @@ def test_bad_config_is_one_model_load_error_naming_source_and_reason(saved_model
     ("some/deep/folder", "No such model folder: some/deep/folder"),
     ("a b/c", "neither a folder nor a valid Hub id"),
     ("user/repo@", "names no revision"),
+    ("x" * 300, r"neither a folder nor a Hub id \(File name too long\)"),  # a $CATDOG_MODEL pasted wrong
+    ("user/" + "x" * 300, "neither a folder nor a valid Hub id"),
 ])
 def test_source_strings_that_cannot_work_say_why(source, message):
     with pytest.raises(ModelLoadError, match=message):

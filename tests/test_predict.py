@@ -27,9 +27,9 @@ def _interrupted(*args) -> None:
     """catdog-predict stopped after writing its chunks, before merging them: OUT.parts/ left as a kill leaves it."""
     from catdog_model import predict
 
-    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
+    with pytest.MonkeyPatch.context() as patch:
         patch.setattr(predict, "_merge", lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
-        predict.main([str(arg) for arg in args])
+        assert in_process(lambda: predict.main([str(arg) for arg in args]), []).returncode == 130
 
 
 def _predict_here(*args):
@@ -195,3 +195,65 @@ def test_two_processes_write_the_rows_of_one(trained_model, many_photos, tmp_pat
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
     assert "classified 400 pictures" in result.stderr
+
+
+def test_a_dataset_row_whose_file_is_gone_is_an_error_row_and_the_run_goes_on(trained_model, tmp_path):
+    import pyarrow
+    from datasets import ClassLabel, Features, Image as ImageFeature
+
+    # Written with pyarrow: datasets would read the missing file in to embed it. The middle row names a file only.
+    features = Features({"img": ImageFeature(), "target": ClassLabel(names=["cat", "dog"])})
+    images = pyarrow.array([{"bytes": _jpeg(0), "path": None}, {"bytes": None, "path": str(tmp_path / "gone.jpg")},
+                            {"bytes": _jpeg(1), "path": None}], features["img"].pa_type)
+    table = pyarrow.table({"img": images, "target": pyarrow.array([0, 1, 0], pyarrow.int64())})
+    table = table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features.to_dict()}})})
+    (tmp_path / "data" / "data").mkdir(parents=True)
+    pyarrow.parquet.write_table(table, tmp_path / "data" / "data" / "train-00000-of-00001.parquet")
+    result = _predict_here("--dataset", tmp_path / "data", "--output", tmp_path / "rows.jsonl", "--model", trained_model)
+    assert result.returncode == 0, result.stderr[-2000:]
+    written = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert [row["verdict"] == "error" for row in written] == [False, True, False]
+    assert "gone.jpg: No such file or directory" in written[1]["note"]
+
+
+@pytest.mark.parametrize("repo_id, message", [("", "is not a dataset id"), ("not a valid id", "is not a dataset id"),
+                                              ("user/rows", "--push-to-hub needs a token")])
+def test_a_push_that_cannot_work_is_refused_before_the_model_loads(library, tmp_path, repo_id, message):
+    result = _predict_here(library, "--output", tmp_path / "rows.csv", "--model", tmp_path / "no-model",
+                           "--push-to-hub", repo_id)
+    assert_clean_error(result, message)
+    assert not (tmp_path / "rows.csv.parts").exists()
+
+
+def test_ctrl_c_is_one_line_saying_how_to_carry_on(trained_model, library, tmp_path, monkeypatch):
+    from catdog_model import predict
+
+    monkeypatch.setattr(predict, "predict_files", lambda *_, **__: (_ for _ in ()).throw(KeyboardInterrupt))
+    try:
+        result = _predict_here(library, "--output", tmp_path / "rows.csv", "--model", trained_model)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C came out as a KeyboardInterrupt and its traceback, not one line")
+    assert result.returncode == 130 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (f"error: interrupted: the rows classified so far are kept in "
+                                                       f"{tmp_path / 'rows.csv'}.parts; run the same command again to carry on")
+
+
+@pytest.mark.slow
+def test_a_fifo_or_an_unreadable_folder_is_skipped_with_a_warning_never_a_hang(trained_model, library, tmp_path):
+    photos = tmp_path / "photos"
+    shutil.copytree(library, photos)
+    os.mkfifo(photos / "b_pipe.jpg")  # opening it would wait for a writer for ever
+    (photos / "locked").mkdir()
+    shutil.copy(library / "cats" / "photo0.jpg", photos / "locked" / "pet.jpg")
+    (photos / "locked").chmod(0)
+    try:  # as typed, with a timeout: a hang fails the test instead of stopping the suite
+        result = _predict(photos, "--output", tmp_path / "rows.csv", "--model", trained_model)
+    finally:
+        (photos / "locked").chmod(0o755)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"skipping {photos / 'b_pipe.jpg'}: not a regular file" in result.stderr
+    names = [row["picture"] for row in _csv(tmp_path / "rows.csv")]
+    assert "b_pipe.jpg" not in names
+    if os.geteuid() != 0:  # root reads any folder, whatever its mode
+        assert f"skipping {photos / 'locked'} and what it holds: Permission denied" in result.stderr
+

@@ -101,9 +101,13 @@ def parse_source(source: str) -> tuple[str, Optional[str]]:
     if not source:
         raise ModelLoadError("No model given: pass a folder written by train_accelerate.py or a Hub id like user/repo.")
     path = Path(source).expanduser()
-    if path.is_dir():
+    try:
+        is_dir, exists = path.is_dir(), path.exists()
+    except OSError as error:  # a name too long for the file system, say
+        raise ModelLoadError(f"{source[:80]}…: neither a folder nor a Hub id ({error.strerror or first_line(error)}).") from None
+    if is_dir:
         return str(path), None
-    if path.exists():
+    if exists:
         raise ModelLoadError(f"{source} is a file; pass the folder that holds config.json and model.safetensors.")
     repo_id, _, revision = source.partition("@")
     if Path(repo_id).expanduser().is_dir():
