@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import csv
 import html
 import logging
@@ -74,7 +75,7 @@ class Space:
     predictor: Optional[Predictor]
     load_error: Optional[str] = None
     upload_ttl_s: int = 3600
-    csv_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="catdog-csv-")))
+    csv_dir: Path = field(default_factory=lambda: _temporary_folder("catdog-csv-"))
 
     @property
     def table_headers(self) -> list[str]:
@@ -312,6 +313,13 @@ def _model_source(argv: list[str]) -> tuple[str, str, bool]:
         return (*resolve_model(parsed.model), parsed.check)
     except ModelLoadError as error:
         exit_with_error(error)
+
+
+def _temporary_folder(prefix: str) -> Path:
+    """A folder of the app's own in the temporary folder, removed when the app exits (SIGTERM included)."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def _remove_expired(paths, ttl_s: int) -> None:

@@ -56,6 +56,13 @@ def neutralised(cell):
     return "'" + cell if visible.startswith(("=", "+", "-", "@", "\t")) else cell
 
 
+def _written_name(name: str) -> str:
+    """A file name as every output format can hold it, each picture's distinct: bytes that are not UTF-8 as \\xNN
+    (Python reads them as lone surrogates, which no UTF-8 writer takes), line breaks as \\n and \\r."""
+    name = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return name.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def _regular(path: Path) -> bool:
     """Whether ``path`` is a regular file: a FIFO would block the run for ever, a device never end."""
     if path.is_file():
@@ -84,10 +91,10 @@ def _files(inputs: list[str]) -> Iterator[tuple[str, str]]:
                     for name in sorted(names):
                         path = Path(folder) / name
                         if path.suffix.lower() in EXTENSIONS and _regular(path):
-                            yield str(path.relative_to(root)), str(path)
+                            yield _written_name(str(path.relative_to(root))), str(path)
             elif root.exists():
                 if _regular(root):
-                    yield root.name if not glob.has_magic(given) else match, str(root)
+                    yield _written_name(root.name if not glob.has_magic(given) else match), str(root)
             else:
                 raise BatchError(f"No such file or folder: {match}")
 

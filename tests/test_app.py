@@ -330,12 +330,16 @@ def test_explain_api_says_neither_for_noise(client, tmp_path):
 
 @pytest.mark.slow
 def test_the_space_serves_its_engine_from_the_first_request_and_stops_cleanly_on_sigterm(trained_model, tmp_path):
-    """As shipped: the OpenVINO engine answers the first request; SIGTERM (how a Space stops) exits 0."""
-    env = {"GRADIO_TEMP_DIR": str(tmp_path / "gradio"), "CATDOG_THREADS": "2"}
+    """As shipped: the OpenVINO engine answers the first request; SIGTERM (how a Space stops) exits 0, leaving
+    nothing of its own in the temporary folder."""
+    (tmp_path / "tmp").mkdir()
+    env = {"GRADIO_TEMP_DIR": str(tmp_path / "gradio"), "CATDOG_THREADS": "2", "TMPDIR": str(tmp_path / "tmp")}
     url, process = start_server(str(trained_model), env, tmp_path / "app.log")
     try:
         client, photo = Client(url, verbose=False), handle_file(str(ROOT / "examples" / "chelsea_cat.jpg"))
         first = client.predict(photo, api_name="/predict")
+        client.predict([photo], api_name="/predict_batch")  # a batch's CSV, in a folder of the app's own
+        assert list((tmp_path / "tmp").glob("catdog-csv-*/*/catdog-predictions.csv"))
         log = (tmp_path / "app.log").read_text()
         assert "compiled the model" in log and "with openvino-" in log and "torch" not in log
         dog = {c["label"]: c["confidence"] for c in first["confidences"]}["dog"]
@@ -345,3 +349,4 @@ def test_the_space_serves_its_engine_from_the_first_request_and_stops_cleanly_on
         process.send_signal(signal.SIGTERM)
         returncode = process.wait(timeout=30)
     assert returncode == 0 and "terminate called" not in (tmp_path / "app.log").read_text()
+    assert not list((tmp_path / "tmp").glob("catdog-*"))

@@ -257,3 +257,23 @@ def test_a_fifo_or_an_unreadable_folder_is_skipped_with_a_warning_never_a_hang(t
     if os.geteuid() != 0:  # root reads any folder, whatever its mode
         assert f"skipping {photos / 'locked'} and what it holds: Permission denied" in result.stderr
 
+
+@pytest.mark.parametrize("extension", [".csv", ".jsonl", ".parquet"])
+def test_names_with_line_breaks_or_bytes_that_are_not_utf8_stay_distinct(trained_model, library, tmp_path, extension):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    photo = (library / "cats" / "photo0.jpg").read_bytes()
+    for name in (b"new\nline.jpg", b"new line.jpg", b"caf\xe9.jpg"):  # the last one Latin-1, as old cameras wrote
+        with open(bytes(photos) + b"/" + name, "wb") as file:
+            file.write(photo)
+    output = tmp_path / f"rows{extension}"
+    result = _predict_here(photos, "--output", output, "--model", trained_model)
+    assert result.returncode == 0, result.stderr[-2000:]
+    if extension == ".csv":
+        rows = _csv(output)
+    elif extension == ".jsonl":
+        rows = [json.loads(line) for line in output.read_text().splitlines()]
+    else:
+        rows = pyarrow.parquet.read_table(output).to_pylist()
+    assert sorted(row["picture"] for row in rows) == ["caf\\xe9.jpg", "new line.jpg", "new\\nline.jpg"]
+
