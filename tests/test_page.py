@@ -200,6 +200,27 @@ def test_how_good_is_this_model_says_what_the_page_would_have_answered_on_the_te
     assert "**67** right and **14** wrong with confidence, **203** \"not sure\" and **16** \"neither\"" in text
 
 
+@pytest.mark.parametrize("metrics, evaluation", [
+    ({"dataset": 123, "backbone_init": ["random"], "split_sizes": {"train": "2160"}},
+     {"accuracy": "0.9", "samples": 300.5, "ece": None, "verdicts": {"right": 1, "wrong": "2"}}),
+    ({"dataset": None, "split_sizes": [2160]}, {"accuracy": float("nan"), "verdicts": [1, 2, 3, 4]}),
+    ({"split_sizes": {"train": True}}, {"accuracy": True}), ([], "not a dict")])
+def test_a_report_field_of_another_type_leaves_its_sentence_out_never_the_page(metrics, evaluation):
+    """metrics.json and evaluation.json only describe the model; another version may write their fields otherwise."""
+    import app
+    from catdog_model.serving.describe import demonstration_notice, headline, report
+
+    odd = FixedPredictor(0.5)
+    odd.metrics, odd.evaluation = metrics, evaluation
+    assert headline(odd) == "A resnet50 trained, at 64 px, tells which it is."
+    assert "recorded no test accuracy" in demonstration_notice(odd) and "on photos at 64 px" in demonstration_notice(odd)
+    assert report(odd) == ("This model recorded no evaluation (no evaluation.json next to its weights, or no accuracy "
+                           "in it).", [])
+    assert "How good is this model?" in str(app.build_demo(odd).config)
+    odd.evaluation = {"accuracy": 0.75, "samples": "300", "ece": "0.1", "verdicts": {"right": 1, "wrong": "2"}}
+    assert report(odd)[0] == "Right on **75.0%** of its photos held out from training."
+
+
 def test_the_engine_is_named_in_plain_words_with_the_details_alongside():
     from catdog_model.serving.describe import details
 

@@ -1,10 +1,12 @@
 """A loaded model described in plain words for the page, from its own config.json, metrics.json and
-evaluation.json only (the files its manifest vouches for; a missing one reads as {})."""
+evaluation.json only (the files its manifest vouches for; a missing one reads as {}). A field of the reports that
+is missing or has another type (another version may write them) leaves its own sentence out, never the page."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from ..config import REPORT_FIGURES
 from .predictor import Predictor
@@ -16,20 +18,29 @@ __all__ = ["DEMONSTRATION_BELOW", "demonstration_notice", "details", "headline",
 DEMONSTRATION_BELOW = 0.90
 
 
+def _field(report: Any, key: str, kind: type) -> Any:
+    """report[key] if it is a ``kind`` (a number: finite, not a bool), else None."""
+    value = report.get(key) if isinstance(report, dict) else None
+    if kind is float:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return value if number else None
+    return value if isinstance(value, kind) and not isinstance(value, bool) else None
+
+
 def _dataset(predictor: Predictor) -> Optional[str]:
     """The dataset it was trained on; a local folder by its name only (its full path means nothing to a visitor)."""
-    dataset = predictor.metrics.get("dataset")
+    dataset = _field(predictor.metrics, "dataset", str)
     return (Path(dataset).name if Path(dataset).exists() else dataset) if dataset else None
 
 
 def _from_scratch(predictor: Predictor) -> bool:
-    return (predictor.metrics.get("backbone_init") or "").startswith("random")
+    return (_field(predictor.metrics, "backbone_init", str) or "").startswith("random")
 
 
 def headline(predictor: Predictor) -> str:
     """One sentence: the backbone, how it was trained, on what, at which size."""
     how = ("trained from scratch" if _from_scratch(predictor) else "fine-tuned from ImageNet weights"
-           if predictor.metrics.get("backbone_init") else "trained")
+           if _field(predictor.metrics, "backbone_init", str) else "trained")
     dataset = _dataset(predictor)
     where = f" on `{dataset}`" if dataset else ""
     return f"A {predictor.backbone} {how}{where}, at {predictor.image_size} px, tells which it is."
@@ -38,7 +49,8 @@ def headline(predictor: Predictor) -> str:
 def demonstration_notice(predictor: Predictor) -> Optional[str]:
     """A plain warning when the model was not pretrained, or is right on under 90% of its test photos
     (or never recorded how often): what it is, what it was trained on and what to expect. None otherwise."""
-    accuracy, trained_on = predictor.evaluation.get("accuracy"), predictor.metrics.get("split_sizes", {}).get("train")
+    accuracy = _field(predictor.evaluation, "accuracy", float)
+    trained_on = _field(_field(predictor.metrics, "split_sizes", dict), "train", int)
     from_scratch, dataset = _from_scratch(predictor), _dataset(predictor)
     if not from_scratch and accuracy is not None and accuracy >= DEMONSTRATION_BELOW:
         return None
@@ -65,16 +77,17 @@ def details(predictor: Predictor) -> str:
 
 def report(predictor: Predictor) -> tuple[str, list[tuple[str, str]]]:
     """"How good is this model?": a few sentences, and the evaluation figures (path, caption) the model ships."""
-    evaluation = predictor.evaluation
-    if evaluation.get("accuracy") is None:
-        return "This model recorded no evaluation (no evaluation.json next to its weights).", []
-    lines = [f"Right on **{evaluation['accuracy']:.1%}** of {evaluation.get('samples') or 'its'} photos held out from training."]
-    verdicts = evaluation.get("verdicts", {})
-    if verdicts:
-        lines.append(f"On those photos this page would answer: **{verdicts['right']}** right and **{verdicts['wrong']}** "
-                     f"wrong with confidence, **{verdicts['not sure']}** \"not sure\" and **{verdicts['neither']}** \"neither\".")
-    if "ece" in evaluation:
-        lines.append(f"When it says 80%, it is right about 80% of the time, give or take {evaluation['ece']:.1%} "
+    evaluation, accuracy = predictor.evaluation, _field(predictor.evaluation, "accuracy", float)
+    if accuracy is None:
+        return "This model recorded no evaluation (no evaluation.json next to its weights, or no accuracy in it).", []
+    lines = [f"Right on **{accuracy:.1%}** of {_field(evaluation, 'samples', int) or 'its'} photos held out from training."]
+    verdicts = _field(evaluation, "verdicts", dict)
+    right, wrong, not_sure, neither = (_field(verdicts, key, int) for key in ("right", "wrong", "not sure", "neither"))
+    if None not in (right, wrong, not_sure, neither):
+        lines.append(f"On those photos this page would answer: **{right}** right and **{wrong}** wrong with confidence, "
+                     f"**{not_sure}** \"not sure\" and **{neither}** \"neither\".")
+    if (ece := _field(evaluation, "ece", float)) is not None:
+        lines.append(f"When it says 80%, it is right about 80% of the time, give or take {ece:.1%} "
                      "(expected calibration error).")
     figures = [(str(path), caption) for name, caption in REPORT_FIGURES.items() if (path := predictor.model_file(name))]
     return "\n\n".join(lines), figures
