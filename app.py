@@ -8,18 +8,15 @@
 from __future__ import annotations
 
 import argparse
-import atexit
 import csv
 import html
 import logging
 import os
 import re
-import shutil
 import signal
 import sys
 import tempfile
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +29,7 @@ from catdog_model.hardware import cap_malloc_arenas, debug, exit_with_error, par
 from catdog_model.predict import classify_chunk, decode_chunk, neutralised
 from catdog_model.serving.describe import demonstration_notice, details, headline, report
 from catdog_model.serving.files import DEFAULT_MODEL, LOCAL_MODEL, resolve_model
+from catdog_model.serving.space_files import remove_expired, temporary_folder, tidy_cache
 from catdog_model.serving.verdict import NEITHER, NOT_SURE, Verdict
 
 MAX_FILE_MB = 10  # per picture: a larger one gets its own clear error (a row of its own in a batch)
@@ -75,7 +73,7 @@ class Space:
     predictor: Optional[Predictor]
     load_error: Optional[str] = None
     upload_ttl_s: int = 3600
-    csv_dir: Path = field(default_factory=lambda: _temporary_folder("catdog-csv-"))
+    csv_dir: Path = field(default_factory=lambda: temporary_folder("catdog-csv-"))
 
     @property
     def table_headers(self) -> list[str]:
@@ -157,7 +155,7 @@ class Space:
     def _write_csv(self, rows: list[list]) -> str:
         """The table as CSV, in a folder of its own (Gradio copies it into its cache to serve it); a folder per run
         keeps the plain file name, and folders older than the upload TTL are removed here."""
-        _remove_expired(self.csv_dir.iterdir(), self.upload_ttl_s)
+        remove_expired(self.csv_dir.iterdir(), self.upload_ttl_s)
         csv_path = Path(tempfile.mkdtemp(dir=self.csv_dir)) / "catdog-predictions.csv"
         with open(csv_path, "w", newline="") as out:
             csv.writer(out).writerows([self.table_headers, *([neutralised(cell) for cell in row] for row in rows)])
@@ -315,35 +313,6 @@ def _model_source(argv: list[str]) -> tuple[str, str, bool]:
         exit_with_error(error)
 
 
-def _temporary_folder(prefix: str) -> Path:
-    """A folder of the app's own in the temporary folder, removed when the app exits (SIGTERM included)."""
-    folder = Path(tempfile.mkdtemp(prefix=prefix))
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    return folder
-
-
-def _remove_expired(paths, ttl_s: int) -> None:
-    for path in paths:
-        try:
-            if time.time() - path.stat().st_mtime <= ttl_s:
-                continue
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink()
-        except FileNotFoundError:  # another request removed it first
-            pass
-
-
-def _sweep_abandoned_uploads(ttl_s: int) -> None:
-    """An upload the client abandons leaves Gradio's temporary file at the top of its cache, where Gradio's own
-    clean-up never looks (finished uploads move into folders named by hash): remove those past the TTL."""
-    cache = Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio")
-    while True:
-        time.sleep(min(600, ttl_s))
-        _remove_expired((path for path in cache.glob("tmp*") if path.is_file()), ttl_s)
-
-
 class _HangUpsInOneLine(logging.Filter):
     """A visitor who closes the tab mid-upload is routine on a public Space: one log line, not starlette's
     70-line traceback (kept with CATDOG_DEBUG=1)."""
@@ -361,6 +330,7 @@ def main(argv: list[str]) -> None:
     cap_malloc_arenas(_setting("CATDOG_MALLOC_ARENAS", "2", minimum=0, maximum=1024))
     concurrency = _setting("CATDOG_CONCURRENCY", "4", minimum=1, maximum=64)  # API calls decoded side by side
     upload_ttl_s = _setting("CATDOG_UPLOAD_TTL", "3600", minimum=1, maximum=10 * 365 * 86400)
+    uploads_mb = _setting("CATDOG_UPLOADS_MB", "500", minimum=SERVER_CAP_MB)  # room for one upload of the largest size
     threads = _setting("CATDOG_THREADS", str(min(2, usable_cores())), minimum=1, maximum=1024)
     source, why, check = _model_source(argv)
     logging.getLogger("uvicorn.error").addFilter(_HangUpsInOneLine())
@@ -377,7 +347,7 @@ def main(argv: list[str]) -> None:
     demo = build_demo(predictor, load_error, concurrency=concurrency, upload_ttl_s=upload_ttl_s)
     # A Space (or docker, or systemd) stops the app with SIGTERM: close the server as Ctrl+C does, and exit 0.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    threading.Thread(target=_sweep_abandoned_uploads, args=(upload_ttl_s,), daemon=True).start()
+    threading.Thread(target=tidy_cache, args=(demo, upload_ttl_s, uploads_mb), daemon=True).start()
     # show_error: what Gradio itself refuses before a handler runs (a picture's URL that the server cannot fetch, say)
     # reaches the client with its reason, not "has not enabled verbose error reporting".
     demo.launch(max_file_size=f"{SERVER_CAP_MB}mb", css=CSS, show_error=True)

@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -202,6 +203,30 @@ def test_uploads_and_batch_files_do_not_pile_up_on_disk_and_hang_ups_are_one_lin
         assert len(list(own.glob("catdog-csv-*/*"))) == 1  # the app's older CSV folders went with the new batch
         log = (tmp_path / "app.log").read_text()
         assert log.count("a client hung up") == 5 and "Traceback" not in log
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_uploads_with_no_prediction_stay_within_the_budget(trained_model, tmp_path):
+    """Ten distinct 20 MB uploads, never classified: what the app keeps stays within $CATDOG_UPLOADS_MB, the newest
+    upload kept, the page's examples too."""
+    from catdog_model.serving.space_files import TIDY_EVERY_S
+
+    cache = tmp_path / "gradio"
+    env = {"GRADIO_TEMP_DIR": str(cache), "CATDOG_THREADS": "1", "CATDOG_UPLOADS_MB": "50"}
+    url, process = start_server(str(trained_model), env, tmp_path / "app.log")
+    try:
+        examples = {path for path in cache.rglob("*") if path.is_file()}
+        rng = np.random.default_rng(0)
+        for index in range(10):
+            files = {"files": (f"big{index}.png", rng.bytes(20 * 2**20), "image/png")}
+            newest = httpx.post(url + "gradio_api/upload", files=files, timeout=60).json()[0]
+        time.sleep(3 * TIDY_EVERY_S)
+        kept = {path for path in cache.rglob("*") if path.is_file()} - examples
+        assert sum(path.stat().st_size for path in kept) <= 50 * 2**20 and Path(newest) in kept
+        assert examples and all(path.is_file() for path in examples)
     finally:
         process.terminate()
         process.wait(timeout=30)

@@ -221,6 +221,32 @@ def test_a_report_field_of_another_type_leaves_its_sentence_out_never_the_page(m
     assert report(odd)[0] == "Right on **75.0%** of its photos held out from training."
 
 
+def test_the_files_the_app_keeps_stay_within_the_budget_the_oldest_removed_first(tmp_path):
+    """Uploads and results Gradio keeps for the app, and uploads a client abandoned, count against $CATDOG_UPLOADS_MB;
+    the files Gradio never deletes (the examples) neither count nor go."""
+    import app
+    from catdog_model.serving.space_files import keep_under_budget, kept_files
+
+    demo, cache = app.build_demo(FixedPredictor(0.5)), tmp_path
+    example = sorted(set().union(*(getattr(block, "keep_in_cache", set()) for block in demo.blocks.values())))[0]
+    demo.upload_file_set.add(example)  # listed by Gradio's clean-up too, which skips it
+    uploads = []
+    for age in range(5, 0, -1):  # 30 MB each, 5 s old down to 1 s (sparse: no real disk)
+        path = cache / ("tmpabandoned" if age == 3 else f"hash{age}/upload.png")
+        path.parent.mkdir(exist_ok=True)
+        with open(path, "wb") as file:
+            file.truncate(30 * 2**20)
+        os.utime(path, (time.time() - age,) * 2)
+        uploads.append(path)
+        if age != 3:
+            demo.upload_file_set.add(str(path))
+    keep_under_budget(kept_files(demo, cache), cache, 100 * 2**20)
+    assert [path.exists() for path in uploads] == [False, False, True, True, True] and Path(example).is_file()
+    assert not (cache / "hash5").exists() and sorted(p.name for p in cache.iterdir()) == ["hash1", "hash2", "tmpabandoned"]
+    keep_under_budget(kept_files(demo, cache), cache, 40 * 2**20)
+    assert [path.exists() for path in uploads] == [False, False, False, False, True]
+
+
 def test_the_engine_is_named_in_plain_words_with_the_details_alongside():
     from catdog_model.serving.describe import details
 
@@ -239,7 +265,8 @@ def test_importing_the_app_loads_nothing_and_reads_no_setting():
 @pytest.mark.parametrize("name, value", [("CATDOG_CONCURRENCY", "abc"), ("CATDOG_CONCURRENCY", "0"),
                                          ("CATDOG_CONCURRENCY", "-1"), ("CATDOG_THREADS", "abc"), ("CATDOG_THREADS", "0"),
                                          ("CATDOG_THREADS", "2147483648"), ("CATDOG_MALLOC_ARENAS", "x"),
-                                         ("CATDOG_MALLOC_ARENAS", "99999999999999999999"), ("CATDOG_UPLOAD_TTL", "0")])
+                                         ("CATDOG_MALLOC_ARENAS", "99999999999999999999"), ("CATDOG_UPLOAD_TTL", "0"),
+                                         ("CATDOG_UPLOADS_MB", "49")])
 def test_a_setting_that_cannot_work_stops_the_app_in_one_line(name, value, monkeypatch):
     import app
 
