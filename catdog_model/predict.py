@@ -58,8 +58,9 @@ def neutralised(cell):
 
 def _written_name(name: str) -> str:
     """A file name as every output format can hold it, each picture's distinct: bytes that are not UTF-8 as \\xNN
-    (Python reads them as lone surrogates, which no UTF-8 writer takes), line breaks as \\n and \\r."""
-    name = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    (Python reads them as lone surrogates, which no UTF-8 writer takes), line breaks as \\n and \\r, and so that no
+    escaped name is another file's own, a backslash as \\\\."""
+    name = name.replace("\\", "\\\\").encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     return name.replace("\r", "\\r").replace("\n", "\\n")
 
 
@@ -91,7 +92,7 @@ def _files(inputs: list[str]) -> Iterator[tuple[str, str]]:
                     for name in sorted(names):
                         path = Path(folder) / name
                         if path.suffix.lower() in EXTENSIONS and _regular(path):
-                            yield _written_name(str(path.relative_to(root))), str(path)
+                            yield _written_name(path.relative_to(root).as_posix()), str(path)
             elif root.exists():
                 if _regular(root):
                     yield _written_name(root.name if not glob.has_magic(given) else match), str(root)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pyarrow.parquet
 import pytest
@@ -258,12 +259,34 @@ def test_a_fifo_or_an_unreadable_folder_is_skipped_with_a_warning_never_a_hang(t
         assert f"skipping {photos / 'locked'} and what it holds: Permission denied" in result.stderr
 
 
+def test_a_folder_that_cannot_be_listed_is_named_in_a_warning(trained_model, library, tmp_path, monkeypatch):
+    """As root reads any folder whatever its mode, the refusal is the file system's answer, as os.walk gets it."""
+    photos = tmp_path / "photos"
+    shutil.copytree(library / "cats", photos)
+    (photos / "locked").mkdir()
+    shutil.copy(library / "cats" / "photo0.jpg", photos / "locked" / "pet.jpg")
+    listed = os.scandir
+
+    def scandir(path="."):
+        if isinstance(path, (str, Path)) and str(path) == str(photos / "locked"):  # not a descriptor shutil passes
+            raise PermissionError(13, "Permission denied", str(path))
+        return listed(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    result = _predict_here(photos, "--output", tmp_path / "rows.csv", "--model", trained_model)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"skipping {photos / 'locked'} and what it holds: Permission denied" in result.stderr
+    names = [row["picture"] for row in _csv(tmp_path / "rows.csv")]
+    assert "photo0.jpg" in names and "locked/pet.jpg" not in names
+
+
 @pytest.mark.parametrize("extension", [".csv", ".jsonl", ".parquet"])
 def test_names_with_line_breaks_or_bytes_that_are_not_utf8_stay_distinct(trained_model, library, tmp_path, extension):
     photos = tmp_path / "photos"
     photos.mkdir()
     photo = (library / "cats" / "photo0.jpg").read_bytes()
-    for name in (b"new\nline.jpg", b"new line.jpg", b"caf\xe9.jpg"):  # the last one Latin-1, as old cameras wrote
+    # A line break, a space, a backslash and an n (as the line break is written), Latin-1 as old cameras wrote
+    for name in (b"new\nline.jpg", b"new line.jpg", b"new\\nline.jpg", b"caf\xe9.jpg"):
         with open(bytes(photos) + b"/" + name, "wb") as file:
             file.write(photo)
     output = tmp_path / f"rows{extension}"
@@ -275,5 +298,5 @@ def test_names_with_line_breaks_or_bytes_that_are_not_utf8_stay_distinct(trained
         rows = [json.loads(line) for line in output.read_text().splitlines()]
     else:
         rows = pyarrow.parquet.read_table(output).to_pylist()
-    assert sorted(row["picture"] for row in rows) == ["caf\\xe9.jpg", "new line.jpg", "new\\nline.jpg"]
+    assert sorted(row["picture"] for row in rows) == ["caf\\xe9.jpg", "new line.jpg", "new\\\\nline.jpg", "new\\nline.jpg"]
 
