@@ -126,6 +126,20 @@ def test_the_reexport_refuses_weights_nothing_vouches_for(small_run, other_run, 
     assert "model.safetensors is missing or is not the file its run wrote" in capsys.readouterr().err
 
 
+def test_the_neither_threshold_is_set_by_the_command_and_vouched_for_never_by_hand(small_run, tmp_path, capsys):
+    folder = tmp_path / "tuned"
+    shutil.copytree(small_run, folder)
+    trained = load_predictor(str(folder)).ood_threshold
+    export.main([str(folder), "--ood-threshold", "0"])  # every picture scores above 0: always "neither"
+    tuned = load_predictor(str(folder))
+    assert tuned.ood_threshold == 0.0 != trained and tuned.explain(str(ROOT / "examples" / "chelsea_cat.jpg")).verdict.answer == "neither"
+    for bad in ("-1", "nan", "inf", "high"):
+        with pytest.raises(SystemExit) as exit:
+            export.main([str(folder), "--ood-threshold", bad])
+        assert exit.value.code == 2 and f"--ood-threshold: must be a non-negative number, got '{bad}'" in capsys.readouterr().err
+    assert load_predictor(str(folder)).ood_threshold == 0.0
+
+
 SERVING_WITHOUT_TORCH = """
 import sys
 class NoTorch:  # as a venv with only requirements.txt: torch cannot be imported

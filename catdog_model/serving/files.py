@@ -224,7 +224,8 @@ class ModelFiles:
                    for key in DEFAULTS if checked[key] != vouched[key]]
         if changed:
             raise ModelLoadError(f"{self.where}: config.json was edited after its training run ({'; '.join(changed)}); "
-                                 "every answer depends on these values: put them back, or retrain.")
+                                 "every answer depends on these values: put them back, or retrain (the \"neither\" "
+                                 f"threshold is set with `{REEXPORT} FOLDER --ood-threshold SCORE`).")
         return checked
 
     def _not_a_model(self) -> None:

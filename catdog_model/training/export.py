@@ -1,9 +1,9 @@
 """The serving engine made from a trained fp32 model: ``ServingGraph`` (logits, Grad-CAM and the detector's features
 in one pass) traced into the OpenVINO IR, int8 weights with one scale per output channel (0.28× the bytes of
 model.safetensors). For a folder whose IR is missing or damaged, the command makes it again from the weights
-the manifest vouches for:
+the manifest vouches for, and can set the "neither" threshold, vouched for like the rest:
 
-    python -m catdog_model.training.export MODEL_FOLDER
+    python -m catdog_model.training.export MODEL_FOLDER [--ood-threshold SCORE]
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import argparse
 import copy
 import json
 import logging
+import math
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -121,8 +122,9 @@ def save_openvino(model: CatDogClassifier, folder: str | Path) -> None:
     openvino.save_model(export_openvino(model), str(Path(folder) / IR_FILES[0]), compress_to_fp16=False)
 
 
-def reexport(folder: Path) -> None:
-    """The IR of a finished model folder made again from its weights, and its manifest entries with it."""
+def reexport(folder: Path, ood_threshold: Optional[float] = None) -> None:
+    """The IR of a finished model folder made again from its weights, and its manifest entries with it; with
+    ``ood_threshold``, the score above which a picture is "neither", in config.json and its manifest alike."""
     try:
         config = json.loads((folder / "config.json").read_text())
         manifest = config[MANIFEST_KEY]["files"]
@@ -140,18 +142,36 @@ def reexport(folder: Path) -> None:
     def write(temp: Path) -> None:
         save_openvino(model, temp)
         manifest.update(manifest_of(temp, IR_FILES, weights=weights)["files"])
+        if ood_threshold is not None:
+            config["ood_threshold"] = config[MANIFEST_KEY]["config"]["ood_threshold"] = ood_threshold
         (temp / "config.json").write_text(json.dumps(config, indent=2))
 
     save_atomically(folder, write)
     logger.info("re-exported the OpenVINO engine of %s from %s", folder, WEIGHTS)
+    if ood_threshold is not None:
+        logger.info("\"neither\" threshold set to %g; evaluation.json and the card still count the verdicts at the "
+                    "threshold training chose", ood_threshold)
+
+
+def _score(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text!r}")
+    return value
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description="Make a finished model folder's OpenVINO engine again from its weights.")
     parser.add_argument("folder", type=Path, help="a folder written by train_accelerate.py")
+    parser.add_argument("--ood-threshold", type=_score, default=None, metavar="SCORE",
+                        help='the "neither" score above which a picture is neither a cat nor a dog (a non-negative number; '
+                        "default: keep the one training chose from the validation photos)")
     args = parse_command(parser, argv)
     try:
-        reexport(args.folder)
+        reexport(args.folder, args.ood_threshold)
     except TrainingError as error:
         exit_with_error(error)
 
