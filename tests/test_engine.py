@@ -133,6 +133,7 @@ def test_the_neither_threshold_is_set_by_the_command_and_vouched_for_never_by_ha
     export.main([str(folder), "--ood-threshold", "0"])  # every picture scores above 0: always "neither"
     tuned = load_predictor(str(folder))
     assert tuned.ood_threshold == 0.0 != trained and tuned.explain(str(ROOT / "examples" / "chelsea_cat.jpg")).verdict.answer == "neither"
+    assert all((folder / name).read_bytes() == (small_run / name).read_bytes() for name in IR_FILES)  # the engine kept
     for bad in ("-1", "nan", "inf", "high"):
         with pytest.raises(SystemExit) as exit:
             export.main([str(folder), "--ood-threshold", bad])

@@ -1,7 +1,7 @@
 """The serving engine made from a trained fp32 model: ``ServingGraph`` (logits, Grad-CAM and the detector's features
 in one pass) traced into the OpenVINO IR, int8 weights with one scale per output channel (0.28× the bytes of
 model.safetensors). For a folder whose IR is missing or damaged, the command makes it again from the weights
-the manifest vouches for, and can set the "neither" threshold, vouched for like the rest:
+the manifest vouches for; or it sets the "neither" threshold, vouched for like the rest:
 
     python -m catdog_model.training.export MODEL_FOLDER [--ood-threshold SCORE]
 """
@@ -25,10 +25,10 @@ from torch import nn
 from ..config import FEATURE_NAMES, HIDDEN, IR_FILES, MANIFEST_KEY, WEIGHTS
 from ..hardware import exit_with_error, parse_command
 from ..model import CatDogClassifier
-from ..serving.files import file_sha256, manifest_of
+from ..serving.files import ModelFiles, ModelLoadError, file_sha256, manifest_of
 from .loop import TrainingError, save_atomically
 
-__all__ = ["ServingGraph", "export_openvino", "main", "reexport", "save_openvino"]
+__all__ = ["ServingGraph", "export_openvino", "main", "reexport", "save_openvino", "set_ood_threshold"]
 
 logger = logging.getLogger(__name__)
 
@@ -122,9 +122,8 @@ def save_openvino(model: CatDogClassifier, folder: str | Path) -> None:
     openvino.save_model(export_openvino(model), str(Path(folder) / IR_FILES[0]), compress_to_fp16=False)
 
 
-def reexport(folder: Path, ood_threshold: Optional[float] = None) -> None:
-    """The IR of a finished model folder made again from its weights, and its manifest entries with it; with
-    ``ood_threshold``, the score above which a picture is "neither", in config.json and its manifest alike."""
+def reexport(folder: Path) -> None:
+    """The IR of a finished model folder made again from its weights, and its manifest entries with it."""
     try:
         config = json.loads((folder / "config.json").read_text())
         manifest = config[MANIFEST_KEY]["files"]
@@ -142,15 +141,24 @@ def reexport(folder: Path, ood_threshold: Optional[float] = None) -> None:
     def write(temp: Path) -> None:
         save_openvino(model, temp)
         manifest.update(manifest_of(temp, IR_FILES, weights=weights)["files"])
-        if ood_threshold is not None:
-            config["ood_threshold"] = config[MANIFEST_KEY]["config"]["ood_threshold"] = ood_threshold
         (temp / "config.json").write_text(json.dumps(config, indent=2))
 
     save_atomically(folder, write)
     logger.info("re-exported the OpenVINO engine of %s from %s", folder, WEIGHTS)
-    if ood_threshold is not None:
-        logger.info("\"neither\" threshold set to %g; evaluation.json and the card still count the verdicts at the "
-                    "threshold training chose", ood_threshold)
+
+
+def set_ood_threshold(folder: Path, threshold: float) -> None:
+    """The score above which a finished model says "neither", in config.json and its manifest alike (so that it is
+    vouched for, as training's own was); the engine and every other file are kept."""
+    try:
+        ModelFiles(str(folder), str(folder), None).config()
+    except ModelLoadError as error:
+        raise TrainingError(str(error)) from None
+    config = json.loads((folder / "config.json").read_text())
+    config["ood_threshold"] = config[MANIFEST_KEY]["config"]["ood_threshold"] = threshold
+    save_atomically(folder, lambda temp: (temp / "config.json").write_text(json.dumps(config, indent=2)))
+    logger.info("%s says \"neither\" above a score of %g now; its evaluation.json and card still count the verdicts "
+                "at the threshold its training chose", folder, threshold)
 
 
 def _score(text: str) -> float:
@@ -164,14 +172,15 @@ def _score(text: str) -> float:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description="Make a finished model folder's OpenVINO engine again from its weights.")
+    parser = argparse.ArgumentParser(description="Make a finished model folder's OpenVINO engine again from its weights, "
+                                     'or set its "neither" threshold.')
     parser.add_argument("folder", type=Path, help="a folder written by train_accelerate.py")
     parser.add_argument("--ood-threshold", type=_score, default=None, metavar="SCORE",
-                        help='the "neither" score above which a picture is neither a cat nor a dog (a non-negative number; '
-                        "default: keep the one training chose from the validation photos)")
+                        help='set the score above which a picture is "neither" a cat nor a dog (a non-negative number; '
+                        "the one training chose is in config.json), and keep the engine")
     args = parse_command(parser, argv)
     try:
-        reexport(args.folder, args.ood_threshold)
+        set_ood_threshold(args.folder, args.ood_threshold) if args.ood_threshold is not None else reexport(args.folder)
     except TrainingError as error:
         exit_with_error(error)
 
