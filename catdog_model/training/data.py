@@ -96,7 +96,7 @@ def load_image_dataset(name: str, revision: Optional[str] = None, split: str = "
     raw = dataset.cast_column(image_column, datasets.Image(decode=False))
     raw = raw.filter(_usable_batch, input_columns=[image_column, label_column], batched=True, batch_size=256,
                      desc="Checking images")
-    kept = set(raw[ROW_COLUMN])
+    kept = set(column(raw, ROW_COLUMN))
     skipped = [row for row in range(len(dataset)) if row not in kept]
     if skipped:
         logger.warning("skipped %d of %d rows whose image is missing or cannot be decoded, or whose label is not one "
@@ -104,7 +104,7 @@ def load_image_dataset(name: str, revision: Optional[str] = None, split: str = "
         dataset = dataset.select(sorted(kept))
     if len(dataset) == 0:
         raise DatasetError(f"No row of {name!r} has an image that can be decoded and one of the labels {list(labels)}.")
-    counts = np.bincount(dataset[label_column], minlength=2)
+    counts = np.bincount(column(dataset, label_column), minlength=2)
     if not counts.all():
         raise DatasetError(
             f"{name!r} holds {counts[0]} {labels[0]!r} and {counts[1]} {labels[1]!r} images: a classifier needs both."
@@ -127,7 +127,7 @@ def split_dataset(
 def check_classes(data: LoadedDataset, splits: dict[str, Dataset], hint: str = "") -> None:
     """Every split must hold both classes: accuracy on one class alone says nothing."""
     for name, split in splits.items():
-        counts = np.bincount(split[data.label_column], minlength=2)
+        counts = np.bincount(column(split, data.label_column), minlength=2)
         for label, count in zip(data.labels, counts):
             if count == 0:
                 raise DatasetError(
@@ -151,12 +151,18 @@ def dataset_fingerprint(name: str, revision: Optional[str] = None) -> str:
         raise DatasetError(f"Could not load the dataset {name!r}: {str(error).splitlines()[0]}") from None
     return f"{name}@{builder.hash or revision or 'main'}"
 
+def column(dataset: Dataset, name: str) -> list:
+    """One column as a list, read in one go: datasets reads a column row by row, a second for a few thousand
+    rows of a shuffled split."""
+    return dataset.with_format("arrow")[name].to_pylist()
+
+
 def save_split(path: Path, splits: dict[str, Dataset], used: dict[str, Dataset], data: LoadedDataset, **info) -> None:
     """Write the row indices of each split, and of the rows actually used (``--max-*-samples``),
     so that the test set can be evaluated again later."""
     content = dict(info, skipped_rows=data.skipped_rows)
-    content.update({name: list(split[ROW_COLUMN]) for name, split in splits.items()})
-    content["used"] = {name: list(split[ROW_COLUMN]) for name, split in used.items()}
+    content.update({name: column(split, ROW_COLUMN) for name, split in splits.items()})
+    content["used"] = {name: column(split, ROW_COLUMN) for name, split in used.items()}
     path.write_text(json.dumps(content))
 
 def read_split_file(path: Path) -> dict:
@@ -174,7 +180,7 @@ def read_split_file(path: Path) -> dict:
 
 def load_split(path: Path, data: LoadedDataset, name: str, used: bool = False) -> Dataset:
     """The rows of one saved split (or only those used), looked up by their original index."""
-    position = {row: i for i, row in enumerate(data.dataset[ROW_COLUMN])}
+    position = {row: i for i, row in enumerate(column(data.dataset, ROW_COLUMN))}
     saved = read_split_file(path)
     try:
         return data.dataset.select([position[row] for row in (saved["used"] if used else saved)[name]])
