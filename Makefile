@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# A local copy of microsoft/cats_vs_dogs in the Hub's layout (README: "No Hub?"); the project's machines have one here.
+# A local copy of microsoft/cats_vs_dogs in the Hub's layout (README.md, "Set up in two commands"); the project's machines have one here.
 DATASET ?= $(wildcard ../shared/data/cats_vs_dogs_mini)
 # The quick demo models: minutes on a laptop CPU.
 QUICK_HUB := --dataset microsoft/cats_vs_dogs --freeze-backbone --max-train-samples 2000 --max-eval-samples 400 --epochs 2
@@ -47,7 +47,7 @@ demo-model: $(VENV)/.runtime
 	    $(PY) train_accelerate.py $(QUICK_LOCAL) --overwrite-output-dir; \
 	else \
 	  echo "demo: no model to serve, the Hub does not answer, and no local copy of the dataset: connect, or pass" \
-	    "DATASET=path/to/cats_vs_dogs (README.md, \"No Hub?\")" >&2; exit 1; \
+	    "DATASET=path/to/cats_vs_dogs (README.md, \"Set up in two commands\")" >&2; exit 1; \
 	fi
 
 chromium:

@@ -42,9 +42,10 @@ try:
     from catdog_model.training.checkpoints import find_resume_checkpoint, load_checkpoint, save_checkpoint
     from catdog_model.training.data import (DatasetError, check_classes, collate, dataset_fingerprint, load_image_dataset,
                                             make_transform, split_dataset, undecoded)
-    from catdog_model.training.loop import (CHECKPOINTS, Progress, RunningMetrics, calibrate_and_test,
-                                            check_finite, default_mixed_precision, default_num_workers, evaluate,
-                                            exit_with_parent, exit_with_parent_worker, on_main_process, save_model)
+    from catdog_model.training.loop import (CHECKPOINTS, Progress, RunningMetrics, calibrate_and_test, check_finite,
+                                            configured_mixed_precision, default_mixed_precision, default_num_workers,
+                                            evaluate, exit_with_parent, exit_with_parent_worker, on_main_process,
+                                            save_model)
     from catdog_model.training.run_folder import (TRACKER_PROJECT, claim_output_dir, publish_run, push_run,
                                                   remove_unused_folder, start_run)
 except ImportError as missing:  # the serving install has no torch
@@ -163,7 +164,7 @@ def finish_epoch(config, accelerator: Accelerator, model, val_loader, progress: 
            "val_loss": val["loss"], "val_accuracy": val["accuracy"]}
     progress.history.append(row)
     logger.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "epoch"))
-    if config.with_tracking:
+    if config.trackers:
         accelerator.log(row, step=epoch)
     if val["accuracy"] > progress.best_val_accuracy:
         progress.best_val_accuracy, progress.best_epoch = val["accuracy"], epoch
@@ -188,7 +189,7 @@ def choose_precision(config: RunConfig) -> tuple[str, str]:
     if config.mixed_precision:
         return config.mixed_precision, "--mixed-precision"
     device = PartialState(cpu=config.cpu).device  # the state Accelerator will share: same device, known before it
-    return default_mixed_precision(device, os.environ.get("ACCELERATE_MIXED_PRECISION"))
+    return default_mixed_precision(device, configured_mixed_precision())
 
 
 def training_function(config: RunConfig) -> None:
@@ -198,7 +199,7 @@ def training_function(config: RunConfig) -> None:
         cpu=config.cpu,
         mixed_precision=precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
-        log_with="all" if config.with_tracking else None,
+        log_with=config.trackers,
         # Where trackers log, and how many checkpoints to keep (checkpoints.py says why its naming is its own).
         project_config=ProjectConfiguration(project_dir=config.output_dir, total_limit=config.checkpoints_total_limit),
         # Seeded sampling makes each epoch's order reproducible, so a resumed run skips the right batches.
@@ -239,7 +240,7 @@ def training_function(config: RunConfig) -> None:
     accelerator.register_for_checkpointing(progress)
     if resume_from:
         load_checkpoint(accelerator, resume_from, output_dir, progress, batches_per_epoch=len(train_loader))
-    if config.with_tracking:
+    if config.trackers:
         accelerator.init_trackers(TRACKER_PROJECT, config=config.public())
 
     def checkpoint(losses: list) -> None:
@@ -264,7 +265,7 @@ def training_function(config: RunConfig) -> None:
 
     calibration, test_outputs, detector = calibrate_and_test(
         config, accelerator, model, progress, data, used["train"], val_loader, test_loader, loader_kwargs)
-    if config.with_tracking:
+    if config.trackers:
         accelerator.end_training()
 
     if accelerator.is_main_process:
@@ -278,6 +279,17 @@ def training_function(config: RunConfig) -> None:
 def main(config: RunConfig) -> None:
     if "LOCAL_RANK" in os.environ:  # started by torchrun (accelerate launch): never outlive the launcher
         exit_with_parent(os.getppid(), signal.SIGTERM)
+        handlers = {}
+    else:  # Ctrl-C, or the SIGTERM with which a one-process `accelerate launch` stops its script right after one:
+        # heard once, as a KeyboardInterrupt, so that the run says how to resume before it goes.
+        heard = []
+
+        def interrupted(signum, frame) -> None:
+            if not heard:
+                heard.append(signum)
+                raise KeyboardInterrupt
+
+        handlers = {sig: signal.signal(sig, interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         training_function(config)
     except (TrainingError, DatasetError) as error:
@@ -286,6 +298,9 @@ def main(config: RunConfig) -> None:
         print(f"interrupted; the checkpoints (if any) are in {config.output_dir}/{CHECKPOINTS}: continue with the same "
               "command and --resume-from-checkpoint latest", file=sys.stderr)
         sys.exit(130)
+    finally:
+        for sig, handler in handlers.items():  # as they were (a test may run main in its own process)
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .hardware import exit_with_error, parse_command, usable_cores
 from .images import FORMATS as PICTURE_FORMATS, ImageError
-from .serving.files import ModelLoadError, resolve_model, write_atomically
+from .serving.files import ModelLoadError, no_such_folder, resolve_model, write_atomically
 from .serving.predictor import Predictor, PredictionError, load_predictor
 
 __all__ = ["FORMATS", "classify_chunk", "decode_chunk", "main", "neutralised", "predict_files"]
@@ -116,6 +116,8 @@ def _open_dataset(name: str, split: str, column: Optional[str]):
         import datasets
     except ImportError:
         raise BatchError(f"--dataset {TRAIN_EXTRA}") from None
+    if missing := no_such_folder("--dataset", name):
+        raise BatchError(missing)
     try:
         rows = datasets.load_dataset(name, split=split)
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError, ConnectionError) as error:

@@ -146,8 +146,9 @@ def spec_model():
 def trained_model(mini_dataset, tmp_path_factory) -> Path:
     """A tiny model, trained once per session: 32 training images, no augmentation, 6 epochs."""
     output_dir = tmp_path_factory.mktemp("trained")
-    train_in_process(output_dir, "--epochs", "6", "--batch-size", "8", "--max-train-samples", "32",
-                     "--max-eval-samples", "32", "--no-augmentation")
+    result = train_in_process(output_dir, "--epochs", "6", "--batch-size", "8", "--max-train-samples", "32",
+                              "--max-eval-samples", "32", "--no-augmentation")
+    output_dir.with_name(output_dir.name + ".log").write_text(result.stderr)  # beside it: the folder holds the run's only
     return output_dir
 
 

@@ -109,6 +109,7 @@ def test_every_input_is_checked_before_the_evaluation(trained_model, mini_datase
         (("--output-dir", str(tmp_path / "r"), "--split-file", str(a_list)), "is not a split.json written by"),
         (("--output-dir", str(tmp_path / "r"), "--split-file", str(no_used)), "is not a split.json written by"),
         (("--output-dir", str(tmp_path / "r"), "--split-file", str(other_seed)), "was made with --seed 7, but the model"),
+        (("--output-dir", str(tmp_path / "r"), "--dataset", "./nope"), "--dataset ./nope: no such folder"),
     ):
         result = _evaluate(*common, *flags)
         assert_clean_error(result, message)

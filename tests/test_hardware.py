@@ -23,8 +23,27 @@ def test_cpu_training_defaults_to_bf16_only_where_it_is_native(flags, expected):
 
 
 @pytest.mark.parametrize("configured, expected", [("fp16", ("fp16", "accelerate config")),
-                                                  ("no", ("bf16", "default")), (None, ("bf16", "default"))])
-def test_accelerate_config_wins_unless_it_says_no(configured, expected):
-    # `accelerate launch` passes "no" when nothing was configured, so "no" cannot mean a choice.
+                                                  ("no", ("no", "accelerate config")), (None, ("bf16", "default"))])
+def test_accelerate_config_wins_no_included(configured, expected):
     precision, reason = default_mixed_precision(torch.device("cpu"), configured, AVX512_BF16)
     assert (precision, reason.split(":")[0]) == expected
+
+
+@pytest.mark.parametrize("passed, config_file, expected", [
+    (None, "mixed_precision: bf16", None),  # plain python: accelerate launch passed nothing
+    ("fp16", None, "fp16"), ("no", "mixed_precision: 'no'\nnum_processes: 1", "no"),
+    ("no", "mixed_precision: bf16", "no"),  # the config file said bf16, so "no" came from launch's own flag
+    ("no", None, None), ("no", "num_processes: 1", None),  # launch's "no" where nobody named a precision
+    ("no", "{not: [yaml", None)])
+def test_accelerate_launch_passes_no_by_itself_so_no_counts_only_where_the_config_names_a_precision(
+        passed, config_file, expected, tmp_path, monkeypatch):
+    from catdog_model.training.loop import configured_mixed_precision
+
+    path = tmp_path / "default_config.yaml"
+    if config_file is not None:
+        path.write_text(config_file)
+    if passed is None:
+        monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    else:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", passed)
+    assert configured_mixed_precision(path) == expected

@@ -36,6 +36,19 @@ def test_the_space_installs_the_package_serving_side_with_the_same_pins_and_no_t
     assert {"torch", "timm", "accelerate", "datasets"} <= set(train) and not set(train) & set(space)
 
 
+def test_requires_python_is_what_the_code_needs_and_no_dependency_is_capped_without_cause():
+    """vermin reads every file that ships and names the oldest Python that runs it (hashlib.file_digest: 3.11)."""
+    floor = tuple(int(part) for part in PROJECT["requires-python"].removeprefix(">=").split("."))
+    shipped = [str(ROOT / name) for name in ("catdog_model", "app.py", "train_accelerate.py")]
+    result = subprocess.run([str(Path(sys.executable).with_name("vermin")), "--no-tips", "--no-parse-comments",
+                             "--exclude", "long", *shipped],  # "long": torch's Tensor.long(), not Python 2's type
+                            capture_output=True, text=True, timeout=120)
+    needed = result.stdout.split("Minimum required versions:")[1].split()[0]
+    assert tuple(int(part) for part in needed.split(".")) <= floor, (needed, floor)
+    train = _requirements(PROJECT["optional-dependencies"]["train"])
+    assert "<" not in train["torch"] and "<" not in train["torchvision"]
+
+
 @pytest.mark.slow
 def test_pip_install_then_load_a_saved_model_from_another_folder(trained_model, tmp_path):
     venv = tmp_path / "venv"

@@ -118,13 +118,15 @@ def test_a_local_dataset_by_row_with_the_same_answers_as_its_pictures(trained_mo
     (("--dataset", "{data}", "--split", "tset", "--output", "{tmp}/rows.csv", "--model", "{tmp}/no-model"),
      "Could not load split 'tset'"),
     (("{library}", "--output", "{tmp}/rows.csv", "--model", ""), "--model is empty"),
+    (("--dataset", "{tmp}/nope", "--output", "{tmp}/rows.csv", "--model", "{tmp}/no-model"),
+     "--dataset {tmp}/nope: no such folder"),
 ])
 def test_bad_input_is_one_clear_line(trained_model, library, tmp_path, args, message):
     (tmp_path / "empty").mkdir()
     data = write_parquet_dataset(tmp_path / "data", [(_jpeg(i), i % 2) for i in range(4)])
     filled = [arg.format(library=library, tmp=tmp_path, data=data) for arg in args]
     result = _predict_here(*filled, *(() if "--model" in filled else ("--model", trained_model)))
-    assert_clean_error(result, message)
+    assert_clean_error(result, message.format(tmp=tmp_path))
     assert not list(tmp_path.glob("*.parts"))  # refused before anything was written
 
 

@@ -52,3 +52,13 @@ def test_the_readmes_api_snippet_runs_as_written_against_the_running_app(app_url
     assert result.returncode == 0, result.stderr[-3000:]
     printed = result.stdout.strip().splitlines()[-1]  # after gradio_client's own "Loaded as API" line
     assert re.fullmatch(r"(cat|dog|not sure|neither) \[\{'label': '(cat|dog)', 'confidence': .*\}\]", printed), printed
+
+
+def test_every_readme_section_a_message_names_exists():
+    """A message or the Makefile that sends a user to `README.md, "Section"` finds that section."""
+    headings = set(re.findall(r"^#+ (.+)$", (ROOT / "README.md").read_text(), re.M))
+    shipped = [ROOT / "Makefile", ROOT / "app.py", ROOT / "train_accelerate.py", *(ROOT / "catdog_model").rglob("*.py")]
+    named = {(path.name, section) for path in shipped
+             for section in re.findall(r'README(?:\.md)?[,:] \\?"([^"\\]+)\\?"', path.read_text())}
+    assert ("Makefile", "Set up in two commands") in named
+    assert {(name, section) for name, section in named if section not in headings} == set()

@@ -2,8 +2,11 @@
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -13,7 +16,7 @@ from safetensors.torch import load_file
 from catdog_model import CatDogClassifier, load_predictor
 from catdog_model.training.data import load_image_dataset, load_split
 from catdog_model.hardware import native_bf16
-from conftest import MINI_DATASET, ROOT, assert_clean_error, train_in_process
+from conftest import MINI_DATASET, ROOT, assert_clean_error, train_in_process, training_command
 
 
 
@@ -34,6 +37,14 @@ def test_loss_falls_and_32_images_are_overfitted(trained_model):
     history = json.loads((trained_model / "metrics.json").read_text())["history"]
     assert history[-1]["train_loss"] < 0.7 * history[0]["train_loss"]
     assert max(row["train_accuracy"] for row in history) >= 0.95
+
+
+def test_the_run_ends_with_its_test_accuracy_and_how_to_serve_it(trained_model):
+    evaluation = json.loads((trained_model / "evaluation.json").read_text())
+    best = json.loads((trained_model / "metrics.json").read_text())["best_epoch"]
+    last = trained_model.with_name(trained_model.name + ".log").read_text().strip().splitlines()[-1]
+    assert last.endswith(f"test accuracy {evaluation['accuracy']:.4f} on 32 held-out photos (best epoch {best} of 6). "
+                         f"Serve it: python app.py --model {trained_model}")
 
 
 def test_model_card_has_hub_metadata_and_the_test_accuracy(trained_model):
@@ -149,7 +160,49 @@ def test_a_flag_argparse_cannot_read_is_one_line_with_a_pointer_to_help(capsys):
         parse_args(["--epochs", "ten"])
     message = capsys.readouterr().err
     assert exit.value.code == 2 and message.count("\n") == 1
-    assert message == "error: argument --epochs: invalid int value: 'ten' (see --help)\n"
+    assert message == "error: argument --epochs/--num_train_epochs: invalid int value: 'ten' (see --help)\n"
+
+
+def test_the_flags_accelerate_and_transformers_scripts_spell_with_underscores_are_ours():
+    from catdog_model.training.settings import parse_args
+
+    ours = ["--output-dir", "o", "--checkpointing-steps", "5", "--resume-from-checkpoint", "latest", "--with-tracking",
+            "--mixed-precision", "no", "--epochs", "3", "--batch-size", "8", "--dataset", "d", "--val-split", "0.15",
+            "--learning-rate", "0.1", "--gradient-accumulation-steps", "2", "--max-train-samples", "9", "--hub-private"]
+    theirs = ["--output_dir", "o", "--checkpointing_steps", "5", "--resume_from_checkpoint", "latest", "--with_tracking",
+              "--mixed_precision", "no", "--num_train_epochs", "3", "--per_device_train_batch_size", "8",
+              "--dataset_name", "d", "--train_val_split", "0.15", "--learning_rate", "0.1",
+              "--gradient_accumulation_steps", "2", "--max_train_samples", "9", "--hub_private_repo"]
+    assert parse_args(theirs) == parse_args(ours) != parse_args([])
+    assert parse_args(["--push_to_hub", "--hub_model_id", "me/cat", "--hub_token", "hf_x"]).push_to_hub
+
+
+@pytest.mark.parametrize("flags, trackers, message", [
+    ((), None, None), (("--with-tracking",), ["all"], None), (("--report_to", "tensorboard"), ["tensorboard"], None),
+    (("--with_tracking", "--report_to", "tensorboard, all"), ["tensorboard", "all"], None),
+    (("--report-to", "tensorbord"), None, "--report-to takes tensorboard, wandb, trackio"),
+    (("--report-to", "swanlab"), None, "--report-to swanlab: swanlab is not installed (pip install swanlab)"),
+])
+def test_report_to_chooses_the_trackers_as_accelerates_log_with_takes_them(flags, trackers, message):
+    import train_accelerate
+    from catdog_model.training.settings import parse_args
+
+    if message is None:
+        assert parse_args(list(flags)).trackers == trackers
+    else:
+        with pytest.raises(train_accelerate.TrainingError, match=re.escape(message)):
+            parse_args(list(flags))
+
+
+def test_tracking_with_no_tracker_installed_is_refused_not_silent(monkeypatch):
+    import importlib.util
+
+    import train_accelerate
+    from catdog_model.training.settings import parse_args
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
+    with pytest.raises(train_accelerate.TrainingError, match="no tracker is installed, so nothing would be logged"):
+        parse_args(["--with-tracking"])
 
 
 def test_help_shows_every_default():
@@ -167,13 +220,21 @@ def test_where_the_hub_does_not_answer_training_is_refused_before_its_libraries_
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     line = "error: --dataset microsoft/cats_vs_dogs and ImageNet weights (or --no-pretrained) need the Hub"
     assert result.returncode == 1 and line in result.stderr and "HF_HUB_OFFLINE=1" in result.stderr
+    from catdog_model.serving.files import hub_unreachable
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("catdog_model.serving.files.hub_reachable", lambda: False)
+        patch.setattr("catdog_model.serving.files.constants.HF_HUB_OFFLINE", False)
+        assert hub_unreachable("--dataset x", None).startswith("--dataset x needs the Hub, but")
     imported = {row.split("|")[-1].strip() for row in result.stderr.splitlines() if row.startswith("import time:")}
     assert "catdog_model.serving.files" in imported and not {"torch", "timm", "datasets"} & imported
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("flags, message", [
-    (("--backbone", "resnet5O"), "timm has no model named"),  # checked with the model's flags (above), before the data
+    (("--backbone", "resnet5O"), "timm has no model named"),
+    (("--dataset", "./nope"), "--dataset ./nope: no such folder."),  # not "needs the Hub", wherever the Hub is
+    (("--dataset", "data/cats/typo"), "--dataset data/cats/typo: no such folder."),  # checked with the model's flags (above), before the data
     (("--checkpointing-steps", "0"), "--checkpointing-steps takes a number of steps (1 or more)"),
     (("--checkpointing-steps", "²"), "--checkpointing-steps takes a number of steps (1 or more)"),  # isdigit() took it
 ])
@@ -205,3 +266,49 @@ def test_model_card_names_the_local_dataset_its_hash_and_how_to_load_this_folder
     assert f"the local folder `cats_vs_dogs_mini` ({metrics['dataset_fingerprint'][:23]}…)" in card
     assert "main, unpinned" not in card and f'load_predictor("{trained_model.name}")' in card
     assert "6 epochs" in card
+
+
+ONE_PROCESS_LAUNCH = (sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--num_processes", "1",
+                      "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no")
+
+
+@pytest.mark.slow
+def test_under_accelerate_launch_quiet_an_error_is_one_line(tmp_path):
+    """The README's command: `accelerate launch --quiet` passes the script's one line on, without its own traceback."""
+    result = subprocess.run(training_command(tmp_path / "out", "--dataset", "./nope", launcher=ONE_PROCESS_LAUNCH),
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == "error: --dataset ./nope: no such folder."
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_accelerate_launch_says_how_to_resume(tmp_path):
+    """accelerate stops a one-process run with SIGTERM right after the Ctrl-C, while the script is still inside a
+    training step (ResNet50's, at 128 px: most of a second), before Python sees the Ctrl-C: the run still says how to
+    go on."""
+    log = tmp_path / "stderr.txt"
+    command = training_command(tmp_path / "out", "--epochs", "100", "--batch-size", "8", "--max-train-samples", "16",
+                               "--max-eval-samples", "8", "--checkpointing-steps", "epoch", launcher=ONE_PROCESS_LAUNCH)
+    command[command.index("--image-size") + 1] = "128"
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while "epoch 1:" not in log.read_text() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        os.killpg(process.pid, signal.SIGINT)  # as a terminal sends Ctrl-C: to the launcher and the script alike
+        assert process.wait(timeout=60) == 130
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert f"interrupted; the checkpoints (if any) are in {tmp_path / 'out'}/checkpoints: continue with the same command " \
+           "and --resume-from-checkpoint latest" in text and "Traceback" not in text, text[-2500:].replace("\r", "\n")
+
+
+@pytest.mark.slow
+def test_report_to_tensorboard_logs_each_epoch_where_accelerate_puts_it(tmp_path):
+    train_in_process(tmp_path / "out", "--backbone", "test_resnet", "--epochs", "2", "--batch-size", "4",
+                     "--max-train-samples", "8", "--max-eval-samples", "8", "--report_to", "tensorboard")
+    events = list((tmp_path / "out" / "catdog").rglob("events.out.tfevents.*"))
+    assert events and all(tag in events[0].read_bytes() for tag in (b"val_accuracy", b"train_loss"))

@@ -22,7 +22,8 @@ from huggingface_hub.utils import validate_repo_id
 from ..config import DEFAULTS, MADE_FROM_WEIGHTS, MANIFEST_KEY, WEIGHTS, check_config
 
 __all__ = ["DEFAULT_MODEL", "HUB_UNREACHABLE", "LOCAL_MODEL", "ModelFiles", "ModelLoadError", "file_sha256", "first_line",
-           "hub_reachable", "hub_unreachable", "manifest_of", "parse_source", "resolve_model",
+           "hub_reachable", "hub_unreachable", "looks_like_a_path", "manifest_of", "no_such_folder", "parse_source",
+           "resolve_model",
            "write_atomically"]
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,20 @@ def hub_unreachable(*needs: Optional[str]) -> Optional[str]:
     needs = [need for need in needs if need]
     if not needs or constants.HF_HUB_OFFLINE or hub_reachable():
         return None
-    return f"{' and '.join(needs)} need the Hub, but " + HUB_UNREACHABLE.format(endpoint=constants.ENDPOINT) + "."
+    verb = "needs" if len(needs) == 1 else "need"
+    return f"{' and '.join(needs)} {verb} the Hub, but " + HUB_UNREACHABLE.format(endpoint=constants.ENDPOINT) + "."
+
+
+def looks_like_a_path(name: str) -> bool:
+    """Whether a name can only mean a local path: ./x, /x, ~/x, x\\y or a/b/c (a Hub id is name or owner/name)."""
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
+
+
+def no_such_folder(flag: str, name: str) -> Optional[str]:
+    """The one line for a local dataset folder that is not there; None for one that is, or for a Hub id."""
+    if looks_like_a_path(name) and not Path(name).expanduser().exists():
+        return f"{flag} {name}: no such folder"
+    return None
 
 
 class ModelLoadError(RuntimeError):
@@ -113,8 +127,7 @@ def parse_source(source: str) -> tuple[str, Optional[str]]:
     if Path(repo_id).expanduser().is_dir():
         raise ModelLoadError(f"{source}: a local folder has no revisions; drop '@{revision}' or pass a Hub id.")
     # Our models always live under a user or organisation, so "name", "./name" or "a/b/c" mean a folder.
-    looks_local = repo_id.startswith((".", "/", "~")) or "\\" in repo_id or repo_id.count("/") != 1
-    if looks_local:
+    if looks_like_a_path(repo_id) or repo_id.count("/") != 1:
         raise ModelLoadError(f"No such model folder: {source} (a Hub id has the form user/repo).")
     try:
         validate_repo_id(repo_id)

@@ -28,7 +28,7 @@ from ..config import REPORT_FIGURES
 from ..hardware import exit_with_error, parse_command
 from ..images import model_input
 from ..serving.detector import ood_score
-from ..serving.files import ModelLoadError, hub_unreachable
+from ..serving.files import ModelLoadError, hub_unreachable, no_such_folder
 from ..serving.predictor import load_predictor
 from ..serving.verdict import NEITHER, NOT_SURE, decide
 from .calibration import ECE_BINS, calibration_summary
@@ -278,6 +278,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             raise DatasetError(f"--output-dir {args.output_dir} is the model's own folder, whose report the manifest "
                                "vouches for: write the new report elsewhere.")
         _check_output_dir(Path(args.output_dir))
+        if missing := no_such_folder("--dataset", args.dataset):
+            raise DatasetError(missing)
         predictor = load_predictor(args.model)
         if unreachable := hub_unreachable(None if Path(args.dataset).exists() else f"--dataset {args.dataset}"):
             raise DatasetError(unreachable)

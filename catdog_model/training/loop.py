@@ -9,11 +9,12 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import safetensors.torch
 import torch
 import torch.nn.functional as F
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from safetensors import SafetensorError
@@ -29,7 +30,7 @@ from .calibration import calibrate, fit_detector
 from .data import make_transform
 
 __all__ = ["BEST", "CHECKPOINTS", "Progress", "RunningMetrics", "TrainingError", "calibrate_and_test", "check_best_model",
-           "check_finite", "default_mixed_precision", "default_num_workers", "evaluate", "exit_with_parent",
+           "check_finite", "configured_mixed_precision", "default_mixed_precision", "default_num_workers", "evaluate", "exit_with_parent",
            "model_outputs", "on_main_process", "save_atomically", "save_model"]
 
 logger = logging.getLogger(__name__)
@@ -210,12 +211,29 @@ def on_main_process(accelerator: Accelerator, check: Callable, *check_args):
 
 # ---- What a machine trains with.
 
+def configured_mixed_precision(config_file: Optional[Path] = None) -> Optional[str]:
+    """The mixed precision ``accelerate launch`` passed on (ACCELERATE_MIXED_PRECISION), or None where nobody chose
+    one: launch passes "no" by itself when neither its --mixed_precision nor the config file names one, so a "no"
+    counts where the config file (``accelerate config``'s, by default) names a precision. An explicit
+    ``--mixed_precision no`` without a config file looks like nothing chosen: the script's own flag decides then."""
+    value = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if value != "no":
+        return value or None
+    from accelerate.commands.config import default_config_file
+
+    try:
+        named = (yaml.safe_load(Path(config_file or default_config_file).read_text()) or {}).get("mixed_precision")
+    except (OSError, yaml.YAMLError, AttributeError):  # no config file, or not one accelerate wrote
+        named = None
+    return "no" if named else None
+
+
 def default_mixed_precision(device: "torch.device", configured: str | None = None,
                             flags: frozenset[str] | None = None) -> tuple[str, str]:
-    """The precision to train in when no flag names one, and why: ``accelerate config``'s choice
-    (ACCELERATE_MIXED_PRECISION) unless "no", else bf16 autocast where the hardware computes it natively
-    (2.3× per CPU train step on an AVX-512 BF16 EPYC), else float32."""
-    if configured and configured != "no":
+    """The precision to train in when no flag names one, and why: ``accelerate config``'s choice, "no" included
+    (``configured_mixed_precision``), else bf16 autocast where the hardware computes it natively (2.3× per CPU train
+    step on an AVX-512 BF16 EPYC), else float32."""
+    if configured:
         return configured, "accelerate config"
     if device.type == "cpu":
         if native_bf16(flags):

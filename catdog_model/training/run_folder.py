@@ -124,6 +124,7 @@ def publish_run(config, accelerator: Accelerator, model: CatDogClassifier, progr
     name = config.hub_model_id or output_dir.resolve().name
     model_config = {**json.loads((best / "config.json").read_text()), "temperature": calibration["temperature"],
               "ood_threshold": model.ood_threshold}
+    tested = {}
 
     def write(temp: Path) -> None:
         shutil.copyfile(best / WEIGHTS, temp / WEIGHTS)
@@ -133,7 +134,8 @@ def publish_run(config, accelerator: Accelerator, model: CatDogClassifier, progr
         save_split(temp / SPLIT_FILE, splits, used, data, dataset=config.dataset, revision=config.dataset_revision,
                    seed=config.seed, fingerprint=fingerprint)
         test_rows = load_split(temp / SPLIT_FILE, data, "test", used=True)
-        evaluation = report_training_run(model, detector, test_outputs, lambda i: test_rows[i][data.image_column], temp)
+        evaluation = tested["evaluation"] = report_training_run(model, detector, test_outputs,
+                                                               lambda i: test_rows[i][data.image_column], temp)
         metrics = _run_record(config, accelerator, progress, calibration, data, splits, used, fingerprint)
         (temp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         make_model_card(model, metrics, evaluation, name).save(temp / "README.md")
@@ -144,6 +146,9 @@ def publish_run(config, accelerator: Accelerator, model: CatDogClassifier, progr
     for stale in set(RUN_FILES) - set(written) - {TRACKER_PROJECT}:
         (output_dir / stale).unlink(missing_ok=True)
     logger.info("saved the model, its engine, report and card to %s", output_dir)
+    evaluation = tested["evaluation"]  # the run's result, in the last lines a console shows
+    logger.info("test accuracy %.4f on %d held-out photos (best epoch %d of %d). Serve it: python app.py --model %s",
+                evaluation["accuracy"], evaluation["samples"], progress.best_epoch, config.epochs, output_dir)
 
 
 def _run_record(config, accelerator: Accelerator, progress: Progress, calibration: dict, data, splits: dict,

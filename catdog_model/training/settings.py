@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import math
 import os
 import typing
@@ -18,12 +19,21 @@ from huggingface_hub.utils import validate_repo_id
 
 from ..config import DEFAULTS
 from ..hardware import exit_with_error, setup_logging
-from ..serving.files import hub_unreachable
+from ..serving.files import hub_unreachable, no_such_folder
 from . import TrainingError
 
 __all__ = ["RunConfig", "parse_args", "settings"]
 
-DESCRIPTION = "Fine-tune the catdog classifier (timm ResNet50 + the fixed head) on cats_vs_dogs with 🤗 Accelerate."
+DESCRIPTION = ("Fine-tune the catdog classifier (timm ResNet50 + the fixed head) on cats_vs_dogs with 🤗 Accelerate. "
+               "Every flag also takes accelerate's and transformers' spelling, with underscores (--output_dir).")
+# The trackers accelerate's log_with takes by name (accelerate.utils.LoggerType, "all" aside).
+TRACKERS = ("tensorboard", "wandb", "trackio", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab")
+
+
+def _installed(tracker: str) -> bool:
+    """Whether accelerate can log to ``tracker`` here (TensorBoard's writer also comes as tensorboardX)."""
+    return any(importlib.util.find_spec(package) for package in
+               (("tensorboard", "tensorboardX") if tracker == "tensorboard" else (tracker,)))
 
 
 def _flag(default, help: str = "", group: str = "training", **argparse_options):
@@ -35,10 +45,10 @@ class RunConfig:
     """Every setting of a run. The command line is built from these fields (their defaults and help), and a
     value that cannot work is refused here, within seconds, before the dataset is touched."""
 
-    dataset: str = _flag("microsoft/cats_vs_dogs", "Hub dataset id or local folder", "data")
+    dataset: str = _flag("microsoft/cats_vs_dogs", "Hub dataset id or local folder", "data", aliases=("--dataset_name",))
     dataset_revision: Optional[str] = _flag(None, "pin the Hub dataset to a branch, tag or commit", "data")
     test_split: float = _flag(0.1, "held-out test fraction, taken first", "data")
-    val_split: float = _flag(0.2, "validation fraction of the rest", "data")
+    val_split: float = _flag(0.2, "validation fraction of the rest", "data", aliases=("--train_val_split",))
     max_train_samples: Optional[int] = _flag(None, "cap the training split", "data")
     max_eval_samples: Optional[int] = _flag(None, "caps validation and test alike", "data")
     num_workers: Optional[int] = _flag(None, "DataLoader workers per process (default: 1 on a CPU, else the cores per "
@@ -47,8 +57,8 @@ class RunConfig:
     image_size: int = _flag(DEFAULTS["image_size"], "pictures are resized to this square", "model")
     no_pretrained: bool = _flag(False, "random backbone, no download", "model")
     freeze_backbone: bool = _flag(False, "train the head only", "model")
-    epochs: int = _flag(10, "passes over the training split")
-    batch_size: int = _flag(20, "per process")
+    epochs: int = _flag(10, "passes over the training split", aliases=("--num_train_epochs",))
+    batch_size: int = _flag(20, "per process", aliases=("--per_device_train_batch_size",))
     learning_rate: float = _flag(0.01, "SGD's step size")
     seed: int = _flag(42, "0 to 2**32 - 1")
     no_augmentation: bool = _flag(False, "no rotation/flip/zoom (for overfitting checks)")
@@ -65,12 +75,14 @@ class RunConfig:
               "run's identity differs (data, seed, splits, model, batch size x processes x accumulation, learning rate, "
               "augmentation, precision, max samples); --num-workers may differ, and --epochs may grow to extend a run",
         metavar="PATH|latest")
-    with_tracking: bool = _flag(False, "log to every tracker installed")
+    with_tracking: bool = _flag(False, "log the epochs' metrics to the trackers of --report-to")
+    report_to: Optional[str] = _flag(None, f"with --with-tracking (which it implies): {', '.join(TRACKERS)}, several "
+                                           "comma-separated, or all (the default: every one installed)")
     output_dir: str = _flag("catdog-model", "where the model is written", "output")
     overwrite_output_dir: bool = _flag(False, "replace a previous run's files (only those)", "output")
     push_to_hub: bool = _flag(False, "upload the finished folder", "output")
     hub_model_id: Optional[str] = _flag(None, "user/repo", "output")
-    hub_private: bool = _flag(False, "create the repo private", "output")
+    hub_private: bool = _flag(False, "create the repo private", "output", aliases=("--hub_private_repo",))
     hub_token: Optional[str] = _flag(None, "default: the logged-in token", "output")
     debug: bool = _flag(False, "log the full traceback behind a one-line error", "output")
     # What the machine decided, set once the Accelerator exists (not flags).
@@ -93,6 +105,14 @@ class RunConfig:
         for name in ("dataset", "output_dir"):
             if not getattr(self, name).strip():
                 raise TrainingError(f"--{name.replace('_', '-')} is empty.")
+        for tracker in self.trackers or ():
+            if tracker not in ("all", *TRACKERS):
+                raise TrainingError(f"--report-to takes {', '.join(TRACKERS)} or all (comma-separated), got {tracker!r}.")
+            if tracker != "all" and not _installed(tracker):
+                raise TrainingError(f"--report-to {tracker}: {tracker} is not installed (pip install {tracker}).")
+        if self.trackers == ["all"] and not any(_installed(tracker) for tracker in TRACKERS):
+            raise TrainingError("--with-tracking: no tracker is installed, so nothing would be logged: pip install "
+                                "tensorboard (or wandb, trackio, ...), or leave tracking off.")
         steps = self.checkpointing_steps
         if steps not in (None, "epoch") and not (steps.isdecimal() and int(steps) > 0):
             raise TrainingError('--checkpointing-steps takes a number of steps (1 or more) or "epoch".')
@@ -106,6 +126,13 @@ class RunConfig:
             except HFValidationError as error:
                 raise TrainingError(f"--hub-model-id {self.hub_model_id!r} is not a valid Hub repo id: "
                                     f"{str(error).splitlines()[0]}") from None
+
+    @property
+    def trackers(self) -> Optional[list[str]]:
+        """What accelerate's log_with gets: None without tracking."""
+        if not (self.with_tracking or self.report_to):
+            return None
+        return [tracker.strip() for tracker in (self.report_to or "all").split(",")]
 
     @property
     def checkpoint_every(self) -> Optional[int]:
@@ -132,26 +159,31 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 def parse_args(argv=None) -> RunConfig:
     """The command line, built from RunConfig's fields; their defaults show in --help."""
-    parser = _Parser(description=DESCRIPTION, formatter_class=_Help)
+    # No abbreviations: each flag has two spellings, and a prefix that names a flag today may name two tomorrow.
+    parser = _Parser(description=DESCRIPTION, formatter_class=_Help, allow_abbrev=False)
     groups, types = {}, typing.get_type_hints(RunConfig)
     for option in dataclasses.fields(RunConfig):
         metadata = dict(option.metadata)
         if not metadata.pop("flag", True):
             continue
         group = groups.get(metadata["group"]) or groups.setdefault(metadata["group"], parser.add_argument_group(metadata["group"]))
-        flag, kind = "--" + option.name.replace("_", "-"), types[option.name]
+        # As transformers' HfArgumentParser: --output-dir and --output_dir alike, and the names its scripts use.
+        flags = dict.fromkeys(["--" + option.name.replace("_", "-"), "--" + option.name, *metadata.pop("aliases", ())])
+        kind = types[option.name]
         kind = next(t for t in typing.get_args(kind) if t is not type(None)) if typing.get_origin(kind) else kind
         metadata.pop("group")
         if kind is bool:
-            group.add_argument(flag, action="store_true", **metadata)
+            group.add_argument(*flags, action="store_true", **metadata)
         else:
-            group.add_argument(flag, type=kind, default=option.default, **metadata)
+            group.add_argument(*flags, type=kind, default=option.default, **metadata)
     return RunConfig(**vars(parser.parse_args(argv)))
 
 
 def check_hub(config: "RunConfig") -> None:
     """Where the run needs the Hub (a dataset id, ImageNet weights), that the Hub answers: one line in seconds,
     not minutes of retries."""
+    if missing := no_such_folder("--dataset", config.dataset):
+        raise TrainingError(missing + ".")
     unreachable = hub_unreachable(None if Path(config.dataset).exists() else "--dataset " + config.dataset,
                                   None if config.no_pretrained else "ImageNet weights (or --no-pretrained)")
     if unreachable:
