@@ -56,7 +56,18 @@ def test_model_card_has_hub_metadata_and_the_test_accuracy(trained_model):
     assert f"| test accuracy | {evaluation['accuracy']:.4f} |" in card.text
     assert "trained from scratch with 🤗 Accelerate" in card.text  # --no-pretrained: not "fine-tuned"
     assert card.data.model_name == trained_model.name  # the folder's name, never its absolute path
-    assert "load_predictor(" in card.text
+    assert "load_predictor(" in card.text and card.data.pipeline_tag == "image-classification"
+    assert card.data.eval_results[0].dataset_split == "test" and card.data.base_model is None  # from scratch
+
+
+def test_a_fine_tuned_models_card_names_timms_weights_as_its_base_model(trained_model):
+    from catdog_model.training.card import make_model_card
+
+    metrics = {**json.loads((trained_model / "metrics.json").read_text()), "backbone_init": "timm ImageNet weights"}
+    evaluation = json.loads((trained_model / "evaluation.json").read_text())
+    card = make_model_card(CatDogClassifier.from_pretrained(str(trained_model)), metrics, evaluation, "me/catdog")
+    assert card.data.base_model == "timm/resnet50.a1_in1k" and card.data.base_model_relation == "finetune"
+    assert "fine-tuned from ImageNet weights" in card.text
 
 
 def test_saved_folder_loads_and_the_test_split_can_be_evaluated_again(trained_model, mini_dataset):

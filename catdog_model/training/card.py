@@ -31,9 +31,12 @@ def make_model_card(model: CatDogClassifier, metrics: dict, evaluation: dict, re
     hub_dataset = None if Path(metrics["dataset"]).exists() else metrics["dataset"]
     card.data.datasets = [hub_dataset] if hub_dataset else None
     card.data.metrics, card.data.model_name = ["accuracy"], repo_id
+    if not metrics["backbone_init"].startswith("random"):  # the Hub's model tree: "fine-tuned from" timm's weights
+        card.data.base_model = model.backbone.pretrained_cfg.get("hf_hub_id")
+        card.data.base_model_relation = "finetune" if card.data.base_model else None
     card.data.eval_results = [
         EvalResult(task_type="image-classification", dataset_type=hub_dataset or "local",
-                   dataset_name=Path(metrics["dataset"]).name, dataset_split="held-out test split (split.json)",
+                   dataset_name=Path(metrics["dataset"]).name, dataset_split="test",
                    dataset_revision=metrics["dataset_revision"], metric_type="accuracy",
                    metric_value=evaluation["accuracy"])
     ]
