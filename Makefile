@@ -28,6 +28,7 @@ $(VENV)/.train: $(VENV)/.runtime pyproject.toml
 
 $(VENV)/.dev: $(VENV)/.train requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps olah==0.5.4  # why --no-deps: requirements-dev.txt
 	touch $@
 
 demo: $(VENV)/.runtime

@@ -100,16 +100,28 @@ class Space:
             raise gr.Error(str(error), title="The model failed", print_exception=False) from None
 
     def predict(self, upload: str | dict | None) -> dict:
-        """Classify one picture (JPEG, PNG, WebP, GIF, ... up to 10 MB). Returns {"label": the verdict ("cat", "dog",
-        "not sure" under 70% either way, or "neither": unlike every training photo), "confidences": both labels'
-        probabilities, as [{"label": str, "confidence": float}, ...]}."""
+        """Is it a cat or a dog? One of four answers: "cat", "dog", "not sure" (under 70% either way, calibrated) or
+        "neither" (unlike every training photo: a car, a cup, noise).
+
+        Args:
+            upload: the picture: a JPEG, PNG, WebP, GIF... of up to 10 MB and 40 megapixels.
+        Returns:
+            {"label": the answer, "confidences": both labels' probabilities, [{"label": str, "confidence": float}, ...]}
+        """
         explanation = self._api_explanation(upload)  # as gr.Label's own value, sent as it is (postprocess=False)
         ranked = sorted(explanation.probabilities.items(), key=lambda item: -item[1])
         return {"label": explanation.verdict.answer, "confidences": [{"label": name, "confidence": p} for name, p in ranked]}
 
     def explain(self, upload: str | dict | None) -> dict:
-        """Classify one picture and say why. Returns a dict: verdict (str), label (str, the likelier label),
-        probabilities (dict of str to float), is_cat_or_dog (bool), ood_score (float), ood_threshold (float)."""
+        """Is it a cat or a dog, and why? The answer ("cat", "dog", "not sure" under 70% either way, or "neither":
+        unlike every training photo) with what it rests on.
+
+        Args:
+            upload: the picture: a JPEG, PNG, WebP, GIF... of up to 10 MB and 40 megapixels.
+        Returns:
+            verdict (str, the answer), label (str, the likelier label), probabilities (dict of str to float)
+            is_cat_or_dog (bool), ood_score (float: above ood_threshold, "neither"), ood_threshold (float)
+        """
         explanation = self._api_explanation(upload)
         return {"verdict": explanation.verdict.answer, "label": explanation.verdict.leaning,
                 "probabilities": explanation.probabilities, "is_cat_or_dog": explanation.is_cat_or_dog,
@@ -136,8 +148,14 @@ class Space:
         return _page(bars, verdict=_verdict_markdown(verdict), heatmap=explanation.overlay)
 
     def predict_batch(self, files: list | None, progress=gr.Progress()) -> tuple[list[list], str]:
-        """Classify up to 100 pictures: one row per file (file, verdict, both probabilities, note), the verdict as on the
-        page; a file that cannot be read gets verdict "error" and the reason as its note. Returns the rows and a CSV of them."""
+        """Cat or dog, for up to 100 pictures: each gets "cat", "dog", "not sure" or "neither", as one picture would,
+        or "error" with the reason when it cannot be read.
+
+        Args:
+            files: the pictures, each a JPEG, PNG, WebP, GIF... of up to 10 MB.
+        Returns:
+            the rows (file, verdict, both probabilities, note), and a CSV file of them
+        """
         self._require_model()
         if not files:
             raise gr.Error("Choose one or more pictures first.", print_exception=False)
@@ -260,7 +278,7 @@ def _picture_tab(space: Space, ready: bool, concurrency: int) -> None:
     for handler, output, postprocess in ((space.predict, gr.Label(label="Verdict", visible=False), False),
                                          (space.explain, explanation, True)):
         api_button.click(handler, inputs=image, outputs=output, api_name=handler.__name__, concurrency_limit=concurrency,
-                         concurrency_id="shared", preprocess=False, postprocess=postprocess, api_description=handler.__doc__)
+                         concurrency_id="shared", preprocess=False, postprocess=postprocess)
     examples, captions = _examples()
     if examples:  # thumbnails with captions; a tap loads the picture into the input and classifies it
         gallery = gr.Gallery(list(zip(examples, captions)), label="Examples: tap one", height="auto",
@@ -286,8 +304,7 @@ def _batch_tab(space: Space, ready: bool) -> None:
                  show_progress_on=table, preprocess=False, api_visibility="private")
     rows = gr.Dataframe(headers=space.table_headers, label="Results", visible=False)  # the API's rows
     gr.Button(visible=False).click(space.predict_batch, inputs=files, outputs=[rows, gr.File(label="CSV", visible=False)],
-                                   api_name="predict_batch", concurrency_id="model", preprocess=False,
-                                   api_description=Space.predict_batch.__doc__)
+                                   api_name="predict_batch", concurrency_id="model", preprocess=False)
 
 
 def _setting(name: str, default: str, minimum: int, maximum: int = 2**31 - 1) -> int:
@@ -350,7 +367,8 @@ def main(argv: list[str]) -> None:
     threading.Thread(target=tidy_cache, args=(demo, upload_ttl_s, uploads_mb), daemon=True).start()
     # show_error: what Gradio itself refuses before a handler runs (a picture's URL that the server cannot fetch, say)
     # reaches the client with its reason, not "has not enabled verbose error reporting".
-    demo.launch(max_file_size=f"{SERVER_CAP_MB}mb", css=CSS, show_error=True)
+    # mcp_server: the three endpoints are also MCP tools for AI agents, described by their docstrings.
+    demo.launch(max_file_size=f"{SERVER_CAP_MB}mb", css=CSS, show_error=True, mcp_server=True)
 
 
 if __name__ == "__main__":

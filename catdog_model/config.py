@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 __all__ = ["DEFAULTS", "DEFAULT_LABELS", "FEATURE_NAMES", "HIDDEN", "HUB_METADATA", "IR_FILES", "MADE_FROM_WEIGHTS",
-           "MANIFEST_KEY", "OOD_FILE", "REPORT_FIGURES", "STAGE_FEATURES", "STAT_STAGES", "WEIGHTS", "check_config",
+           "MANIFEST_KEY", "OOD_FILE", "REPORT_FIGURES", "SPACE_FILES", "STAGE_FEATURES", "STAT_STAGES", "WEIGHTS", "check_config",
            "check_labels"]
 
 DEFAULT_LABELS = ("cat", "dog")  # the order of microsoft/cats_vs_dogs: cat=0, dog=1
@@ -27,6 +27,8 @@ MANIFEST_KEY = "manifest"  # config.json's list of every file with its size and 
 REPORT_FIGURES = {"confusion_matrix.png": "Confusion matrix: the test photos, by true and predicted label",
                   "reliability.png": "Reliability: how often it is right at each stated confidence",
                   "mistakes.png": "Its most confident mistakes on the test photos"}
+# What a Space downloads of a model (never model.safetensors): README's preload_from_hub bakes them into its image.
+SPACE_FILES = ("config.json", *IR_FILES, OOD_FILE, "metrics.json", "evaluation.json", *REPORT_FIGURES)
 
 # The "neither" detector's layers: the head's hidden layer and the per-channel statistics of two early
 # backbone stages (timm's forward_intermediates indices). The model computes them, the export names them.

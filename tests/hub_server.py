@@ -2,7 +2,7 @@
 
     python tests/hub_server.py --config hub.toml       # what the ``hub`` fixture in test_hub.py starts
 
-The read side is olah (pinned in requirements-dev.txt), offline, serving the git repositories under its
+The read side is olah (pinned in the Makefile), offline, serving the git repositories under its
 ``mirrors-path`` (``models/user/name``, ``datasets/user/name``) as the Hub's API and ``resolve`` routes do.
 olah has no write side, so the routes below, put in front of olah's, take what huggingface_hub sends
 (create_repo, the preupload check, LFS uploads, the NDJSON commit, tags) and make each commit a git commit

@@ -326,8 +326,13 @@ def test_space_metadata_matches_the_code():
     pinned = Requirement(line).specifier
     assert metadata["sdk"] == "gradio" and metadata["sdk_version"] in pinned  # the Space's gradio is what we allow
     assert f">={metadata['sdk_version']}" in str(pinned)  # and the oldest we allow: what the app is tested on
-    assert metadata["app_file"] == "app.py" and metadata["models"] == [app.DEFAULT_MODEL]
-    assert metadata["datasets"] == ["microsoft/cats_vs_dogs"]
+    repo_id, _, revision = app.DEFAULT_MODEL.partition("@")
+    assert metadata["app_file"] == "app.py" and metadata["models"] == [repo_id]
+    assert metadata["datasets"] == ["microsoft/cats_vs_dogs"] and "mcp-server" in metadata["tags"]
+    from catdog_model.config import SPACE_FILES
+
+    preloaded, files, pinned = metadata["preload_from_hub"][0].split()  # what the Space serves, at its release
+    assert (preloaded, files.split(","), pinned) == (repo_id, list(SPACE_FILES), revision)
 
 
 def test_the_api_page_documents_every_endpoints_outputs_by_name_and_type(client):
@@ -375,3 +380,42 @@ def test_the_space_serves_its_engine_from_the_first_request_and_stops_cleanly_on
         returncode = process.wait(timeout=30)
     assert returncode == 0 and "terminate called" not in (tmp_path / "app.log").read_text()
     assert not list((tmp_path / "tmp").glob("catdog-*"))
+
+
+def _mcp(url: str, tool: str, arguments: dict):
+    """One call through an MCP client, over the Space's streamable HTTP endpoint, as an AI agent makes it."""
+    import asyncio
+
+    from mcp import ClientSession
+    from mcp.client.streamable_http import streamable_http_client
+
+    async def call():
+        async with streamable_http_client(url + "gradio_api/mcp/") as (read, write, _):
+            async with ClientSession(read, write) as session:
+                await session.initialize()
+                return await session.list_tools(), await session.call_tool(tool, arguments)
+
+    return asyncio.run(call())
+
+
+def test_the_space_is_an_mcp_server_whose_tools_say_the_four_answers(app_url, trained_model):
+    import ast
+    import base64
+
+    from catdog_model import load_predictor, open_image
+
+    schema = {tool["name"]: tool for tool in httpx.get(app_url + "gradio_api/mcp/schema", timeout=30).json()}
+    assert set(schema) == {"predict", "explain", "predict_batch"}
+    for tool in schema.values():
+        assert all(f'"{answer}"' in tool["description"] for answer in ("cat", "dog", "not sure", "neither"))
+    upload = schema["predict"]["inputSchema"]["properties"]["upload"]
+    assert upload["type"] == "string" and "File" in upload["format"] and "10 MB" in upload["description"]
+    path = ROOT / "examples" / "chelsea_cat.jpg"
+    picture = "data:image/jpeg;base64," + base64.b64encode(path.read_bytes()).decode()
+    tools, result = _mcp(app_url, "explain", {"upload": picture})
+    assert {tool.name for tool in tools.tools} == set(schema) and not result.isError
+    answer = ast.literal_eval(result.content[0].text)  # the endpoint's dict, as Gradio writes it
+    predictor = load_predictor(str(trained_model))
+    assert answer["verdict"] == predictor.explain(open_image(path, draft_size=predictor.image_size)).verdict.answer
+    _, refused = _mcp(app_url, "predict", {"upload": "data:image/jpeg;base64," + base64.b64encode(b"no").decode()})
+    assert refused.isError and "not an image that can be read" in refused.content[0].text

@@ -24,7 +24,7 @@ from catdog_model.training import export
 from catdog_model.training.export import save_openvino
 from conftest import ROOT, complete_folder, hub_snapshot, torch_reference, vouch_for
 
-SPACE_FILES = ("config.json", *IR_FILES, OOD_FILE)
+SERVING_NEEDS = ("config.json", *IR_FILES, OOD_FILE)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_explain_through_openvino_matches_torch_on_photos_and_on_pictures_of_nei
 def test_the_space_needs_only_config_the_ir_and_the_detector(trained_model, mini_images, tmp_path, monkeypatch):
     space = tmp_path / "space"
     space.mkdir()
-    for name in SPACE_FILES:
+    for name in SERVING_NEEDS:
         shutil.copy(trained_model / name, space / name)
     images = mini_images[::10]
     assert np.array_equal(_p_dog(load_predictor(str(space)), images), _p_dog(load_predictor(str(trained_model)), images))
@@ -101,7 +101,7 @@ def test_what_a_space_downloads_is_under_0_3_of_the_fp32_weights_at_224_px(spec_
     save_detector({f"{layer}.{part}": np.zeros(shape, np.float32) for layer, size in sizes.items()
                    for part, shape in (("means", (2, size)), ("precision", (size, size)), ("scale", (1,)))},
                   tmp_path / OOD_FILE)
-    space = sum((tmp_path / name).stat().st_size for name in SPACE_FILES)
+    space = sum((tmp_path / name).stat().st_size for name in SERVING_NEEDS)
     fp32 = (tmp_path / "model.safetensors").stat().st_size
     assert space <= 0.3 * fp32, (space / 1e6, fp32 / 1e6)
 

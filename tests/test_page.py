@@ -222,29 +222,27 @@ def test_a_report_field_of_another_type_leaves_its_sentence_out_never_the_page(m
 
 
 def test_the_files_the_app_keeps_stay_within_the_budget_the_oldest_removed_first(tmp_path):
-    """Uploads and results Gradio keeps for the app, and uploads a client abandoned, count against $CATDOG_UPLOADS_MB;
-    the files Gradio never deletes (the examples) neither count nor go."""
+    """Everything in Gradio's cache counts against $CATDOG_UPLOADS_MB (uploads, results, abandoned uploads, pictures
+    an MCP client sent inline) but the files Gradio keeps for good, which neither count nor go."""
     import app
-    from catdog_model.serving.space_files import keep_under_budget, kept_files
+    from catdog_model.serving.space_files import keep_under_budget, kept_files, remove_expired
 
     demo, cache = app.build_demo(FixedPredictor(0.5)), tmp_path
-    example = sorted(set().union(*(getattr(block, "keep_in_cache", set()) for block in demo.blocks.values())))[0]
-    demo.upload_file_set.add(example)  # listed by Gradio's clean-up too, which skips it
-    uploads = []
-    for age in range(5, 0, -1):  # 30 MB each, 5 s old down to 1 s (sparse: no real disk)
-        path = cache / ("tmpabandoned" if age == 3 else f"hash{age}/upload.png")
+    files = []
+    for age in range(6, 0, -1):  # 30 MB each, 6 s old down to 1 s (sparse: no real disk)
+        path = cache / ("tmpabandoned" if age == 3 else f"hash{age}/{'example.jpg' if age == 6 else 'upload.png'}")
         path.parent.mkdir(exist_ok=True)
         with open(path, "wb") as file:
             file.truncate(30 * 2**20)
         os.utime(path, (time.time() - age,) * 2)
-        uploads.append(path)
-        if age != 3:
-            demo.upload_file_set.add(str(path))
+        files.append(path)
+    next(iter(demo.blocks.values())).keep_in_cache.add(str(files[0]))  # as Gradio marks a component's own value
     keep_under_budget(kept_files(demo, cache), cache, 100 * 2**20)
-    assert [path.exists() for path in uploads] == [False, False, True, True, True] and Path(example).is_file()
-    assert not (cache / "hash5").exists() and sorted(p.name for p in cache.iterdir()) == ["hash1", "hash2", "tmpabandoned"]
-    keep_under_budget(kept_files(demo, cache), cache, 40 * 2**20)
-    assert [path.exists() for path in uploads] == [False, False, False, False, True]
+    assert [path.exists() for path in files] == [True, False, False, True, True, True]
+    assert not (cache / "hash5").exists() and sorted(p.name for p in cache.iterdir()) == ["hash1", "hash2", "hash6",
+                                                                                           "tmpabandoned"]
+    remove_expired(kept_files(demo, cache), 1.5, cache)  # past a TTL of 1.5 s: all but the newest
+    assert [path.exists() for path in files] == [True, False, False, False, False, True]
 
 
 def test_the_engine_is_named_in_plain_words_with_the_details_alongside():

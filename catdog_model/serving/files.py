@@ -28,7 +28,8 @@ __all__ = ["DEFAULT_MODEL", "HUB_UNREACHABLE", "LOCAL_MODEL", "ModelFiles", "Mod
 
 logger = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"  # where an unfinished training run keeps its state (training/checkpoints.py)
-DEFAULT_MODEL = "catdog-project/catdog-resnet50"  # the published model: named here and in README.md only
+# The published model, pinned to the release the Space serves: named here and in README.md's front matter only.
+DEFAULT_MODEL = "catdog-project/catdog-resnet50@v1"
 LOCAL_MODEL = "catdog-model"  # train_accelerate.py's default --output-dir, relative to where a command starts
 REEXPORT = "python -m catdog_model.training.export"
 TEMPORARY_PREFIX = ".tmp-catdog-"  # what an interrupted ``write_atomically`` leaves behind

@@ -1,6 +1,6 @@
-"""What the Space keeps on disk: its own temporary folders, removed at exit, and the uploads and results Gradio
-keeps for it, bounded in age and in total size. Gradio's app is read, never patched: its list of the files it made
-for the app, and its temporary folder."""
+"""What the Space keeps on disk: its own temporary folders, removed at exit, and the files in Gradio's cache,
+bounded in age and in total size. Gradio's app is read, never patched: its cache folder, and the files its
+components keep there for good."""
 
 from __future__ import annotations
 
@@ -45,18 +45,18 @@ def _remove(path: Path, cache: Optional[Path] = None) -> None:
         pass
 
 
-def remove_expired(paths: Iterable[Path], ttl_s: int) -> None:
+def remove_expired(paths: Iterable[Path], ttl_s: int, cache: Optional[Path] = None) -> None:
     for modified, _, path in _by_age(paths):
         if time.time() - modified > ttl_s:
-            _remove(path)
+            _remove(path, cache)
 
 
 def kept_files(demo: Any, cache: Path) -> list[Path]:
-    """What Gradio keeps in its cache for this app: uploads and results (its own clean-up's list, less the files it
-    never deletes, such as the examples), and uploads a client abandoned mid-way, which only this app removes."""
+    """Every file in Gradio's cache but those it keeps for good (the examples, the report's figures): uploads and
+    results, and what Gradio's own clean-up never sees: uploads a client abandoned, pictures an MCP client sent
+    inline."""
     kept = set().union(*(getattr(block, "keep_in_cache", set()) for block in demo.blocks.values()))
-    tracked = {name for files in list(demo.temp_file_sets) for name in list(files)} - kept
-    return [Path(name) for name in tracked] + [path for path in cache.glob("tmp*") if path.is_file()]
+    return [path for path in cache.rglob("*") if path.is_file() and os.path.abspath(path) not in kept]
 
 
 def keep_under_budget(paths: list[Path], cache: Path, budget_bytes: int) -> None:
@@ -71,11 +71,10 @@ def keep_under_budget(paths: list[Path], cache: Path, budget_bytes: int) -> None
 
 
 def tidy_cache(demo: Any, ttl_s: int, budget_mb: int) -> None:
-    """Gradio deletes the app's files once older than the TTL; in between, they stay within the budget, checked every
-    few seconds. An upload the client abandons stays at the top of the cache, where Gradio's clean-up never looks
-    (finished uploads move into folders named by hash): removed here past the TTL."""
-    cache = Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio")
+    """Every few seconds, the files in Gradio's cache past the TTL are removed, and the oldest of the rest until they
+    fit the budget (Gradio's own clean-up goes by age alone, and only for the files it made)."""
+    cache = Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio").resolve()
     while True:
         time.sleep(TIDY_EVERY_S)
-        remove_expired((path for path in cache.glob("tmp*") if path.is_file()), ttl_s)
+        remove_expired(kept_files(demo, cache), ttl_s, cache)
         keep_under_budget(kept_files(demo, cache), cache, budget_mb * 2**20)
