@@ -27,9 +27,11 @@ from typing import Iterator, Optional
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .errors import TRAIN_EXTRA, BatchError
 from .hardware import exit_with_error, parse_command, usable_cores
 from .images import FORMATS as PICTURE_FORMATS, ImageError
-from .serving.files import ModelLoadError, no_such_folder, resolve_model, write_atomically
+from .predict_dataset import beside_the_split, check_room, dataset_rows, open_split, push_split
+from .serving.files import ModelLoadError, resolve_model, write_atomically
 from .serving.predictor import Predictor, PredictionError, load_predictor
 
 __all__ = ["FORMATS", "classify_chunk", "decode_chunk", "main", "neutralised", "predict_files"]
@@ -39,13 +41,6 @@ logger = logging.getLogger(__name__)
 FORMATS = (".csv", ".jsonl", ".parquet")
 CHUNK = 64  # pictures per chunk: what a kill can lose, and one forward pass at the predictor's batch size or four
 EXTENSIONS = {ext for ext, name in Image.registered_extensions().items() if name in PICTURE_FORMATS}
-TRAIN_EXTRA = 'needs datasets and accelerate: pip install "catdog-classifier[train]"'
-
-
-class BatchError(RuntimeError):
-    """A problem the user can fix; the command prints it as one line."""
-
-
 def neutralised(cell):
     """A cell a spreadsheet shows as text, on one line (OWASP's CSV-injection defence, a leading apostrophe):
     the formula openers =, +, -, @ and tab, looked for after spaces, a BOM and NFKC (fullwidth signs)."""
@@ -107,39 +102,6 @@ def _listing_digest(pictures: list[tuple[str, str]]) -> str:
         stat = os.stat(path)
         digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
-
-
-def _open_dataset(name: str, split: str, column: Optional[str]):
-    """The split of a Hub or local dataset and its image column, checked before the model loads. datasets keeps it
-    on disk as Arrow, memory-mapped, so memory stays flat however large it is."""
-    try:
-        import datasets
-    except ImportError:
-        raise BatchError(f"--dataset {TRAIN_EXTRA}") from None
-    if missing := no_such_folder("--dataset", name):
-        raise BatchError(missing)
-    try:
-        rows = datasets.load_dataset(name, split=split)
-    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError, ConnectionError) as error:
-        raise BatchError(f"Could not load split {split!r} of {name!r}: {str(error).splitlines()[0]}") from None
-    images = [key for key, feature in rows.features.items() if isinstance(feature, datasets.Image)]
-    column = column or (images[0] if len(images) == 1 else None)
-    if column is None or column not in images:
-        found = ", ".join(f"{key} ({type(feature).__name__})" for key, feature in rows.features.items()) or "no columns"
-        raise BatchError(f"{name!r} has no image column {column or ''} (pass --image-column; it has: {found})".replace(" ()", ""))
-    return rows.select_columns([column]).cast_column(column, datasets.Image(decode=False)), column
-
-
-def _dataset_rows(rows, column: str) -> Iterator[tuple[str, object]]:
-    """(row index, the picture's bytes): nothing is decoded here. A row whose picture is a file that cannot be read
-    gives its reason instead, for an error row: one bad row never stops the run."""
-    for index, row in enumerate(rows):
-        image = row[column] or {}
-        try:
-            picture = image.get("bytes") or (Path(image["path"]).read_bytes() if image.get("path") else b"")
-        except OSError as error:
-            picture = ImageError(f"{image['path']}: {error.strerror or error}")
-        yield str(index), picture
 
 
 def _chunks(pictures: Iterator, size: int) -> Iterator[list]:
@@ -232,9 +194,10 @@ def _claim_parts(output: Path, identity: dict) -> Path:
 
 
 def predict_files(predictor: Predictor, pictures: Iterator, output: Path, identity: dict, total: Optional[int] = None,
-                  chunk_size: int = CHUNK) -> Counter:
+                  chunk_size: int = CHUNK, split=None) -> list[dict]:
     """Classify ``pictures`` ((name, picture) pairs) into ``output``, resumably, split between the processes of an
-    ``accelerate launch`` where there is one; returns the counts per verdict (on the main process)."""
+    ``accelerate launch`` where there is one (beside the columns of the dataset ``split`` they come from, if any);
+    returns the rows (on the main process)."""
     state = _distributed_state()
     rank, world = (state.process_index, state.num_processes) if state else (0, 1)
     parts = _claim_parts(output, identity) if rank == 0 else output.with_name(output.name + ".parts")
@@ -259,7 +222,7 @@ def predict_files(predictor: Predictor, pictures: Iterator, output: Path, identi
     bar.close()
     if state:
         state.wait_for_everyone()
-    return _merge(parts, written, output) if rank == 0 else Counter()
+    return _merge(parts, written, output, split) if rank == 0 else []
 
 
 def _finish(predictor: Predictor, chunk: list, decoding: list[Future], part: Path, bar: tqdm) -> None:
@@ -267,14 +230,24 @@ def _finish(predictor: Predictor, chunk: list, decoding: list[Future], part: Pat
     bar.update(len(chunk) * int(os.environ.get("WORLD_SIZE", "1")))
 
 
-def _merge(parts: Path, chunks: int, output: Path) -> Counter:
-    """The chunks in order, into OUT atomically; then OUT.parts/ goes. Returns the counts per verdict."""
+def _merge(parts: Path, chunks: int, output: Path, split=None) -> list[dict]:
+    """The chunks in order, into OUT atomically (beside a dataset ``split``'s own columns, if it is one); then
+    OUT.parts/ goes. Returns the rows."""
     rows = [json.loads(line) for index in range(chunks) for line in (parts / f"{index:08d}.jsonl").read_text().splitlines()]
     if not rows:
         raise BatchError("no picture to classify: the inputs hold none")
-    _write(rows, output)
+    if split is None:
+        _write(rows, output)
+    elif output.suffix == ".parquet":  # the pictures too, with their datasets features: load_dataset reads it back
+        write_atomically(output.parent, lambda temp: beside_the_split(rows, split).to_parquet(temp / output.name))
+    else:  # text formats: the row's index, the split's columns but its pictures, the verdict
+        import datasets
+
+        pictures = [name for name, feature in split.features.items() if isinstance(feature, datasets.Image)]
+        _write([{"picture": row["picture"], **columns, **row}
+                for columns, row in zip(split.remove_columns(pictures).to_list(), rows)], output)
     shutil.rmtree(parts)
-    return Counter(row["verdict"] for row in rows)
+    return rows
 
 
 def _distributed_state():
@@ -307,6 +280,10 @@ def _check_push(repo_id: str) -> None:
         raise BatchError("--push-to-hub needs a token: run `hf auth login` or set $HF_TOKEN")
 
 
+def _card_text(model: str, counts: Counter) -> str:
+    return f"# Verdicts by catdog-predict\n\nOne row per picture, classified by `{model}`: {_in_words(counts)}.\n"
+
+
 def _push(output: Path, repo_id: str, model: str, counts: Counter) -> None:
     """The rows and a dataset card naming the model and the counts, in one commit: ``load_dataset(repo_id)``
     reads them."""
@@ -314,8 +291,7 @@ def _push(output: Path, repo_id: str, model: str, counts: Counter) -> None:
     from huggingface_hub.errors import HfHubHTTPError, HTTPError
 
     data = DatasetCardData(configs=[{"config_name": "default", "data_files": f"data/{output.name}"}], tags=["catdog"])
-    card = DatasetCard(f"---\n{data.to_yaml()}\n---\n# Verdicts by catdog-predict\n\nOne row per picture, classified "
-                       f"by `{model}`: {_in_words(counts)}.\n")
+    card = DatasetCard(f"---\n{data.to_yaml()}\n---\n{_card_text(model, counts)}")
     try:
         api = HfApi()
         api.create_repo(repo_id, repo_type="dataset", exist_ok=True)
@@ -366,12 +342,13 @@ def _run(args) -> Optional[Counter]:
         raise BatchError("pass either PATHs or --dataset")
     if args.push_to_hub is not None:  # before hours of work, not after
         _check_push(args.push_to_hub)
+    split = None
     if args.dataset:  # checked before the model loads
-        dataset, column = _open_dataset(args.dataset, args.split, args.image_column)
+        split, column = open_split(args.dataset, args.split, args.image_column)
         local = Path(args.dataset).exists()
         source = {"dataset": os.path.abspath(args.dataset) if local else args.dataset, "split": args.split,
-                  "image column": column, "dataset content": dataset._fingerprint}
-        total, pictures = len(dataset), _dataset_rows(dataset, column)
+                  "image column": column, "dataset content": split._fingerprint}
+        total, pictures = len(split), dataset_rows(split, column)
     else:
         listing = list(_files(args.inputs))  # names and paths only: nothing is decoded
         if not listing:
@@ -384,10 +361,17 @@ def _run(args) -> Optional[Counter]:
     state = _distributed_state()
     threads = max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # each process its share of cores
     predictor = load_predictor(model, threads=threads)
-    counts = predict_files(predictor, pictures, output, _identity(predictor, source), total)
-    if args.push_to_hub and (state is None or state.is_main_process):
+    if split is not None:
+        check_room(split, ["verdict", *(f"p_{label}" for label in predictor.labels), "ood_score", "note"])
+    rows = predict_files(predictor, pictures, output, _identity(predictor, source), total, split=split)
+    if state is not None and not state.is_main_process:
+        return None
+    counts = Counter(row["verdict"] for row in rows)
+    if args.push_to_hub and split is not None:
+        push_split(beside_the_split(rows, split), args.push_to_hub, args.split, _card_text(model, counts))
+    elif args.push_to_hub:
         _push(output, args.push_to_hub, model, counts)
-    return counts if state is None or state.is_main_process else None
+    return counts
 
 
 if __name__ == "__main__":

@@ -248,3 +248,30 @@ print(DatasetCard.load("user/catdog-rows", repo_type="dataset").text.splitlines(
     verdicts = Counter(row["verdict"] for row in rows)
     assert str(pushed / "v1") in card_line
     assert all(f"{count} {verdict}" in card_line for verdict, count in verdicts.items())
+
+
+def test_a_labelled_dataset_is_pushed_with_its_pictures_and_columns_beside_the_verdicts(hub, pushed, tmp_path):
+    """catdog-predict --dataset ... --push-to-hub: what the Hub's viewer shows is each picture, its label and its verdict."""
+    result = subprocess.run([sys.executable, "-m", "catdog_model.predict", "--dataset", "user/catdog-data", "--output",
+                             str(tmp_path / "rows.jsonl"), "--model", str(pushed / "v1"), "--push-to-hub",
+                             "user/catdog-labelled"], cwd=ROOT, env=_hub_env(hub, tmp_path / "hf-predict"),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    check = _python("""
+import json, datasets
+from huggingface_hub import DatasetCard
+pushed = datasets.load_dataset("user/catdog-labelled", split="train")
+source = datasets.load_dataset("user/catdog-data", split="train")
+same = all(a.tobytes() == b.tobytes() for a, b in zip(pushed[::40]["image"], source[::40]["image"]))
+print(json.dumps({"features": {k: type(v).__name__ for k, v in pushed.features.items()}, "same pictures": same,
+                  "labels": list(pushed["labels"]) == list(source["labels"]), "names": pushed.features["labels"].names,
+                  "verdicts": list(pushed["verdict"]), "card": DatasetCard.load("user/catdog-labelled", repo_type="dataset").text}))
+""", _hub_env(hub, tmp_path / "hf-read"), tmp_path)
+    read = json.loads(check.stdout.strip().splitlines()[-1])
+    assert read["features"] == {"image": "Image", "labels": "ClassLabel", "verdict": "Value", "p_cat": "Value",
+                                "p_dog": "Value", "ood_score": "Value", "note": "Value"}
+    assert read["same pictures"] and read["labels"] and read["names"] == ["cat", "dog"]
+    assert read["verdicts"] == [row["verdict"] for row in written] and len(written) == 200
+    assert [row["labels"] for row in written[:3]] == [0, 0, 0] and "picture" in written[0]  # the text rows keep them too
+    assert read["card"].startswith("# Verdicts by catdog-predict") and "user/catdog-labelled" not in read["card"]

@@ -2,6 +2,7 @@
 process or several, with the answers `predictor.explain` gives."""
 
 import csv
+import io
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pyarrow.parquet
 import pytest
+from PIL import Image
 from datasets import load_dataset
 
 from catdog_model import load_predictor
@@ -103,6 +105,27 @@ def test_a_local_dataset_by_row_with_the_same_answers_as_its_pictures(trained_mo
     assert [row["picture"] for row in written] == [str(i) for i in range(21)] and written[20]["verdict"] == "error"
     explanations = predictor.explain_inputs([predictor.model_input(picture) for picture, _ in rows[:20]])
     assert [float(row["p_dog"]) for row in written[:20]] == [answer.probabilities["dog"] for answer in explanations]
+
+
+def test_a_datasets_verdicts_sit_beside_its_own_columns_in_every_format(trained_model, tmp_path):
+    """Parquet keeps the pictures too, with the dataset's features: load_dataset reads it back as the split, labelled."""
+    import datasets
+
+    folder = write_parquet_dataset(tmp_path / "data", [(_jpeg(i), i % 2) for i in range(6)])
+    for extension in (".parquet", ".csv"):
+        result = _predict_here("--dataset", folder, "--output", tmp_path / f"rows{extension}", "--model", trained_model)
+        assert result.returncode == 0, result.stderr[-2000:]
+    labelled = datasets.load_dataset("parquet", data_files=str(tmp_path / "rows.parquet"), split="train")
+    assert list(labelled.features) == ["img", "target", "verdict", "p_cat", "p_dog", "ood_score", "note"]
+    assert isinstance(labelled.features["img"], datasets.Image) and labelled.features["target"].names == ["cat", "dog"]
+    assert [image.tobytes() for image in labelled["img"]] == [Image.open(io.BytesIO(_jpeg(i))).tobytes() for i in range(6)]
+    rows = _csv(tmp_path / "rows.csv")
+    assert list(rows[0]) == ["picture", "target", "verdict", "p_cat", "p_dog", "ood_score", "note"]
+    assert [row["target"] for row in rows] == ["0", "1"] * 3 and [row["verdict"] for row in rows] == list(labelled["verdict"])
+    taken = write_parquet_dataset(tmp_path / "taken", [(_jpeg(0), 0)], label="verdict")
+    assert_clean_error(_predict_here("--dataset", taken, "--output", tmp_path / "taken.csv", "--model", trained_model),
+                       "the dataset already has a column named verdict, where the verdicts would go")
+    assert not (tmp_path / "taken.csv.parts").exists()
 
 
 @pytest.mark.parametrize("args, message", [
