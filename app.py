@@ -101,12 +101,11 @@ class Space:
 
     def predict(self, upload: str | dict | None) -> dict:
         """Is it a cat or a dog? One of four answers: "cat", "dog", "not sure" (under 70% either way, calibrated) or
-        "neither" (unlike every training photo: a car, a cup, noise).
+        "neither" (unlike every training photo: a car, a cup, noise). Returns {"label": the answer, "confidences": both
+        labels' probabilities, [{"label": str, "confidence": float}, ...]}.
 
         Args:
             upload: the picture: a JPEG, PNG, WebP, GIF... of up to 10 MB and 40 megapixels.
-        Returns:
-            {"label": the answer, "confidences": both labels' probabilities, [{"label": str, "confidence": float}, ...]}
         """
         explanation = self._api_explanation(upload)  # as gr.Label's own value, sent as it is (postprocess=False)
         ranked = sorted(explanation.probabilities.items(), key=lambda item: -item[1])
@@ -114,13 +113,12 @@ class Space:
 
     def explain(self, upload: str | dict | None) -> dict:
         """Is it a cat or a dog, and why? The answer ("cat", "dog", "not sure" under 70% either way, or "neither":
-        unlike every training photo) with what it rests on.
+        unlike every training photo) with what it rests on. Returns a dict: verdict (str), the answer; label (str), the
+        likelier label; probabilities (dict of str to float); is_cat_or_dog (bool); ood_score (float), "neither" above
+        ood_threshold (float).
 
         Args:
             upload: the picture: a JPEG, PNG, WebP, GIF... of up to 10 MB and 40 megapixels.
-        Returns:
-            verdict (str, the answer), label (str, the likelier label), probabilities (dict of str to float)
-            is_cat_or_dog (bool), ood_score (float: above ood_threshold, "neither"), ood_threshold (float)
         """
         explanation = self._api_explanation(upload)
         return {"verdict": explanation.verdict.answer, "label": explanation.verdict.leaning,
@@ -149,12 +147,11 @@ class Space:
 
     def predict_batch(self, files: list | None, progress=gr.Progress()) -> tuple[list[list], str]:
         """Cat or dog, for up to 100 pictures: each gets "cat", "dog", "not sure" or "neither", as one picture would,
-        or "error" with the reason when it cannot be read.
+        or "error" with the reason when it cannot be read. Returns the rows (file, verdict, both probabilities, note)
+        and a CSV file of them.
 
         Args:
             files: the pictures, each a JPEG, PNG, WebP, GIF... of up to 10 MB.
-        Returns:
-            the rows (file, verdict, both probabilities, note), and a CSV file of them
         """
         self._require_model()
         if not files:

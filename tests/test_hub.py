@@ -228,30 +228,8 @@ HfApi().upload_file(path_or_fileobj="model.safetensors", path_in_repo="model.saf
         process.wait(timeout=30)
 
 
-def test_catdog_predict_classifies_a_dataset_by_hub_id_and_pushes_its_rows_as_a_dataset(hub, pushed, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "catdog_model.predict", "--dataset", "user/catdog-data",
-                             "--output", str(tmp_path / "rows.jsonl"), "--model", str(pushed / "v1"),
-                             "--push-to-hub", "user/catdog-rows"],
-                            cwd=ROOT, env=_hub_env(hub, tmp_path / "hf"), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
-    assert [row["picture"] for row in rows] == [str(i) for i in range(200)] and "classified 200 pictures" in result.stderr
-    read_back = _python("""
-import json, datasets
-rows = datasets.load_dataset("user/catdog-rows", split="train")
-print(json.dumps(rows.to_list()))
-from huggingface_hub import DatasetCard
-print(DatasetCard.load("user/catdog-rows", repo_type="dataset").text.splitlines()[-1])
-""", _hub_env(hub, tmp_path / "hf-reader"), tmp_path)
-    rows_read, card_line = read_back.stdout.splitlines()[-2:]
-    assert json.loads(rows_read) == rows
-    verdicts = Counter(row["verdict"] for row in rows)
-    assert str(pushed / "v1") in card_line
-    assert all(f"{count} {verdict}" in card_line for verdict, count in verdicts.items())
-
-
 def test_a_labelled_dataset_is_pushed_with_its_pictures_and_columns_beside_the_verdicts(hub, pushed, tmp_path):
-    """catdog-predict --dataset ... --push-to-hub: what the Hub's viewer shows is each picture, its label and its verdict."""
+    """catdog-predict --dataset ID --push-to-hub: the Hub's viewer shows each picture, its label and its verdict."""
     result = subprocess.run([sys.executable, "-m", "catdog_model.predict", "--dataset", "user/catdog-data", "--output",
                              str(tmp_path / "rows.jsonl"), "--model", str(pushed / "v1"), "--push-to-hub",
                              "user/catdog-labelled"], cwd=ROOT, env=_hub_env(hub, tmp_path / "hf-predict"),
@@ -274,4 +252,6 @@ print(json.dumps({"features": {k: type(v).__name__ for k, v in pushed.features.i
     assert read["same pictures"] and read["labels"] and read["names"] == ["cat", "dog"]
     assert read["verdicts"] == [row["verdict"] for row in written] and len(written) == 200
     assert [row["labels"] for row in written[:3]] == [0, 0, 0] and "picture" in written[0]  # the text rows keep them too
-    assert read["card"].startswith("# Verdicts by catdog-predict") and "user/catdog-labelled" not in read["card"]
+    assert read["card"].startswith("# Verdicts by catdog-predict") and str(pushed / "v1") in read["card"]
+    assert all(f"{count} {verdict}" in read["card"] for verdict, count in Counter(read["verdicts"]).items())
+    assert [row["picture"] for row in written] == [str(i) for i in range(200)] and "classified 200 pictures" in result.stderr

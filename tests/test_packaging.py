@@ -83,9 +83,9 @@ def test_pip_install_then_load_a_saved_model_from_another_folder(trained_model, 
     assert "'cat':" in prediction and "'dog':" in prediction
 
 
-SERVING = ("__init__.py", "config.py", "images.py", "hardware.py", "serving/*.py")  # and app.py: no torch
+SERVING = ("__init__.py", "config.py", "errors.py", "images.py", "hardware.py", "serving/*.py")  # and app.py: no torch
 TRAINING = ("model.py", "training/*.py")
-COMMANDS = ("predict.py",)  # serving at import; --dataset and several processes import the extra when asked
+COMMANDS = ("predict.py", "predict_dataset.py")  # serving at import; --dataset and several processes import the extra when asked
 
 
 def _imported(paths, top_level_only: bool = False) -> set[str]:

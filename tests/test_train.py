@@ -84,7 +84,7 @@ def test_saved_folder_loads_and_the_test_split_can_be_evaluated_again(trained_mo
 
 def test_missing_dataset_is_one_clear_line(tmp_path):
     result = train_in_process(tmp_path / "out", "--dataset", str(tmp_path / "nowhere"), check=False)
-    assert_clean_error(result, "error: Could not load the dataset")
+    assert_clean_error(result, f"error: --dataset {tmp_path / 'nowhere'}: no such folder.")
 
 
 @pytest.mark.slow
