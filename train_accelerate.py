@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+from catdog_model.errors import CatdogError
 from catdog_model.hardware import exit_with_error
 from catdog_model.training import TrainingError
 from catdog_model.training.settings import RunConfig, settings
@@ -40,7 +41,7 @@ try:
 
     from catdog_model.model import CatDogClassifier
     from catdog_model.training.checkpoints import find_resume_checkpoint, load_checkpoint, save_checkpoint
-    from catdog_model.training.data import (DatasetError, check_classes, collate, dataset_fingerprint, load_image_dataset,
+    from catdog_model.training.data import (check_classes, collate, dataset_fingerprint, load_image_dataset,
                                             make_transform, split_dataset, undecoded)
     from catdog_model.training.loop import (CHECKPOINTS, Progress, RunningMetrics, calibrate_and_test, check_finite,
                                             configured_mixed_precision, default_mixed_precision, default_num_workers,
@@ -292,7 +293,7 @@ def main(config: RunConfig) -> None:
         handlers = {sig: signal.signal(sig, interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         training_function(config)
-    except (TrainingError, DatasetError) as error:
+    except CatdogError as error:
         exit_with_error(error)
     except KeyboardInterrupt:
         print(f"interrupted; the checkpoints (if any) are in {config.output_dir}/{CHECKPOINTS}: continue with the same "

@@ -12,6 +12,8 @@ from typing import BinaryIO, Optional, Union
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
+from .errors import CatdogError
+
 __all__ = ["ImageError", "MAX_PIXELS", "TooLargeError", "decode", "model_input", "open_image", "to_rgb"]
 
 # 40 megapixels: larger than any phone photo, small enough to decode on a 2-vCPU Space.
@@ -24,7 +26,7 @@ ImageSource = Union[str, Path, bytes, BinaryIO]
 logger = logging.getLogger(__name__)
 
 
-class ImageError(ValueError):
+class ImageError(CatdogError):
     """A picture that cannot be used, with a message fit to show the user (and a title for it)."""
 
     title = "Cannot read this file"

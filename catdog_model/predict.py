@@ -27,11 +27,11 @@ from typing import Iterator, Optional
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .errors import TRAIN_EXTRA, BatchError
+from .errors import TRAIN_EXTRA, BatchError, CatdogError
 from .hardware import exit_with_error, parse_command, usable_cores
 from .images import FORMATS as PICTURE_FORMATS, ImageError
 from .predict_dataset import beside_the_split, check_room, dataset_rows, open_split, push_split
-from .serving.files import ModelLoadError, resolve_model, write_atomically
+from .serving.files import resolve_model, write_atomically
 from .serving.predictor import Predictor, PredictionError, load_predictor
 
 __all__ = ["FORMATS", "classify_chunk", "decode_chunk", "main", "neutralised", "predict_files"]
@@ -316,7 +316,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parse_command(parser, argv)
     try:
         counts = _run(args)
-    except (BatchError, ModelLoadError, ImageError, OSError) as error:
+    except (CatdogError, OSError) as error:
         exit_with_error(error)
     except KeyboardInterrupt:
         exit_with_error(f"interrupted: the rows classified so far are kept in {args.output}.parts; run the same "

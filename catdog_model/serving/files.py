@@ -20,6 +20,7 @@ from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidat
 from huggingface_hub.utils import validate_repo_id
 
 from ..config import DEFAULTS, MADE_FROM_WEIGHTS, MANIFEST_KEY, WEIGHTS, check_config
+from ..errors import CatdogError
 
 __all__ = ["DEFAULT_MODEL", "HUB_UNREACHABLE", "LOCAL_MODEL", "ModelFiles", "ModelLoadError", "file_sha256", "first_line",
            "hub_reachable", "hub_unreachable", "looks_like_a_path", "manifest_of", "no_such_folder", "parse_source",
@@ -75,7 +76,7 @@ def no_such_folder(flag: str, name: str) -> Optional[str]:
     return None
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(CatdogError):
     """The model could not be loaded; the message says what is missing and how to fix it."""
 
 

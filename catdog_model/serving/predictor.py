@@ -20,6 +20,7 @@ from PIL import Image
 from safetensors import SafetensorError
 
 from ..config import IR_FILES, OOD_FILE, WEIGHTS
+from ..errors import CatdogError
 from ..hardware import usable_cores
 from ..images import MAX_PIXELS, decode, model_input, open_image, to_rgb
 from .detector import load_detector, ood_score
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 Picture = Union[Image.Image, str, Path, bytes]
 
 
-class PredictionError(RuntimeError):
+class PredictionError(CatdogError):
     """The model computed no usable answer (a non-finite output): never passed on as a prediction."""
 
 

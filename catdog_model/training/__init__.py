@@ -2,5 +2,8 @@
 "neither" detector, the export of the serving engine, the evaluation report, the model card and the run folder."""
 
 
-class TrainingError(RuntimeError):
-    """A problem the user can fix; the training script prints it as one line, without a traceback."""
+from ..errors import CatdogError
+
+
+class TrainingError(CatdogError):
+    """A training run cannot go on as asked; the message says why and what to do."""

@@ -18,6 +18,7 @@ from datasets import ClassLabel, Dataset
 from PIL import Image
 from torchvision.transforms import v2
 
+from ..errors import CatdogError
 from ..hardware import usable_cores
 from ..images import ImageError, model_input, open_image
 
@@ -32,7 +33,7 @@ SPLIT_FILE = "split.json"  # a finished run's rows of each split, in its manifes
 ROW_COLUMN = "__row__"  # the row's index in the original split, kept through filtering and splitting
 _CHECK_THREADS = min(8, usable_cores())
 
-class DatasetError(ValueError):
+class DatasetError(CatdogError):
     """The dataset cannot be used as given; the message says why."""
 
 @dataclass

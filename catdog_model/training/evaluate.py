@@ -25,10 +25,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..config import REPORT_FIGURES
+from ..errors import CatdogError
 from ..hardware import exit_with_error, parse_command
 from ..images import model_input
 from ..serving.detector import ood_score
-from ..serving.files import ModelLoadError, hub_unreachable, no_such_folder
+from ..serving.files import hub_unreachable, no_such_folder
 from ..serving.predictor import load_predictor
 from ..serving.verdict import NEITHER, NOT_SURE, decide
 from .calibration import ECE_BINS, calibration_summary
@@ -292,7 +293,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         else:
             _check_split_is_the_models(Path(split_file), predictor, dataset_fingerprint(args.dataset, args.dataset_revision))
             rows = load_split(Path(split_file), data, "test", used=True)
-    except (ModelLoadError, DatasetError, OSError) as error:
+    except (CatdogError, OSError) as error:
         exit_with_error(error)
     if tuple(data.labels) != tuple(predictor.labels):
         exit_with_error(f"the dataset's labels {list(data.labels)} are not the model's {list(predictor.labels)}")

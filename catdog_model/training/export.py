@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import FEATURE_NAMES, HIDDEN, IR_FILES, MANIFEST_KEY, WEIGHTS
+from ..errors import CatdogError
 from ..hardware import exit_with_error, parse_command
 from ..model import CatDogClassifier
 from ..serving.files import ModelFiles, ModelLoadError, file_sha256, manifest_of
@@ -181,7 +182,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parse_command(parser, argv)
     try:
         set_ood_threshold(args.folder, args.ood_threshold) if args.ood_threshold is not None else reexport(args.folder)
-    except TrainingError as error:
+    except CatdogError as error:
         exit_with_error(error)
 
 
