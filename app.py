@@ -25,7 +25,8 @@ from typing import Optional
 import gradio as gr
 
 from catdog_model import DEFAULT_LABELS, ImageError, ModelLoadError, PredictionError, Predictor, load_predictor
-from catdog_model.hardware import cap_malloc_arenas, debug, exit_with_error, parse_command, usable_cores
+from catdog_model.cli import debug, exit_with_error, parse_command
+from catdog_model.hardware import cap_malloc_arenas, usable_cores
 from catdog_model.predict import classify_chunk, decode_chunk, neutralised
 from catdog_model.serving.describe import demonstration_notice, details, headline, report
 from catdog_model.serving.files import DEFAULT_MODEL, LOCAL_MODEL, resolve_model

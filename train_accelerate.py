@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Callable
 
 from catdog_model.errors import CatdogError
-from catdog_model.hardware import exit_with_error
+from catdog_model.cli import exit_with_error
 from catdog_model.training import TrainingError
-from catdog_model.training.settings import RunConfig, settings
+from catdog_model.training.settings import TrainingSettings, settings
 
 if __name__ == "__main__":
     SETTINGS = settings()
@@ -43,7 +43,7 @@ try:
     from catdog_model.training.checkpoints import find_resume_checkpoint, load_checkpoint, save_checkpoint
     from catdog_model.training.data import (check_classes, collate, dataset_fingerprint, load_image_dataset,
                                             make_transform, split_dataset, undecoded)
-    from catdog_model.training.loop import (CHECKPOINTS, Progress, RunningMetrics, calibrate_and_test, check_finite,
+    from catdog_model.training.run_state import (CHECKPOINTS, Progress, RunningMetrics, calibrate_and_test, check_finite,
                                             configured_mixed_precision, default_mixed_precision, default_num_workers,
                                             evaluate, exit_with_parent, exit_with_parent_worker, on_main_process,
                                             save_model)
@@ -55,7 +55,7 @@ except ImportError as missing:  # the serving install has no torch
 logger = get_logger(__name__)
 
 
-def check_model_flags(config: RunConfig) -> None:
+def check_model_flags(config: TrainingSettings) -> None:
     """The backbone and the image size, on PyTorch's meta device: no memory, no download."""
     # The real model is built after the data is loaded (its labels come from the dataset).
     with warnings.catch_warnings(), torch.device("meta"):
@@ -89,7 +89,7 @@ def run_identity(config, accelerator: Accelerator) -> dict:
 
 # ---- Data, model and the steps of training.
 
-def load_splits(config: RunConfig, accelerator: Accelerator):
+def load_splits(config: TrainingSettings, accelerator: Accelerator):
     """Check every image once (cached by datasets), split and cap."""
     with accelerator.main_process_first():
         data = load_image_dataset(config.dataset, config.dataset_revision)
@@ -185,7 +185,7 @@ def make_loaders(config, used: dict) -> tuple[tuple[DataLoader, DataLoader, Data
     return (train_loader, DataLoader(used["validation"], **loader_kwargs), DataLoader(used["test"], **loader_kwargs)), loader_kwargs
 
 
-def choose_precision(config: RunConfig) -> tuple[str, str]:
+def choose_precision(config: TrainingSettings) -> tuple[str, str]:
     """--mixed-precision, else accelerate config's choice, else bf16 where the device computes it natively; and why."""
     if config.mixed_precision:
         return config.mixed_precision, "--mixed-precision"
@@ -193,7 +193,7 @@ def choose_precision(config: RunConfig) -> tuple[str, str]:
     return default_mixed_precision(device, configured_mixed_precision())
 
 
-def training_function(config: RunConfig) -> None:
+def training_function(config: TrainingSettings) -> None:
     check_model_flags(config)
     precision, precision_reason = choose_precision(config)
     accelerator = Accelerator(
@@ -277,7 +277,7 @@ def training_function(config: RunConfig) -> None:
         lock.release()
 
 
-def main(config: RunConfig) -> None:
+def main(config: TrainingSettings) -> None:
     if "LOCAL_RANK" in os.environ:  # started by torchrun (accelerate launch): never outlive the launcher
         exit_with_parent(os.getppid(), signal.SIGTERM)
         handlers = {}

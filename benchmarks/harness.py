@@ -136,4 +136,4 @@ def torch_reference(folder: Path):
         return EngineOutputs.from_values(value.numpy() for value in graph(torch.from_numpy(pixels)))
 
     engine.name = "torch-fp32"
-    return dataclasses.replace(load_predictor(str(folder)), backend=engine)
+    return dataclasses.replace(load_predictor(str(folder)), engine=engine)

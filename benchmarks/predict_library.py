@@ -60,7 +60,7 @@ def main() -> None:
 
     machine = describe()
     print(f"machine: {machine['cpu']} ({', '.join(machine['flags'])}), {machine['cores']} cores, OpenVINO "
-          f"{machine['openvino']}; model {args.model or f'random weights, {args.image_size} px'}, engine {predictor.engine}; "
+          f"{machine['openvino']}; model {args.model or f'random weights, {args.image_size} px'}, engine {predictor.engine_name}; "
           f"{len(paths)} photos")
     for name, seconds in (("naive loop of predict, batches of 16", naive), ("catdog-predict (predict_files)", command),
                           ("engine alone, inputs decoded beforehand", ceiling)):

@@ -72,7 +72,7 @@ def main() -> None:
     batched = _throughput(predictor, images, args.batch_size, args.repeats)
     explained = _explain_rate(predictor, images, args.repeats)
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads")
-    print(f"model:   {args.model or 'random-init spec model'} at {predictor.image_size} px, engine {predictor.engine}, "
+    print(f"model:   {args.model or 'random-init spec model'} at {predictor.image_size} px, engine {predictor.engine_name}, "
           f"{args.images} images, best of {args.repeats}")
     print(f"one image per call      : {single:7.1f} images/s")
     print(f"batches of {args.batch_size:<3}          : {batched:7.1f} images/s")

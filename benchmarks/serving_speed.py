@@ -141,7 +141,7 @@ def main() -> None:
         shared = size["config.json"] + size[OOD_FILE]
         results = {
             "machine": describe(args.threads),
-            "model": {"source": args.model, "image_size": engines["exact"].image_size, "engine": engines["default"].engine},
+            "model": {"source": args.model, "image_size": engines["exact"].image_size, "engine": engines["default"].engine_name},
             "latency_ms_p50": _latencies({name: _from_file(predictor, photo_bytes, name != "exact")
                                           for name, predictor in engines.items()}, args.repeats),
             "pil_latency_ms_p50": _latencies({name: (lambda p=predictor: p.predict([median_photo]))

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from catdog_model import CatDogClassifier
 from catdog_model.training.data import collate, load_image_dataset, make_transform
 from benchmarks.harness import describe
-from catdog_model.training.loop import default_mixed_precision, default_num_workers
+from catdog_model.training.run_state import default_mixed_precision, default_num_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL_DATASET_IMAGES = 23_410

@@ -28,7 +28,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .errors import TRAIN_EXTRA, BatchError, CatdogError
-from .hardware import exit_with_error, parse_command, usable_cores
+from .cli import exit_with_error, parse_command
+from .hardware import usable_cores
 from .images import FORMATS as PICTURE_FORMATS, ImageError
 from .predict_dataset import beside_the_split, check_room, dataset_rows, open_split, push_split
 from .serving.files import resolve_model, write_atomically
@@ -174,7 +175,7 @@ def _identity(predictor: Predictor, source: dict) -> dict:
     """What makes the output what it is: what the inputs hold now (not only the strings that named them, which a rerun
     from another folder, or after pictures were added, reads differently) and the model's own weights."""
     return {**source, "model": predictor.source, "revision": predictor.revision,
-            "weights": predictor.weights_sha256, "engine": predictor.engine}
+            "weights": predictor.weights_sha256, "engine": predictor.engine_name}
 
 
 def _claim_parts(output: Path, identity: dict) -> Path:

@@ -61,7 +61,7 @@ def in_process(command: Callable[[], None], argv: list[str]) -> subprocess.Compl
     code come back as ``subprocess.run``'s do; an exception that is no exit propagates, as a traceback would show.
     Runs that need a process of their own (a kill, loader workers, a file-size limit, several processes, a clean
     environment) stay subprocesses."""
-    from catdog_model.hardware import LOG_FORMAT
+    from catdog_model.cli import LOG_FORMAT
 
     stderr, handler, root = io.StringIO(), logging.StreamHandler(), logging.getLogger()
     handler.setFormatter(logging.Formatter(LOG_FORMAT))

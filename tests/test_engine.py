@@ -51,7 +51,7 @@ def test_the_default_engine_keeps_the_answers_on_300_mini_photos(trained_model, 
     # benchmarks/serving_speed.py --dataset measures all 3,000.
     photos = mini_images
     default, exact = load_predictor(str(trained_model)), torch_reference(trained_model)
-    assert default.engine.startswith("openvino-")
+    assert default.engine_name.startswith("openvino-")
     p_default, p_exact = _p_dog(default, photos), _p_dog(exact, photos)
     difference = np.abs(p_default - p_exact)
     summary = f"max {difference.max():.4f}, mean {difference.mean():.5f}"
@@ -62,9 +62,9 @@ def test_the_default_engine_keeps_the_answers_on_300_mini_photos(trained_model, 
 
 def test_the_engine_is_named_by_what_the_cpu_computes(trained_model, monkeypatch):
     expected = "openvino-bf16" if engines.native_bf16() else "openvino-f32"
-    assert load_predictor(str(trained_model)).engine == expected
+    assert load_predictor(str(trained_model)).engine_name == expected
     monkeypatch.setattr(engines, "native_bf16", lambda: False)  # an AVX2-only CPU
-    assert load_predictor(str(trained_model)).engine == "openvino-f32"
+    assert load_predictor(str(trained_model)).engine_name == "openvino-f32"
 
 
 def test_explain_through_openvino_matches_torch_on_photos_and_on_pictures_of_neither(trained_model, mini_images):
@@ -89,7 +89,7 @@ def test_the_space_needs_only_config_the_ir_and_the_detector(trained_model, mini
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     hub_snapshot(tmp_path / "hub", "someone/space", space)
     from_hub = load_predictor("someone/space")
-    assert from_hub.engine.startswith("openvino-") and from_hub.detector is not None
+    assert from_hub.engine_name.startswith("openvino-") and from_hub.detector is not None
 
 
 @pytest.mark.slow
@@ -299,7 +299,7 @@ def test_a_non_finite_ir_detector_temperature_or_threshold_is_refused(small_run,
 
 def test_a_non_finite_output_is_an_error_never_an_answer(trained_model, mini_images):
     predictor = load_predictor(str(trained_model))
-    real = predictor.backend
+    real = predictor.engine
 
     class Broken:
         name = real.name
@@ -309,7 +309,7 @@ def test_a_non_finite_output_is_an_error_never_an_answer(trained_model, mini_ima
             outputs.logits[:] = np.nan
             return outputs
 
-    predictor.backend = Broken()
+    predictor.engine = Broken()
     for ask in (lambda: predictor.predict(mini_images[:2]), lambda: predictor.explain(mini_images[0], heatmap=False),
                 lambda: predictor.explain(mini_images[0])):
         with pytest.raises(PredictionError, match="non-finite output"):
@@ -322,7 +322,7 @@ def test_threads_sharing_a_predictor_get_their_own_answers_and_never_two_passes_
     predictor = load_predictor(str(trained_model))
     images = mini_images[:12]
     expected = [predictor.explain(image, heatmap=False).probabilities for image in images]
-    real, running, most = predictor.backend, [0], [0]
+    real, running, most = predictor.engine, [0], [0]
 
     class Watching:
         name = real.name
@@ -335,7 +335,7 @@ def test_threads_sharing_a_predictor_get_their_own_answers_and_never_two_passes_
             running[0] -= 1
             return outputs
 
-    predictor.backend = Watching()
+    predictor.engine = Watching()
     with ThreadPoolExecutor(6) as pool:
         answers = list(pool.map(lambda image: predictor.explain(image, heatmap=False).probabilities, images))
     assert answers == expected and most[0] == 1

@@ -74,7 +74,7 @@ def test_a_missing_or_foreign_detector_file_is_a_clear_load_error(trained_model,
     (copy / OOD_FILE).unlink()
     with pytest.raises(ModelLoadError, match="ood.safetensors is missing"):
         load_predictor(str(copy))
-    detector = load_detector(trained_model / OOD_FILE, load_predictor(str(trained_model)).backend.feature_sizes)
+    detector = load_detector(trained_model / OOD_FILE, load_predictor(str(trained_model)).engine.feature_sizes)
     detector["hidden.means"] = np.ascontiguousarray(detector["hidden.means"][:, :10])
     from safetensors.numpy import save_file
 

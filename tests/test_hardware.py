@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from catdog_model.hardware import native_bf16
-from catdog_model.training.loop import default_mixed_precision
+from catdog_model.training.run_state import default_mixed_precision
 
 AVX512_BF16 = frozenset({"avx2", "avx512f", "avx512_bf16", "avx512_vnni"})
 AVX2_ONLY = frozenset({"avx2", "fma"})
@@ -37,7 +37,7 @@ def test_accelerate_config_wins_no_included(configured, expected):
     ("no", "{not: [yaml", None)])
 def test_accelerate_launch_passes_no_by_itself_so_no_counts_only_where_the_config_names_a_precision(
         passed, config_file, expected, tmp_path, monkeypatch):
-    from catdog_model.training.loop import configured_mixed_precision
+    from catdog_model.training.run_state import configured_mixed_precision
 
     path = tmp_path / "default_config.yaml"
     if config_file is not None:

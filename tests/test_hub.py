@@ -125,7 +125,7 @@ from PIL import Image
 from catdog_model import load_predictor
 predictor = load_predictor({source!r})
 picture = Image.open({str(ROOT / 'examples' / 'beagle_puppy.jpg')!r})
-print(json.dumps({{"engine": predictor.engine, "p": predictor.predict([picture])[0],
+print(json.dumps({{"engine": predictor.engine_name, "p": predictor.predict([picture])[0],
                   "verdict": predictor.explain(picture).verdict.answer,
                   "files": sorted(p.name for p in pathlib.Path({str(tmp_path / 'hf')!r}).rglob('*') if p.is_file() and '/snapshots/' in str(p))}}))
 """, {**_hub_env(hub, tmp_path / "hf"), "PYTHONPATH": str(ROOT)}, tmp_path)

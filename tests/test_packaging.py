@@ -83,7 +83,7 @@ def test_pip_install_then_load_a_saved_model_from_another_folder(trained_model, 
     assert "'cat':" in prediction and "'dog':" in prediction
 
 
-SERVING = ("__init__.py", "config.py", "errors.py", "images.py", "hardware.py", "serving/*.py")  # and app.py: no torch
+SERVING = ("__init__.py", "cli.py", "config.py", "errors.py", "images.py", "hardware.py", "serving/*.py")  # and app.py: no torch
 TRAINING = ("model.py", "training/*.py")
 COMMANDS = ("predict.py", "predict_dataset.py")  # serving at import; --dataset and several processes import the extra when asked
 

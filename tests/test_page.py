@@ -21,7 +21,7 @@ class FixedPredictor:
     """Answers every picture with the same probabilities (and, unless told, says it looks like the training photos)."""
 
     labels, image_size, batch_size, ood_threshold = ("cat", "dog"), 64, 16, 1.0
-    source, revision, backbone, engine = "someone/catdog", None, "resnet50", "openvino-bf16"
+    source, revision, backbone, engine_name = "someone/catdog", None, "resnet50", "openvino-bf16"
     files = SimpleNamespace(local=False)
     metrics: dict = {}
     evaluation: dict = {}
@@ -292,7 +292,7 @@ def test_an_empty_model_is_an_error_not_another_model(capsys):
 
 
 def test_hub_warnings_are_logged_once_in_the_shared_format():
-    code = ("from catdog_model.hardware import setup_logging\nsetup_logging()\nfrom huggingface_hub.utils import logging\n"
+    code = ("from catdog_model.cli import setup_logging\nsetup_logging()\nfrom huggingface_hub.utils import logging\n"
             "logging.get_logger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].')\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     lines = [line for line in result.stderr.splitlines() if "Retrying in 1s" in line]

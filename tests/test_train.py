@@ -231,12 +231,12 @@ def test_where_the_hub_does_not_answer_training_is_refused_before_its_libraries_
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     line = "error: --dataset microsoft/cats_vs_dogs and ImageNet weights (or --no-pretrained) need the Hub"
     assert result.returncode == 1 and line in result.stderr and "HF_HUB_OFFLINE=1" in result.stderr
-    from catdog_model.serving.files import hub_unreachable
+    from catdog_model.serving.files import unreachable_hub_message
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("catdog_model.serving.files.hub_reachable", lambda: False)
         patch.setattr("catdog_model.serving.files.constants.HF_HUB_OFFLINE", False)
-        assert hub_unreachable("--dataset x", None).startswith("--dataset x needs the Hub, but")
+        assert unreachable_hub_message("--dataset x", None).startswith("--dataset x needs the Hub, but")
     imported = {row.split("|")[-1].strip() for row in result.stderr.splitlines() if row.startswith("import time:")}
     assert "catdog_model.serving.files" in imported and not {"torch", "timm", "datasets"} & imported
     assert not (tmp_path / "out").exists()

@@ -23,7 +23,7 @@ from ..config import DEFAULTS, MADE_FROM_WEIGHTS, MANIFEST_KEY, WEIGHTS, check_c
 from ..errors import CatdogError
 
 __all__ = ["DEFAULT_MODEL", "HUB_UNREACHABLE", "LOCAL_MODEL", "ModelFiles", "ModelLoadError", "file_sha256", "first_line",
-           "hub_reachable", "hub_unreachable", "looks_like_a_path", "manifest_of", "no_such_folder", "parse_source",
+           "hub_reachable", "unreachable_hub_message", "looks_like_a_path", "manifest_of", "no_such_folder", "parse_source",
            "resolve_model",
            "write_atomically"]
 
@@ -54,7 +54,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
-def hub_unreachable(*needs: Optional[str]) -> Optional[str]:
+def unreachable_hub_message(*needs: Optional[str]) -> Optional[str]:
     """The one line for a command whose ``needs`` (a flag each; None where it is not needed) take the Hub, where
     the Hub does not answer; None where nothing needs it, it answers, or HF_HUB_OFFLINE=1 asks for the cache."""
     needs = [need for need in needs if need]

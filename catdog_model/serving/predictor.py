@@ -120,7 +120,7 @@ class Predictor:
     thread, and one forward pass at a time runs under a lock, since on a 2-core CPU passes run side by side
     only spin their thread teams against each other."""
 
-    backend: OpenVINOEngine  # pixels -> EngineOutputs
+    engine: OpenVINOEngine  # pixels -> EngineOutputs
     files: ModelFiles  # the model's files, each checked against its manifest
     source: str  # a local folder or "user/repo"
     revision: Optional[str]
@@ -138,9 +138,9 @@ class Predictor:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
-    def engine(self) -> str:
+    def engine_name(self) -> str:
         """What computes the answers: "openvino-bf16" or "openvino-f32"."""
-        return self.backend.name
+        return self.engine.name
 
     @property
     def weights_sha256(self) -> str:
@@ -190,7 +190,7 @@ class Predictor:
         pixels = np.asarray(pixels)
         pixels = pixels.astype(np.float32) / 255 if pixels.dtype == np.uint8 else pixels.astype(np.float32)
         with self._lock:
-            outputs = self.backend(pixels)
+            outputs = self.engine(pixels)
         if not all(np.isfinite(values).all() for values in (outputs.logits, *outputs.features.values())):
             raise PredictionError(f"The model {self.source} computed a non-finite output: its weights are damaged. "
                                   "Retrain it, or load another revision.")
@@ -269,17 +269,17 @@ def load_predictor(source: str, batch_size: int = 16, threads: Optional[int] = N
     repo_id, revision = parse_source(source)
     files = ModelFiles(str(source).strip(), repo_id, revision)
     config = files.config()
-    backend = _load_engine(files, threads or usable_cores())
-    if backend.image_size != config["image_size"]:
-        raise ModelLoadError(f"{files.where}: the engine takes {backend.image_size} px pictures, config.json says "
+    engine = _load_engine(files, threads or usable_cores())
+    if engine.image_size != config["image_size"]:
+        raise ModelLoadError(f"{files.where}: the engine takes {engine.image_size} px pictures, config.json says "
                              f"{config['image_size']}: its files come from different models.")
     try:
-        detector = load_detector(files.path(OOD_FILE), backend.feature_sizes)
+        detector = load_detector(files.path(OOD_FILE), engine.feature_sizes)
     except (OSError, ValueError, SafetensorError) as error:
         raise ModelLoadError(f"{files.where}: {first_line(error)}") from None
     described = {name: config[name] for name in ("labels", "image_size", "backbone", "temperature", "ood_threshold")}
-    predictor = Predictor(backend, files, repo_id, revision, **described, detector=detector,
+    predictor = Predictor(engine, files, repo_id, revision, **described, detector=detector,
                           metrics=_optional_json(files, "metrics.json"), evaluation=_optional_json(files, "evaluation.json"),
                           batch_size=batch_size, max_megabytes=max_megabytes)
-    logger.info("serving %s with %s", source, predictor.engine)
+    logger.info("serving %s with %s", source, predictor.engine_name)
     return predictor

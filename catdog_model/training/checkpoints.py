@@ -16,7 +16,7 @@ from typing import Optional
 from accelerate import Accelerator
 from safetensors import SafetensorError
 
-from .loop import CHECKPOINTS, TrainingError, check_best_model
+from .run_state import CHECKPOINTS, TrainingError, check_best_model
 
 __all__ = ["CHECKPOINTS", "MANIFEST", "CheckpointError", "find_latest", "find_resume_checkpoint",
            "load_checkpoint", "read_manifest", "save_checkpoint"]

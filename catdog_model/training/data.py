@@ -209,7 +209,8 @@ class _Transform:
 
     def _augmented(self, square: np.ndarray, row: int) -> np.ndarray:
         """Keras-style augmentation of the model's input, with v2.RandomHorizontalFlip's and v2.RandomAffine's
-        parameters (flip, rotation ±20°, zoom 0.8–1.2, nearest), drawn from (seed, epoch, row): one Pillow warp."""
+        parameters (flip, rotation ±20°, zoom 0.8–1.2, nearest), drawn from (seed, epoch, row): torchvision's affine,
+        then the flip, on the picture as Pillow holds it."""
         seed = int(np.random.SeedSequence([self.seed, self.epoch, row]).generate_state(1, np.uint64)[0])
         flip, angle, zoom = torch.rand(3, generator=torch.Generator().manual_seed(seed)).tolist()
         picture = Image.fromarray(np.ascontiguousarray(square.transpose(1, 2, 0)))

@@ -26,10 +26,10 @@ from tqdm.auto import tqdm
 
 from ..config import REPORT_FIGURES
 from ..errors import CatdogError
-from ..hardware import exit_with_error, parse_command
+from ..cli import exit_with_error, parse_command
 from ..images import model_input
 from ..serving.detector import ood_score
-from ..serving.files import hub_unreachable, no_such_folder
+from ..serving.files import unreachable_hub_message, no_such_folder
 from ..serving.predictor import load_predictor
 from ..serving.verdict import NEITHER, NOT_SURE, decide
 from .calibration import ECE_BINS, calibration_summary
@@ -282,7 +282,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         if missing := no_such_folder("--dataset", args.dataset):
             raise DatasetError(missing)
         predictor = load_predictor(args.model)
-        if unreachable := hub_unreachable(None if Path(args.dataset).exists() else f"--dataset {args.dataset}"):
+        if unreachable := unreachable_hub_message(None if Path(args.dataset).exists() else f"--dataset {args.dataset}"):
             raise DatasetError(unreachable)
         data = load_image_dataset(args.dataset, args.dataset_revision)
         # Without --split-file, a local model's own split.json, checked against its manifest like every file it serves.
@@ -307,7 +307,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         exit_with_error(f"Could not write the report in {args.output_dir}: {error.strerror or error}.")
     logger.info("accuracy %.4f, ROC AUC %.4f, ECE %.4f, 'neither' AUROC %.4f on %d images with %s; report in %s",
                 results["accuracy"], results["roc_auc"], results["ece"], results["ood"]["auroc"], results["samples"],
-                predictor.engine, Path(args.output_dir) / EVALUATION_FILE)
+                predictor.engine_name, Path(args.output_dir) / EVALUATION_FILE)
 
 
 if __name__ == "__main__":

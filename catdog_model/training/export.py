@@ -24,10 +24,10 @@ from torch import nn
 
 from ..config import FEATURE_NAMES, HIDDEN, IR_FILES, MANIFEST_KEY, WEIGHTS
 from ..errors import CatdogError
-from ..hardware import exit_with_error, parse_command
+from ..cli import exit_with_error, parse_command
 from ..model import CatDogClassifier
 from ..serving.files import ModelFiles, ModelLoadError, file_sha256, manifest_of
-from .loop import TrainingError, save_atomically
+from .run_state import TrainingError, save_atomically
 
 __all__ = ["ServingGraph", "export_openvino", "main", "reexport", "save_openvino", "set_ood_threshold"]
 

@@ -26,7 +26,7 @@ from .card import make_model_card
 from .data import SPLIT_FILE, load_split, save_split
 from .evaluate import EVALUATION_FILE, report_training_run
 from .export import save_openvino
-from .loop import BEST, CHECKPOINTS, Progress, TrainingError, save_atomically
+from .run_state import BEST, CHECKPOINTS, Progress, TrainingError, save_atomically
 
 __all__ = ["LOCK_FILE", "NOT_PUSHED", "RUN_FILES", "RUN_RECORD", "SPLIT_FILE", "TRACKER_PROJECT", "backbone_init",
            "claim_output_dir", "publish_run", "push_run", "remove_unused_folder", "start_run"]

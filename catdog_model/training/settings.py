@@ -18,11 +18,11 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from ..config import DEFAULTS
-from ..hardware import exit_with_error, setup_logging
-from ..serving.files import hub_unreachable, no_such_folder
+from ..cli import exit_with_error, setup_logging
+from ..serving.files import unreachable_hub_message, no_such_folder
 from . import TrainingError
 
-__all__ = ["RunConfig", "parse_args", "settings"]
+__all__ = ["TrainingSettings", "parse_args", "settings"]
 
 DESCRIPTION = ("Fine-tune the catdog classifier (timm ResNet50 + the fixed head) on cats_vs_dogs with 🤗 Accelerate. "
                "Every flag also takes accelerate's and transformers' spelling, with underscores (--output_dir).")
@@ -41,7 +41,7 @@ def _flag(default, help: str = "", group: str = "training", **argparse_options):
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class TrainingSettings:
     """Every setting of a run. The command line is built from these fields (their defaults and help), and a
     value that cannot work is refused here, within seconds, before the dataset is touched."""
 
@@ -157,12 +157,12 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default in (None, False) else super()._get_help_string(action)
 
 
-def parse_args(argv=None) -> RunConfig:
-    """The command line, built from RunConfig's fields; their defaults show in --help."""
+def parse_args(argv=None) -> TrainingSettings:
+    """The command line, built from TrainingSettings's fields; their defaults show in --help."""
     # No abbreviations: each flag has two spellings, and a prefix that names a flag today may name two tomorrow.
     parser = _Parser(description=DESCRIPTION, formatter_class=_Help, allow_abbrev=False)
-    groups, types = {}, typing.get_type_hints(RunConfig)
-    for option in dataclasses.fields(RunConfig):
+    groups, types = {}, typing.get_type_hints(TrainingSettings)
+    for option in dataclasses.fields(TrainingSettings):
         metadata = dict(option.metadata)
         if not metadata.pop("flag", True):
             continue
@@ -176,21 +176,21 @@ def parse_args(argv=None) -> RunConfig:
             group.add_argument(*flags, action="store_true", **metadata)
         else:
             group.add_argument(*flags, type=kind, default=option.default, **metadata)
-    return RunConfig(**vars(parser.parse_args(argv)))
+    return TrainingSettings(**vars(parser.parse_args(argv)))
 
 
-def check_hub(config: "RunConfig") -> None:
+def check_hub(config: "TrainingSettings") -> None:
     """Where the run needs the Hub (a dataset id, ImageNet weights), that the Hub answers: one line in seconds,
     not minutes of retries."""
     if missing := no_such_folder("--dataset", config.dataset):
         raise TrainingError(missing + ".")
-    unreachable = hub_unreachable(None if Path(config.dataset).exists() else "--dataset " + config.dataset,
+    unreachable = unreachable_hub_message(None if Path(config.dataset).exists() else "--dataset " + config.dataset,
                                   None if config.no_pretrained else "ImageNet weights (or --no-pretrained)")
     if unreachable:
         raise TrainingError(unreachable)
 
 
-def settings(argv=None) -> RunConfig:
+def settings(argv=None) -> TrainingSettings:
     """The run's settings, checked, and the Hub reached where the run needs it; or one line and exit 2. A second
     or so, before the training libraries take their seconds to load."""
     setup_logging()

@@ -1,5 +1,6 @@
-"""A training run's state and steps: progress and running metrics, evaluation and calibration, the one atomic
-save, the precision and workers a machine trains with, and workers that never outlive the run."""
+"""What a training run keeps and does between its train steps: progress and running metrics, evaluation and
+calibration, the one atomic save, the precision and workers a machine trains with, and workers that never outlive
+the run."""
 
 from __future__ import annotations
 
