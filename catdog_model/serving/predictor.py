@@ -24,7 +24,7 @@ from ..errors import CatdogError
 from ..hardware import usable_cores
 from ..images import MAX_PIXELS, decode, model_input, open_image, to_rgb
 from .detector import load_detector, ood_score
-from .engine import EngineOutputs, NonFiniteWeightError, OpenVINOEngine, compile_openvino
+from .engine import EngineOutputs, OpenVINOEngine, compile_openvino
 from .files import ModelFiles, ModelLoadError, first_line, parse_source
 from .verdict import Verdict, decide
 
@@ -237,13 +237,9 @@ class Predictor:
 
 
 def _load_engine(files: ModelFiles, threads: int) -> OpenVINOEngine:
-    xml, binary = files.path(IR_FILES[0]), files.path(IR_FILES[1])
-    if xml.parent != binary.parent:  # a Hub download keeps both in one snapshot; so does a folder
-        raise ModelLoadError(f"{files.where}: {IR_FILES[0]} and {IR_FILES[1]} come from different snapshots.")
+    xml, _ = files.path(IR_FILES[0]), files.path(IR_FILES[1])  # OpenVINO reads the .bin beside the .xml
     try:
         return compile_openvino(xml, threads)
-    except NonFiniteWeightError as error:
-        raise ModelLoadError(f"{files.where}: {error}; retrain the model.") from None
     except Exception as error:  # OpenVINO's reader and compiler raise their own types
         raise ModelLoadError(f"{files.where}: OpenVINO cannot read {IR_FILES[0]} ({first_line(error)}).") from None
 
@@ -270,9 +266,6 @@ def load_predictor(source: str, batch_size: int = 16, threads: Optional[int] = N
     files = ModelFiles(str(source).strip(), repo_id, revision)
     config = files.config()
     engine = _load_engine(files, threads or usable_cores())
-    if engine.image_size != config["image_size"]:
-        raise ModelLoadError(f"{files.where}: the engine takes {engine.image_size} px pictures, config.json says "
-                             f"{config['image_size']}: its files come from different models.")
     try:
         detector = load_detector(files.path(OOD_FILE), engine.feature_sizes)
     except (OSError, ValueError, SafetensorError) as error:
