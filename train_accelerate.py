@@ -131,6 +131,10 @@ def build_model(config, labels: tuple[str, ...]) -> CatDogClassifier:
 
 def train_one_epoch(config, accelerator: Accelerator, model, optimizer, loader, progress: Progress, checkpoint: Callable) -> None:
     """The batches of one epoch, or what is left of it after a resume."""
+    model.train()
+    if progress.batches_in_epoch:  # a resume mid-epoch: the same seeded order, without the batches already done
+        loader = accelerator.skip_first_batches(loader, progress.batches_in_epoch)
+        loader.set_epoch(progress.epoch)
     unchecked_losses = []  # (batch, step, summed loss) since the last finiteness check: checked without a per-step sync
     # A resumed epoch's bar starts where it stands: the batches done before the resume count.
     bar = tqdm(loader, desc=f"epoch {progress.epoch + 1}/{config.epochs}", initial=progress.batches_in_epoch,
@@ -193,8 +197,8 @@ def choose_precision(config: TrainingSettings) -> tuple[str, str]:
     return default_mixed_precision(device, configured_mixed_precision())
 
 
-def training_function(config: TrainingSettings) -> None:
-    check_model_flags(config)
+def start_accelerator(config: TrainingSettings) -> tuple[Accelerator, TrainingSettings]:
+    """The Accelerator for these settings, and the settings with what the machine decided (precision, workers)."""
     precision, precision_reason = choose_precision(config)
     accelerator = Accelerator(
         cpu=config.cpu,
@@ -215,6 +219,12 @@ def training_function(config: TrainingSettings) -> None:
                 accelerator.num_processes, accelerator.distributed_type, accelerator.device, config.mixed_precision,
                 config.precision_reason, config.num_workers)
     logger.info("config: %s", json.dumps(config.public(), default=str))
+    return accelerator, config
+
+
+def training_function(config: TrainingSettings) -> None:
+    check_model_flags(config)
+    accelerator, config = start_accelerator(config)
     output_dir = Path(config.output_dir)
     identity = run_identity(config, accelerator)
     resume_from = find_resume_checkpoint(config.resume_from_checkpoint, output_dir, identity, config.epochs)
@@ -234,9 +244,8 @@ def training_function(config: TrainingSettings) -> None:
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
 
     # One prepare for everything: device placement, DDP wrapping, sharded loaders, mixed precision.
-    model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
-        model, optimizer, train_loader, val_loader, test_loader
-    )
+    model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(model, optimizer, train_loader,
+                                                                                  val_loader, test_loader)
     progress = Progress()
     accelerator.register_for_checkpointing(progress)
     if resume_from:
@@ -252,14 +261,9 @@ def training_function(config: TrainingSettings) -> None:
                         accelerator.project_configuration.total_limit)
 
     for epoch in range(progress.epoch, config.epochs):
-        model.train()
         train_transform.set_epoch(epoch)
         train_loader.set_epoch(epoch)
-        loader = train_loader
-        if progress.batches_in_epoch:
-            loader = accelerator.skip_first_batches(train_loader, progress.batches_in_epoch)
-            loader.set_epoch(epoch)
-        train_one_epoch(config, accelerator, model, optimizer, loader, progress, checkpoint)
+        train_one_epoch(config, accelerator, model, optimizer, train_loader, progress, checkpoint)
         finish_epoch(config, accelerator, model, val_loader, progress, output_dir)
         if config.checkpoint_each_epoch:
             checkpoint([])
