@@ -174,16 +174,16 @@ def test_the_demonstration_notice_reads_the_models_own_files():
     from catdog_model.serving.describe import demonstration_notice
 
     weak = FixedPredictor(0.5)
-    weak.metrics = {"backbone_init": "random (--no-pretrained)", "dataset": "cats_vs_dogs_mini", "split_sizes": {"train": 2160}}
+    weak.metrics = {"pretrained": False, "dataset": "cats_vs_dogs_mini", "split_sizes": {"train": 2160}}
     weak.evaluation = {"accuracy": 0.6633, "samples": 300}
     notice = demonstration_notice(weak)
     assert "demonstration model" in notice and "from scratch" in notice and "2,160 photos" in notice
     assert "**66%**" in notice and "64 px" in notice
     strong = FixedPredictor(0.5)
-    strong.metrics, strong.evaluation = {"backbone_init": "timm ImageNet weights"}, {"accuracy": 0.984, "samples": 4652}
+    strong.metrics, strong.evaluation = {"pretrained": True}, {"accuracy": 0.984, "samples": 4652}
     assert demonstration_notice(strong) is None
     unmeasured = FixedPredictor(0.5)
-    unmeasured.metrics = {"backbone_init": "timm ImageNet weights"}
+    unmeasured.metrics = {"pretrained": True}
     assert "recorded no test accuracy" in demonstration_notice(unmeasured)
     strong.evaluation["accuracy"] = 0.85
     assert "**85%**" in demonstration_notice(strong) and "from scratch" not in demonstration_notice(strong)
@@ -201,7 +201,7 @@ def test_how_good_is_this_model_says_what_the_page_would_have_answered_on_the_te
 
 
 @pytest.mark.parametrize("metrics, evaluation", [
-    ({"dataset": 123, "backbone_init": ["random"], "split_sizes": {"train": "2160"}},
+    ({"dataset": 123, "pretrained": "no", "split_sizes": {"train": "2160"}},
      {"accuracy": "0.9", "samples": 300.5, "ece": None, "verdicts": {"right": 1, "wrong": "2"}}),
     ({"dataset": None, "split_sizes": [2160]}, {"accuracy": float("nan"), "verdicts": [1, 2, 3, 4]}),
     ({"split_sizes": {"train": True}}, {"accuracy": True}), ([], "not a dict")])

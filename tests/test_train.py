@@ -63,7 +63,7 @@ def test_model_card_has_hub_metadata_and_the_test_accuracy(trained_model):
 def test_a_fine_tuned_models_card_names_timms_weights_as_its_base_model(trained_model):
     from catdog_model.training.card import make_model_card
 
-    metrics = {**json.loads((trained_model / "metrics.json").read_text()), "backbone_init": "timm ImageNet weights"}
+    metrics = {**json.loads((trained_model / "metrics.json").read_text()), "pretrained": True}
     evaluation = json.loads((trained_model / "evaluation.json").read_text())
     card = make_model_card(CatDogClassifier.from_pretrained(str(trained_model)), metrics, evaluation, "me/catdog")
     assert card.data.base_model == "timm/resnet50.a1_in1k" and card.data.base_model_relation == "finetune"

@@ -24,7 +24,7 @@ def _field(report: Any, key: str, kind: type) -> Any:
     if kind is float:
         number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         return value if number else None
-    return value if isinstance(value, kind) and not isinstance(value, bool) else None
+    return value if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)) else None
 
 
 def _dataset(predictor: Predictor) -> Optional[str]:
@@ -34,13 +34,13 @@ def _dataset(predictor: Predictor) -> Optional[str]:
 
 
 def _from_scratch(predictor: Predictor) -> bool:
-    return (_field(predictor.metrics, "backbone_init", str) or "").startswith("random")
+    return _field(predictor.metrics, "pretrained", bool) is False
 
 
 def headline(predictor: Predictor) -> str:
     """One sentence: the backbone, how it was trained, on what, at which size."""
-    how = ("trained from scratch" if _from_scratch(predictor) else "fine-tuned from ImageNet weights"
-           if _field(predictor.metrics, "backbone_init", str) else "trained")
+    pretrained = _field(predictor.metrics, "pretrained", bool)
+    how = {True: "fine-tuned from ImageNet weights", False: "trained from scratch", None: "trained"}[pretrained]
     dataset = _dataset(predictor)
     where = f" on `{dataset}`" if dataset else ""
     return f"A {predictor.backbone} {how}{where}, at {predictor.image_size} px, tells which it is."

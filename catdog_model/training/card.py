@@ -24,14 +24,14 @@ def _dataset_source(metrics: dict) -> str:
 def make_model_card(model: CatDogClassifier, metrics: dict, evaluation: dict, repo_id: str) -> ModelCard:
     """The card of a finished run, from its record (metrics.json) and its evaluation (evaluation.json, with its
     figures): the card reads each number from the one file that holds it."""
-    trained = "trained from scratch" if metrics["backbone_init"].startswith("random") else "fine-tuned from ImageNet weights"
+    trained = "fine-tuned from ImageNet weights" if metrics["pretrained"] else "trained from scratch"
     card = model.generate_model_card(repo_id=repo_id, model_name=repo_id, trained=trained, metrics=metrics,
                                      evaluation=evaluation, dataset_source=_dataset_source(metrics))
     # A local folder is no Hub dataset id: keep it out of the metadata, which the Hub validates.
     hub_dataset = None if Path(metrics["dataset"]).exists() else metrics["dataset"]
     card.data.datasets = [hub_dataset] if hub_dataset else None
     card.data.metrics, card.data.model_name = ["accuracy"], repo_id
-    if not metrics["backbone_init"].startswith("random"):  # the Hub's model tree: "fine-tuned from" timm's weights
+    if metrics["pretrained"]:  # the Hub's model tree: "fine-tuned from" timm's weights
         card.data.base_model = model.backbone.pretrained_cfg.get("hf_hub_id")
         card.data.base_model_relation = "finetune" if card.data.base_model else None
     card.data.eval_results = [

@@ -28,7 +28,7 @@ from .evaluate import EVALUATION_FILE, report_training_run
 from .export import save_openvino
 from .run_state import BEST, CHECKPOINTS, Progress, TrainingError, save_atomically
 
-__all__ = ["LOCK_FILE", "NOT_PUSHED", "RUN_FILES", "RUN_RECORD", "SPLIT_FILE", "TRACKER_PROJECT", "backbone_init",
+__all__ = ["LOCK_FILE", "NOT_PUSHED", "RUN_FILES", "RUN_RECORD", "SPLIT_FILE", "TRACKER_PROJECT",
            "claim_output_dir", "publish_run", "push_run", "remove_unused_folder", "start_run"]
 
 logger = logging.getLogger(__name__)
@@ -111,11 +111,6 @@ def start_run(output_dir: Path, overwrite: bool) -> None:
         raise TrainingError(f"Could not clear the previous run in {output_dir}: {error.strerror or error}.") from None
 
 
-def backbone_init(config) -> str:
-    """How the backbone started, in words, for the run's identity and the model card."""
-    return "random (--no-pretrained)" if config.no_pretrained else "timm ImageNet weights"
-
-
 def publish_run(config, accelerator: Accelerator, model: CatDogClassifier, progress: Progress, calibration: dict,
                 test_outputs: tuple, detector: dict, data, splits: dict, used: dict, fingerprint: str) -> None:
     """The finished model in one atomic step, config.json with its manifest last: weights, engine, detector,
@@ -164,7 +159,7 @@ def _run_record(config, accelerator: Accelerator, progress: Progress, calibratio
         "split_sizes": {name: len(split) for name, split in used.items()},
         "full_split_sizes": {name: len(split) for name, split in splits.items()},
         "skipped_rows": len(data.skipped_rows),
-        "backbone_init": backbone_init(config),
+        "pretrained": not config.no_pretrained,  # timm's ImageNet weights, or a random start
         "world_size": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
         "mixed_precision_reason": config.precision_reason,
