@@ -100,18 +100,19 @@ def vouch_for(folder: Path) -> None:
 def complete_folder(model, folder: Path, threshold: float = 1e9) -> Path:
     """A finished model folder for a model made in a test: its weights, its engine, a detector that calls
     nothing "neither" (below ``threshold``), and a manifest, as a training run would have written them."""
+    from catdog_model.config import HIDDEN, IR_FILES, OOD_FILE, STAGE_FEATURES, WEIGHTS
     from catdog_model.training.calibration import save_detector
     from catdog_model.training.export import save_openvino
 
     model.save_pretrained(folder)
     save_openvino(model, folder)
-    engine_sizes = {"hidden": model.head[1].out_features,
-                    **{f"stage{i}": 2 * model.backbone.feature_info[i]["num_chs"] for i in (1, 2)}}
+    engine_sizes = {HIDDEN: model.head[1].out_features,
+                    **{name: 2 * model.backbone.feature_info[i]["num_chs"] for i, name in STAGE_FEATURES.items()}}
     save_detector({f"{layer}.{part}": values for layer, size in engine_sizes.items() for part, values in
                    (("means", np.zeros((2, size))), ("precision", np.eye(size)), ("scale", np.ones(1)))},
-                  folder / "ood.safetensors")
+                  folder / OOD_FILE)
     config = json.loads((folder / "config.json").read_text())
-    names = ["model.safetensors", "openvino_model.xml", "openvino_model.bin", "ood.safetensors"]
+    names = [WEIGHTS, *IR_FILES, OOD_FILE]
     config.update(ood_threshold=threshold, manifest={"files": {name: {} for name in names}})
     (folder / "config.json").write_text(json.dumps(config))
     vouch_for(folder)

@@ -258,11 +258,11 @@ def test_bad_flags_fail_in_one_line_before_the_dataset_check(tmp_path, flags, me
 def test_an_output_folder_that_cannot_be_written_fails_before_the_dataset_check(tmp_path):
     (tmp_path / "a-file").write_text("")
     result = train_in_process(tmp_path / "a-file" / "out", check=False)
-    assert_clean_error(result, "is not writable")
+    assert_clean_error(result, "is not a writable folder")
     assert "Checking images" not in result.stderr
     if os.geteuid() != 0:  # root writes anywhere, whatever the mode
         (tmp_path / "read-only").mkdir(mode=0o555)
-        assert_clean_error(train_in_process(tmp_path / "read-only", check=False), "is not writable")
+        assert_clean_error(train_in_process(tmp_path / "read-only", check=False), "is not a writable folder")
 
 
 def test_split_file_records_the_rows_actually_used(trained_model):

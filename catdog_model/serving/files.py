@@ -22,7 +22,8 @@ from huggingface_hub.utils import validate_repo_id
 from ..config import DEFAULTS, MADE_FROM_WEIGHTS, MANIFEST_KEY, WEIGHTS, check_config
 from ..errors import CatdogError
 
-__all__ = ["DEFAULT_MODEL", "HUB_UNREACHABLE", "LOCAL_MODEL", "ModelFiles", "ModelLoadError", "file_sha256", "first_line",
+__all__ = ["DEFAULT_MODEL", "HUB_UNREACHABLE", "LOCAL_MODEL", "ModelFiles", "ModelLoadError", "check_writable",
+           "file_sha256", "first_line",
            "hub_reachable", "unreachable_hub_message", "looks_like_a_path", "manifest_of", "no_such_folder", "parse_source",
            "resolve_model",
            "write_atomically"]
@@ -83,6 +84,15 @@ class ModelLoadError(CatdogError):
 def file_sha256(path: str | Path) -> str:
     with open(path, "rb") as file:
         return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def check_writable(folder: Path, flag: str = "--output-dir") -> None:
+    """``folder`` made if need be and a file written there, or a ``CatdogError`` naming ``flag`` and why not."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        raise CatdogError(f"{flag} {folder} is not a writable folder ({error.strerror or type(error).__name__})") from None
 
 
 def write_atomically(folder: Path, write: Callable[[Path], None]) -> list[str]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -29,7 +28,7 @@ from ..errors import CatdogError
 from ..cli import exit_with_error, parse_command
 from ..images import model_input
 from ..serving.detector import ood_score
-from ..serving.files import unreachable_hub_message, no_such_folder
+from ..serving.files import check_writable, no_such_folder, unreachable_hub_message
 from ..serving.predictor import load_predictor
 from ..serving.verdict import NEITHER, NOT_SURE, decide
 from .calibration import ECE_BINS, calibration_summary
@@ -232,14 +231,6 @@ def _model_outputs(predictor, rows, data) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(logits), torch.cat(scores)
 
 
-def _check_output_dir(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as error:
-        raise OSError(f"--output-dir {folder} is not a writable folder ({error.strerror or type(error).__name__})") from None
-
-
 def _check_split_is_the_models(split_file: Path, predictor, fingerprint: str) -> None:
     """A split file made by another run (another seed or dataset), on data that differs from what it was made on
     (another revision, rows reordered), or edited (a row repeated, training rows among its test rows) would not
@@ -278,7 +269,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         if Path(args.model).is_dir() and Path(args.output_dir).resolve() == Path(args.model).resolve():
             raise DatasetError(f"--output-dir {args.output_dir} is the model's own folder, whose report the manifest "
                                "vouches for: write the new report elsewhere.")
-        _check_output_dir(Path(args.output_dir))
+        check_writable(Path(args.output_dir))
         if missing := no_such_folder("--dataset", args.dataset):
             raise DatasetError(missing)
         predictor = load_predictor(args.model)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 
 import accelerate
@@ -20,7 +19,7 @@ from huggingface_hub.errors import HTTPError
 
 from ..config import IR_FILES, MANIFEST_KEY, OOD_FILE, REPORT_FIGURES, WEIGHTS
 from ..model import CatDogClassifier
-from ..serving.files import TEMPORARY_PREFIX, manifest_of
+from ..serving.files import TEMPORARY_PREFIX, check_writable, manifest_of
 from .calibration import save_detector
 from .card import make_model_card
 from .data import SPLIT_FILE, load_split, save_split
@@ -55,11 +54,7 @@ def claim_output_dir(output_dir: Path, overwrite: bool, resuming: bool) -> FileL
     """Lock the folder for this run, once it is known to be writable and new, empty or a previous run's.
 
     Nothing is deleted here: ``start_run`` clears a previous run once every check has passed."""
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=output_dir).close()
-    except OSError as error:
-        raise TrainingError(f"--output-dir {output_dir} is not writable: {error.strerror or error}.") from None
+    check_writable(output_dir)
     recorded = _recorded_names(output_dir)
     foreign = sorted(entry.name for entry in output_dir.iterdir()
                      if entry.name not in (*recorded, LOCK_FILE) and not entry.name.startswith(TEMPORARY_PREFIX))
