@@ -29,7 +29,7 @@ from catdog_model.cli import debug, exit_with_error, parse_command
 from catdog_model.hardware import cap_malloc_arenas, usable_cores
 from catdog_model.predict import classify_chunk, decode_chunk, neutralised
 from catdog_model.serving.describe import demonstration_notice, details, headline, report
-from catdog_model.serving.files import DEFAULT_MODEL, LOCAL_MODEL, resolve_model
+from catdog_model.serving.files import MODEL_ORDER, resolve_model
 from catdog_model.serving.space_files import remove_expired, temporary_folder, tidy_cache
 from catdog_model.serving.verdict import NEITHER, NOT_SURE, Verdict
 
@@ -318,8 +318,7 @@ def _setting(name: str, default: str, minimum: int, maximum: int = 2**31 - 1) ->
 def _model_source(argv: list[str]) -> tuple[str, str, bool]:
     """The model to serve, why that one (--model, then $CATDOG_MODEL, then ./catdog-model, then the Hub), and --check."""
     parser = argparse.ArgumentParser(description="Serve the catdog demo.")
-    parser.add_argument("--model", default=None, help=f"Hub repo id, id@revision, or a local folder (default: "
-                        f"$CATDOG_MODEL, else ./{LOCAL_MODEL} if it exists, else {DEFAULT_MODEL})")
+    parser.add_argument("--model", default=None, help=f"Hub repo id, id@revision, or a local folder (default: {MODEL_ORDER})")
     parser.add_argument("--check", action="store_true", help="only load the model: exit 0 if it can be served, else 1")
     parsed = parse_command(parser, argv)
     try:

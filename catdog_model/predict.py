@@ -32,7 +32,7 @@ from .cli import exit_with_error, parse_command
 from .hardware import usable_cores
 from .images import FORMATS as PICTURE_FORMATS, ImageError
 from .predict_dataset import beside_the_split, check_room, dataset_rows, open_split, push_split
-from .serving.files import resolve_model, write_atomically
+from .serving.files import MODEL_ORDER, resolve_model, write_atomically
 from .serving.predictor import Predictor, PredictionError, load_predictor
 
 __all__ = ["FORMATS", "classify_chunk", "decode_chunk", "main", "neutralised", "predict_files"]
@@ -311,8 +311,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--split", default="train", help="the dataset's split (default: train)")
     parser.add_argument("--image-column", help="the dataset's image column (default: its one Image column)")
     parser.add_argument("--output", required=True, help=f"the rows: {', '.join(FORMATS)}, by extension")
-    parser.add_argument("--model", help="a folder or Hub id (default: $CATDOG_MODEL, else ./catdog-model, else the "
-                                        "published model, as the Space)")
+    parser.add_argument("--model", help=f"a folder or Hub id (default, as the Space's: {MODEL_ORDER})")
     parser.add_argument("--push-to-hub", metavar="USER/DATASET", help="upload the rows as a Hub dataset")
     args = parse_command(parser, argv)
     try:

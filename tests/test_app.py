@@ -317,8 +317,6 @@ def test_space_metadata_matches_the_code():
 
     from huggingface_hub import metadata_load
 
-    import app
-
     from packaging.requirements import Requirement
 
     metadata = metadata_load(ROOT / "README.md")
@@ -326,7 +324,9 @@ def test_space_metadata_matches_the_code():
     pinned = Requirement(line).specifier
     assert metadata["sdk"] == "gradio" and metadata["sdk_version"] in pinned  # the Space's gradio is what we allow
     assert f">={metadata['sdk_version']}" in str(pinned)  # and the oldest we allow: what the app is tested on
-    repo_id, _, revision = app.DEFAULT_MODEL.partition("@")
+    from catdog_model.serving.files import DEFAULT_MODEL
+
+    repo_id, _, revision = DEFAULT_MODEL.partition("@")
     assert metadata["app_file"] == "app.py" and metadata["models"] == [repo_id]
     assert metadata["datasets"] == ["microsoft/cats_vs_dogs"] and "mcp-server" in metadata["tags"]
     from catdog_model.config import SPACE_FILES

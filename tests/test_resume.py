@@ -16,6 +16,7 @@ import pytest
 from filelock import FileLock
 from safetensors.torch import load_file
 
+from catdog_model.serving.files import TEMPORARY_PREFIX
 from catdog_model.training.run_folder import LOCK_FILE, RUN_RECORD
 from catdog_model.training.checkpoints import CheckpointError, find_latest, read_manifest, save_checkpoint
 from conftest import (ROOT, assert_clean_error, run_training, torch_reference, train_in_process, training_command,
@@ -119,7 +120,7 @@ def test_a_kill_during_a_checkpoint_write_resumes_from_the_last_complete_one(tmp
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     checkpoints, deadline = killed / "checkpoints", time.monotonic() + 300
     try:  # kill -9 while step 3 is being written (its temporary folder exists)
-        while not (checkpoints / ".tmp-step_00000003").exists():
+        while not (checkpoints / f"{TEMPORARY_PREFIX}step_00000003").exists():
             assert process.poll() is None and time.monotonic() < deadline, "the run ended before step 3 was written"
             time.sleep(0.001)
     finally:
@@ -133,7 +134,7 @@ def test_a_kill_during_a_checkpoint_write_resumes_from_the_last_complete_one(tmp
     assert "skipping incomplete checkpoint" in result.stderr and "step_00000099" in result.stderr
     train_in_process(whole, *flags)
     assert weights_equal(whole, killed) and _history(killed) == _history(whole)
-    assert not list(checkpoints.glob(".tmp-*"))
+    assert not list(checkpoints.glob(f"{TEMPORARY_PREFIX}*"))
 
 
 @pytest.mark.parametrize("flags, named", [

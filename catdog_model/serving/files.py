@@ -22,7 +22,7 @@ from huggingface_hub.utils import validate_repo_id
 from ..config import DEFAULTS, MADE_FROM_WEIGHTS, MANIFEST_KEY, WEIGHTS, check_config
 from ..errors import CatdogError
 
-__all__ = ["DEFAULT_MODEL", "HUB_UNREACHABLE", "LOCAL_MODEL", "ModelFiles", "ModelLoadError", "check_writable",
+__all__ = ["DEFAULT_MODEL", "HUB_UNREACHABLE", "LOCAL_MODEL", "MODEL_ORDER", "ModelFiles", "ModelLoadError", "check_writable",
            "file_sha256", "first_line",
            "hub_reachable", "unreachable_hub_message", "looks_like_a_path", "manifest_of", "no_such_folder", "parse_source",
            "resolve_model",
@@ -33,6 +33,8 @@ CHECKPOINTS = "checkpoints"  # where an unfinished training run keeps its state 
 # The published model, pinned to the release the Space serves: named here and in README.md's front matter only.
 DEFAULT_MODEL = "catdog-project/catdog-resnet50@v1"
 LOCAL_MODEL = "catdog-model"  # train_accelerate.py's default --output-dir, relative to where a command starts
+# Where the Space and catdog-predict find their model when no --model names one (resolve_model), in words.
+MODEL_ORDER = f"$CATDOG_MODEL, else ./{LOCAL_MODEL} if a training run finished there, else the published {DEFAULT_MODEL}"
 REEXPORT = "python -m catdog_model.training.export"
 TEMPORARY_PREFIX = ".tmp-catdog-"  # what an interrupted ``write_atomically`` leaves behind
 
@@ -151,8 +153,7 @@ def parse_source(source: str) -> tuple[str, Optional[str]]:
 
 
 def resolve_model(given: Optional[str]) -> tuple[str, str]:
-    """The model the Space and catdog-predict serve, and why that one: ``given`` (--model), else $CATDOG_MODEL,
-    else ./catdog-model if a training run finished there, else the published model."""
+    """The model the Space and catdog-predict serve, and why that one: ``given`` (--model), else MODEL_ORDER."""
     if given is not None:
         if not given.strip():
             raise ModelLoadError("--model is empty: pass a model folder or a Hub id like user/repo.")

@@ -16,6 +16,7 @@ from typing import Optional
 from accelerate import Accelerator
 from safetensors import SafetensorError
 
+from ..serving.files import TEMPORARY_PREFIX
 from .run_state import CHECKPOINTS, TrainingError, check_best_model
 
 __all__ = ["CHECKPOINTS", "MANIFEST", "CheckpointError", "find_latest", "find_resume_checkpoint",
@@ -25,7 +26,6 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "checkpoint.json"
 _NAME = re.compile(r"step_(\d{8})")
-_TEMP_PREFIX = ".tmp-"
 
 
 class CheckpointError(TrainingError):
@@ -67,7 +67,7 @@ def _publish(temp: Path, final: Path, info: dict) -> None:
     """Write the manifest last, then rename: the folder appears under its real name only when whole."""
     (temp / MANIFEST).write_text(json.dumps(info, indent=2))
     if final.exists():  # the same step written again (a rerun from an earlier checkpoint): replace it
-        stale = final.with_name(_TEMP_PREFIX + "old-" + final.name)
+        stale = final.with_name(TEMPORARY_PREFIX + "old-" + final.name)
         final.rename(stale)
         shutil.rmtree(stale, ignore_errors=True)
     temp.rename(final)
@@ -89,9 +89,9 @@ def save_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, step: int, 
     """``accelerator.save_state`` into a temporary folder, then an atomic rename to ``step_<step>``. Call it on
     every process; each machine's local main publishes its copy where machines do not share a disk."""
     final = checkpoints_dir / f"step_{step:08d}"
-    temp = checkpoints_dir / f"{_TEMP_PREFIX}{final.name}"
+    temp = checkpoints_dir / f"{TEMPORARY_PREFIX}{final.name}"
     if accelerator.is_local_main_process:
-        for stale in checkpoints_dir.glob(_TEMP_PREFIX + "*"):  # left by a killed run
+        for stale in checkpoints_dir.glob(TEMPORARY_PREFIX + "*"):  # left by a killed run
             shutil.rmtree(stale, ignore_errors=True)
         temp.mkdir(parents=True, exist_ok=True)  # exist_ok: machines sharing a disk all get here
     accelerator.wait_for_everyone()

@@ -39,7 +39,7 @@ RUN_FILES = ("config.json", WEIGHTS, *IR_FILES, OOD_FILE, "metrics.json", SPLIT_
 LOCK_FILE = ".catdog.lock"
 RUN_RECORD = ".catdog-run.json"
 OWN_NAMES = (*RUN_FILES, CHECKPOINTS, LOCK_FILE, RUN_RECORD)
-NOT_PUSHED = (f"{CHECKPOINTS}/*", f"{TRACKER_PROJECT}/*", LOCK_FILE, RUN_RECORD, ".tmp-*")
+NOT_PUSHED = (f"{CHECKPOINTS}/*", f"{TRACKER_PROJECT}/*", LOCK_FILE, RUN_RECORD, f"{TEMPORARY_PREFIX}*")
 
 
 def _recorded_names(output_dir: Path) -> tuple[str, ...]:
