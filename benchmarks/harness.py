@@ -127,6 +127,7 @@ def torch_reference(folder: Path):
     import torch
 
     from catdog_model import CatDogClassifier, load_predictor
+    from catdog_model.config import OUTPUT_NAMES
     from catdog_model.serving.engine import EngineOutputs
     from catdog_model.training.export import ServingGraph
 
@@ -134,7 +135,7 @@ def torch_reference(folder: Path):
 
     @torch.inference_mode()
     def engine(pixels: np.ndarray) -> EngineOutputs:
-        return EngineOutputs.from_values(value.numpy() for value in graph(torch.from_numpy(pixels)))
+        return EngineOutputs.from_named(dict(zip(OUTPUT_NAMES, (value.numpy() for value in graph(torch.from_numpy(pixels))))))
 
     engine.name = "torch-fp32"
     return dataclasses.replace(load_predictor(str(folder)), engine=engine)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["DEFAULTS", "DEFAULT_LABELS", "FEATURE_NAMES", "HIDDEN", "HUB_METADATA", "IR_FILES", "MADE_FROM_WEIGHTS",
+__all__ = ["DEFAULTS", "DEFAULT_LABELS", "FEATURE_NAMES", "HIDDEN", "HUB_METADATA", "IR_FILES", "MADE_FROM_WEIGHTS", "OUTPUT_NAMES",
            "MANIFEST_KEY", "OOD_FILE", "REPORT_FIGURES", "SPACE_FILES", "STAGE_FEATURES", "STAT_STAGES", "WEIGHTS", "check_config",
            "check_labels"]
 
@@ -36,6 +36,7 @@ HIDDEN = "hidden"
 STAT_STAGES = (1, 2)
 STAGE_FEATURES = {index: f"stage{index}" for index in STAT_STAGES}
 FEATURE_NAMES = (HIDDEN, *STAGE_FEATURES.values())
+OUTPUT_NAMES = ("logits", "heatmaps", *FEATURE_NAMES)  # the serving graph's outputs, named so in the IR
 
 
 def check_labels(labels) -> tuple[str, str]:

@@ -13,7 +13,7 @@ import numpy as np
 
 import openvino
 
-from ..config import FEATURE_NAMES
+from ..config import FEATURE_NAMES, OUTPUT_NAMES
 from ..hardware import native_bf16
 
 __all__ = ["EngineOutputs", "OpenVINOEngine", "compile_openvino"]
@@ -30,10 +30,9 @@ class EngineOutputs:
     features: dict[str, np.ndarray]  # the "neither" detector's layers, by FEATURE_NAMES
 
     @classmethod
-    def from_values(cls, values) -> EngineOutputs:
-        """From the serving graph's outputs in its order: logits, heatmaps, then the features by FEATURE_NAMES."""
-        logits, heatmaps, *features = values
-        return cls(logits, heatmaps, dict(zip(FEATURE_NAMES, features)))
+    def from_named(cls, named: dict[str, np.ndarray]) -> EngineOutputs:
+        """From the serving graph's outputs by their names (OUTPUT_NAMES)."""
+        return cls(named["logits"], named["heatmaps"], {name: named[name] for name in FEATURE_NAMES})
 
 
 class OpenVINOEngine:
@@ -43,13 +42,13 @@ class OpenVINOEngine:
     def __init__(self, compiled: "openvino.CompiledModel", precision: str) -> None:
         self.name = f"openvino-{precision}"
         self._request = compiled.create_infer_request()
-        shapes = [output.get_partial_shape() for output in compiled.outputs]
+        self._outputs = {name: compiled.output(name) for name in OUTPUT_NAMES}
         self.image_size = compiled.inputs[0].get_partial_shape()[2].get_length()
-        self.feature_sizes = {name: shape[1].get_length() for name, shape in zip(FEATURE_NAMES, shapes[2:])}
+        self.feature_sizes = {name: self._outputs[name].get_partial_shape()[1].get_length() for name in FEATURE_NAMES}
 
     def __call__(self, pixels: np.ndarray) -> EngineOutputs:
         results = self._request.infer({0: np.ascontiguousarray(pixels, dtype=np.float32)}, share_outputs=False)
-        return EngineOutputs.from_values(results[index] for index in range(len(results)))
+        return EngineOutputs.from_named({name: results[output] for name, output in self._outputs.items()})
 
 
 def compile_openvino(model: "openvino.Model | str | Path", threads: int) -> OpenVINOEngine:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import FEATURE_NAMES, HIDDEN, IR_FILES, MANIFEST_KEY, WEIGHTS
+from ..config import FEATURE_NAMES, HIDDEN, IR_FILES, MANIFEST_KEY, OUTPUT_NAMES, WEIGHTS
 from ..errors import CatdogError
 from ..cli import exit_with_error, parse_command
 from ..model import CatDogClassifier
@@ -54,7 +54,7 @@ class ServingGraph(nn.Module):
         weights = upstream @ self.pooled.float() / (feature_map.shape[2] * feature_map.shape[3])
         cams = F.relu(torch.einsum("nc,nchw->nhw", weights, feature_map))
         cams = cams / cams.flatten(1).amax(dim=1).clamp_min(1e-12)[:, None, None]
-        return logits, cams, *(features[name] for name in FEATURE_NAMES)
+        return logits, cams, *(features[name] for name in FEATURE_NAMES)  # in the order of OUTPUT_NAMES
 
 
 def _int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,7 +114,10 @@ def export_openvino(model: CatDogClassifier) -> openvino.Model:
     with torch.no_grad(), warnings.catch_warnings():
         # OpenVINO's PyTorch frontend traces with TorchScript, which torch now marks as deprecated.
         warnings.filterwarnings("ignore", category=FutureWarning, module="torch.jit")
-        return openvino.convert_model(graph, example_input=torch.rand(1, 3, size, size), input=[(-1, 3, size, size)])
+        converted = openvino.convert_model(graph, example_input=torch.rand(1, 3, size, size), input=[(-1, 3, size, size)])
+    for output, name in zip(converted.outputs, OUTPUT_NAMES):  # the engine reads each by its name
+        output.get_tensor().set_names({name})
+    return converted
 
 
 def save_openvino(model: CatDogClassifier, folder: str | Path) -> None:
