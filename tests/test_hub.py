@@ -20,11 +20,12 @@ import httpx
 import pytest
 from gradio_client import Client, handle_file
 
+from catdog_model.config import SPACE_FILES
 from harness import start_app as start_server
 from conftest import MINI_DATASET, ROOT, assert_clean_error, training_command
 
 pytestmark = pytest.mark.slow  # two training runs, uploads and downloads: about 3 minutes
-SERVING_FILES = {"config.json", "openvino_model.xml", "openvino_model.bin", "ood.safetensors", "metrics.json", "evaluation.json"}
+SERVING_FILES = set(SPACE_FILES)  # config.json, the IR, the detector, the report: never model.safetensors
 
 
 def _start_hub(folder: Path, stop_on: str = "") -> tuple[str, subprocess.Popen]:
@@ -210,7 +211,7 @@ HfApi().upload_file(path_or_fileobj="model.safetensors", path_in_repo="model.saf
     uploaded, trained = timm.create_model("test_resnet").state_dict(), load_file(tmp_path / "out" / "model.safetensors")
     assert torch.equal(trained["backbone.conv1.0.weight"], uploaded["conv1.0.weight"])  # frozen: the downloaded weights
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "fine-tuned from ImageNet weights" in card and "timm ImageNet weights" in card
+    assert "fine-tuned from ImageNet weights" in card and "timm's ImageNet weights" in card
     url, process = start_server(str(tmp_path / "out"), {**env, "GRADIO_TEMP_DIR": str(tmp_path / "gradio")},
                                 tmp_path / "app.log")
     try:

@@ -15,11 +15,11 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
-from huggingface_hub import constants, get_session, hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, HTTPError, LocalEntryNotFoundError
+from huggingface_hub import constants, get_session, snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError, HTTPError, LocalEntryNotFoundError
 from huggingface_hub.utils import validate_repo_id
 
-from ..config import DEFAULTS, MADE_FROM_WEIGHTS, MANIFEST_KEY, WEIGHTS, check_config
+from ..config import DEFAULTS, MADE_FROM_WEIGHTS, MANIFEST_KEY, SPACE_FILES, WEIGHTS, check_config
 from ..errors import CatdogError
 
 __all__ = ["DEFAULT_MODEL", "HUB_UNREACHABLE", "LOCAL_MODEL", "MODEL_ORDER", "ModelFiles", "ModelLoadError", "check_writable",
@@ -179,19 +179,26 @@ class ModelFiles:
         self.local = Path(repo_id).is_dir()
         self.where = repo_id if self.local else f"{source!r} on the Hub"
         self.manifest: dict = {}
+        self._folder: Optional[Path] = Path(repo_id) if self.local else None
+
+    def _download(self) -> Optional[Path]:
+        """The served files of the Hub repo at its revision, in one snapshot (never model.safetensors); None where
+        the Hub does not answer and the cache has none, which then reads as missing files."""
+        try:  # the cache alone where the Hub does not answer: a clear line in seconds, not retries
+            return Path(snapshot_download(self.repo_id, revision=self.revision, allow_patterns=list(SPACE_FILES),
+                                          local_files_only=not hub_reachable()))
+        except LocalEntryNotFoundError:
+            return None
+        except HfHubHTTPError as error:
+            raise ModelLoadError(f"The Hub refused {self.source!r}: {first_line(error)}") from None
+        except (HTTPError, OSError) as error:  # the connection itself failed, mid-download say
+            raise ModelLoadError(f"Could not download {self.source!r}: {first_line(error)}") from None
 
     def path(self, name: str, required: bool = True) -> Optional[Path]:
         """The file's local path, checked; None for a missing file that is not ``required``."""
-        path = Path(self.repo_id) / name
-        if not self.local:
-            try:  # the cache alone where the Hub does not answer: a clear line in seconds, not retries
-                path = Path(hf_hub_download(self.repo_id, name, revision=self.revision, local_files_only=not hub_reachable()))
-            except (EntryNotFoundError, LocalEntryNotFoundError):  # offline and not cached counts as missing
-                path = None
-            except HfHubHTTPError as error:
-                raise ModelLoadError(f"The Hub refused {self.source!r}: {first_line(error)}") from None
-            except (HTTPError, OSError) as error:  # the connection itself failed, mid-download say
-                raise ModelLoadError(f"Could not download {name} of {self.source!r}: {first_line(error)}") from None
+        if self._folder is None:
+            self._folder = self._download()
+        path = self._folder / name if self._folder else None
         if path is None or not path.is_file():
             if not required:
                 return None
