@@ -259,8 +259,8 @@ def _optional_json(files: ModelFiles, name: str) -> dict:
 def load_predictor(source: str, batch_size: int = 16, threads: Optional[int] = None,
                    max_megabytes: Optional[float] = None) -> Predictor:
     """Load a model from a local folder, "user/repo" or "user/repo@revision", ready to serve with its OpenVINO engine
-    (a Hub model downloads config.json, the IR and ood.safetensors only). Every file is checked against the
-    manifest; raises ``ModelLoadError``, and only that, in one line.
+    (from the Hub, one snapshot of what it serves: config.py's SPACE_FILES, never the fp32 weights). Every file is
+    checked against the manifest; raises ``ModelLoadError``, and only that, in one line.
     ``threads``: how many the engine computes with (default: every core this process may use)."""
     repo_id, revision = parse_source(source)
     files = ModelFiles(str(source).strip(), repo_id, revision)
