@@ -43,10 +43,10 @@ try:
     from catdog_model.training.checkpoints import find_resume_checkpoint, load_checkpoint, save_checkpoint
     from catdog_model.training.data import (check_classes, collate, dataset_fingerprint, load_image_dataset,
                                             make_transform, split_dataset, undecoded)
-    from catdog_model.training.run_state import (CHECKPOINTS, Progress, RunningMetrics, calibrate_and_test, check_finite,
-                                            configured_mixed_precision, default_mixed_precision, default_num_workers,
-                                            evaluate, exit_with_parent, exit_with_parent_worker, on_main_process,
-                                            save_model)
+    from catdog_model.training.run_state import (CHECKPOINTS, Loaders, Progress, RunData, RunningMetrics,
+                                                 calibrate_and_test, check_finite, configured_mixed_precision,
+                                                 default_mixed_precision, default_num_workers, evaluate, exit_with_parent,
+                                                 exit_with_parent_worker, on_main_process, save_model)
     from catdog_model.training.run_folder import (TRACKER_PROJECT, claim_output_dir, publish_run, push_run,
                                                   remove_unused_folder, start_run)
 except ImportError as missing:  # the serving install has no torch
@@ -89,8 +89,8 @@ def run_identity(config, accelerator: Accelerator) -> dict:
 
 # ---- Data, model and the steps of training.
 
-def load_splits(config: TrainingSettings, accelerator: Accelerator):
-    """Check every image once (cached by datasets), split and cap."""
+def load_splits(config: TrainingSettings, accelerator: Accelerator, fingerprint: str) -> tuple[RunData, Callable]:
+    """Check every image once (cached by datasets), split and cap; the run's data, and the train transform."""
     with accelerator.main_process_first():
         data = load_image_dataset(config.dataset, config.dataset_revision)
     splits = split_dataset(data, config.test_split, config.val_split, config.seed)
@@ -109,7 +109,7 @@ def load_splits(config: TrainingSettings, accelerator: Accelerator):
         "dataset %s: %s; %d rows skipped (undecodable)",
         config.dataset, ", ".join(f"{n} {len(s)}" for n, s in used.items()), len(data.skipped_rows),
     )
-    return data, splits, rows, used, transforms["train"]
+    return RunData(data, splits, rows, used, fingerprint), transforms["train"]
 
 
 def build_model(config, labels: tuple[str, ...]) -> CatDogClassifier:
@@ -179,14 +179,15 @@ def finish_epoch(config, accelerator: Accelerator, model, val_loader, progress: 
     progress.epoch, progress.batches_in_epoch, progress.train_metrics = epoch, 0, RunningMetrics()
 
 
-def make_loaders(config, used: dict) -> tuple[tuple[DataLoader, DataLoader, DataLoader], dict]:
+def make_loaders(config, used: dict) -> Loaders:
     """The train, validation and test loaders, and the settings they share (for later loaders of the run)."""
     loader_kwargs = dict(batch_size=config.batch_size, collate_fn=collate, num_workers=config.num_workers,
                          worker_init_fn=exit_with_parent_worker)
     # Its own generator: creating a loader iterator must not draw from the global RNG (dropout),
     # or a resumed run would not continue the same random stream.
     train_loader = DataLoader(used["train"], shuffle=True, generator=torch.Generator().manual_seed(config.seed), **loader_kwargs)
-    return (train_loader, DataLoader(used["validation"], **loader_kwargs), DataLoader(used["test"], **loader_kwargs)), loader_kwargs
+    return Loaders(train_loader, DataLoader(used["validation"], **loader_kwargs), DataLoader(used["test"], **loader_kwargs),
+                   loader_kwargs)
 
 
 def choose_precision(config: TrainingSettings) -> tuple[str, str]:
@@ -232,9 +233,9 @@ def training_function(config: TrainingSettings) -> None:
     lock = on_main_process(accelerator, claim_output_dir, output_dir, config.overwrite_output_dir, bool(resume_from))
     set_seed(config.seed)
     try:
-        data, splits, rows, used, train_transform = load_splits(config, accelerator)
-        (train_loader, val_loader, test_loader), loader_kwargs = make_loaders(config, used)
-        model = build_model(config, data.labels)
+        run, train_transform = load_splits(config, accelerator, identity["dataset content"])
+        loaders = make_loaders(config, run.used)
+        model = build_model(config, run.data.labels)
     except BaseException:  # refused before it wrote anything: a folder this run made goes again
         if created and accelerator.is_main_process:
             remove_unused_folder(output_dir, lock)
@@ -244,12 +245,12 @@ def training_function(config: TrainingSettings) -> None:
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
 
     # One prepare for everything: device placement, DDP wrapping, sharded loaders, mixed precision.
-    model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(model, optimizer, train_loader,
-                                                                                  val_loader, test_loader)
+    model, optimizer, *prepared = accelerator.prepare(model, optimizer, *loaders[:3])
+    loaders = loaders._replace(train=prepared[0], validation=prepared[1], test=prepared[2])
     progress = Progress()
     accelerator.register_for_checkpointing(progress)
     if resume_from:
-        load_checkpoint(accelerator, resume_from, output_dir, progress, batches_per_epoch=len(train_loader))
+        load_checkpoint(accelerator, resume_from, output_dir, progress, batches_per_epoch=len(loaders.train))
     if config.trackers:
         accelerator.init_trackers(TRACKER_PROJECT, config=config.public())
 
@@ -262,20 +263,18 @@ def training_function(config: TrainingSettings) -> None:
 
     for epoch in range(progress.epoch, config.epochs):
         train_transform.set_epoch(epoch)
-        train_loader.set_epoch(epoch)
-        train_one_epoch(config, accelerator, model, optimizer, train_loader, progress, checkpoint)
-        finish_epoch(config, accelerator, model, val_loader, progress, output_dir)
+        loaders.train.set_epoch(epoch)
+        train_one_epoch(config, accelerator, model, optimizer, loaders.train, progress, checkpoint)
+        finish_epoch(config, accelerator, model, loaders.validation, progress, output_dir)
         if config.checkpoint_each_epoch:
             checkpoint([])
 
-    calibration, test_outputs, detector = calibrate_and_test(
-        config, accelerator, model, progress, data, used["train"], val_loader, test_loader, loader_kwargs)
+    fitted = calibrate_and_test(config, accelerator, model, progress, run, loaders)
     if config.trackers:
         accelerator.end_training()
 
     if accelerator.is_main_process:
-        publish_run(config, accelerator, accelerator.unwrap_model(model), progress, calibration, test_outputs, detector,
-                    data, splits, rows, identity["dataset content"])
+        publish_run(config, accelerator, accelerator.unwrap_model(model), progress, fitted, run)
         if config.push_to_hub:
             push_run(config, output_dir)
         lock.release()

@@ -25,7 +25,7 @@ from .card import make_model_card
 from .data import SPLIT_FILE, load_split, save_split
 from .evaluate import EVALUATION_FILE, report_training_run
 from .export import save_openvino
-from .run_state import BEST, CHECKPOINTS, Progress, TrainingError, save_atomically
+from .run_state import BEST, CHECKPOINTS, Fitted, Progress, RunData, TrainingError, save_atomically
 
 __all__ = ["LOCK_FILE", "NOT_PUSHED", "RUN_FILES", "RUN_RECORD", "SPLIT_FILE", "TRACKER_PROJECT",
            "claim_output_dir", "publish_run", "push_run", "remove_unused_folder", "start_run"]
@@ -106,27 +106,27 @@ def start_run(output_dir: Path, overwrite: bool) -> None:
         raise TrainingError(f"Could not clear the previous run in {output_dir}: {error.strerror or error}.") from None
 
 
-def publish_run(config, accelerator: Accelerator, model: CatDogClassifier, progress: Progress, calibration: dict,
-                test_outputs: tuple, detector: dict, data, splits: dict, used: dict, fingerprint: str) -> None:
+def publish_run(config, accelerator: Accelerator, model: CatDogClassifier, progress: Progress, fitted: Fitted,
+                run: RunData) -> None:
     """The finished model in one atomic step, config.json with its manifest last: weights, engine, detector,
     split.json, the report, metrics.json and the card; files of a previous model not written again are removed."""
     output_dir, best = Path(config.output_dir), Path(config.output_dir) / BEST
     name = config.hub_model_id or output_dir.resolve().name
-    model_config = {**json.loads((best / "config.json").read_text()), "temperature": calibration["temperature"],
+    model_config = {**json.loads((best / "config.json").read_text()), "temperature": fitted.calibration["temperature"],
               "ood_threshold": model.ood_threshold}
     tested = {}
 
     def write(temp: Path) -> None:
         shutil.copyfile(best / WEIGHTS, temp / WEIGHTS)
-        save_detector(detector, temp / OOD_FILE)
+        save_detector(fitted.detector, temp / OOD_FILE)
         logger.info("exporting the serving engine (OpenVINO IR, int8 weights) from %s", WEIGHTS)
         save_openvino(CatDogClassifier.from_pretrained(str(best)), temp)
-        save_split(temp / SPLIT_FILE, splits, used, data, dataset=config.dataset, revision=config.dataset_revision,
-                   seed=config.seed, fingerprint=fingerprint)
-        test_rows = load_split(temp / SPLIT_FILE, data, "test", used=True)
-        evaluation = tested["evaluation"] = report_training_run(model, detector, test_outputs,
-                                                               lambda i: test_rows[i][data.image_column], temp)
-        metrics = _run_record(config, accelerator, progress, calibration, data, splits, used, fingerprint)
+        save_split(temp / SPLIT_FILE, run.splits, run.rows, run.data, dataset=config.dataset,
+                   revision=config.dataset_revision, seed=config.seed, fingerprint=run.fingerprint)
+        test_rows = load_split(temp / SPLIT_FILE, run.data, "test", used=True)
+        evaluation = tested["evaluation"] = report_training_run(model, fitted.detector, fitted.test_outputs,
+                                                               lambda i: test_rows[i][run.data.image_column], temp)
+        metrics = _run_record(config, accelerator, progress, fitted.calibration, run)
         (temp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         make_model_card(model, metrics, evaluation, name).save(temp / "README.md")
         model_config[MANIFEST_KEY] = manifest_of(temp, sorted(path.name for path in temp.iterdir()), model_config)
@@ -141,8 +141,7 @@ def publish_run(config, accelerator: Accelerator, model: CatDogClassifier, progr
                 evaluation["accuracy"], evaluation["samples"], progress.best_epoch, config.epochs, output_dir)
 
 
-def _run_record(config, accelerator: Accelerator, progress: Progress, calibration: dict, data, splits: dict,
-                used: dict, fingerprint: str) -> dict:
+def _run_record(config, accelerator: Accelerator, progress: Progress, calibration: dict, run: RunData) -> dict:
     """metrics.json: how the model was trained. How good it is lives in evaluation.json alone."""
     return {
         "history": progress.history,
@@ -150,10 +149,10 @@ def _run_record(config, accelerator: Accelerator, progress: Progress, calibratio
         "calibration": calibration,
         "dataset": config.dataset,
         "dataset_revision": config.dataset_revision,
-        "dataset_fingerprint": fingerprint,
-        "split_sizes": {name: len(split) for name, split in used.items()},
-        "full_split_sizes": {name: len(split) for name, split in splits.items()},
-        "skipped_rows": len(data.skipped_rows),
+        "dataset_fingerprint": run.fingerprint,
+        "split_sizes": {name: len(split) for name, split in run.rows.items()},
+        "full_split_sizes": {name: len(split) for name, split in run.splits.items()},
+        "skipped_rows": len(run.data.skipped_rows),
         "pretrained": not config.no_pretrained,  # timm's ImageNet weights, or a random start
         "world_size": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,

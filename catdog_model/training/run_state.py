@@ -9,8 +9,9 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import safetensors.torch
 import torch
@@ -30,7 +31,7 @@ from . import TrainingError
 from .calibration import calibrate, fit_detector
 from .data import make_transform
 
-__all__ = ["BEST", "CHECKPOINTS", "Progress", "RunningMetrics", "TrainingError", "calibrate_and_test", "check_best_model",
+__all__ = ["BEST", "CHECKPOINTS", "Fitted", "Loaders", "Progress", "RunData", "RunningMetrics", "TrainingError", "calibrate_and_test", "check_best_model",
            "check_finite", "configured_mixed_precision", "default_mixed_precision", "default_num_workers", "evaluate", "exit_with_parent",
            "model_outputs", "on_main_process", "save_atomically", "save_model"]
 
@@ -128,17 +129,45 @@ def model_outputs(model, loader, accelerator: Accelerator, desc: str, features: 
     return torch.cat(logits), torch.cat(labels), {layer: torch.cat(values) for layer, values in layers.items()}
 
 
-def calibrate_and_test(config, accelerator: Accelerator, model, progress: Progress, data, train_split, val_loader,
-                       test_loader, loader_kwargs: dict) -> tuple[dict, tuple, dict]:
+@dataclass
+class RunData:
+    """What a run reads: the dataset, its full splits, the rows each split uses as selected (what split.json
+    records), the same rows as the loaders read them (transforms set), and the content's fingerprint."""
+
+    data: Any  # data.LoadedDataset
+    splits: dict
+    rows: dict
+    used: dict
+    fingerprint: str
+
+
+class Loaders(NamedTuple):
+    train: DataLoader
+    validation: DataLoader
+    test: DataLoader
+    options: dict  # what every loader of the run shares (batch size, collate, workers)
+
+
+@dataclass
+class Fitted:
+    """What is fitted after the epochs: the calibration block, the test split's outputs, the "neither" detector."""
+
+    calibration: dict
+    test_outputs: tuple
+    detector: dict
+
+
+def calibrate_and_test(config, accelerator: Accelerator, model, progress: Progress, run: RunData,
+                       loaders: Loaders) -> Fitted:
     """The kept weights calibrated on the validation split, run on the test split, and the "neither" detector fitted
-    on the training split (unaugmented): returns the calibration block, the test outputs and the detector."""
+    on the training split (unaugmented)."""
     unwrapped = accelerator.unwrap_model(model)
     on_main_process(accelerator, check_best_model, Path(config.output_dir), progress)
     safetensors.torch.load_model(unwrapped, str(Path(config.output_dir) / BEST / WEIGHTS))
     plain_train = accelerator.prepare(DataLoader(
-        train_split.with_transform(make_transform(data, config.image_size, train=False)), **loader_kwargs))
-    validation = model_outputs(model, val_loader, accelerator, "validation")
-    test_outputs = model_outputs(model, test_loader, accelerator, "test")
+        run.used["train"].with_transform(make_transform(run.data, config.image_size, train=False)), **loaders.options))
+    validation = model_outputs(model, loaders.validation, accelerator, "validation")
+    test_outputs = model_outputs(model, loaders.test, accelerator, "test")
     train_outputs = model_outputs(model, plain_train, accelerator, "fitting the 'neither' detector")
     calibration = calibrate(*validation[:2])  # every process sees the same gathered logits: the same fit
     unwrapped.temperature = calibration["temperature"]
@@ -146,7 +175,7 @@ def calibrate_and_test(config, accelerator: Accelerator, model, progress: Progre
     logger.info("temperature %.3f (%s): validation ECE %.4f -> %.4f", calibration["fitted_temperature"],
                 "kept" if calibration["temperature"] != 1.0 else "not kept: it would not lower the validation ECE",
                 calibration["validation"]["ece_before"], calibration["validation"]["ece_after"])
-    return calibration, test_outputs, detector
+    return Fitted(calibration, test_outputs, detector)
 
 
 def check_finite(losses: list, model: torch.nn.Module, progress: Progress) -> None:
