@@ -104,6 +104,7 @@ def test_what_a_space_downloads_is_under_0_3_of_the_fp32_weights_at_224_px(spec_
     space = sum((tmp_path / name).stat().st_size for name in SERVING_NEEDS)
     fp32 = (tmp_path / "model.safetensors").stat().st_size
     assert space <= 0.3 * fp32, (space / 1e6, fp32 / 1e6)
+@pytest.mark.slow
 
 
 def test_a_folder_without_its_ir_is_refused_and_the_command_makes_it_again(small_run, mini_images, tmp_path):
@@ -257,6 +258,7 @@ def _with_nan(folder, tensor_name):
     weights = load_file(folder / "model.safetensors")
     weights[tensor_name][0] = float("nan")
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+@pytest.mark.slow
 
 
 def test_an_engine_with_a_non_finite_weight_raises_instead_of_answering(small_run, tmp_path):
