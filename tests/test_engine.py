@@ -45,6 +45,7 @@ def small_run(tmp_path_factory):
 
 def _p_dog(predictor, images) -> np.ndarray:
     return np.array([result["dog"] for result in predictor.predict(images)])
+@pytest.mark.slow
 
 
 def test_the_default_engine_keeps_the_answers_on_300_mini_photos(trained_model, mini_images):
