@@ -35,13 +35,21 @@ from .predict_dataset import beside_the_split, check_room, dataset_rows, open_sp
 from .serving.files import MODEL_ORDER, resolve_model, write_atomically
 from .serving.predictor import Predictor, PredictionError, load_predictor
 
-__all__ = ["FORMATS", "classify_chunk", "decode_chunk", "main", "neutralised", "predict_files"]
+__all__ = ["FORMATS", "classify_chunk", "decode_chunk", "main", "neutralised", "predict_files", "row_columns"]
 
 logger = logging.getLogger(__name__)
 
 FORMATS = (".csv", ".jsonl", ".parquet")
 CHUNK = 64  # pictures per chunk: what a kill can lose, and one forward pass at the predictor's batch size or four
 EXTENSIONS = {ext for ext, name in Image.registered_extensions().items() if name in PICTURE_FORMATS}
+
+
+def row_columns(labels: tuple[str, str]) -> list[str]:
+    """The columns of a row, in order: the picture's name, then what the model says of it."""
+    negative, positive = labels
+    return ["picture", "verdict", f"p_{negative}", f"p_{positive}", "ood_score", "note"]
+
+
 def neutralised(cell):
     """A cell a spreadsheet shows as text, on one line (OWASP's CSV-injection defence, a leading apostrophe):
     the formula openers =, +, -, @ and tab, looked for after spaces, a BOM and NFKC (fullwidth signs)."""
@@ -130,7 +138,7 @@ def classify_chunk(predictor: Predictor, chunk: list[tuple[str, object]], decodi
         decoded, explanations = [failed] * len(chunk), iter([])
     rows = []
     for (name, _), value in zip(chunk, decoded):
-        row = {"picture": name, "verdict": "error", f"p_{negative}": None, f"p_{positive}": None, "ood_score": None, "note": ""}
+        row = {**dict.fromkeys(row_columns(predictor.labels)), "picture": name, "verdict": "error", "note": ""}
         if isinstance(value, ImageError):
             row["note"] = f"{value.title}: {value}"
         else:
@@ -362,7 +370,7 @@ def _run(args) -> Optional[Counter]:
     threads = max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # each process its share of cores
     predictor = load_predictor(model, threads=threads)
     if split is not None:
-        check_room(split, ["verdict", *(f"p_{label}" for label in predictor.labels), "ood_score", "note"])
+        check_room(split, row_columns(predictor.labels)[1:])
     rows = predict_files(predictor, pictures, output, _identity(predictor, source), total, split=split)
     if state is not None and not state.is_main_process:
         return None

@@ -319,6 +319,7 @@ def test_ctrl_c_under_accelerate_launch_says_how_to_resume(tmp_path):
 
 @pytest.mark.slow
 def test_report_to_tensorboard_logs_each_epoch_where_accelerate_puts_it(tmp_path):
+    """A run of its own: the shared model trains without tracking, as a user's run does by default."""
     train_in_process(tmp_path / "out", "--backbone", "test_resnet", "--epochs", "2", "--batch-size", "4",
                      "--max-train-samples", "8", "--max-eval-samples", "8", "--report_to", "tensorboard")
     events = list((tmp_path / "out" / "catdog").rglob("events.out.tfevents.*"))

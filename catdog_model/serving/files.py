@@ -22,10 +22,9 @@ from huggingface_hub.utils import validate_repo_id
 from ..config import DEFAULTS, MADE_FROM_WEIGHTS, MANIFEST_KEY, SPACE_FILES, WEIGHTS, check_config
 from ..errors import CatdogError
 
-__all__ = ["DEFAULT_MODEL", "HUB_UNREACHABLE", "LOCAL_MODEL", "MODEL_ORDER", "ModelFiles", "ModelLoadError", "check_writable",
-           "file_sha256", "first_line",
-           "hub_reachable", "unreachable_hub_message", "looks_like_a_path", "manifest_of", "no_such_folder", "parse_source",
-           "resolve_model",
+__all__ = ["DEFAULT_MODEL", "HUB_UNREACHABLE", "LOCAL_MODEL", "MODEL_ORDER", "ModelFiles", "ModelLoadError",
+           "check_writable", "file_sha256", "first_line", "hub_reachable", "looks_like_a_path", "manifest_of",
+           "no_such_folder", "parse_source", "resolve_model", "unreachable_hub_message",
            "write_atomically"]
 
 logger = logging.getLogger(__name__)
