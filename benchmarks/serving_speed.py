@@ -1,27 +1,27 @@
-"""The shipped engine against eager fp32, side by side in one run: latency, parity, download; and the shipped
-engine's cold start and memory.
+"""The serving engines side by side: eager fp32 torch, the engine with int8 weights (bf16 arithmetic where the CPU
+computes it natively, else fp32) and the int8 engine, each in a process of its own.
 
     python -m benchmarks.serving_speed --model catdog-model --dataset ../shared/data/cats_vs_dogs_mini
 
-- latency: batch 1, p50 of --repeats; from a 12-megapixel JPEG file to probabilities (decode and resize
-  included: exact decodes in full, the default at the model's scale with Image.draft), and from the median
-  cats_vs_dogs photo already decoded. "exact" is the fp32 weights in torch (``harness.torch_reference``),
-  "default" what ``load_predictor`` serves (the OpenVINO IR shipped with the model);
-- parity: P(dog) of the default against exact on every photo of --dataset;
-- download: the files each reads (config.json, ood.safetensors, and model.safetensors or the IR);
-- cold start: a fresh `python` process, from its start to its first prediction, weights local (split into
-  imports, load_predictor and the first answer), then its resident memory after 100 predictions and 10
-  explanations; and the app's: `python app.py` started, to its first /predict answered (gradio_client).
-It prints a table and writes --json, with the machine: CPU model and flags, cores, threads.
+- latency: batch 1, a photo already decoded (447×374, the median cats_vs_dogs size) → probabilities, at 1 thread and
+  at 2. Every variant runs in a worker process of its own, and the workers take turns, a burst of calls each per
+  round, so that none runs beside another (two thread pools on 2 cores starve each other) and a slow spell of a
+  shared machine falls on all alike. Reported: the median of the rounds' medians, the range of the rounds' medians,
+  and the load average before and after.
+- parity: every photo of --dataset through each engine against eager fp32: verdicts, P(dog), the "neither" score and
+  the Grad-CAM maps.
+- catdog-predict: pictures per second of the command's own code (``predict_files``) on --photos JPEG files, each
+  engine in a worker of its own, in turns.
+- cold start: a fresh process, from its start to its first answer, files local, without and with OpenVINO's compile
+  cache (``$CATDOG_COMPILE_CACHE``) already filled.
+It prints tables and writes --json with the machine: CPU model and flags, cores, threads, load average.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -30,163 +30,254 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image
 
-from benchmarks.harness import describe, torch_reference
-from catdog_model import load_predictor, open_image
-from catdog_model.config import IR_FILES, OOD_FILE
+ROOT = Path(__file__).resolve().parents[1]
+ENGINES = ("int8-weights", "int8")  # load_predictor's int8=False and int8=True
+VARIANTS = ("torch-fp32", *ENGINES)
 
-# Run in a fresh process; prints: imports s, load s, first answer s (all from process start), RSS MB.
+
+# ---- The worker: one variant, loaded once, timed when asked (stdin: "latency N" or "library FOLDER"; stdout: JSON).
+
+def _worker(variant: str, model: str, threads: int) -> None:
+    from PIL import Image
+
+    from catdog_model import load_predictor
+    from catdog_model.predict import _files, predict_files
+
+    if variant == "torch-fp32":
+        import torch
+
+        from benchmarks.harness import torch_reference
+
+        torch.set_num_threads(threads)
+        predictor = torch_reference(Path(model))
+    else:
+        predictor = load_predictor(model, threads=threads, int8=variant == "int8")
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (374, 447, 3), dtype=np.uint8))
+    for _ in range(5):
+        predictor.predict([photo])
+    print(json.dumps({"engine": predictor.engine_name}), flush=True)
+    for line in sys.stdin:
+        task, _, argument = line.strip().partition(" ")
+        if task == "latency":
+            times = []
+            for _ in range(int(argument)):
+                start = time.perf_counter()
+                predictor.predict([photo])
+                times.append(time.perf_counter() - start)
+            print(json.dumps(times), flush=True)
+        elif task == "library":
+            with tempfile.TemporaryDirectory() as temp:
+                pictures = list(_files([argument]))
+                start = time.perf_counter()
+                predict_files(predictor, iter(pictures), Path(temp) / "rows.csv", {"benchmark": variant}, len(pictures))
+                print(json.dumps(len(pictures) / (time.perf_counter() - start)), flush=True)
+
+
+class Worker:
+    def __init__(self, variant: str, model: str, threads: int) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+        self.process = subprocess.Popen([sys.executable, "-m", "benchmarks.serving_speed", "--worker", variant,
+                                         "--model", model, "--threads", str(threads)], cwd=ROOT, env=env, text=True,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.engine = json.loads(self._answer())["engine"]
+
+    def _answer(self) -> str:
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"a worker exited ({self.process.wait()})")
+        return line
+
+    def ask(self, task: str):
+        self.process.stdin.write(task + "\n")
+        self.process.stdin.flush()
+        answer = json.loads(self._answer())
+        time.sleep(0.3)  # an idle thread pool may spin a moment after its work: let it rest before the next turn
+        return answer
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=30)
+
+
+def _in_turns(workers: dict, task: str, rounds: int, reduce) -> dict:
+    """``task`` asked of each worker in turn, ``rounds`` times (the order rotating), each answer reduced to a number;
+    the median, minimum and maximum of those numbers per worker."""
+    found = {name: [] for name in workers}
+    names = list(workers)
+    for round_ in range(rounds):
+        for name in names[round_ % len(names):] + names[: round_ % len(names)]:
+            found[name].append(reduce(workers[name].ask(task)))
+    return {name: {"median": statistics.median(values), "min": min(values), "max": max(values), "rounds": len(values)}
+            for name, values in found.items()}
+
+
+def latency(model: str, threads: int, rounds: int, calls: int) -> dict:
+    workers = {variant: Worker(variant, model, threads) for variant in VARIANTS}
+    try:
+        load = os.getloadavg()
+        found = _in_turns(workers, f"latency {calls}", rounds, lambda times: 1000 * statistics.median(times))
+        return {"threads": threads, "ms": found, "engines": {name: worker.engine for name, worker in workers.items()},
+                "load_average_before_after": [load[0], os.getloadavg()[0]]}
+    finally:
+        for worker in workers.values():
+            worker.close()
+
+
+def library(model: str, threads: int, rounds: int, photos: Path) -> dict:
+    workers = {variant: Worker(variant, model, threads) for variant in ENGINES}
+    try:
+        load = os.getloadavg()
+        found = _in_turns(workers, f"library {photos}", rounds, float)
+        return {"threads": threads, "pictures_per_s": found, "load_average_before_after": [load[0], os.getloadavg()[0]]}
+    finally:
+        for worker in workers.values():
+            worker.close()
+
+
+# ---- Parity and cold start, in this process and in fresh ones.
+
+def parity(model: str, dataset: str) -> dict:
+    """Each engine against eager fp32 on every photo of ``dataset``: the share of verdicts that agree, P(dog)'s
+    largest and mean difference, the "neither" score's correlation and the Grad-CAM maps' median correlation."""
+    from datasets import load_dataset
+
+    from benchmarks.harness import torch_reference
+    from catdog_model import load_predictor
+    from catdog_model.serving.detector import ood_score
+    from catdog_model.serving.verdict import decide
+
+    rows = load_dataset(dataset, split="train")
+    predictors = {"torch-fp32": torch_reference(Path(model)),
+                  **{name: load_predictor(model, int8=name == "int8") for name in ENGINES}}
+    inputs = [predictors["int8"].model_input(image) for image in rows["image"]]
+    answers = {}
+    for name, predictor in predictors.items():
+        outputs = [predictor.outputs(np.stack(inputs[start : start + 32])) for start in range(0, len(inputs), 32)]
+        p = predictor.probabilities(np.concatenate([output.logits for output in outputs]))
+        scores = np.concatenate([ood_score(output.features, predictor.detector) for output in outputs])
+        verdicts = [decide(dict(zip(predictor.labels, (1 - q, q))), score <= predictor.ood_threshold).answer
+                    for q, score in zip(p, scores)]
+        answers[name] = p, scores, verdicts, np.concatenate([output.heatmaps for output in outputs])
+    p32, scores32, verdicts32, maps32 = answers["torch-fp32"]
+    found = {"photos": len(inputs), "fp32_verdicts": {v: verdicts32.count(v) for v in sorted(set(verdicts32))}}
+    for name in ENGINES:
+        p, scores, verdicts, maps = answers[name]
+        heatmap_r = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(maps, maps32) if a.std() > 0 and b.std() > 0]
+        found[name] = {"verdicts_agree": float(np.mean([a == b for a, b in zip(verdicts, verdicts32)])),
+                       "p_dog_max_diff": float(np.abs(p - p32).max()), "p_dog_mean_diff": float(np.abs(p - p32).mean()),
+                       "ood_score_r": float(np.corrcoef(scores, scores32)[0, 1]),
+                       "heatmap_median_r": float(np.median(heatmap_r))}
+    return found
+
+
 COLD_START = """
 import sys, time
 start = float(sys.argv[1])
-from catdog_model import load_predictor, open_image
-imported = time.time() - start
-predictor = load_predictor(sys.argv[2])
+from PIL import Image
+from catdog_model import load_predictor
+predictor = load_predictor(sys.argv[2], int8=sys.argv[3] == "int8")
 loaded = time.time() - start
-image = open_image(sys.argv[3], draft_size=predictor.image_size)
-predictor.predict([image])
-first = time.time() - start
-for _ in range(100):
-    predictor.predict([image])
-for _ in range(10):
-    predictor.explain(image)
-rss = int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1]) / 1024
-print(imported, loaded, first, rss)
+predictor.predict([Image.new("RGB", (447, 374))])
+print(loaded, time.time() - start)
 """
 
 
-def _phone_photo(path: Path) -> Path:
-    """A 4032×3024 JPEG with photo-like detail (a phone camera's size)."""
-    y, x = np.mgrid[0:3024, 0:4032]
-    pixels = 127 + 90 * np.stack([np.sin(x / 37), np.cos(y / 23), np.sin((x + y) / 51)], -1)
-    pixels += np.random.default_rng(0).normal(0, 12, pixels.shape)
-    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=90)
-    return path
+def cold_start(model: str, threads: int, runs: int) -> dict:
+    """Seconds from a fresh process's start to load_predictor's return and to its first answer: the median of
+    ``runs``, for each engine, without a compile cache and with one filled by the run before."""
+    found = {}
+    with tempfile.TemporaryDirectory() as cache:
+        for name in ENGINES:
+            for cached in (False, True):
+                env = {**os.environ, "CATDOG_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+                env.pop("CATDOG_COMPILE_CACHE", None)
+                if cached:
+                    env["CATDOG_COMPILE_CACHE"] = str(Path(cache) / name)
+                times = []
+                for _ in range(runs + cached):  # with the cache, a first run fills it
+                    out = subprocess.run([sys.executable, "-c", COLD_START, str(time.time()), model, name], env=env,
+                                         capture_output=True, text=True, check=True)
+                    times.append([float(value) for value in out.stdout.split()])
+                loaded, first = zip(*times[cached:])
+                found[f"{name}{', compile cache' if cached else ''}"] = {
+                    "load_predictor_s": statistics.median(loaded), "first_answer_s": statistics.median(first)}
+    return found
 
 
-def _latencies(calls: dict, repeats: int) -> dict[str, float]:
-    """Each call's p50 in ms. The calls take turns within each repeat, so that a slow spell of a shared
-    machine falls on all of them alike rather than on whichever ran then."""
-    times = {name: [] for name in calls}
-    for _ in range(repeats + 2):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(samples[2:]) * 1000 for name, samples in times.items()}
+def _photos(dataset: str, count: int, folder: Path) -> Path:
+    from datasets import load_dataset
+
+    rows = load_dataset(dataset, split="train")
+    for index in range(0, len(rows), max(1, len(rows) // count))[:count]:
+        rows[index]["image"].save(folder / f"{index:05d}.jpg", quality=90)
+    return folder
 
 
-def _from_file(predictor, data: bytes, draft: bool):
-    size = predictor.image_size if draft else None
-    return lambda: predictor.predict([open_image(io.BytesIO(data), draft_size=size)])
-
-
-def _cold_start(folder: str, photo: Path, threads: int, runs: int = 2) -> dict:
-    """The fastest of ``runs`` fresh processes (the first may also pay for a cold disk cache)."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    results = []
-    for _ in range(runs):
-        out = subprocess.run([sys.executable, "-c", COLD_START, str(time.time()), folder, str(photo)],
-                             capture_output=True, text=True, env=env, check=True)
-        results.append([float(value) for value in out.stdout.strip().splitlines()[-1].split()])
-    imported, loaded, first, rss = min(results, key=lambda result: result[2])
-    return {"imports_s": imported, "loaded_s": loaded, "first_prediction_s": first, "rss_mb": rss}
-
-
-def _app_cold_start(folder: str, photo: Path, threads: int) -> float:
-    """`python app.py` started → its first /predict answered, through gradio_client, on loopback."""
-    from gradio_client import Client, handle_file
-
-    from benchmarks.harness import running_app
-
-    start = time.monotonic()
-    with running_app(folder, {"CATDOG_THREADS": str(threads)}, photo.with_name("app.log")) as (url, _):
-        Client(url, verbose=False).predict(handle_file(str(photo)), api_name="/predict")
-        return time.monotonic() - start
-
-
-def _parity(exact, default, dataset: str) -> dict:
-    from catdog_model.training.data import load_image_dataset
-
-    data = load_image_dataset(dataset)
-    images = [row[data.image_column] for row in data.dataset]
-    p_exact = np.array([r["dog"] for r in exact.predict(images)])
-    p_default = np.array([r["dog"] for r in default.predict(images)])
-    difference = np.abs(p_default - p_exact)
-    return {"images": len(images), "max_abs_diff": float(difference.max()), "mean_abs_diff": float(difference.mean()),
-            "within_0.01": float(np.mean(difference <= 0.01)),
-            "labels_agree": float(np.mean((p_default > 0.5) == (p_exact > 0.5)))}
+def _print(results: dict) -> None:
+    machine = results["machine"]
+    print(f"machine: {machine['cpu']} ({', '.join(machine['flags'])}), {machine['cores']} cores; OpenVINO "
+          f"{machine['openvino']}, torch {machine.get('torch')}; model {results['model']}")
+    for run in results["latency"]:
+        ms, engines = run["ms"], run["engines"]
+        print(f"\nbatch-1 latency, {run['threads']} thread(s), load average {run['load_average_before_after'][0]:.2f} → "
+              f"{run['load_average_before_after'][1]:.2f}")
+        print("| variant | ms, median of rounds | range | × eager fp32 | × int8 weights |")
+        print("|---|---|---|---|---|")
+        for name in VARIANTS:
+            row = ms[name]
+            print(f"| {engines[name]} | {row['median']:.1f} | {row['min']:.1f}–{row['max']:.1f} | "
+                  f"{row['median'] / ms['torch-fp32']['median']:.2f} | {row['median'] / ms['int8-weights']['median']:.2f} |")
+    for run in results.get("library", []):
+        rate = run["pictures_per_s"]
+        print(f"\ncatdog-predict, {run['threads']} thread(s): int8 weights {rate['int8-weights']['median']:.1f} "
+              f"({rate['int8-weights']['min']:.1f}–{rate['int8-weights']['max']:.1f}) pictures/s, int8 "
+              f"{rate['int8']['median']:.1f} ({rate['int8']['min']:.1f}–{rate['int8']['max']:.1f}): "
+              f"**{rate['int8']['median'] / rate['int8-weights']['median']:.2f}×**")
+    if "parity" in results:
+        parity_ = results["parity"]
+        print(f"\nparity against eager fp32 on {parity_['photos']} photos (fp32 says {parity_['fp32_verdicts']})")
+        print("| engine | verdicts agree | P(dog) max / mean diff | \"neither\" score r | Grad-CAM median r |")
+        print("|---|---|---|---|---|")
+        for name in ENGINES:
+            row = parity_[name]
+            print(f"| {name} | {row['verdicts_agree']:.2%} | {row['p_dog_max_diff']:.4f} / {row['p_dog_mean_diff']:.4f} | "
+                  f"{row['ood_score_r']:.4f} | {row['heatmap_median_r']:.3f} |")
+    if "cold_start" in results:
+        print("\ncold start, fresh process, files local (median): load_predictor returned / first answer")
+        for name, row in results["cold_start"].items():
+            print(f"| {name} | {row['load_predictor_s']:.2f} s | {row['first_answer_s']:.2f} s |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="a folder written by train_accelerate.py")
-    parser.add_argument("--dataset", default=None, help="photos for the parity check (a local folder or Hub id)")
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--model", required=True, help="a folder written by train_accelerate.py, with an int8 engine")
+    parser.add_argument("--dataset", default=None, help="photos for parity and catdog-predict (a local folder or Hub id)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--calls", type=int, default=10, help="batch-1 calls in each worker's turn")
+    parser.add_argument("--photos", type=int, default=320, help="JPEG files for catdog-predict")
     parser.add_argument("--json", default="benchmarks/results/serving_speed.json")
+    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.worker:
+        return _worker(args.worker, args.model, args.threads[0])
 
-    work = Path(tempfile.mkdtemp(prefix="catdog-bench-"))
-    try:
-        folder = work / "model"
-        shutil.copytree(args.model, folder, ignore=shutil.ignore_patterns("*.png", "*.html", "checkpoints", ".*"))
-        engines = {"exact": torch_reference(folder), "default": load_predictor(str(folder))}
-        photo = _phone_photo(work / "phone.jpg")
-        photo_bytes, median_photo = photo.read_bytes(), Image.open(photo).resize((447, 374))
-        size = {name: (folder / name).stat().st_size / 1e6 for name in ("config.json", OOD_FILE, "model.safetensors", *IR_FILES)}
-        shared = size["config.json"] + size[OOD_FILE]
-        results = {
-            "machine": describe(args.threads),
-            "model": {"source": args.model, "image_size": engines["exact"].image_size, "engine": engines["default"].engine_name},
-            "latency_ms_p50": _latencies({name: _from_file(predictor, photo_bytes, name != "exact")
-                                          for name, predictor in engines.items()}, args.repeats),
-            "pil_latency_ms_p50": _latencies({name: (lambda p=predictor: p.predict([median_photo]))
-                                              for name, predictor in engines.items()}, args.repeats),
-            "download_mb": {"exact": shared + size["model.safetensors"], "default": shared + sum(size[n] for n in IR_FILES),
-                            "model.safetensors": size["model.safetensors"]},
-            "cold_start": _cold_start(str(folder), photo, args.threads),
-            "app_cold_start_s": _app_cold_start(str(folder), photo, args.threads),
-        }
-        if args.dataset:
-            results["parity"] = _parity(engines["exact"], engines["default"], args.dataset)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    _print(results, args)
+    from benchmarks.harness import describe
+
+    model = str(Path(args.model).resolve())
+    results = {"machine": describe(), "model": args.model,
+               "latency": [latency(model, threads, args.rounds, args.calls) for threads in args.threads]}
+    if args.dataset:
+        with tempfile.TemporaryDirectory() as temp:
+            photos = _photos(args.dataset, args.photos, Path(temp))
+            results["library"] = [library(model, threads, max(3, args.rounds // 5), photos) for threads in args.threads]
+        results["parity"] = parity(model, args.dataset)
+    results["cold_start"] = cold_start(model, max(args.threads), runs=3)
+    _print(results)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2))
     print(f"wrote {args.json}")
-
-
-def _print(results: dict, args) -> None:
-    machine, model = results["machine"], results["model"]
-    print(f"machine: {machine['cpu']} ({', '.join(machine['flags'])}), {machine['cores']} cores, {args.threads} threads, "
-          f"torch {machine['torch']}")
-    print(f"model:   {args.model} at {model['image_size']} px; default engine: {model['engine']}")
-    print(f"| | exact (`torch-fp32`) | default (`{model['engine']}`) | default / exact |")
-    print("|---|---|---|---|")
-    for label, key in (("batch-1 latency, PIL image 447×374 → probabilities (p50)", "pil_latency_ms_p50"),
-                       ("batch-1 latency, 12-megapixel JPEG file → probabilities (p50)", "latency_ms_p50")):
-        row = results[key]
-        print(f"| {label} | {row['exact']:.1f} ms | {row['default']:.1f} ms | **{row['default'] / row['exact']:.2f}×** |")
-    files = results["download_mb"]
-    print(f"| downloaded by a Space (config, ood.safetensors, weights or IR) | {files['exact']:.0f} MB | "
-          f"{files['default']:.0f} MB | {files['default'] / files['exact']:.2f}× "
-          f"({files['default'] / files['model.safetensors']:.2f}× model.safetensors) |")
-    cold = results["cold_start"]
-    for label, key, unit in (("fresh process: imports done", "imports_s", "s"),
-                             ("fresh process: load_predictor returned", "loaded_s", "s"),
-                             ("fresh process: first prediction (files local)", "first_prediction_s", "s"),
-                             ("resident memory after 100 predictions + 10 explanations", "rss_mb", "MB")):
-        print(f"| {label} | | {cold[key]:.2f} {unit} | |")
-    print(f"| `python app.py` → first /predict answered | | {results['app_cold_start_s']:.1f} s | |")
-    if "parity" in results:
-        parity = results["parity"]
-        print(f"parity on {parity['images']} photos: P(dog) max |diff| {parity['max_abs_diff']:.4f}, mean "
-              f"{parity['mean_abs_diff']:.5f}, within 0.01: {parity['within_0.01']:.2%}, labels agree: {parity['labels_agree']:.2%}")
 
 
 if __name__ == "__main__":

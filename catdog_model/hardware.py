@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import sys
 
-__all__ = ["cap_malloc_arenas", "cpu_flags", "native_bf16", "usable_cores"]
+__all__ = ["cap_malloc_arenas", "cpu_flags", "cpu_name", "int8_pays", "native_bf16", "usable_cores"]
 
 
 def usable_cores() -> int:
@@ -33,7 +34,22 @@ def cpu_flags() -> frozenset[str]:
         return frozenset()
 
 
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo, or what the platform says."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
 def native_bf16(flags: frozenset[str] | None = None) -> bool:
     """Whether bfloat16 convolutions beat float32 here: AMX or AVX-512 BF16."""
     flags = cpu_flags() if flags is None else flags
     return bool({"amx_bf16", "avx512_bf16"} & flags)
+
+
+def int8_pays(flags: frozenset[str] | None = None) -> bool:
+    """Whether int8 convolutions beat bf16 here: int8 dot products in one instruction (AVX-512 VNNI, AVX-VNNI, AMX)."""
+    flags = cpu_flags() if flags is None else flags
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags)

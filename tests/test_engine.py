@@ -17,14 +17,15 @@ from huggingface_hub import constants
 from safetensors.torch import load_file, save_file
 
 from catdog_model import CatDogClassifier, ModelLoadError, PredictionError, load_predictor
-from catdog_model.config import HIDDEN, IR_FILES, OOD_FILE, STAGE_FEATURES
-from catdog_model.serving import engine as engines
+from catdog_model import hardware
+from catdog_model.config import HIDDEN, INT8_IR_FILES, IR_FILES, OOD_FILE, STAGE_FEATURES
+from catdog_model.serving.describe import details
 from catdog_model.training.calibration import save_detector
 from catdog_model.training import export
 from catdog_model.training.export import save_openvino
-from conftest import ROOT, complete_folder, hub_snapshot, torch_reference, vouch_for
+from conftest import ROOT, assert_clean_error, complete_folder, hub_snapshot, in_process, torch_reference, vouch_for
 
-SERVING_NEEDS = ("config.json", *IR_FILES, OOD_FILE)
+SERVING_NEEDS = ("config.json", *IR_FILES, OOD_FILE)  # and the int8 engine, where the model has one
 
 
 @pytest.fixture(scope="module")
@@ -61,28 +62,62 @@ def test_the_default_engine_keeps_the_answers_on_300_mini_photos(trained_model, 
     assert np.mean((p_default > 0.5) == (p_exact > 0.5)) >= 0.995, summary
 
 
-def test_the_engine_is_named_by_what_the_cpu_computes(trained_model, monkeypatch):
-    expected = "openvino-bf16" if engines.native_bf16() else "openvino-f32"
+@pytest.mark.parametrize("flags, expected", [({"avx512_vnni", "avx512_bf16", "avx2"}, "openvino-int8"),
+                                              ({"amx_int8", "amx_bf16"}, "openvino-int8"),
+                                              ({"avx512_bf16", "avx2"}, "openvino-bf16"),  # no int8 dot products
+                                              ({"avx2"}, "openvino-f32")])
+def test_the_engine_is_chosen_and_named_by_what_the_cpu_computes(trained_model, monkeypatch, flags, expected):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
     assert load_predictor(str(trained_model)).engine_name == expected
-    monkeypatch.setattr(engines, "native_bf16", lambda: False)  # an AVX2-only CPU
-    assert load_predictor(str(trained_model)).engine_name == "openvino-f32"
+    assert load_predictor(str(trained_model), int8=False).engine_name != "openvino-int8"
 
 
-def test_explain_through_openvino_matches_torch_on_photos_and_on_pictures_of_neither(trained_model, mini_images):
+def test_the_int8_engine_passed_its_check_and_agrees_with_fp32_on_the_test_models_photos(trained_model, mini_images):
+    check = json.loads((trained_model / "config.json").read_text())["manifest"]["files"][INT8_IR_FILES[0]]["check"]
+    assert check["passed"] and check["photos"] == 32 and check["verdicts_agree"] >= export.INT8_CHECK["verdicts_agree"]
+    int8, exact = load_predictor(str(trained_model), int8=True), torch_reference(trained_model)
+    photos = mini_images[::3]
+    got, expected = int8.explain_many(photos), exact.explain_many(photos)
+    assert int8.engine_name == "openvino-int8" and len(got) == 100
+    assert np.mean([a.verdict.answer == b.verdict.answer for a, b in zip(got, expected)]) >= 0.99
+    assert max(abs(a.probabilities["dog"] - b.probabilities["dog"]) for a, b in zip(got, expected)) < 0.02
+    assert np.corrcoef([a.ood_score for a in got], [b.ood_score for b in expected])[0, 1] >= 0.99
+    assert "8-bit weights and arithmetic" in details(int8)
+
+
+def test_an_int8_engine_that_fails_its_check_is_not_served_and_the_bf16_one_is(trained_model, tmp_path, monkeypatch):
+    folder = tmp_path / "model"
+    shutil.copytree(trained_model, folder)
+    # No int8 engine keeps heatmaps exactly: this check fails as one that int8 moved too far would.
+    monkeypatch.setitem(export.INT8_CHECK, "heatmap_r", 1.0)
+    argv = [str(folder), "--int8"]
+    result = in_process(lambda: export.main(argv), argv)
+    assert_clean_error(result, "the int8 engine did not pass its check", "heatmap_r")
+    assert not any((folder / name).exists() for name in INT8_IR_FILES)
+    assert load_predictor(str(folder)).engine_name in ("openvino-bf16", "openvino-f32")
+    with pytest.raises(ModelLoadError, match="has no int8 engine.*--int8"):
+        load_predictor(str(folder), int8=True)
+
+
+# int8's ranges are read on photos: on noise, stripes or text its "neither" score moves more, never its verdict.
+@pytest.mark.parametrize("int8, ood_tolerance", [(False, 0.02), (True, 0.1)])
+def test_explain_through_openvino_matches_torch_on_photos_and_on_pictures_of_neither(trained_model, mini_images, int8,
+                                                                                    ood_tolerance):
     from catdog_model.training.evaluate import synthetic_ood_images
 
-    default, exact = load_predictor(str(trained_model)), torch_reference(trained_model)
+    default, exact = load_predictor(str(trained_model), int8=int8), torch_reference(trained_model)
     for image in [*mini_images[::30], *synthetic_ood_images(count=6, size=128)]:
         expected, got = exact.explain(image), default.explain(image)
         assert abs(got.probabilities["dog"] - expected.probabilities["dog"]) < 0.01
-        assert got.ood_score == pytest.approx(expected.ood_score, rel=0.02)
+        assert got.ood_score == pytest.approx(expected.ood_score, rel=ood_tolerance)
+        assert got.verdict.answer == expected.verdict.answer
         assert got.heatmap.shape == expected.heatmap.shape and np.abs(got.heatmap - expected.heatmap).max() < 0.15
 
 
 def test_the_space_needs_only_config_the_ir_and_the_detector(trained_model, mini_images, tmp_path, monkeypatch):
     space = tmp_path / "space"
     space.mkdir()
-    for name in SERVING_NEEDS:
+    for name in (*SERVING_NEEDS, *INT8_IR_FILES):
         shutil.copy(trained_model / name, space / name)
     images = mini_images[::10]
     assert np.array_equal(_p_dog(load_predictor(str(space)), images), _p_dog(load_predictor(str(trained_model)), images))
@@ -252,7 +287,7 @@ def test_a_derived_file_must_come_from_the_listed_weights(trained_model, tmp_pat
     config["manifest"]["files"][IR_FILES[1]]["made_from"] = "0" * 64
     (edited / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="openvino_model.bin was made from other weights"):
-        load_predictor(str(edited))
+        load_predictor(str(edited), int8=False)
 
 
 def _with_nan(folder, tensor_name):

@@ -20,12 +20,13 @@ import httpx
 import pytest
 from gradio_client import Client, handle_file
 
-from catdog_model.config import SPACE_FILES
+from catdog_model.config import INT8_IR_FILES, IR_FILES, SPACE_FILES
+from catdog_model.hardware import int8_pays, native_bf16
 from harness import start_app as start_server
 from conftest import MINI_DATASET, ROOT, assert_clean_error, training_command
 
 pytestmark = pytest.mark.slow  # two training runs, uploads and downloads: about 3 minutes
-SERVING_FILES = set(SPACE_FILES)  # config.json, the IR, the detector, the report: never model.safetensors
+SERVING_FILES = set(SPACE_FILES)  # config.json, the engines, the detector, the report: never model.safetensors
 
 
 def _start_hub(folder: Path, stop_on: str = "") -> tuple[str, subprocess.Popen]:
@@ -131,8 +132,12 @@ print(json.dumps({{"engine": predictor.engine_name, "p": predictor.predict([pict
                   "files": sorted(p.name for p in pathlib.Path({str(tmp_path / 'hf')!r}).rglob('*') if p.is_file() and '/snapshots/' in str(p))}}))
 """, {**_hub_env(hub, tmp_path / "hf"), "PYTHONPATH": str(ROOT)}, tmp_path)
     answer = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(answer["files"]) == SERVING_FILES
-    assert answer["engine"] in ("openvino-bf16", "openvino-f32")
+    # One engine comes down, the one it serves: int8 where the run's passed its check and the CPU has VNNI or AMX.
+    served = INT8_IR_FILES if answer["engine"] == "openvino-int8" else IR_FILES
+    assert set(answer["files"]) == SERVING_FILES - set(IR_FILES + INT8_IR_FILES) | set(served)
+    int8_passed = INT8_IR_FILES[0] in json.loads((pushed / tag / "config.json").read_text())["manifest"]["files"]
+    assert answer["engine"] == ("openvino-int8" if int8_passed and int8_pays() else "openvino-bf16" if native_bf16()
+                                else "openvino-f32")
     assert set(answer["p"]) == {"cat", "dog"} and answer["verdict"] in ("cat", "dog", "not sure", "neither")
     # The answer is the pushed model's: that run's config.json came down, the one its manifest vouches for.
     local = json.loads((pushed / tag / "config.json").read_text())
@@ -179,7 +184,9 @@ def test_a_push_the_server_drops_midway_keeps_every_local_file_and_names_the_com
         process.kill()
         process.wait(timeout=30)
     assert_clean_error(result, "Could not push to user/catdog-dropped", "hf upload user/catdog-dropped")
-    assert SERVING_FILES | {"model.safetensors", "README.md"} <= {p.name for p in (tmp_path / "out").iterdir()}
+    kept = {path.name for path in (tmp_path / "out").iterdir()}
+    listed = set(json.loads((tmp_path / "out" / "config.json").read_text())["manifest"]["files"])  # the int8 engine if kept
+    assert listed | (SERVING_FILES - set(INT8_IR_FILES)) | {"model.safetensors", "README.md"} <= kept
 
 
 def test_a_quick_fine_tune_takes_imagenet_weights_through_timms_own_download_then_serves(hub, pushed, tmp_path):

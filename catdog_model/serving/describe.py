@@ -70,9 +70,10 @@ def details(predictor: Predictor) -> str:
         name, where = f"`{predictor.source}`", "a local folder"
     else:
         name, where = f"[`{predictor.source}`](https://huggingface.co/{predictor.source})", f"revision `{predictor.revision or 'main'}`"
-    precision = "bfloat16" if predictor.engine_name.endswith("bf16") else "float32"
+    arithmetic = {"int8": "8-bit weights and arithmetic", "bf16": "bfloat16 arithmetic, 8-bit weights"}.get(
+        predictor.engine_name.rpartition("-")[2], "float32 arithmetic, 8-bit weights")
     return (f"**Model** {name} ({where}): a {predictor.backbone} at {predictor.image_size} px. **Answers computed by** "
-            f"a fast CPU engine (OpenVINO, {precision} arithmetic, 8-bit weights) (`{predictor.engine_name}`).")
+            f"a fast CPU engine (OpenVINO, {arithmetic}) (`{predictor.engine_name}`).")
 
 
 def report(predictor: Predictor) -> tuple[str, list[tuple[str, str]]]:

@@ -1,20 +1,23 @@
-"""The serving engine: the OpenVINO IR shipped next to the weights, run with numpy alone (no torch), compiled
-in bfloat16 where the CPU computes it natively, else float32. One pass gives the logits, the Grad-CAM heatmaps
-and the "neither" detector's features."""
+"""The serving engine: an OpenVINO IR shipped next to the weights, run with numpy alone (no torch). The int8 IR
+computes in int8 where it was quantized and float32 elsewhere; the other in bfloat16 where the CPU computes it
+natively, else float32. One pass gives the logits, the Grad-CAM heatmaps and the "neither" detector's features."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 import openvino
 
 from ..config import FEATURE_NAMES, OUTPUT_NAMES
-from ..hardware import native_bf16
+from ..hardware import cpu_flags, cpu_name, native_bf16
 
 __all__ = ["EngineOutputs", "OpenVINOEngine", "compile_openvino"]
 
@@ -51,14 +54,29 @@ class OpenVINOEngine:
         return EngineOutputs.from_named({name: results[output] for name, output in self._outputs.items()})
 
 
-def compile_openvino(model: "openvino.Model | str | Path", threads: int) -> OpenVINOEngine:
-    """Compile an IR (the path of its .xml, or a model in memory) for this CPU, on ``threads`` threads."""
+def compile_cache() -> Optional[Path]:
+    """$CATDOG_COMPILE_CACHE, in a folder of its own for this kind of CPU (its model name and flags): a blob compiled
+    for one CPU's instructions must never load on another. None where the setting is empty or unset."""
+    root = os.environ.get("CATDOG_COMPILE_CACHE", "").strip()
+    if not root:
+        return None
+    kind = hashlib.sha256(f"{cpu_name()}\0{' '.join(sorted(cpu_flags()))}".encode()).hexdigest()[:16]
+    return Path(root).expanduser() / kind
+
+
+def compile_openvino(model: "openvino.Model | str | Path", threads: int, int8: bool = False) -> OpenVINOEngine:
+    """Compile an IR (the path of its .xml, or a model in memory) for this CPU, on ``threads`` threads; ``int8``: the
+    quantized IR, whose float layers were kept out of int8 for their precision, so they compute in float32."""
     start = time.perf_counter()
     core = openvino.Core()
-    if not isinstance(model, openvino.Model):
+    cache = compile_cache()
+    if cache:  # a model compiled before, on this kind of CPU, loads from its blob: the IR is not even read
+        core.set_property({"CACHE_DIR": str(cache)})
+    elif not isinstance(model, openvino.Model):
         model = core.read_model(str(model))
-    precision = "bf16" if native_bf16() else "f32"
-    compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
+    precision = "int8" if int8 else "bf16" if native_bf16() else "f32"
+    hint = "bf16" if precision == "bf16" else "f32"
+    compiled = core.compile_model(model if isinstance(model, openvino.Model) else str(model), "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY",
                                                  "INFERENCE_NUM_THREADS": threads})
     logger.info("OpenVINO %s compiled the model (%s) in %.2f s", openvino.__version__.split("-")[0], precision,
                 time.perf_counter() - start)

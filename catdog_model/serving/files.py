@@ -19,7 +19,7 @@ from huggingface_hub import constants, get_session, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, HTTPError, LocalEntryNotFoundError
 from huggingface_hub.utils import validate_repo_id
 
-from ..config import DEFAULTS, MADE_FROM_WEIGHTS, MANIFEST_KEY, SPACE_FILES, WEIGHTS, check_config
+from ..config import DEFAULTS, INT8_IR_FILES, IR_FILES, MADE_FROM_WEIGHTS, MANIFEST_KEY, SPACE_FILES, WEIGHTS, check_config
 from ..errors import CatdogError
 
 __all__ = ["DEFAULT_MODEL", "HUB_UNREACHABLE", "LOCAL_MODEL", "MODEL_ORDER", "ModelFiles", "ModelLoadError",
@@ -179,24 +179,31 @@ class ModelFiles:
         self.where = repo_id if self.local else f"{source!r} on the Hub"
         self.manifest: dict = {}
         self._folder: Optional[Path] = Path(repo_id) if self.local else None
+        self._commit: Optional[str] = None
 
-    def _download(self) -> Optional[Path]:
-        """The served files of the Hub repo at its revision, in one snapshot (never model.safetensors); None where
-        the Hub does not answer and the cache has none, which then reads as missing files."""
+    def _download(self, names) -> Optional[Path]:
+        """These files of the Hub repo, in one snapshot (never model.safetensors): at its revision the first time,
+        then at the commit that resolved to, so that every file comes from one commit. None where the Hub does not
+        answer and the cache has none, which then reads as missing files."""
         try:  # the cache alone where the Hub does not answer: a clear line in seconds, not retries
-            return Path(snapshot_download(self.repo_id, revision=self.revision, allow_patterns=list(SPACE_FILES),
-                                          local_files_only=not hub_reachable()))
+            folder = Path(snapshot_download(self.repo_id, revision=self._commit or self.revision, allow_patterns=list(names),
+                                            local_files_only=not hub_reachable()))
         except LocalEntryNotFoundError:
             return None
         except HfHubHTTPError as error:
             raise ModelLoadError(f"The Hub refused {self.source!r}: {first_line(error)}") from None
         except (HTTPError, OSError) as error:  # the connection itself failed, mid-download say
             raise ModelLoadError(f"Could not download {self.source!r}: {first_line(error)}") from None
+        self._commit = folder.name  # huggingface_hub names a snapshot's folder by its commit
+        return folder
 
     def path(self, name: str, required: bool = True) -> Optional[Path]:
-        """The file's local path, checked; None for a missing file that is not ``required``."""
+        """The file's local path, checked; None for a missing file that is not ``required``. From the Hub, the
+        engines come down one at a time, when asked for: a predictor serves one of them."""
         if self._folder is None:
-            self._folder = self._download()
+            self._folder = self._download([file for file in SPACE_FILES if file not in (*IR_FILES, *INT8_IR_FILES)])
+        if self._folder and not self.local and name in SPACE_FILES and not (self._folder / name).is_file():
+            self._download(next((pair for pair in (IR_FILES, INT8_IR_FILES) if name in pair), (name,)))
         path = self._folder / name if self._folder else None
         if path is None or not path.is_file():
             if not required:

@@ -19,13 +19,13 @@ import numpy as np
 from PIL import Image
 from safetensors import SafetensorError
 
-from ..config import IR_FILES, OOD_FILE, WEIGHTS
+from ..config import INT8_IR_FILES, IR_FILES, OOD_FILE, WEIGHTS
 from ..errors import CatdogError
-from ..hardware import usable_cores
+from ..hardware import int8_pays, usable_cores
 from ..images import MAX_PIXELS, decode, model_input, open_image, to_rgb
 from .detector import load_detector, ood_score
 from .engine import EngineOutputs, OpenVINOEngine, compile_openvino
-from .files import ModelFiles, ModelLoadError, first_line, parse_source
+from .files import REEXPORT, ModelFiles, ModelLoadError, first_line, parse_source
 from .verdict import Verdict, decide
 
 __all__ = ["DecodeBudget", "Explanation", "ModelLoadError", "PredictionError", "Predictor", "load_predictor"]
@@ -139,7 +139,7 @@ class Predictor:
 
     @property
     def engine_name(self) -> str:
-        """What computes the answers: "openvino-bf16" or "openvino-f32"."""
+        """What computes the answers: "openvino-int8", "openvino-bf16" or "openvino-f32"."""
         return self.engine.name
 
     @property
@@ -236,12 +236,19 @@ class Predictor:
             return None
 
 
-def _load_engine(files: ModelFiles, threads: int) -> OpenVINOEngine:
-    xml, _ = files.path(IR_FILES[0]), files.path(IR_FILES[1])  # OpenVINO reads the .bin beside the .xml
+def _load_engine(files: ModelFiles, threads: int, int8: Optional[bool]) -> OpenVINOEngine:
+    """The int8 engine where the model has one (it passed its check at export) and ``int8`` is not False, by default
+    only where the CPU has int8 dot products; else the engine with int8 weights alone."""
+    has_int8 = INT8_IR_FILES[0] in files.manifest["files"]
+    if int8 and not has_int8:
+        raise ModelLoadError(f"{files.where} has no int8 engine (none passed its check, or it predates them): "
+                             f"make one with `{REEXPORT} FOLDER --int8`.")
+    names = INT8_IR_FILES if has_int8 and (int8_pays() if int8 is None else int8) else IR_FILES
+    xml, _ = files.path(names[0]), files.path(names[1])  # OpenVINO reads the .bin beside the .xml
     try:
-        return compile_openvino(xml, threads)
+        return compile_openvino(xml, threads, int8=names == INT8_IR_FILES)
     except Exception as error:  # OpenVINO's reader and compiler raise their own types
-        raise ModelLoadError(f"{files.where}: OpenVINO cannot read {IR_FILES[0]} ({first_line(error)}).") from None
+        raise ModelLoadError(f"{files.where}: OpenVINO cannot read {names[0]} ({first_line(error)}).") from None
 
 
 def _optional_json(files: ModelFiles, name: str) -> dict:
@@ -257,15 +264,17 @@ def _optional_json(files: ModelFiles, name: str) -> dict:
 
 
 def load_predictor(source: str, batch_size: int = 16, threads: Optional[int] = None,
-                   max_megabytes: Optional[float] = None) -> Predictor:
+                   max_megabytes: Optional[float] = None, int8: Optional[bool] = None) -> Predictor:
     """Load a model from a local folder, "user/repo" or "user/repo@revision", ready to serve with its OpenVINO engine
-    (from the Hub, one snapshot of what it serves: config.py's SPACE_FILES, never the fp32 weights). Every file is
+    (from the Hub, what it serves: config.py's SPACE_FILES but the engine it does not serve, never the fp32 weights). Every file is
     checked against the manifest; raises ``ModelLoadError``, and only that, in one line.
-    ``threads``: how many the engine computes with (default: every core this process may use)."""
+    ``threads``: how many the engine computes with (default: every core this process may use). ``int8``: serve the
+    int8 engine (True), the one with int8 weights alone (False), or (None) the int8 one where the model has one and
+    the CPU has int8 dot products (VNNI or AMX)."""
     repo_id, revision = parse_source(source)
     files = ModelFiles(str(source).strip(), repo_id, revision)
     config = files.config()
-    engine = _load_engine(files, threads or usable_cores())
+    engine = _load_engine(files, threads or usable_cores(), int8)
     try:
         detector = load_detector(files.path(OOD_FILE), engine.feature_sizes)
     except (OSError, ValueError, SafetensorError) as error:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from huggingface_hub import EvalResult, ModelCard
 
@@ -21,12 +22,14 @@ def _dataset_source(metrics: dict) -> str:
     return f"`{metrics['dataset']}` (revision `{revision}`)"
 
 
-def make_model_card(model: CatDogClassifier, metrics: dict, evaluation: dict, repo_id: str) -> ModelCard:
-    """The card of a finished run, from its record (metrics.json) and its evaluation (evaluation.json, with its
-    figures): the card reads each number from the one file that holds it."""
+def make_model_card(model: CatDogClassifier, metrics: dict, evaluation: dict, repo_id: str,
+                    int8_check: Optional[dict] = None) -> ModelCard:
+    """The card of a finished run, from its record (metrics.json), its evaluation (evaluation.json, with its
+    figures) and the check its int8 engine passed, if one did (the manifest's)."""
     trained = "fine-tuned from ImageNet weights" if metrics["pretrained"] else "trained from scratch"
     card = model.generate_model_card(repo_id=repo_id, model_name=repo_id, trained=trained, metrics=metrics,
-                                     evaluation=evaluation, dataset_source=_dataset_source(metrics))
+                                     evaluation=evaluation, dataset_source=_dataset_source(metrics),
+                                     int8_check=int8_check)
     # A local folder is no Hub dataset id: keep it out of the metadata, which the Hub validates.
     hub_dataset = None if Path(metrics["dataset"]).exists() else metrics["dataset"]
     card.data.datasets = [hub_dataset] if hub_dataset else None

@@ -1,37 +1,57 @@
-"""The serving engine made from a trained fp32 model: ``ServingGraph`` (logits, Grad-CAM and the detector's features
-in one pass) traced into the OpenVINO IR, int8 weights with one scale per output channel (0.28× the bytes of
-model.safetensors). For a folder whose IR is missing or damaged, the command makes it again from the weights
-the manifest vouches for; or it sets the "neither" threshold, vouched for like the rest:
+"""The serving engines made from a trained fp32 model: ``ServingGraph`` (logits, Grad-CAM and the detector's features
+in one pass) traced into the OpenVINO IR, by NNCF in two forms: int8 weights (0.28× the bytes of model.safetensors),
+which every CPU serves, and int8 weights and activations, quantized on training photos and kept only where they
+pass a check against the fp32 model on the validation photos, served where the CPU has int8 dot products. For a
+folder whose IR is missing or damaged, the command makes it again from the weights the manifest vouches for (with
+``--int8`` the int8 engine too, from the run's own split.json); or it sets the "neither" threshold:
 
-    python -m catdog_model.training.export MODEL_FOLDER [--ood-threshold SCORE]
+    python -m catdog_model.training.export MODEL_FOLDER [--int8 [--dataset D]] [--ood-threshold SCORE]
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import math
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
+import nncf
+import numpy as np
 import openvino
 import torch
 import torch.nn.functional as F
+from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+from safetensors.numpy import load_file
 from torch import nn
 
-from ..config import FEATURE_NAMES, HIDDEN, IR_FILES, MANIFEST_KEY, OUTPUT_NAMES, WEIGHTS
+from ..config import FEATURE_NAMES, HIDDEN, INT8_IR_FILES, IR_FILES, MANIFEST_KEY, OOD_FILE, OUTPUT_NAMES, WEIGHTS
 from ..errors import CatdogError
 from ..cli import exit_with_error, parse_command
+from ..hardware import usable_cores
 from ..model import CatDogClassifier
+from ..serving.detector import ood_score
+from ..serving.engine import EngineOutputs, compile_openvino
 from ..serving.files import ModelFiles, ModelLoadError, file_sha256, manifest_of
+from ..serving.verdict import decide
 from .run_state import TrainingError, save_atomically
 
-__all__ = ["ServingGraph", "export_openvino", "main", "reexport", "save_openvino", "set_ood_threshold"]
+__all__ = ["INT8_CHECK", "ServingGraph", "check_int8", "export_openvino", "main", "model_inputs", "quantize_int8",
+           "reexport", "save_openvino", "set_ood_threshold"]
 
 logger = logging.getLogger(__name__)
+nncf.set_log_level(logging.WARNING)  # its progress bars stay; not its tables, nor a line for each op it leaves in float
+
+# The int8 engine is kept only where, against the fp32 model on the validation photos, it keeps this much.
+INT8_CHECK = {"verdicts_agree": 0.99, "ood_score_r": 0.995, "heatmap_r": 0.95, "probability_error": 0.05}
+# What stays in float: the detector's per-channel statistics (CatDogClassifier.inspect), as OpenVINO's PyTorch
+# frontend names their ops, and the head's last Linear.
+DETECTOR_STATISTICS = ("aten::mean/.*", "aten::std/.*")
+LAST_LINEAR = ".*head.4/.*"
+CALIBRATION_PHOTOS = 300  # NNCF's default subset
+CHECK_PHOTOS = 1000  # at most, of the validation split: minutes of fp32 at 224 px on a CPU
 
 
 class ServingGraph(nn.Module):
@@ -39,95 +59,126 @@ class ServingGraph(nn.Module):
     features, in one pass. The head is Linear → ReLU → Linear on the flattened map, so Grad-CAM's mean gradient
     is exact in closed form, (w2 ⊙ relu'(hidden)) · W1 pooled per channel: no autograd, so the export has it too."""
 
-    def __init__(self, model: CatDogClassifier, compact: bool = False) -> None:
+    def __init__(self, model: CatDogClassifier) -> None:
         super().__init__()
         self.model = model
         first = self.model.head[1].weight.detach().float()
-        pooled = first.view(first.shape[0], self.model.backbone.num_features, -1).sum(-1)
-        # ``compact`` (the export): stored in float16 in the IR (4 MB at 224 px), expanded at compile time.
-        self.register_buffer("pooled", pooled.half() if compact else pooled, persistent=False)
+        self.register_buffer("pooled", first.view(first.shape[0], self.model.backbone.num_features, -1).sum(-1),
+                             persistent=False)
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         feature_map, logits, features = self.model.forward_with_features(pixels)
         sign = torch.where(logits >= 0, 1.0, -1.0)[:, None]
         upstream = (features[HIDDEN] > 0).float() * self.model.head[4].weight * sign  # d(±logit)/d(hidden)
-        weights = upstream @ self.pooled.float() / (feature_map.shape[2] * feature_map.shape[3])
+        weights = upstream @ self.pooled / (feature_map.shape[2] * feature_map.shape[3])
         cams = F.relu(torch.einsum("nc,nchw->nhw", weights, feature_map))
         cams = cams / cams.flatten(1).amax(dim=1).clamp_min(1e-12)[:, None, None]
         return logits, cams, *(features[name] for name in FEATURE_NAMES)  # in the order of OUTPUT_NAMES
 
 
-def _int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 with one scale per output unit (the first dimension): (int8 weight, float scale)."""
-    weight = weight.detach().float()
-    scale = (weight.abs().amax(dim=tuple(range(1, weight.dim())), keepdim=True) / 127).clamp_min(1e-12)
-    return (weight / scale).round().clamp(-127, 127).to(torch.int8), scale
-
-
-class _Int8Weight(nn.Module):
-    """A layer whose weight is stored in int8 and dequantized where it is used. OpenVINO keeps such a weight
-    compressed in the IR: it runs a Linear straight from it as an int8 matmul (a quarter of the bytes to
-    stream), and expands a convolution's once, at compile time."""
-
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        weight, scale = _int8(layer.weight)
-        self.register_buffer("weight_int8", weight)
-        self.register_buffer("scale", scale)
-        self.bias = layer.bias
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.weight_int8.float() * self.scale
-
-
-class _Int8Conv2d(_Int8Weight):
-    def __init__(self, conv: nn.Conv2d) -> None:
-        super().__init__(conv)
-        self.options = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.weight, self.bias, **self.options)
-
-
-class _Int8Linear(_Int8Weight):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-
-def _with_int8_weights(model: CatDogClassifier) -> CatDogClassifier:
-    """A copy of the model whose plain convolutions and big Linear keep int8 weights (the original is untouched)."""
-    big = model.head[1]
-    copied = copy.deepcopy(model, memo={id(big.weight): big.weight})  # the 400 MB weight is replaced, not copied
-    for name, module in list(copied.named_modules()):
-        if type(module) is nn.Conv2d and module.padding_mode == "zeros":  # timm's own conv types keep float weights
-            parent, _, child = name.rpartition(".")
-            setattr(copied.get_submodule(parent), child, _Int8Conv2d(module))
-    copied.head[1] = _Int8Linear(big)
-    return copied
-
-
-def export_openvino(model: CatDogClassifier) -> openvino.Model:
-    """The serving graph of a trained fp32 model, int8 weights, as an OpenVINO model (in memory)."""
+def convert(model: CatDogClassifier) -> openvino.Model:
+    """The serving graph of a trained fp32 model as an OpenVINO model in float32 (in memory), its outputs named."""
     size = model.image_size
-    graph = ServingGraph(_with_int8_weights(model.eval()), compact=True).eval()
     with torch.no_grad(), warnings.catch_warnings():
         # OpenVINO's PyTorch frontend traces with TorchScript, which torch now marks as deprecated.
         warnings.filterwarnings("ignore", category=FutureWarning, module="torch.jit")
-        converted = openvino.convert_model(graph, example_input=torch.rand(1, 3, size, size), input=[(-1, 3, size, size)])
+        converted = openvino.convert_model(ServingGraph(model.eval()).eval(), example_input=torch.rand(1, 3, size, size),
+                                           input=[(-1, 3, size, size)])
     for output, name in zip(converted.outputs, OUTPUT_NAMES):  # the engine reads each by its name
         output.get_tensor().set_names({name})
     return converted
 
 
-def save_openvino(model: CatDogClassifier, folder: str | Path) -> None:
-    """Write ``openvino_model.xml`` and ``.bin`` for a trained fp32 model into ``folder``."""
+def export_openvino(model: CatDogClassifier) -> openvino.Model:
+    """The engine every CPU serves: int8 weights, one scale per output channel (NNCF), computed in bf16 or fp32.
+    OpenVINO runs a Linear straight from them (a quarter of the bytes to stream) and expands a convolution's once."""
+    return nncf.compress_weights(convert(model), mode=nncf.CompressWeightsMode.INT8_SYM)
+
+
+def quantize_int8(model: CatDogClassifier, calibration: Sequence[np.ndarray]) -> openvino.Model:
+    """int8 weights and activations: NNCF's post-training quantization, its ranges read on ``calibration`` (model
+    inputs of training photos). Left in float, where int8 moved the answers (benchmarks/README.md): the detector's
+    statistics, the first convolution (the normalised photo) and the last Linear (the logit)."""
+    converted = convert(model)
+    first_convolution = next(op.get_friendly_name() for op in converted.get_ordered_ops() if op.get_type_name() == "Convolution")
+    kept_in_float = nncf.IgnoredScope(patterns=[*DETECTOR_STATISTICS, LAST_LINEAR], names=[first_convolution])
+    # Served only where int8 dot products cannot saturate (VNNI, AMX): no halved range for the first layer.
+    exact_ranges = AdvancedQuantizationParameters(overflow_fix=nncf.OverflowFix.DISABLE)
+    return nncf.quantize(converted, nncf.Dataset([pixels[None].astype(np.float32) / 255 for pixels in calibration]), subset_size=len(calibration),
+                         ignored_scope=kept_in_float, advanced_parameters=exact_ranges)
+
+
+def check_int8(model: CatDogClassifier, quantized: openvino.Model, photos: Sequence[np.ndarray], detector: dict) -> dict:
+    """The int8 engine against the fp32 model on ``photos`` (model inputs of validation photos): the share of verdicts
+    that agree, the largest probability error, the "neither" score's and the heatmaps' correlation; and "passed",
+    whether each meets INT8_CHECK."""
+    engine, graph = compile_openvino(quantized, usable_cores(), int8=True), ServingGraph(model.eval()).eval()
+    found = {"int8": [], "fp32": []}
+    for start in range(0, len(photos), 16):
+        pixels = np.stack(photos[start : start + 16]).astype(np.float32) / 255
+        with torch.no_grad():
+            found["fp32"].append(EngineOutputs.from_named(dict(zip(OUTPUT_NAMES, (value.numpy() for value in graph(torch.from_numpy(pixels)))))))
+        found["int8"].append(engine(pixels))
+    answers = {}
+    for name, outputs in found.items():
+        features = {layer: np.concatenate([output.features[layer] for output in outputs]) for layer in FEATURE_NAMES}
+        p = torch.sigmoid(torch.from_numpy(np.concatenate([output.logits for output in outputs])) / model.temperature).numpy()
+        scores = ood_score(features, detector)
+        verdicts = [decide(dict(zip(model.labels, (1 - q, q))), score <= model.ood_threshold).answer for q, score in zip(p, scores)]
+        answers[name] = (p, scores, verdicts, np.concatenate([output.heatmaps for output in outputs]))
+    (p8, scores8, verdicts8, maps8), (p32, scores32, verdicts32, maps32) = answers["int8"], answers["fp32"]
+    heatmap_r = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(maps8, maps32) if a.std() > 0 and b.std() > 0]
+    check = {"photos": len(photos), "verdicts_agree": float(np.mean([a == b for a, b in zip(verdicts8, verdicts32)])),
+             "probability_error": float(np.abs(p8 - p32).max()),
+             "ood_score_r": float(np.corrcoef(scores8, scores32)[0, 1]) if scores32.std() > 0 else 1.0,
+             "heatmap_r": float(np.median(heatmap_r)) if heatmap_r else 1.0}
+    failed = [f"{key} {check[key]:.4f}" for key, limit in INT8_CHECK.items()
+              if not (check[key] <= limit if key == "probability_error" else check[key] >= limit)]
+    return {**check, "passed": not failed, "failed": ", ".join(failed)}
+
+
+def save_openvino(model: CatDogClassifier, folder: str | Path, calibration: Sequence[np.ndarray] = (),
+                  photos: Sequence[np.ndarray] = (), detector: Optional[dict] = None) -> Optional[dict]:
+    """Write the engine every CPU serves (``openvino_model.xml`` and ``.bin``) for a trained fp32 model into
+    ``folder``; with ``calibration`` (training photos), ``photos`` (validation photos) and the ``detector``, the int8
+    engine too, where it passes its check. Returns the check (None without one)."""
     # compress_to_fp16 would not apply: OpenVINO leaves a model that has int8 weights as it is.
     openvino.save_model(export_openvino(model), str(Path(folder) / IR_FILES[0]), compress_to_fp16=False)
+    if not len(calibration):
+        return None
+    quantized = quantize_int8(model, calibration)
+    check = check_int8(model, quantized, photos, detector)
+    if check["passed"]:
+        openvino.save_model(quantized, str(Path(folder) / INT8_IR_FILES[0]), compress_to_fp16=False)
+        logger.info("int8 engine kept: %.2f%% of %d validation verdicts agree with fp32, \"neither\" score r %.4f, "
+                    "heatmap r %.3f", 100 * check["verdicts_agree"], check["photos"], check["ood_score_r"], check["heatmap_r"])
+    else:
+        logger.warning("int8 engine not kept (below INT8_CHECK against fp32 on %d validation photos: %s): the engine "
+                       "with int8 weights alone serves", check["photos"], check["failed"])
+    return check
 
 
-def reexport(folder: Path) -> None:
-    """The IR of a finished model folder made again from its weights, and its manifest entries with it."""
+def model_inputs(rows, limit: int) -> list[np.ndarray]:
+    """The first ``limit`` rows of a split that has the evaluation transform, as the model's uint8 inputs."""
+    return [row["pixels"].numpy() for row in rows.select(range(min(limit, len(rows))))]
+
+
+def _photos(files: ModelFiles, image_size: int, dataset: Optional[str]) -> tuple[list, list]:
+    """Training photos to calibrate on and validation photos to check against: the rows the folder's split.json
+    (vouched for by its manifest) names, of the dataset its run read (metrics.json) or ``dataset``."""
+    from .data import SPLIT_FILE, load_image_dataset, load_split, make_transform, undecoded
+
+    metrics = json.loads(files.path("metrics.json").read_text())
+    data = load_image_dataset(dataset or metrics["dataset"], None if dataset else metrics.get("dataset_revision"))
+    transform = make_transform(data, image_size, train=False)
+    rows = {split: undecoded(load_split(files.path(SPLIT_FILE), data, split, used=True), data).with_transform(transform)
+            for split in ("train", "validation")}
+    return model_inputs(rows["train"], CALIBRATION_PHOTOS), model_inputs(rows["validation"], CHECK_PHOTOS)
+
+
+def reexport(folder: Path, int8: bool = False, dataset: Optional[str] = None) -> None:
+    """The IR of a finished model folder made again from its weights, and its manifest entries with it; with
+    ``int8``, the int8 engine too, calibrated and checked on the rows of the run's own split.json."""
     try:
         config = json.loads((folder / "config.json").read_text())
         manifest = config[MANIFEST_KEY]["files"]
@@ -141,14 +192,34 @@ def reexport(folder: Path) -> None:
         model = CatDogClassifier.from_pretrained(str(folder))
     except (OSError, ValueError, RuntimeError) as error:
         raise TrainingError(f"Could not read the model in {folder}: {str(error).splitlines()[0]}") from None
+    calibration, photos, detector = [], [], None
+    if int8:
+        files = ModelFiles(str(folder), str(folder), None)
+        try:
+            files.config()
+            detector = load_file(str(files.path(OOD_FILE)))
+        except ModelLoadError as error:
+            raise TrainingError(str(error)) from None
+        calibration, photos = _photos(files, model.image_size, dataset)
+    check = {}
 
     def write(temp: Path) -> None:
-        save_openvino(model, temp)
-        manifest.update(manifest_of(temp, IR_FILES, weights=weights)["files"])
+        check.update(save_openvino(model, temp, calibration, photos, detector) or {})
+        manifest.update(manifest_of(temp, [path.name for path in temp.iterdir()], weights=weights)["files"])
+        if check.get("passed"):  # the figures it passed on, vouched for beside the file
+            manifest[INT8_IR_FILES[0]]["check"] = check
+        elif int8:  # an int8 engine made before is not served against this check
+            for name in INT8_IR_FILES:
+                manifest.pop(name, None)
         (temp / "config.json").write_text(json.dumps(config, indent=2))
 
     save_atomically(folder, write)
     logger.info("re-exported the OpenVINO engine of %s from %s", folder, WEIGHTS)
+    if int8 and not check["passed"]:
+        for name in INT8_IR_FILES:
+            (folder / name).unlink(missing_ok=True)
+        raise TrainingError(f"the int8 engine did not pass its check against fp32 on {check['photos']} validation photos "
+                            f"({check['failed']}; INT8_CHECK in catdog_model/training/export.py): the engine with int8 weights alone serves")
 
 
 def set_ood_threshold(folder: Path, threshold: float) -> None:
@@ -179,12 +250,18 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description="Make a finished model folder's OpenVINO engine again from its weights, "
                                      'or set its "neither" threshold.')
     parser.add_argument("folder", type=Path, help="a folder written by train_accelerate.py")
+    parser.add_argument("--int8", action="store_true", help="also make the int8 engine: calibrated on the run's training "
+                        "photos, kept where it passes its check against fp32 on its validation photos")
+    parser.add_argument("--dataset", help="with --int8: where the run's dataset is now (default: the one metrics.json names)")
     parser.add_argument("--ood-threshold", type=_score, default=None, metavar="SCORE",
                         help='set the score above which a picture is "neither" a cat nor a dog (a non-negative number; '
                         "the one training chose is in config.json), and keep the engine")
     args = parse_command(parser, argv)
     try:
-        set_ood_threshold(args.folder, args.ood_threshold) if args.ood_threshold is not None else reexport(args.folder)
+        if args.ood_threshold is not None:
+            set_ood_threshold(args.folder, args.ood_threshold)
+        else:
+            reexport(args.folder, args.int8, args.dataset)
     except CatdogError as error:
         exit_with_error(error)
 

@@ -17,14 +17,14 @@ from filelock import FileLock, Timeout
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HTTPError
 
-from ..config import IR_FILES, MANIFEST_KEY, OOD_FILE, REPORT_FIGURES, WEIGHTS
+from ..config import INT8_IR_FILES, IR_FILES, MANIFEST_KEY, OOD_FILE, REPORT_FIGURES, WEIGHTS
 from ..model import CatDogClassifier
 from ..serving.files import TEMPORARY_PREFIX, check_writable, manifest_of
 from .calibration import save_detector
 from .card import make_model_card
-from .data import SPLIT_FILE, load_split, save_split
+from .data import SPLIT_FILE, load_split, make_transform, save_split
 from .evaluate import EVALUATION_FILE, report_training_run
-from .export import save_openvino
+from .export import CALIBRATION_PHOTOS, CHECK_PHOTOS, model_inputs, save_openvino
 from .run_state import BEST, CHECKPOINTS, Fitted, Progress, RunData, TrainingError, save_atomically
 
 __all__ = ["LOCK_FILE", "NOT_PUSHED", "RUN_FILES", "RUN_RECORD", "SPLIT_FILE", "TRACKER_PROJECT",
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 TRACKER_PROJECT = "catdog"  # trackers log under output_dir/catdog
 # What a run writes into its output folder (with checkpoints/): --overwrite-output-dir removes these, nothing else.
-RUN_FILES = ("config.json", WEIGHTS, *IR_FILES, OOD_FILE, "metrics.json", SPLIT_FILE, "README.md", EVALUATION_FILE,
+RUN_FILES = ("config.json", WEIGHTS, *IR_FILES, *INT8_IR_FILES, OOD_FILE, "metrics.json", SPLIT_FILE, "README.md", EVALUATION_FILE,
              *REPORT_FIGURES, TRACKER_PROJECT)
 LOCK_FILE = ".catdog.lock"
 RUN_RECORD = ".catdog-run.json"
@@ -115,12 +115,17 @@ def publish_run(config, accelerator: Accelerator, model: CatDogClassifier, progr
     model_config = {**json.loads((best / "config.json").read_text()), "temperature": fitted.calibration["temperature"],
               "ood_threshold": model.ood_threshold}
     tested = {}
+    exported = CatDogClassifier.from_pretrained(str(best))  # fp32, on the CPU
+    exported.temperature, exported.ood_threshold = model_config["temperature"], model_config["ood_threshold"]
+    plain = {split: run.used[split].with_transform(make_transform(run.data, model.image_size, train=False))
+             for split in ("train", "validation")}
 
     def write(temp: Path) -> None:
         shutil.copyfile(best / WEIGHTS, temp / WEIGHTS)
         save_detector(fitted.detector, temp / OOD_FILE)
-        logger.info("exporting the serving engine (OpenVINO IR, int8 weights) from %s", WEIGHTS)
-        save_openvino(CatDogClassifier.from_pretrained(str(best)), temp)
+        logger.info("exporting the serving engines (OpenVINO IR, int8) from %s", WEIGHTS)
+        check = save_openvino(exported, temp, model_inputs(plain["train"], CALIBRATION_PHOTOS),
+                              model_inputs(plain["validation"], CHECK_PHOTOS), fitted.detector)
         save_split(temp / SPLIT_FILE, run.splits, run.rows, run.data, dataset=config.dataset,
                    revision=config.dataset_revision, seed=config.seed, fingerprint=run.fingerprint)
         test_rows = load_split(temp / SPLIT_FILE, run.data, "test", used=True)
@@ -128,8 +133,10 @@ def publish_run(config, accelerator: Accelerator, model: CatDogClassifier, progr
                                                                lambda i: test_rows[i][run.data.image_column], temp)
         metrics = _run_record(config, accelerator, progress, fitted.calibration, run)
         (temp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        make_model_card(model, metrics, evaluation, name).save(temp / "README.md")
+        make_model_card(model, metrics, evaluation, name, check if check["passed"] else None).save(temp / "README.md")
         model_config[MANIFEST_KEY] = manifest_of(temp, sorted(path.name for path in temp.iterdir()), model_config)
+        if check["passed"]:  # the figures it passed on, vouched for beside the file
+            model_config[MANIFEST_KEY]["files"][INT8_IR_FILES[0]]["check"] = check
         (temp / "config.json").write_text(json.dumps(model_config, indent=2))
 
     written = save_atomically(output_dir, write)
