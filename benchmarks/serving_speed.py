@@ -39,6 +39,7 @@ VARIANTS = ("torch-fp32", *ENGINES)
 # ---- The worker: one variant, loaded once, timed when asked (stdin: "latency N" or "library FOLDER"; stdout: JSON).
 
 def _worker(variant: str, model: str, threads: int) -> None:
+    answers, sys.stdout = sys.stdout, sys.stderr  # what the libraries print stays off the answers' pipe
     from PIL import Image
 
     from catdog_model import load_predictor
@@ -56,7 +57,7 @@ def _worker(variant: str, model: str, threads: int) -> None:
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (374, 447, 3), dtype=np.uint8))
     for _ in range(5):
         predictor.predict([photo])
-    print(json.dumps({"engine": predictor.engine_name}), flush=True)
+    print(json.dumps({"engine": predictor.engine_name}), file=answers, flush=True)
     for line in sys.stdin:
         task, _, argument = line.strip().partition(" ")
         if task == "latency":
@@ -65,13 +66,13 @@ def _worker(variant: str, model: str, threads: int) -> None:
                 start = time.perf_counter()
                 predictor.predict([photo])
                 times.append(time.perf_counter() - start)
-            print(json.dumps(times), flush=True)
+            print(json.dumps(times), file=answers, flush=True)
         elif task == "library":
             with tempfile.TemporaryDirectory() as temp:
                 pictures = list(_files([argument]))
                 start = time.perf_counter()
                 predict_files(predictor, iter(pictures), Path(temp) / "rows.csv", {"benchmark": variant}, len(pictures))
-                print(json.dumps(len(pictures) / (time.perf_counter() - start)), flush=True)
+                print(json.dumps(len(pictures) / (time.perf_counter() - start)), file=answers, flush=True)
 
 
 class Worker:

@@ -38,7 +38,7 @@ from ..serving.files import ModelFiles, ModelLoadError, file_sha256, manifest_of
 from ..serving.verdict import decide
 from .run_state import TrainingError, save_atomically
 
-__all__ = ["INT8_CHECK", "ServingGraph", "check_int8", "export_openvino", "main", "model_inputs", "quantize_int8",
+__all__ = ["INT8_CHECK", "ServingGraph", "check_int8", "convert", "int8_weights", "main", "model_inputs", "quantize_int8",
            "reexport", "save_openvino", "set_ood_threshold"]
 
 logger = logging.getLogger(__name__)
@@ -89,23 +89,25 @@ def convert(model: CatDogClassifier) -> openvino.Model:
     return converted
 
 
-def export_openvino(model: CatDogClassifier) -> openvino.Model:
-    """The engine every CPU serves: int8 weights, one scale per output channel (NNCF), computed in bf16 or fp32.
-    OpenVINO runs a Linear straight from them (a quarter of the bytes to stream) and expands a convolution's once."""
-    return nncf.compress_weights(convert(model), mode=nncf.CompressWeightsMode.INT8_SYM)
+def int8_weights(converted: openvino.Model) -> openvino.Model:
+    """The engine every CPU serves, from ``convert``'s model: int8 weights, one scale per output channel (NNCF),
+    computed in bf16 or fp32. OpenVINO runs a Linear straight from them (a quarter of the bytes to stream) and
+    expands a convolution's once."""
+    return nncf.compress_weights(converted.clone(), mode=nncf.CompressWeightsMode.INT8_SYM)
 
 
-def quantize_int8(model: CatDogClassifier, calibration: Sequence[np.ndarray]) -> openvino.Model:
-    """int8 weights and activations: NNCF's post-training quantization, its ranges read on ``calibration`` (model
-    inputs of training photos). Left in float, where int8 moved the answers (benchmarks/README.md): the detector's
-    statistics, the first convolution (the normalised photo) and the last Linear (the logit)."""
-    converted = convert(model)
+def quantize_int8(converted: openvino.Model, calibration: Sequence[np.ndarray]) -> openvino.Model:
+    """int8 weights and activations from ``convert``'s model: NNCF's post-training quantization, its ranges read on
+    ``calibration`` (model inputs of training photos). Left in float, where int8 moved the answers
+    (benchmarks/README.md): the detector's statistics, the first convolution (the normalised photo) and the last
+    Linear (the logit)."""
     first_convolution = next(op.get_friendly_name() for op in converted.get_ordered_ops() if op.get_type_name() == "Convolution")
     kept_in_float = nncf.IgnoredScope(patterns=[*DETECTOR_STATISTICS, LAST_LINEAR], names=[first_convolution])
     # Served only where int8 dot products cannot saturate (VNNI, AMX): no halved range for the first layer.
     exact_ranges = AdvancedQuantizationParameters(overflow_fix=nncf.OverflowFix.DISABLE)
-    return nncf.quantize(converted, nncf.Dataset([pixels[None].astype(np.float32) / 255 for pixels in calibration]), subset_size=len(calibration),
-                         ignored_scope=kept_in_float, advanced_parameters=exact_ranges)
+    batches = nncf.Dataset([pixels[None].astype(np.float32) / 255 for pixels in calibration])
+    return nncf.quantize(converted, batches, subset_size=len(calibration), ignored_scope=kept_in_float,
+                         advanced_parameters=exact_ranges)
 
 
 def check_int8(model: CatDogClassifier, quantized: openvino.Model, photos: Sequence[np.ndarray], detector: dict) -> dict:
@@ -143,10 +145,11 @@ def save_openvino(model: CatDogClassifier, folder: str | Path, calibration: Sequ
     ``folder``; with ``calibration`` (training photos), ``photos`` (validation photos) and the ``detector``, the int8
     engine too, where it passes its check. Returns the check (None without one)."""
     # compress_to_fp16 would not apply: OpenVINO leaves a model that has int8 weights as it is.
-    openvino.save_model(export_openvino(model), str(Path(folder) / IR_FILES[0]), compress_to_fp16=False)
+    converted = convert(model)
+    openvino.save_model(int8_weights(converted), str(Path(folder) / IR_FILES[0]), compress_to_fp16=False)
     if not len(calibration):
         return None
-    quantized = quantize_int8(model, calibration)
+    quantized = quantize_int8(converted, calibration)
     check = check_int8(model, quantized, photos, detector)
     if check["passed"]:
         openvino.save_model(quantized, str(Path(folder) / INT8_IR_FILES[0]), compress_to_fp16=False)
