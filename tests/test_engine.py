@@ -14,11 +14,13 @@ import pytest
 import torch
 from datasets import load_dataset
 from huggingface_hub import constants
+from safetensors.numpy import load_file as load_file_numpy
 from safetensors.torch import load_file, save_file
 
 from catdog_model import CatDogClassifier, ModelLoadError, PredictionError, load_predictor
 from catdog_model import hardware
 from catdog_model.config import HIDDEN, INT8_IR_FILES, IR_FILES, OOD_FILE, STAGE_FEATURES
+from catdog_model.images import model_input
 from catdog_model.serving.describe import details
 from catdog_model.training.calibration import save_detector
 from catdog_model.training import export
@@ -46,9 +48,9 @@ def small_run(tmp_path_factory):
 
 def _p_dog(predictor, images) -> np.ndarray:
     return np.array([result["dog"] for result in predictor.predict(images)])
+
+
 @pytest.mark.slow
-
-
 def test_the_default_engine_keeps_the_answers_on_300_mini_photos(trained_model, mini_images):
     # benchmarks/serving_speed.py --dataset measures all 3,000.
     photos = mini_images
@@ -85,6 +87,17 @@ def test_the_int8_engine_passed_its_check_and_agrees_with_fp32_on_the_test_model
     assert "8-bit weights and arithmetic" in details(int8)
 
 
+def test_an_int8_engine_that_fails_its_check_is_not_written(small_run, mini_images, tmp_path, monkeypatch):
+    model = CatDogClassifier.from_pretrained(str(small_run)).eval()
+    photos = [model_input(image, model.image_size) for image in mini_images[::10]]
+    # No int8 engine keeps heatmaps exactly: this check fails as one that int8 moved too far would.
+    monkeypatch.setitem(export.INT8_CHECK, "heatmap_r", 1.0)
+    check = save_openvino(model, tmp_path, photos[:15], photos[15:], load_file_numpy(str(small_run / OOD_FILE)))
+    assert not check["passed"] and check["failed"].startswith("heatmap_r") and check["photos"] == 15
+    assert (tmp_path / IR_FILES[0]).is_file() and not any((tmp_path / name).exists() for name in INT8_IR_FILES)
+
+
+@pytest.mark.slow
 def test_an_int8_engine_that_fails_its_check_is_not_served_and_the_bf16_one_is(trained_model, tmp_path, monkeypatch):
     folder = tmp_path / "model"
     shutil.copytree(trained_model, folder)
@@ -140,9 +153,9 @@ def test_what_a_space_downloads_is_under_0_3_of_the_fp32_weights_at_224_px(spec_
     space = sum((tmp_path / name).stat().st_size for name in SERVING_NEEDS)
     fp32 = (tmp_path / "model.safetensors").stat().st_size
     assert space <= 0.3 * fp32, (space / 1e6, fp32 / 1e6)
+
+
 @pytest.mark.slow
-
-
 def test_a_folder_without_its_ir_is_refused_and_the_command_makes_it_again(small_run, mini_images, tmp_path):
     folder = tmp_path / "no-ir"
     shutil.copytree(small_run, folder, ignore=shutil.ignore_patterns("openvino_model.*"))
@@ -197,6 +210,7 @@ except ImportError as error:
 """
 
 
+@pytest.mark.slow  # the quick suite reads the same rule from the imports (test_packaging.py)
 def test_serving_and_the_app_never_import_torch(trained_model):
     result = subprocess.run([sys.executable, "-c", SERVING_WITHOUT_TORCH, str(trained_model)], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
@@ -294,9 +308,9 @@ def _with_nan(folder, tensor_name):
     weights = load_file(folder / "model.safetensors")
     weights[tensor_name][0] = float("nan")
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+
 @pytest.mark.slow
-
-
 def test_an_engine_with_a_non_finite_weight_raises_instead_of_answering(small_run, tmp_path):
     """Training never saves NaN weights (test_resume); an engine vouched for by hand that holds one gives no answer."""
     folder = tmp_path / "nan"

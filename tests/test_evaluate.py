@@ -91,9 +91,9 @@ def test_the_command_fails_in_one_line(tmp_path, mini_dataset):
     assert_clean_error(typed, "No such model folder")  # as typed, in a process of its own: exit code 1, one line
     assert_clean_error(_evaluate(str(ROOT / "examples"), "--dataset", str(mini_dataset), "--output-dir", str(tmp_path / "r")),
                        "has no config.json")
+
+
 @pytest.mark.slow
-
-
 def test_every_input_is_checked_before_the_evaluation(trained_model, mini_dataset, tmp_path):
     a_file = tmp_path / "report.txt"
     a_file.write_text("not a folder")

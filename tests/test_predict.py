@@ -81,9 +81,9 @@ def test_a_folder_tree_gives_one_row_per_picture_with_the_predictors_own_answers
     assert "classified 7 pictures" in result.stderr and "2 error" in result.stderr
     assert "picture/s" in result.stderr  # the progress bar, with its rate
     assert not (tmp_path / "rows.csv.parts").exists()
+
+
 @pytest.mark.slow
-
-
 def test_json_lines_and_parquet_hold_the_same_rows_and_a_file_list_and_globs_work(trained_model, library, tmp_path):
     assert _predict(library, "--output", tmp_path / "rows.jsonl", "--model", trained_model).returncode == 0
     assert _predict(library, "--output", tmp_path / "rows.parquet", "--model", trained_model).returncode == 0
@@ -94,9 +94,9 @@ def test_json_lines_and_parquet_hold_the_same_rows_and_a_file_list_and_globs_wor
     assert picked.returncode == 0, picked.stderr[-2000:]
     some = [json.loads(line) for line in (tmp_path / "some.jsonl").read_text().splitlines()]
     assert [row["picture"] for row in some][0] == "photo0.jpg" and len(some) == 5  # 1 file, 4 matches
+
+
 @pytest.mark.slow
-
-
 def test_a_local_dataset_by_row_with_the_same_answers_as_its_pictures(trained_model, tmp_path):
     rows = [(_jpeg(i), i % 2) for i in range(20)] + [(b"broken", 0)]
     folder = write_parquet_dataset(tmp_path / "data", rows)
@@ -107,9 +107,9 @@ def test_a_local_dataset_by_row_with_the_same_answers_as_its_pictures(trained_mo
     assert [row["picture"] for row in written] == [str(i) for i in range(21)] and written[20]["verdict"] == "error"
     explanations = predictor.explain_inputs([predictor.model_input(picture) for picture, _ in rows[:20]])
     assert [float(row["p_dog"]) for row in written[:20]] == [answer.probabilities["dog"] for answer in explanations]
+
+
 @pytest.mark.slow
-
-
 def test_a_datasets_verdicts_sit_beside_its_own_columns_in_every_format(trained_model, tmp_path):
     """Parquet keeps the pictures too, with the dataset's features: load_dataset reads it back as the split, labelled."""
     import datasets
@@ -285,9 +285,9 @@ def test_a_fifo_or_an_unreadable_folder_is_skipped_with_a_warning_never_a_hang(t
     assert "b_pipe.jpg" not in names
     if os.geteuid() != 0:  # root reads any folder, whatever its mode
         assert f"skipping {photos / 'locked'} and what it holds: Permission denied" in result.stderr
+
+
 @pytest.mark.slow
-
-
 def test_a_folder_that_cannot_be_listed_is_named_in_a_warning(trained_model, library, tmp_path, monkeypatch):
     """As root reads any folder whatever its mode, the refusal is the file system's answer, as os.walk gets it."""
     photos = tmp_path / "photos"

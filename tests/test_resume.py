@@ -186,6 +186,7 @@ def test_checkpoints_total_limit_keeps_the_newest(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_00000002", "step_00000003"]
 
 
+@pytest.mark.slow
 def test_overwrite_removes_the_previous_run_only_after_the_flags_and_the_data_are_checked(full_run, tmp_path):
     old = tmp_path / "out"
     shutil.copytree(full_run, old)
