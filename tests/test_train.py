@@ -308,13 +308,16 @@ def test_ctrl_c_under_accelerate_launch_says_how_to_resume(tmp_path):
         while "epoch 1:" not in log.read_text() and process.poll() is None and time.time() < deadline:
             time.sleep(0.2)
         os.killpg(process.pid, signal.SIGINT)  # as a terminal sends Ctrl-C: to the launcher and the script alike
-        assert process.wait(timeout=60) == 130
+        status = process.wait(timeout=60)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
     text = log.read_text()
     assert f"interrupted; the checkpoints (if any) are in {tmp_path / 'out'}/checkpoints: continue with the same command " \
            "and --resume-from-checkpoint latest" in text and "Traceback" not in text, text[-2500:].replace("\r", "\n")
+    # accelerate's launcher exits 130 when its own Ctrl-C reaches it first, and 1 (its --quiet answer to any child
+    # that failed) when the script's exit reaches it first: a race inside the launcher, seen once in CI.
+    assert status in (130, 1), (status, text[-2500:].replace("\r", "\n"))
 
 
 @pytest.mark.slow
