@@ -98,6 +98,22 @@ def test_an_int8_engine_that_fails_its_check_is_not_written(small_run, mini_imag
 
 
 @pytest.mark.slow
+def test_a_quantization_that_raises_leaves_the_bf16_engine_written_and_says_why(small_run, mini_images, tmp_path,
+                                                                              monkeypatch, caplog):
+    model = CatDogClassifier.from_pretrained(str(small_run)).eval()
+    photos = [model_input(image, model.image_size) for image in mini_images[:4]]
+
+    def raises(*args, **kwargs):  # as NNCF does for an ignored scope that matches no op, say
+        raise RuntimeError("Ignored nodes that matches patterns ['aten::mean/.*'] were not found in the NNCFGraph.")
+
+    monkeypatch.setattr(export.nncf, "quantize", raises)
+    check = save_openvino(model, tmp_path, photos[:2], photos[2:], load_file_numpy(str(small_run / OOD_FILE)))
+    assert not check["passed"] and "NNCF could not quantize it: Ignored nodes" in check["failed"]
+    assert (tmp_path / IR_FILES[0]).is_file() and not (tmp_path / INT8_IR_FILES[0]).exists()
+    assert "int8 engine not made" in caplog.text
+
+
+@pytest.mark.slow
 def test_an_int8_engine_that_fails_its_check_is_not_served_and_the_bf16_one_is(trained_model, tmp_path, monkeypatch):
     folder = tmp_path / "model"
     shutil.copytree(trained_model, folder)

@@ -34,7 +34,7 @@ from ..hardware import usable_cores
 from ..model import CatDogClassifier
 from ..serving.detector import ood_score
 from ..serving.engine import EngineOutputs, compile_openvino
-from ..serving.files import ModelFiles, ModelLoadError, file_sha256, manifest_of
+from ..serving.files import ModelFiles, ModelLoadError, file_sha256, first_line, manifest_of
 from ..serving.verdict import decide
 from .run_state import TrainingError, save_atomically
 
@@ -149,7 +149,11 @@ def save_openvino(model: CatDogClassifier, folder: str | Path, calibration: Sequ
     openvino.save_model(int8_weights(converted), str(Path(folder) / IR_FILES[0]), compress_to_fp16=False)
     if not len(calibration):
         return None
-    quantized = quantize_int8(converted, calibration)
+    try:
+        quantized = quantize_int8(converted, calibration)
+    except Exception as error:  # NNCF's own types, whichever a version raises: the run's model is still written
+        logger.warning("int8 engine not made (NNCF: %s): the engine with int8 weights alone serves", first_line(error))
+        return {"photos": len(photos), "passed": False, "failed": f"NNCF could not quantize it: {first_line(error)}"}
     check = check_int8(model, quantized, photos, detector)
     if check["passed"]:
         openvino.save_model(quantized, str(Path(folder) / INT8_IR_FILES[0]), compress_to_fp16=False)
