@@ -69,7 +69,7 @@ def _upload_name(upload) -> str:  # the name the file had on the user's machine,
 
 @dataclass
 class Space:
-    """The app's handlers, bound to one loaded predictor (or to the reason there is none)."""
+    """The app's handlers, bound to one predictor (or to why there is none)."""
 
     predictor: Optional[Predictor]
     load_error: Optional[str] = None
@@ -87,7 +87,7 @@ class Space:
                            print_exception=False)
 
     def _api_explanation(self, upload):
-        """The API's upload, explained; or a gr.Error, which gradio_client raises as AppError with the reason."""
+        """The API's upload explained, or a gr.Error (gradio_client raises it as AppError)."""
         self._require_model()
         path = _upload_path(upload)
         if not path:
@@ -127,7 +127,7 @@ class Space:
                 "ood_score": explanation.ood_score, "ood_threshold": self.predictor.ood_threshold}
 
     def predict_on_page(self, upload: str | dict | None) -> tuple:
-        """The verdict, the probabilities and the heatmap; problems stay next to the picture, not in a toast that fades."""
+        """The verdict, probabilities and heatmap; problems shown beside the picture, not in a fading toast."""
         if self.predictor is None:
             return _page(status=f"⚠️ **No model is loaded**, so nothing can be classified. {FIX_HINT}")
         path = _upload_path(upload)
@@ -169,8 +169,8 @@ class Space:
         return rows, self._write_csv(rows)
 
     def _write_csv(self, rows: list[list]) -> str:
-        """The table as CSV, in a folder of its own (Gradio copies it into its cache to serve it); a folder per run
-        keeps the plain file name, and folders older than the upload TTL are removed here."""
+        """The table as CSV in a folder of its own, so that the file keeps its plain name; folders older than the upload
+        TTL go."""
         remove_expired(self.csv_dir.iterdir(), self.upload_ttl_s)
         csv_path = Path(tempfile.mkdtemp(dir=self.csv_dir)) / "catdog-predictions.csv"
         with open(csv_path, "w", newline="") as out:
@@ -178,7 +178,7 @@ class Space:
         return str(csv_path)
 
     def predict_batch_on_page(self, files: list | None, progress=gr.Progress()) -> tuple:
-        """The page's batch: the same rows, two columns that fit a phone, problems shown inline as on the first tab."""
+        """The page's batch: the same rows, two columns that fit a phone, problems shown inline."""
         try:
             rows, csv_path = self.predict_batch(files, progress)
         except gr.Error as error:
@@ -187,8 +187,7 @@ class Space:
 
 
 def _results_html(rows: list[list], headers: list[str]) -> str:
-    """The batch's rows as a table of two columns, each cell a word or two wide: the file with its note under it,
-    the verdict with both probabilities under it."""
+    """The batch's rows in two narrow columns: file over note, verdict over probabilities."""
     def cell(text: str, under: str) -> str:
         return f"<td><b>{html.escape(str(text))}</b>" + (f"<br><small>{html.escape(under)}</small>" if under else "") + "</td>"
 
@@ -210,7 +209,7 @@ def _verdict_markdown(verdict: Verdict) -> str:
 
 
 def _page(label=None, status: str = "", verdict: str = "", heatmap=None) -> tuple:
-    """The first tab's four outputs: the probabilities, the inline status, the verdict and the heatmap."""
+    """The first tab's outputs: probabilities, status, verdict, heatmap."""
     return label, _status(status), gr.update(value=verdict, visible=bool(verdict)), heatmap
 
 
@@ -223,7 +222,7 @@ def _examples() -> tuple[list[str], list[str]]:
 
 def build_demo(predictor: Optional[Predictor], load_error: Optional[str] = None, concurrency: int = 4,
                upload_ttl_s: int = 3600) -> gr.Blocks:
-    """The Space's page and API for this predictor (None: a page that says why, with ``load_error``)."""
+    """The Space's page and API for this predictor (None: a page that says why, ``load_error``)."""
     space, ready = Space(predictor, load_error, upload_ttl_s), predictor is not None
     with gr.Blocks(title="catdog: cat or dog?", delete_cache=(min(600, upload_ttl_s), upload_ttl_s)) as demo:
         gr.Markdown("# 🐱 catdog 🐶\nDrop a photo of a cat or a dog, paste one, or use your webcam. "
@@ -306,8 +305,7 @@ def _batch_tab(space: Space, ready: bool) -> None:
 
 
 def _setting(name: str, default: str, minimum: int, maximum: int = 2**31 - 1) -> int:
-    """$name as a whole number from ``minimum`` to ``maximum``. Any other value stops the app with one line: a
-    Space's log should say what is wrong, not run on another setting."""
+    """$name as a whole number in [minimum, maximum]; anything else stops the app with one line."""
     value = os.environ.get(name, default).strip()
     if value.isdecimal() and minimum <= int(value) <= maximum:
         return int(value)
@@ -316,7 +314,7 @@ def _setting(name: str, default: str, minimum: int, maximum: int = 2**31 - 1) ->
 
 
 def _model_source(argv: list[str]) -> tuple[str, str, bool]:
-    """The model to serve, why that one (--model, then $CATDOG_MODEL, then ./catdog-model, then the Hub), and --check."""
+    """The model to serve, why that one, and --check."""
     parser = argparse.ArgumentParser(description="Serve the catdog demo.")
     parser.add_argument("--model", default=None, help=f"Hub repo id, id@revision, or a local folder (default: {MODEL_ORDER})")
     parser.add_argument("--check", action="store_true", help="only load the model: exit 0 if it can be served, else 1")
@@ -328,8 +326,8 @@ def _model_source(argv: list[str]) -> tuple[str, str, bool]:
 
 
 class _HangUpsInOneLine(logging.Filter):
-    """A visitor who closes the tab mid-upload is routine on a public Space: one log line, not starlette's
-    70-line traceback (kept with CATDOG_DEBUG=1)."""
+    """A visitor closing the tab mid-upload is routine: one log line, not starlette's traceback (kept with
+    CATDOG_DEBUG=1)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         hung_up = record.exc_info and type(record.exc_info[1]).__name__ == "ClientDisconnect"  # starlette's, under gradio

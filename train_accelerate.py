@@ -18,7 +18,7 @@ import signal
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from catdog_model.errors import CatdogError
 from catdog_model.cli import exit_with_error
@@ -70,8 +70,7 @@ def check_model_flags(config: TrainingSettings) -> None:
 
 
 def run_identity(config, accelerator: Accelerator) -> dict:
-    """Everything that makes a run's result what it is, keyed by the flag that sets it: not the flags that only
-    change speed, nor --epochs (a run may be extended)."""
+    """What makes a run's result what it is, keyed by flag: not the flags that only change speed, nor --epochs."""
     local = Path(config.dataset).exists()
     return {
         "--dataset": None if local else config.dataset,  # a local folder is known by its content, wherever it lies
@@ -129,8 +128,9 @@ def build_model(config, labels: tuple[str, ...]) -> CatDogClassifier:
     return model
 
 
-def train_one_epoch(config, accelerator: Accelerator, model, optimizer, loader, progress: Progress, checkpoint: Callable) -> None:
-    """The batches of one epoch, or what is left of it after a resume."""
+def train_one_epoch(config, accelerator: Accelerator, model, optimizer, loader, progress: Progress) -> Iterator[list]:
+    """The batches of one epoch, or what is left of it after a resume; yields the losses not yet checked at each
+    optimizer step that --checkpoint-every asks to save."""
     model.train()
     if progress.batches_in_epoch:  # a resume mid-epoch: the same seeded order, without the batches already done
         loader = accelerator.skip_first_batches(loader, progress.batches_in_epoch)
@@ -157,7 +157,7 @@ def train_one_epoch(config, accelerator: Accelerator, model, optimizer, loader, 
         if accelerator.sync_gradients:
             progress.optimizer_steps += 1
             if config.checkpoint_every and progress.optimizer_steps % config.checkpoint_every == 0:
-                checkpoint(unchecked_losses)
+                yield unchecked_losses
     check_finite(unchecked_losses, model, progress)
 
 
@@ -264,7 +264,8 @@ def training_function(config: TrainingSettings) -> None:
     for epoch in range(progress.epoch, config.epochs):
         train_transform.set_epoch(epoch)
         loaders.train.set_epoch(epoch)
-        train_one_epoch(config, accelerator, model, optimizer, loaders.train, progress, checkpoint)
+        for unchecked_losses in train_one_epoch(config, accelerator, model, optimizer, loaders.train, progress):
+            checkpoint(unchecked_losses)
         finish_epoch(config, accelerator, model, loaders.validation, progress, output_dir)
         if config.checkpoint_each_epoch:
             checkpoint([])

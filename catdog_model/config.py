@@ -1,6 +1,5 @@
-"""What a model folder holds and what its config.json may say, checked without torch: the model's arguments and
-what training fits after them, the folder's file names and the layer names the detector and the export share.
-``check_config`` is the one judge of a valid value, for the model's ``__init__`` and ``load_predictor`` alike."""
+"""What a model folder holds and what its config.json may say, checked without torch. ``check_config`` is the one judge
+of a valid value, for the model and ``load_predictor`` alike."""
 
 from __future__ import annotations
 
@@ -60,8 +59,8 @@ def _number(value) -> bool:
 
 
 def check_config(config: dict) -> dict:
-    """The model's arguments from a config dict, defaults filled in and each checked: ValueError or TypeError names the
-    first that cannot work. Keys it does not know (the manifest, ``pretrained``) are left out."""
+    """The model's arguments from a config dict, defaults filled in, each checked (ValueError or TypeError); unknown
+    keys left out."""
     checked = {name: config.get(name, default) for name, default in DEFAULTS.items()}
     if not isinstance(checked["backbone"], str) or not checked["backbone"]:
         raise ValueError(f"backbone must be a timm model name, got {checked['backbone']!r}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["BatchError", "CatdogError", "TRAIN_EXTRA"]
+__all__ = ["CatdogError", "TRAIN_EXTRA"]
 
 TRAIN_EXTRA = 'needs datasets and accelerate: pip install "catdog-classifier[train]"'
 
@@ -10,6 +10,3 @@ TRAIN_EXTRA = 'needs datasets and accelerate: pip install "catdog-classifier[tra
 class CatdogError(Exception):
     """A problem the user can fix, said in one line."""
 
-
-class BatchError(CatdogError):
-    """catdog-predict: a problem with its inputs, its output or its push."""

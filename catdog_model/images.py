@@ -1,6 +1,5 @@
-"""The one path from any picture to the model's input, shared by training, evaluation and serving: ``open_image``
-checks the pixel count from the header before decoding, ``to_rgb`` fixes orientation and mode, ``model_input``
-resizes to the (3, S, S) uint8 array every side feeds the model."""
+"""The one path from any picture to the model's input, for training, evaluation and serving: ``open_image`` checks the
+pixel count from the header, ``to_rgb`` fixes orientation and mode, ``model_input`` gives the (3, S, S) uint8 array."""
 
 from __future__ import annotations
 
@@ -14,7 +13,7 @@ from PIL import ExifTags, Image, ImageOps
 
 from .errors import CatdogError
 
-__all__ = ["ImageError", "MAX_PIXELS", "TooLargeError", "decode", "model_input", "open_image", "to_rgb"]
+__all__ = ["ImageError", "MAX_PIXELS", "decode", "model_input", "open_image", "to_rgb"]
 
 # 40 megapixels: larger than any phone photo, small enough to decode on a 2-vCPU Space.
 MAX_PIXELS = 40_000_000
@@ -27,22 +26,18 @@ logger = logging.getLogger(__name__)
 
 
 class ImageError(CatdogError):
-    """A picture that cannot be used, with a message fit to show the user (and a title for it)."""
+    """A picture that cannot be used, with a message fit to show the user and a title for it."""
 
-    title = "Cannot read this file"
-
-
-class TooLargeError(ImageError):
-    """A file or picture over the limits; the message says which limit."""
-
-    title = "Too large"
+    def __init__(self, message: str, title: str = "Cannot read this file") -> None:
+        super().__init__(message)
+        self.title = title
 
 
 def open_image(source: ImageSource, max_pixels: int = MAX_PIXELS, draft_size: Optional[int] = None,
                max_megabytes: Optional[float] = None, decode_now: bool = True) -> Image.Image:
-    """Open and decode a picture, or raise ``ImageError`` with a short reason (``TooLargeError`` over
-    ``max_megabytes`` or ``max_pixels``, checked from the header first). With ``draft_size``, a JPEG decodes at
-    1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) while both sides stay at least ``draft_size``."""
+    """Open and decode a picture, or ``ImageError`` with a short reason (titled "Too large" over ``max_megabytes`` or
+    ``max_pixels``, from the header). With ``draft_size``, a JPEG decodes at 1/2, 1/4 or 1/8 scale while both sides stay
+    at least ``draft_size``."""
     if isinstance(source, bytes):
         if not source:
             raise ImageError("The file is empty.")
@@ -52,28 +47,27 @@ def open_image(source: ImageSource, max_pixels: int = MAX_PIXELS, draft_size: Op
         if megabytes == 0:
             raise ImageError("The file is empty.")
         if max_megabytes and megabytes > max_megabytes:
-            raise TooLargeError(f"The file is {megabytes:.1f} MB; the limit is {max_megabytes:g} MB a picture.")
+            raise ImageError(f"The file is {megabytes:.1f} MB; the limit is {max_megabytes:g} MB a picture.", "Too large")
     try:
         image = Image.open(source, formats=FORMATS)
     except FileNotFoundError:
         raise ImageError(f"No such file: {source}") from None
     except Image.DecompressionBombError:  # Pillow's own header check, far above our limit
-        raise TooLargeError(f"The image is too large; the limit is {max_pixels / 1e6:.0f} megapixels.") from None
+        raise ImageError(f"The image is too large; the limit is {max_pixels / 1e6:.0f} megapixels.", "Too large") from None
     except Exception:  # each format's parser fails its own way on bad bytes (ValueError, struct.error, IndexError, ...)
         raise ImageError("This file is not an image that can be read (try JPEG, PNG, WebP or GIF).") from None
     # Image.open only reads the header, so this check costs nothing and allocates nothing.
     width, height = image.size
     if width * height > max_pixels:
-        raise TooLargeError(f"The image is too large ({width}×{height} pixels); the limit is {max_pixels / 1e6:.0f} megapixels.")
+        raise ImageError(f"The image is too large ({width}×{height} pixels); the limit is {max_pixels / 1e6:.0f} megapixels.", "Too large")
     if decode_now:  # else the caller decodes (``decode``), once it has reserved the memory
         decode(image, draft_size)
     return image
 
 
 def decode(image: Image.Image, draft_size: Optional[int] = None) -> None:
-    """``image.load()``, with any decoder's failure as an ``ImageError``. With ``draft_size``, a JPEG not yet
-    decoded is decoded at the smallest DCT scale that keeps both sides at least that size (a no-op once decoded),
-    so that a picture opened lazily in Python decodes exactly as one the app opens."""
+    """``image.load()``, a decoder's failure as ``ImageError``; with ``draft_size``, a JPEG decodes as ``open_image``
+    would, so a lazily opened picture decodes as the app's does."""
     if draft_size and image.format == "JPEG":
         image.draft(image.mode, (draft_size, draft_size))
     try:
@@ -87,9 +81,8 @@ def decode(image: Image.Image, draft_size: Optional[int] = None) -> None:
 
 
 def _scale_to_8bit(image: Image.Image) -> Image.Image:
-    """High-bit-depth grayscale (I;16*, I, F) scaled into 0..255, rather than clipped. 16-bit pictures use their
-    fixed range; 32-bit int and float ones stretch their finite values, NaN and infinities set to the ends.
-    In place in one float32 array: a 40-megapixel picture costs what ``decode_cost`` counts, not five copies."""
+    """High-bit-depth grayscale (I;16*, I, F) scaled into 0..255, not clipped: 16-bit by its fixed range, 32-bit by its
+    finite values. In place, in one float32 array."""
     array = np.array(image, dtype=np.float32)  # a copy of its own, to work in
     finite = np.isfinite(array)
     if not finite.any():
@@ -119,7 +112,7 @@ def _upright(image: Image.Image) -> Image.Image:
 
 
 def to_rgb(image: Image.Image, draft_size: Optional[int] = None) -> Image.Image:
-    """Upright, RGB, first frame: what every mode and orientation becomes before resizing (``draft_size``: see ``decode``)."""
+    """Upright, RGB, first frame (``draft_size``: see ``decode``)."""
     if not isinstance(image, Image.Image):
         raise TypeError(f"expected a PIL image, got {type(image).__name__}: open files with catdog_model.open_image first")
     if image.width == 0 or image.height == 0:
@@ -145,8 +138,8 @@ def to_rgb(image: Image.Image, draft_size: Optional[int] = None) -> Image.Image:
 
 
 def model_input(image: Image.Image, image_size: int) -> np.ndarray:
-    """Any PIL image → upright RGB, resized without cropping to image_size × image_size (the whole animal stays
-    in view), as a (3, image_size, image_size) uint8 array: the one input of training's evaluation and of serving."""
+    """Any PIL image → upright RGB resized without cropping (the whole animal stays in view) to a (3, S, S) uint8 array.
+    """
     # reducing_gap: a box reduction first where the picture is 3× the size or more, so that resampling a very long
     # side (a 1×40,000,000 strip) does not allocate filter weights for every source pixel.
     square = to_rgb(image, draft_size=image_size).resize((image_size, image_size), Image.BILINEAR, reducing_gap=3.0)

@@ -13,6 +13,7 @@ import argparse
 import csv
 import glob
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from typing import Iterator, Optional
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .errors import TRAIN_EXTRA, BatchError, CatdogError
+from .errors import TRAIN_EXTRA, CatdogError
 from .cli import exit_with_error, parse_command
 from .hardware import usable_cores
 from .images import FORMATS as PICTURE_FORMATS, ImageError
@@ -45,14 +46,14 @@ EXTENSIONS = {ext for ext, name in Image.registered_extensions().items() if name
 
 
 def row_columns(labels: tuple[str, str]) -> list[str]:
-    """The columns of a row, in order: the picture's name, then what the model says of it."""
+    """A row's columns: the picture's name, then what the model says of it."""
     negative, positive = labels
     return ["picture", "verdict", f"p_{negative}", f"p_{positive}", "ood_score", "note"]
 
 
 def neutralised(cell):
-    """A cell a spreadsheet shows as text, on one line (OWASP's CSV-injection defence, a leading apostrophe):
-    the formula openers =, +, -, @ and tab, looked for after spaces, a BOM and NFKC (fullwidth signs)."""
+    """A cell a spreadsheet shows as text, on one line: OWASP's leading apostrophe before a formula opener (=, +, -, @,
+    tab), found after spaces, a BOM and NFKC."""
     if not isinstance(cell, str):
         return cell
     cell = cell.replace("\r", " ").replace("\n", " ")
@@ -61,15 +62,14 @@ def neutralised(cell):
 
 
 def _written_name(name: str) -> str:
-    """A file name as every output format can hold it, each picture's distinct: bytes that are not UTF-8 as \\xNN
-    (Python reads them as lone surrogates, which no UTF-8 writer takes), line breaks as \\n and \\r, and so that no
-    escaped name is another file's own, a backslash as \\\\."""
+    """A file name every output format can hold, each picture's distinct: non-UTF-8 bytes as \\xNN, line breaks as \\n
+    and \\r, a backslash as \\\\."""
     name = name.replace("\\", "\\\\").encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     return name.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def _regular(path: Path) -> bool:
-    """Whether ``path`` is a regular file: a FIFO would block the run for ever, a device never end."""
+    """Whether ``path`` is a regular file: a FIFO would block for ever, a device never end."""
     if path.is_file():
         return True
     logger.warning("skipping %s: not a regular file", path)
@@ -81,13 +81,12 @@ def _unreadable(error: OSError) -> None:  # os.walk's onerror: a folder it canno
 
 
 def _files(inputs: list[str]) -> Iterator[tuple[str, str]]:
-    """(name, path) for each picture of the inputs, in a fixed order: a folder's pictures by sorted relative path
-    (recursive, by the extensions Pillow reads), a glob's matches sorted, a file as it is. What is not a regular
-    file, and a folder that cannot be read, is skipped with a warning."""
+    """(name, path) for each picture, in a fixed order: a folder's by sorted relative path (recursive), a glob's sorted,
+    a file as it is. What cannot be read is skipped with a warning."""
     for given in inputs:
         matches = sorted(glob.glob(given, recursive=True)) if glob.has_magic(given) else [given]
         if not matches:
-            raise BatchError(f"{given} matches no file")
+            raise CatdogError(f"{given} matches no file")
         for match in matches:
             root = Path(match)
             if root.is_dir():
@@ -101,11 +100,11 @@ def _files(inputs: list[str]) -> Iterator[tuple[str, str]]:
                 if _regular(root):
                     yield _written_name(root.name if not glob.has_magic(given) else match), str(root)
             else:
-                raise BatchError(f"No such file or folder: {match}")
+                raise CatdogError(f"No such file or folder: {match}")
 
 
 def _listing_digest(pictures: list[tuple[str, str]]) -> str:
-    """Every picture's name, size and modification time, hashed: what a folder run classifies, as of now."""
+    """A hash of every picture's name, size and modification time: what a folder run classifies, as of now."""
     digest = hashlib.sha256()
     for name, path in pictures:
         stat = os.stat(path)
@@ -119,22 +118,20 @@ def _chunks(pictures: Iterator, size: int) -> Iterator[list]:
 
 
 def decode_chunk(predictor: Predictor, chunk: list[tuple[str, object]], pool: ThreadPoolExecutor) -> list[Future]:
-    """Each picture of (name, picture) pairs turned into the model's input in the pool's threads, as futures: the
-    caller runs the model on the chunk before while these decode."""
+    """Each (name, picture) decoded to the model's input in the pool, as futures: they decode while the model runs on
+    the chunk before."""
     return [pool.submit(_decode, predictor, picture) for _, picture in chunk]
 
 
 def classify_chunk(predictor: Predictor, chunk: list[tuple[str, object]], decoding: list[Future]) -> list[dict]:
-    """One row per (name, picture), from its decoded input (``decode_chunk``) and the predictor's forward passes:
-    the rows of this command and of the Space's batch tab."""
+    """One row per (name, picture), from its decoded input: the rows of this command and of the Space's batch tab."""
     negative, positive = predictor.labels
     decoded = [future.result() for future in decoding]
     inputs = [value for value in decoded if not isinstance(value, ImageError)]
     try:
         explanations = iter(predictor.explain_inputs(inputs) if inputs else [])
     except PredictionError as error:
-        failed = ImageError(str(error))
-        failed.title = "The model failed"
+        failed = ImageError(str(error), "The model failed")
         decoded, explanations = [failed] * len(chunk), iter([])
     rows = []
     for (name, _), value in zip(chunk, decoded):
@@ -161,7 +158,7 @@ def _decode(predictor: Predictor, picture):
 
 
 def _write(rows: list[dict], path: Path) -> None:
-    """``rows`` into ``path``, in the format of its extension, whole or absent (``write_atomically``)."""
+    """``rows`` into ``path`` in its extension's format, whole or absent."""
     def write(temp: Path) -> None:
         if path.suffix == ".csv":
             with open(temp / path.name, "w", newline="") as out:
@@ -180,21 +177,20 @@ def _write(rows: list[dict], path: Path) -> None:
 
 
 def _identity(predictor: Predictor, source: dict) -> dict:
-    """What makes the output what it is: what the inputs hold now (not only the strings that named them, which a rerun
-    from another folder, or after pictures were added, reads differently) and the model's own weights."""
+    """What makes the output what it is: what the inputs hold now, and the model's weights."""
     return {**source, "model": predictor.source, "revision": predictor.revision,
             "weights": predictor.weights_sha256, "engine": predictor.engine_name}
 
 
 def _claim_parts(output: Path, identity: dict) -> Path:
-    """OUT.parts/, the chunks written so far; refused in one line if they belong to other inputs or another model."""
+    """OUT.parts/, the chunks written so far; refused if they belong to other inputs or another model."""
     parts = output.with_name(output.name + ".parts")
     record = parts / "run.json"
     if record.is_file():
         saved = json.loads(record.read_text())
         changed = [key for key in identity if saved.get(key) != identity[key]]
         if changed:
-            raise BatchError(f"{parts} holds the rows of another run ({', '.join(changed)} differ): use another --output, "
+            raise CatdogError(f"{parts} holds the rows of another run ({', '.join(changed)} differ): use another --output, "
                              "or delete it to start again")
     else:
         parts.mkdir(exist_ok=True)
@@ -203,10 +199,9 @@ def _claim_parts(output: Path, identity: dict) -> Path:
 
 
 def predict_files(predictor: Predictor, pictures: Iterator, output: Path, identity: dict, total: Optional[int] = None,
-                  chunk_size: int = CHUNK, split=None) -> list[dict]:
-    """Classify ``pictures`` ((name, picture) pairs) into ``output``, resumably, split between the processes of an
-    ``accelerate launch`` where there is one (beside the columns of the dataset ``split`` they come from, if any);
-    returns the rows (on the main process)."""
+                  split=None) -> list[dict]:
+    """Classify (name, picture) pairs into ``output``, resumably, shared between the processes of an ``accelerate
+    launch``; beside the columns of a dataset ``split`` if given. Returns the rows (on the main process)."""
     state = _distributed_state()
     rank, world = (state.process_index, state.num_processes) if state else (0, 1)
     parts = _claim_parts(output, identity) if rank == 0 else output.with_name(output.name + ".parts")
@@ -216,7 +211,7 @@ def predict_files(predictor: Predictor, pictures: Iterator, output: Path, identi
     bar = tqdm(total=total, unit="picture", desc="classifying", disable=rank != 0, dynamic_ncols=True)
     with ThreadPoolExecutor(max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))) as pool:
         pending = None  # the chunk decoding while the model runs on the one before
-        for index, chunk in enumerate(_chunks(pictures, chunk_size)):
+        for index, chunk in enumerate(_chunks(pictures, CHUNK)):
             written += 1
             part = parts / f"{index:08d}.jsonl"  # JSON Lines whatever the output: the rows' types survive the merge
             if index % world != rank or part.is_file():  # another process's chunk, or one written before a kill
@@ -240,11 +235,10 @@ def _finish(predictor: Predictor, chunk: list, decoding: list[Future], part: Pat
 
 
 def _merge(parts: Path, chunks: int, output: Path, split=None) -> list[dict]:
-    """The chunks in order, into OUT atomically (beside a dataset ``split``'s own columns, if it is one); then
-    OUT.parts/ goes. Returns the rows."""
+    """The chunks in order into OUT, atomically, then OUT.parts/ goes. Returns the rows."""
     rows = [json.loads(line) for index in range(chunks) for line in (parts / f"{index:08d}.jsonl").read_text().splitlines()]
     if not rows:
-        raise BatchError("no picture to classify: the inputs hold none")
+        raise CatdogError("no picture to classify: the inputs hold none")
     if split is None:
         _write(rows, output)
     elif output.suffix == ".parquet":  # the pictures too, with their datasets features: load_dataset reads it back
@@ -266,7 +260,7 @@ def _distributed_state():
     try:
         from accelerate import PartialState
     except ImportError:
-        raise BatchError(f"several processes {TRAIN_EXTRA}") from None
+        raise CatdogError(f"several processes {TRAIN_EXTRA}") from None
     return PartialState(cpu=True)
 
 
@@ -284,32 +278,15 @@ def _check_push(repo_id: str) -> None:
         if repo_id.count("/") != 1:
             raise HFValidationError("it has the form user/name")
     except HFValidationError as error:
-        raise BatchError(f"--push-to-hub {repo_id!r} is not a dataset id ({str(error).splitlines()[0]})") from None
+        raise CatdogError(f"--push-to-hub {repo_id!r} is not a dataset id ({str(error).splitlines()[0]})") from None
     if not get_token():
-        raise BatchError("--push-to-hub needs a token: run `hf auth login` or set $HF_TOKEN")
+        raise CatdogError("--push-to-hub needs a token: run `hf auth login` or set $HF_TOKEN")
+    if not importlib.util.find_spec("datasets"):
+        raise CatdogError(f"--push-to-hub {TRAIN_EXTRA}")
 
 
 def _card_text(model: str, counts: Counter) -> str:
     return f"# Verdicts by catdog-predict\n\nOne row per picture, classified by `{model}`: {_in_words(counts)}.\n"
-
-
-def _push(output: Path, repo_id: str, model: str, counts: Counter) -> None:
-    """The rows and a dataset card naming the model and the counts, in one commit: ``load_dataset(repo_id)``
-    reads them."""
-    from huggingface_hub import CommitOperationAdd, DatasetCard, DatasetCardData, HfApi
-    from huggingface_hub.errors import HfHubHTTPError, HTTPError
-
-    data = DatasetCardData(configs=[{"config_name": "default", "data_files": f"data/{output.name}"}], tags=["catdog"])
-    card = DatasetCard(f"---\n{data.to_yaml()}\n---\n{_card_text(model, counts)}")
-    try:
-        api = HfApi()
-        api.create_repo(repo_id, repo_type="dataset", exist_ok=True)
-        api.create_commit(repo_id, repo_type="dataset", commit_message=f"Verdicts of {sum(counts.values())} pictures",
-                          operations=[CommitOperationAdd(f"data/{output.name}", output),
-                                      CommitOperationAdd("README.md", str(card).encode())])
-    except (HfHubHTTPError, HTTPError, OSError, ValueError) as error:
-        raise BatchError(f"Could not push to {repo_id}: {str(error).splitlines()[0]}. {output} is kept.") from None
-    logger.info("pushed %s to the dataset %s", output, repo_id)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -320,7 +297,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--image-column", help="the dataset's image column (default: its one Image column)")
     parser.add_argument("--output", required=True, help=f"the rows: {', '.join(FORMATS)}, by extension")
     parser.add_argument("--model", help=f"a folder or Hub id (default, as the Space's: {MODEL_ORDER})")
-    parser.add_argument("--push-to-hub", metavar="USER/DATASET", help="upload the rows as a Hub dataset")
+    parser.add_argument("--push-to-hub", metavar="USER/DATASET", help="upload the rows as a Hub dataset (needs [train])")
     args = parse_command(parser, argv)
     try:
         counts = _run(args)
@@ -336,18 +313,18 @@ def main(argv: Optional[list[str]] = None) -> None:
 def _run(args) -> Optional[Counter]:
     output = Path(args.output)
     if output.suffix not in FORMATS:
-        raise BatchError(f"--output {output} must end in {', '.join(FORMATS)}")
+        raise CatdogError(f"--output {output} must end in {', '.join(FORMATS)}")
     if not output.parent.is_dir():
-        raise BatchError(f"--output {output}: no folder {output.parent}")
+        raise CatdogError(f"--output {output}: no folder {output.parent}")
     if output.suffix == ".parquet":
         try:
             import pyarrow  # noqa: F401  (datasets brings it)
         except ImportError:
-            raise BatchError(f"Parquet output {TRAIN_EXTRA}, or write .csv or .jsonl") from None
+            raise CatdogError(f"Parquet output {TRAIN_EXTRA}, or write .csv or .jsonl") from None
     if output.exists() and not output.with_name(output.name + ".parts").exists():
-        raise BatchError(f"{output} is already complete: pick another --output, or delete it to classify again")
+        raise CatdogError(f"{output} is already complete: pick another --output, or delete it to classify again")
     if bool(args.inputs) == bool(args.dataset):
-        raise BatchError("pass either PATHs or --dataset")
+        raise CatdogError("pass either PATHs or --dataset")
     if args.push_to_hub is not None:  # before hours of work, not after
         _check_push(args.push_to_hub)
     split = None
@@ -360,7 +337,7 @@ def _run(args) -> Optional[Counter]:
     else:
         listing = list(_files(args.inputs))  # names and paths only: nothing is decoded
         if not listing:
-            raise BatchError(f"no picture in {' '.join(args.inputs)} (looked for {', '.join(sorted(EXTENSIONS))})")
+            raise CatdogError(f"no picture in {' '.join(args.inputs)} (looked for {', '.join(sorted(EXTENSIONS))})")
         source = {"paths": [os.path.abspath(given) for given in args.inputs],
                   "pictures": f"{len(listing)}, sha256 of their names, sizes and times {_listing_digest(listing)}"}
         total, pictures = len(listing), iter(listing)
@@ -375,10 +352,11 @@ def _run(args) -> Optional[Counter]:
     if state is not None and not state.is_main_process:
         return None
     counts = Counter(row["verdict"] for row in rows)
-    if args.push_to_hub and split is not None:
-        push_split(beside_the_split(rows, split), args.push_to_hub, args.split, _card_text(model, counts))
-    elif args.push_to_hub:
-        _push(output, args.push_to_hub, model, counts)
+    if args.push_to_hub:
+        from datasets import Dataset
+
+        labelled = Dataset.from_list(rows) if split is None else beside_the_split(rows, split)
+        push_split(labelled, args.push_to_hub, args.split, _card_text(model, counts))
     return counts
 
 

@@ -1,6 +1,5 @@
-"""catdog-predict on a split of a 🤗 dataset: opened and checked before the model loads, read a row at a time without
-decoding, and its verdicts set beside the split's own columns, in the output and on the Hub, whose dataset viewer
-then shows each picture with its verdict."""
+"""catdog-predict on a split of a 🤗 dataset: checked before the model loads, read undecoded, its verdicts set beside the
+split's own columns (and on the Hub, where the viewer shows each picture with its verdict)."""
 
 from __future__ import annotations
 
@@ -8,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Iterator, Optional
 
-from .errors import TRAIN_EXTRA, BatchError
+from .errors import TRAIN_EXTRA, CatdogError
 from .images import ImageError
 from .serving.files import no_such_folder
 
@@ -18,29 +17,28 @@ logger = logging.getLogger(__name__)
 
 
 def open_split(name: str, split: str, column: Optional[str]):
-    """The split of a Hub or local dataset and its image column, checked before the model loads. datasets keeps it
-    on disk as Arrow, memory-mapped, so memory stays flat however large it is."""
+    """The split and its image column, checked before the model loads (memory-mapped Arrow: flat memory at any size)."""
     try:
         import datasets
     except ImportError:
-        raise BatchError(f"--dataset {TRAIN_EXTRA}") from None
+        raise CatdogError(f"--dataset {TRAIN_EXTRA}") from None
     if missing := no_such_folder("--dataset", name):
-        raise BatchError(missing)
+        raise CatdogError(missing)
     try:
         rows = datasets.load_dataset(name, split=split)
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError, ConnectionError) as error:
-        raise BatchError(f"Could not load split {split!r} of {name!r}: {str(error).splitlines()[0]}") from None
+        raise CatdogError(f"Could not load split {split!r} of {name!r}: {str(error).splitlines()[0]}") from None
     images = [key for key, feature in rows.features.items() if isinstance(feature, datasets.Image)]
     column = column or (images[0] if len(images) == 1 else None)
     if column is None or column not in images:
         found = ", ".join(f"{key} ({type(feature).__name__})" for key, feature in rows.features.items()) or "no columns"
-        raise BatchError(f"{name!r} has no image column {column or ''} (pass --image-column; it has: {found})".replace(" ()", ""))
+        raise CatdogError(f"{name!r} has no image column {column or ''} (pass --image-column; it has: {found})".replace(" ()", ""))
     return rows, column
 
 
 def dataset_rows(rows, column: str) -> Iterator[tuple[str, object]]:
-    """(row index, the picture's bytes): nothing is decoded here. A row whose picture is a file that cannot be read
-    gives its reason instead, for an error row: one bad row never stops the run."""
+    """(row index, the picture's bytes), undecoded; a file that cannot be read gives its reason instead, for an error
+    row."""
     import datasets
 
     for index, row in enumerate(rows.select_columns([column]).cast_column(column, datasets.Image(decode=False))):
@@ -55,7 +53,7 @@ def dataset_rows(rows, column: str) -> Iterator[tuple[str, object]]:
 def check_room(rows, prediction_columns: list[str]) -> None:
     """The verdicts' columns must be new to the split: a dataset that has one already is refused before any work."""
     if taken := [name for name in prediction_columns if name in rows.column_names]:
-        raise BatchError(f"the dataset already has a column named {', '.join(taken)}, where the verdicts would go")
+        raise CatdogError(f"the dataset already has a column named {', '.join(taken)}, where the verdicts would go")
 
 
 def beside_the_split(predictions: list[dict], rows):
@@ -76,5 +74,5 @@ def push_split(labelled, repo_id: str, split: str, description: str) -> None:
         card.text = description
         card.push_to_hub(repo_id, repo_type="dataset", commit_message="Dataset card")
     except (HfHubHTTPError, HTTPError, OSError, ValueError) as error:
-        raise BatchError(f"Could not push to {repo_id}: {str(error).splitlines()[0]}") from None
+        raise CatdogError(f"Could not push to {repo_id}: {str(error).splitlines()[0]}") from None
     logger.info("pushed the %s split, labelled, to the dataset %s", split, repo_id)

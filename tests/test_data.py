@@ -10,7 +10,8 @@ import torch
 from datasets import ClassLabel, Dataset, Features, Image as ImageFeature, Value
 from PIL import Image
 
-from catdog_model.training.data import (DatasetError, check_classes, load_image_dataset, load_split, make_transform, save_split, undecoded,
+from catdog_model.training import TrainingError
+from catdog_model.training.data import (check_classes, load_image_dataset, load_split, make_transform, save_split, undecoded,
                                split_dataset)
 
 
@@ -66,18 +67,18 @@ def test_missing_columns_are_a_clear_error(tmp_path):
     folder.mkdir(parents=True)
     Dataset.from_dict({"img": [{"bytes": _jpeg(0), "path": None}], "target": [1]},
                       features=Features({"img": ImageFeature(), "target": Value("int64")})).to_parquet(str(folder / "x.parquet"))
-    with pytest.raises(DatasetError, match="one ClassLabel column.*img \\(Image\\), target \\(Value\\)"):
+    with pytest.raises(TrainingError, match="one ClassLabel column.*img \\(Image\\), target \\(Value\\)"):
         load_image_dataset(str(folder.parent))
 
 
 def test_more_than_two_classes_is_a_clear_error(tmp_path):
     folder = write_parquet_dataset(tmp_path / "three", [(_jpeg(i), i % 3) for i in range(6)], names=("a", "b", "c"))
-    with pytest.raises(DatasetError, match="3 classes"):
+    with pytest.raises(TrainingError, match="3 classes"):
         load_image_dataset(str(folder))
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path):
-    with pytest.raises(DatasetError, match="Could not load the dataset"):
+    with pytest.raises(TrainingError, match="Could not load the dataset"):
         load_image_dataset(str(tmp_path / "does-not-exist"))
 
 
@@ -119,17 +120,17 @@ def test_split_is_stratified_disjoint_seeded_and_saved(mini_dataset, tmp_path):
 
 def test_a_class_named_but_absent_is_refused(tmp_path):
     folder = write_parquet_dataset(tmp_path / "cats-only", [(_jpeg(i), 0) for i in range(20)])
-    with pytest.raises(DatasetError, match="holds 20 'cat' and 0 'dog' images: a classifier needs both"):
+    with pytest.raises(TrainingError, match="holds 20 'cat' and 0 'dog' images: a classifier needs both"):
         load_image_dataset(str(folder))
 
 
 def test_a_split_without_one_class_is_refused(tmp_path):
     data = load_image_dataset(str(write_parquet_dataset(tmp_path / "few", [(_jpeg(i), int(i < 3)) for i in range(30)])))
-    with pytest.raises(DatasetError, match="The test split \\(3 images\\) holds no 'dog' image, too few to train or evaluate"):
+    with pytest.raises(TrainingError, match="The test split \\(3 images\\) holds no 'dog' image, too few to train or evaluate"):
         split_dataset(data, test_split=0.1, val_split=0.2, seed=0)  # 10% of 3 dogs rounds to none
     splits = split_dataset(load_image_dataset(str(write_parquet_dataset(
         tmp_path / "ok", [(_jpeg(i), i % 2) for i in range(30)]))), test_split=0.2, val_split=0.25, seed=0)
-    with pytest.raises(DatasetError, match="The test split \\(1 images\\) holds no"):
+    with pytest.raises(TrainingError, match="The test split \\(1 images\\) holds no"):
         check_classes(data, {"test": splits["test"].select([0])})
 
 

@@ -189,7 +189,7 @@ def test_the_reexport_refuses_weights_nothing_vouches_for(small_run, other_run, 
     with pytest.raises(SystemExit) as exit:
         export.main([str(folder)])
     assert exit.value.code == 1
-    assert "model.safetensors is missing or is not the file its run wrote" in capsys.readouterr().err
+    assert "model.safetensors is not the file its training run wrote" in capsys.readouterr().err
 
 
 def test_the_neither_threshold_is_set_by_the_command_and_vouched_for_never_by_hand(small_run, tmp_path, capsys):

@@ -6,6 +6,7 @@ Each step runs in its own process, as a user would run it: huggingface_hub and d
 when they are imported, and every step gets an empty Hugging Face cache of its own.
 """
 
+import csv
 import json
 import os
 import signal
@@ -263,3 +264,22 @@ print(json.dumps({"features": {k: type(v).__name__ for k, v in pushed.features.i
     assert read["card"].startswith("# Verdicts by catdog-predict") and str(pushed / "v1") in read["card"]
     assert all(f"{count} {verdict}" in read["card"] for verdict, count in Counter(read["verdicts"]).items())
     assert [row["picture"] for row in written] == [str(i) for i in range(200)] and "classified 200 pictures" in result.stderr
+
+
+def test_a_folder_run_is_pushed_as_a_dataset_that_load_dataset_reads(hub, pushed, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "catdog_model.predict", str(ROOT / "examples"), "--output",
+                             str(tmp_path / "rows.csv"), "--model", str(pushed / "v1"), "--push-to-hub",
+                             "user/catdog-folder-rows"], cwd=ROOT, env=_hub_env(hub, tmp_path / "hf-predict"),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    check = _python("""
+import json, datasets
+from huggingface_hub import DatasetCard
+pushed = datasets.load_dataset("user/catdog-folder-rows", split="train")
+print(json.dumps({"rows": pushed.to_list(), "card": DatasetCard.load("user/catdog-folder-rows", repo_type="dataset").text}))
+""", _hub_env(hub, tmp_path / "hf-read"), tmp_path)
+    read = json.loads(check.stdout.strip().splitlines()[-1])
+    with open(tmp_path / "rows.csv", newline="") as written:
+        assert [row["picture"] for row in read["rows"]] == [row["picture"] for row in csv.DictReader(written)]
+    assert {row["verdict"] for row in read["rows"]} <= {"cat", "dog", "not sure", "neither"} and len(read["rows"]) >= 3
+    assert read["card"].startswith("# Verdicts by catdog-predict") and str(pushed / "v1") in read["card"]

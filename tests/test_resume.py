@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 from catdog_model.serving.files import TEMPORARY_PREFIX
 from catdog_model.training.run_folder import LOCK_FILE, RUN_RECORD
-from catdog_model.training.checkpoints import CheckpointError, find_latest, read_manifest, save_checkpoint
+from catdog_model.training import TrainingError
+from catdog_model.training.checkpoints import find_latest, read_manifest, save_checkpoint
 from conftest import (ROOT, assert_clean_error, run_training, torch_reference, train_in_process, training_command,
                       weights_equal)
 
@@ -107,7 +108,7 @@ def test_latest_skips_incomplete_checkpoints_and_names_them(full_run, tmp_path, 
     assert path.name == "step_00000002" and manifest["optimizer_steps"] == 2
     assert f"{unreadable}: unreadable checkpoint.json (JSONDecodeError)" in caplog.text
     assert f"{no_manifest}: no checkpoint.json" in caplog.text
-    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+    with pytest.raises(TrainingError, match="no complete checkpoint"):
         find_latest(tmp_path / "elsewhere")
 
 
@@ -268,7 +269,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_clear_error_and_keeps_the_earlie
     accelerator = _OneProcess()
     save_checkpoint(accelerator, tmp_path, 1, {"identity": {}, "epoch": 0, "batches_in_epoch": 1}, keep=None)
     accelerator.disk_full = True
-    with pytest.raises(CheckpointError, match="Could not write .*step_00000002: No space left on device"):
+    with pytest.raises(TrainingError, match="Could not write .*step_00000002: No space left on device"):
         save_checkpoint(accelerator, tmp_path, 2, {"identity": {}, "epoch": 0, "batches_in_epoch": 2}, keep=None)
     assert [p.name for p in tmp_path.glob("step_*")] == ["step_00000001"]
     assert find_latest(tmp_path)[0].name == "step_00000001"

@@ -1,6 +1,5 @@
-"""The serving engine: an OpenVINO IR shipped next to the weights, run with numpy alone (no torch). The int8 IR
-computes in int8 where it was quantized and float32 elsewhere; the other in bfloat16 where the CPU computes it
-natively, else float32. One pass gives the logits, the Grad-CAM heatmaps and the "neither" detector's features."""
+"""The serving engine: an OpenVINO IR run with numpy alone (no torch). One pass gives the logits, the Grad-CAM heatmaps
+and the "neither" detector's features."""
 
 from __future__ import annotations
 
@@ -39,8 +38,7 @@ class EngineOutputs:
 
 
 class OpenVINOEngine:
-    """pixels (N, 3, S, S) float32 in [0, 1] → EngineOutputs, compiled for this CPU.
-    Not thread-safe: the predictor calls it under its lock."""
+    """pixels (N, 3, S, S) float32 in [0, 1] → EngineOutputs. Not thread-safe: the predictor calls it under its lock."""
 
     def __init__(self, compiled: "openvino.CompiledModel", precision: str) -> None:
         self.name = f"openvino-{precision}"
@@ -55,8 +53,8 @@ class OpenVINOEngine:
 
 
 def compile_cache() -> Optional[Path]:
-    """$CATDOG_COMPILE_CACHE, in a folder of its own for this kind of CPU (its model name and flags): a blob compiled
-    for one CPU's instructions must never load on another. None where the setting is empty or unset."""
+    """$CATDOG_COMPILE_CACHE, in a folder per kind of CPU (a blob compiled for one CPU must never load on another); None
+    if unset."""
     root = os.environ.get("CATDOG_COMPILE_CACHE", "").strip()
     if not root:
         return None
@@ -65,8 +63,8 @@ def compile_cache() -> Optional[Path]:
 
 
 def compile_openvino(model: "openvino.Model | str | Path", threads: int, int8: bool = False) -> OpenVINOEngine:
-    """Compile an IR (the path of its .xml, or a model in memory) for this CPU, on ``threads`` threads; ``int8``: the
-    quantized IR, whose float layers were kept out of int8 for their precision, so they compute in float32."""
+    """Compile an IR (its .xml, or a model in memory) for this CPU on ``threads`` threads: in bf16 where the CPU
+    computes it natively, else f32; ``int8``: the quantized IR, its float layers in f32."""
     start = time.perf_counter()
     core = openvino.Core()
     cache = compile_cache()

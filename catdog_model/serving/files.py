@@ -1,8 +1,5 @@
-"""Where a model's files come from, and whether they are its own: the one resolver every loader shares.
-
-``ModelFiles`` hands out each file, from a folder or huggingface_hub's cache, checked against the manifest of
-config.json (every file's size and sha256; a derived file also names the weights it was made from).
-"""
+"""Where a model's files come from, a folder or huggingface_hub's cache, each checked against the manifest in
+config.json."""
 
 from __future__ import annotations
 
@@ -44,8 +41,7 @@ HUB_UNREACHABLE = ("the Hugging Face Hub cannot be reached from here ({endpoint}
 
 @functools.cache
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hub answers at all, found out once per process, in seconds: offline, huggingface_hub would retry
-    each file for 20 s. False under HF_HUB_OFFLINE=1."""
+    """Whether the Hub answers, asked once per process (offline, huggingface_hub would retry each file for 20 s)."""
     if constants.HF_HUB_OFFLINE:
         return False
     try:
@@ -57,8 +53,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def unreachable_hub_message(*needs: Optional[str]) -> Optional[str]:
-    """The one line for a command whose ``needs`` (a flag each; None where it is not needed) take the Hub, where
-    the Hub does not answer; None where nothing needs it, it answers, or HF_HUB_OFFLINE=1 asks for the cache."""
+    """The one line for flags (``needs``, None where unused) that need a Hub that does not answer; else None."""
     needs = [need for need in needs if need]
     if not needs or constants.HF_HUB_OFFLINE or hub_reachable():
         return None
@@ -67,12 +62,12 @@ def unreachable_hub_message(*needs: Optional[str]) -> Optional[str]:
 
 
 def looks_like_a_path(name: str) -> bool:
-    """Whether a name can only mean a local path: ./x, /x, ~/x, x\\y or a/b/c (a Hub id is name or owner/name)."""
+    """Whether a name can only be a local path: ./x, /x, ~/x, x\\y or a/b/c."""
     return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
 
 
 def no_such_folder(flag: str, name: str) -> Optional[str]:
-    """The one line for a local dataset folder that is not there; None for one that is, or for a Hub id."""
+    """The one line for a local folder that is not there; None otherwise."""
     if looks_like_a_path(name) and not Path(name).expanduser().exists():
         return f"{flag} {name}: no such folder"
     return None
@@ -88,7 +83,7 @@ def file_sha256(path: str | Path) -> str:
 
 
 def check_writable(folder: Path, flag: str = "--output-dir") -> None:
-    """``folder`` made if need be and a file written there, or a ``CatdogError`` naming ``flag`` and why not."""
+    """``folder`` made if need be and writable, or a ``CatdogError`` naming ``flag``."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()
@@ -97,8 +92,8 @@ def check_writable(folder: Path, flag: str = "--output-dir") -> None:
 
 
 def write_atomically(folder: Path, write: Callable[[Path], None]) -> list[str]:
-    """``write(temporary_folder)``, then each file it wrote renamed into ``folder``, config.json last: a kill or a full
-    disk never leaves a half-written file, and a model's manifest always comes last. Returns the names written."""
+    """``write(temporary_folder)``, then each file renamed into ``folder``, config.json last: a kill never leaves a
+    half-written file. Returns the names."""
     with tempfile.TemporaryDirectory(dir=folder, prefix=TEMPORARY_PREFIX) as temp:
         write(Path(temp))
         names = sorted(os.listdir(temp), key=lambda name: name == "config.json")
@@ -109,10 +104,8 @@ def write_atomically(folder: Path, write: Callable[[Path], None]) -> list[str]:
 
 
 def manifest_of(folder: Path, names, config: Optional[dict] = None, weights: Optional[str] = None) -> dict:
-    """The manifest of these files of ``folder``: each one's size and sha256 and, for a file made from the weights,
-    the weights' sha256 (``weights``, else that of the folder's own). With ``config``, also the model's values in it
-    (labels, image size, temperature, "neither" threshold...): config.json holds the manifest, so it cannot hash
-    itself, and a hand-edited value would change every answer while every file still checks."""
+    """Each file's size and sha256 (and, if made from the weights, their sha256); with ``config``, the values in it that
+    change answers, since config.json cannot hash itself."""
     weights, files = weights or file_sha256(folder / WEIGHTS), {}
     for name in names:
         files[name] = {"size": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
@@ -122,8 +115,8 @@ def manifest_of(folder: Path, names, config: Optional[dict] = None, weights: Opt
 
 
 def parse_source(source: str) -> tuple[str, Optional[str]]:
-    """Split "user/repo@revision" into ("user/repo", "revision"), or check a local folder; ``ModelLoadError`` for
-    what can be neither (empty, a file, a missing local path, a folder with a revision, no valid repo id)."""
+    """"user/repo@revision" as ("user/repo", "revision"), or a local folder as (folder, None); else ``ModelLoadError``.
+    """
     source = str(source).strip()
     if not source:
         raise ModelLoadError("No model given: pass a folder written by train_accelerate.py or a Hub id like user/repo.")
@@ -152,7 +145,7 @@ def parse_source(source: str) -> tuple[str, Optional[str]]:
 
 
 def resolve_model(given: Optional[str]) -> tuple[str, str]:
-    """The model the Space and catdog-predict serve, and why that one: ``given`` (--model), else MODEL_ORDER."""
+    """The model to serve and why: ``given`` (--model), else MODEL_ORDER."""
     if given is not None:
         if not given.strip():
             raise ModelLoadError("--model is empty: pass a model folder or a Hub id like user/repo.")
@@ -165,13 +158,12 @@ def resolve_model(given: Optional[str]) -> tuple[str, str]:
 
 
 def first_line(error: BaseException) -> str:
-    """An exception's first non-empty line (libraries' messages run to many), or its type's name."""
+    """An exception's first non-empty line, or its type's name."""
     return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
 
 
 class ModelFiles:
-    """The files of one model, from a local folder or the Hub (huggingface_hub caches them), each checked
-    against the manifest in config.json before it is used."""
+    """The files of one model, from a folder or the Hub, each checked against config.json's manifest before use."""
 
     def __init__(self, source: str, repo_id: str, revision: Optional[str]) -> None:
         self.source, self.repo_id, self.revision = source, repo_id, revision
@@ -182,9 +174,8 @@ class ModelFiles:
         self._commit: Optional[str] = None
 
     def _download(self, names) -> Optional[Path]:
-        """These files of the Hub repo, in one snapshot (never model.safetensors): at its revision the first time,
-        then at the commit that resolved to, so that every file comes from one commit. None where the Hub does not
-        answer and the cache has none, which then reads as missing files."""
+        """These files, in one snapshot pinned to the commit of the first one: None where the Hub does not answer and
+        the cache has none."""
         try:  # the cache alone where the Hub does not answer: a clear line in seconds, not retries
             folder = Path(snapshot_download(self.repo_id, revision=self._commit or self.revision, allow_patterns=list(names),
                                             local_files_only=not hub_reachable()))
@@ -198,8 +189,8 @@ class ModelFiles:
         return folder
 
     def path(self, name: str, required: bool = True) -> Optional[Path]:
-        """The file's local path, checked; None for a missing file that is not ``required``. From the Hub, the
-        engines come down one at a time, when asked for: a predictor serves one of them."""
+        """The file's local path, checked; None for a missing file that is not ``required``. From the Hub, an engine
+        comes down only when asked for."""
         if self._folder is None:
             self._folder = self._download([file for file in SPACE_FILES if file not in (*IR_FILES, *INT8_IR_FILES)])
         if self._folder and not self.local and name in SPACE_FILES and not (self._folder / name).is_file():
@@ -221,8 +212,8 @@ class ModelFiles:
         return path
 
     def check(self, name: str, path: Path) -> None:
-        """``ModelLoadError`` unless ``path`` is the file the manifest lists as ``name`` (size, then sha256),
-        and, for a derived file, unless it was made from the weights the manifest lists."""
+        """``ModelLoadError`` unless ``path`` is the manifest's ``name`` (size, sha256) made from the manifest's
+        weights."""
         entry = self.manifest["files"].get(name)
         if entry is None:
             raise ModelLoadError(f"{self.where}: {name} is not one of the files its training run wrote "
@@ -239,7 +230,7 @@ class ModelFiles:
             raise ModelLoadError(f"{self.where}: {name} was made from other weights than the {WEIGHTS} the manifest lists.")
 
     def config(self) -> dict:
-        """config.json, checked (config.py), its manifest kept to check every other file against."""
+        """config.json checked (config.py) against the values its manifest vouches for."""
         if self.local and not (Path(self.repo_id) / "config.json").is_file():
             self._not_a_model()
         try:
@@ -280,8 +271,7 @@ class ModelFiles:
 
 
 def _checked_manifest(manifest) -> dict:
-    """The manifest if every entry has a whole size and a sha256 and it holds the model's values, checked; {} for
-    anything else."""
+    """The manifest if every entry is well formed and it holds the model's values; else {}."""
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or WEIGHTS not in files:
         return {}

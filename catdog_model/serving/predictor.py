@@ -40,8 +40,7 @@ class PredictionError(CatdogError):
 
 
 class DecodeBudget:
-    """Bytes decoded pictures may hold at once across threads, so a server's memory stays bounded: ``acquire``
-    waits while a picture's cost (``decode_cost``) would pass the budget; one larger than all of it takes all."""
+    """Bytes that decoded pictures may hold at once across threads, so a server's memory stays bounded."""
 
     def __init__(self, total_bytes: int) -> None:
         self.total, self.free = total_bytes, total_bytes
@@ -61,9 +60,8 @@ class DecodeBudget:
 
 
 def decode_cost(image: Image.Image) -> int:
-    """The bytes decoding and converting ``image`` to RGB will hold at its peak, from its header: Pillow keeps
-    1-byte modes in 1 byte a pixel, I;16 in 2 and every other mode in 4; the RGB copy takes 4 more, an alpha
-    channel 1 more (the mask it is pasted through), and high-bit-depth modes their float32 working copy."""
+    """The peak bytes of decoding ``image`` and converting it to RGB, from its header: Pillow's bytes a pixel for its
+    mode, plus the RGB copy's and any working copy's."""
     stored = 1 if image.mode in ("1", "L", "P") else 2 if image.mode.startswith("I;16") else 4
     working = 8 if image.mode.startswith("I") or image.mode == "F" else 5 if "A" in image.mode or image.mode == "P" else 4
     return image.width * image.height * (stored + working)
@@ -74,25 +72,25 @@ DEFAULT_BUDGET = 2 * MAX_PIXELS * 8
 
 
 def _jet(values: np.ndarray) -> np.ndarray:
-    """Matplotlib's "jet" colours for values in [0, 1]: piecewise linear, blue through red, as uint8 RGB."""
+    """Matplotlib's "jet" colours for values in [0, 1], as uint8 RGB."""
     channels = [np.clip(1.5 - np.abs(4 * values - offset), 0, 1) for offset in (3, 2, 1)]
     return (np.stack(channels, axis=-1) * 255).astype(np.uint8)
 
 
 def _fitted(width: int, height: int, longest: int) -> tuple[int, int]:
-    """The size of a (width, height) picture scaled until its longest side is ``longest`` pixels."""
+    """A (width, height) scaled until its longest side is ``longest``."""
     scale = longest / max(width, height)
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def _stretched(heatmap: np.ndarray, width: int, height: int, longest: int) -> np.ndarray:
-    """A (h, w) map stretched back to the picture's aspect ratio, its longest side ``longest`` pixels (bilinear)."""
+    """A (h, w) heatmap stretched back to the picture's aspect ratio."""
     resized = Image.fromarray(np.asarray(heatmap, dtype=np.float32)).resize(_fitted(width, height, longest), Image.BILINEAR)
     return np.clip(np.asarray(resized, dtype=np.float32), 0, 1)
 
 
 def _overlay(picture: Image.Image, heatmap: np.ndarray, opacity: float = 0.45, longest: int = 384) -> Image.Image:
-    """The picture, its longest side ``longest`` pixels, with the heatmap in "jet" colours over it."""
+    """The picture, its longest side ``longest`` pixels, under the heatmap in "jet" colours."""
     small = picture.resize(_fitted(*picture.size, longest), Image.BILINEAR, reducing_gap=3.0)
     heat = Image.fromarray(_jet(heatmap)).resize(small.size, Image.BILINEAR)
     return Image.blend(small, heat, opacity)
@@ -110,15 +108,14 @@ class Explanation:
 
     @property
     def verdict(self) -> Verdict:
-        """What to tell a person: a label, "not sure" or "neither" (verdict.py, the rule every output uses)."""
+        """What to tell a person: a label, "not sure" or "neither" (verdict.py)."""
         return decide(self.probabilities, self.is_cat_or_dog)
 
 
 @dataclass
 class Predictor:
-    """A loaded model and how to ask it. Safe to share between threads: decoding runs in the caller's
-    thread, and one forward pass at a time runs under a lock, since on a 2-core CPU passes run side by side
-    only spin their thread teams against each other."""
+    """A loaded model and how to ask it. Thread-safe: decoding runs in the caller's thread, forward passes one at a time
+    under a lock (on a 2-core CPU, passes side by side only fight over the cores)."""
 
     engine: OpenVINOEngine  # pixels -> EngineOutputs
     files: ModelFiles  # the model's files, each checked against its manifest
@@ -139,22 +136,21 @@ class Predictor:
 
     @property
     def engine_name(self) -> str:
-        """What computes the answers: "openvino-int8", "openvino-bf16" or "openvino-f32"."""
+        """"openvino-int8", "openvino-bf16" or "openvino-f32"."""
         return self.engine.name
 
     @property
     def weights_sha256(self) -> str:
-        """The sha256 of the weights every file of this model was made from (its manifest's)."""
+        """The sha256 of the weights every file of this model was made from."""
         return self.files.manifest["files"][WEIGHTS]["sha256"]
 
     def predict(self, pictures: Sequence[Picture]) -> list[dict[str, float]]:
-        """One ``{label: probability}`` per picture (PIL images or file paths), in order, batched: the model's
-        raw answer. For what to tell a person ("not sure" and "neither" included) use ``explain(...).verdict``."""
+        """One ``{label: probability}`` per picture, in order. For what to tell a person, use ``explain(...).verdict``.
+        """
         return [explanation.probabilities for explanation in self.explain_many(pictures, caller="predict")]
 
     def explain(self, picture: Picture, heatmap: bool = True) -> Explanation:
-        """Probabilities, the verdict, whether the picture looks like a cat or a dog at all, and (``heatmap``)
-        where the model looked, drawn over the picture: all from the one forward pass a prediction makes."""
+        """Probabilities, verdict, the "neither" score and (``heatmap``) where the model looked: one forward pass."""
         if heatmap:
             with self._decoded(picture) as image:
                 upright = to_rgb(image, draft_size=self.image_size)
@@ -165,8 +161,7 @@ class Predictor:
         return self.explain_many([picture])[0]
 
     def explain_many(self, pictures: Sequence[Picture], caller: str = "explain_many") -> list[Explanation]:
-        """``explain`` without heatmaps for each picture, in order, ``batch_size`` pictures a forward pass, each
-        decoded under the budget and kept only as the model's small input."""
+        """``explain`` without heatmaps, ``batch_size`` pictures a forward pass."""
         if isinstance(pictures, (str, bytes, Path, Image.Image)) or not isinstance(pictures, Sequence):
             hint = ": wrap it in a list" if isinstance(pictures, (str, Path, Image.Image)) else ""
             raise TypeError(f"{caller} takes a list of PIL images or file paths, got {type(pictures).__name__}{hint}")
@@ -174,19 +169,17 @@ class Predictor:
                 self.explain_inputs([self.model_input(picture) for picture in pictures[start : start + self.batch_size]])]
 
     def model_input(self, picture: Picture) -> np.ndarray:
-        """One picture as the model's (3, S, S) uint8 input, decoded under the budget (``images.model_input``)."""
+        """One picture as the model's (3, S, S) uint8 input, decoded under the budget."""
         with self._decoded(picture) as image:
             return model_input(image, self.image_size)
 
     def explain_inputs(self, inputs: Sequence[np.ndarray]) -> list[Explanation]:
-        """``explain`` without heatmaps for pictures already turned into the model's input (``model_input``), in
-        forward passes of ``batch_size``: for callers that decode in threads of their own."""
+        """``explain`` without heatmaps, for inputs already decoded (``model_input``) by the caller's threads."""
         return [explanation for start in range(0, len(inputs), self.batch_size)
                 for explanation in self._explanations(self.outputs(np.stack(inputs[start : start + self.batch_size])))]
 
     def outputs(self, pixels: np.ndarray) -> EngineOutputs:
-        """The engine's outputs for a batch of model inputs (N, 3, S, S), uint8 or [0, 1] floats; one pass at a
-        time. ``PredictionError`` if any is not finite."""
+        """The engine's outputs for (N, 3, S, S) uint8 or [0, 1] pixels; ``PredictionError`` if any is not finite."""
         pixels = np.asarray(pixels)
         pixels = pixels.astype(np.float32) / 255 if pixels.dtype == np.uint8 else pixels.astype(np.float32)
         with self._lock:
@@ -197,7 +190,7 @@ class Predictor:
         return outputs
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
-        """Calibrated P(``labels[1]``): the sigmoid of the logit divided by the fitted temperature."""
+        """Calibrated P(``labels[1]``): sigmoid(logit / temperature)."""
         return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64) / self.temperature))
 
     def _explanations(self, outputs: EngineOutputs) -> list[Explanation]:
@@ -206,11 +199,9 @@ class Predictor:
         return [Explanation({negative: 1.0 - p, positive: p}, score, score <= self.ood_threshold, heatmap)
                 for p, score, heatmap in zip(self.probabilities(outputs.logits).tolist(), scores, outputs.heatmaps)]
 
-
     @contextlib.contextmanager
     def _decoded(self, picture: Picture) -> Iterator[Image.Image]:
-        """The picture opened (a path) and decoded under the budget, JPEGs at the draft size every door uses;
-        an image this opened is closed at the end."""
+        """The picture opened (if a path) and decoded under the budget; closed at the end if this opened it."""
         opened = None
         if isinstance(picture, (str, Path, bytes)):
             picture = opened = open_image(picture, draft_size=self.image_size, max_megabytes=self.max_megabytes,
@@ -227,8 +218,7 @@ class Predictor:
                 opened.close()
 
     def model_file(self, name: str) -> Optional[Path]:
-        """One of the model's own optional files (an evaluation figure, say), checked against its manifest and
-        downloaded if it lives on the Hub; None, with a log line, if it is missing or cannot be vouched for."""
+        """One of the model's optional files (a figure, say), checked; None, with a log line, if unusable."""
         try:
             return self.files.path(name, required=False)
         except ModelLoadError as error:
@@ -237,8 +227,8 @@ class Predictor:
 
 
 def _load_engine(files: ModelFiles, threads: int, int8: Optional[bool]) -> OpenVINOEngine:
-    """The int8 engine where the model has one (it passed its check at export) and ``int8`` is not False, by default
-    only where the CPU has int8 dot products; else the engine with int8 weights alone."""
+    """The int8 engine where the model has one and ``int8`` allows (by default: where the CPU has int8 dot products),
+    else the other."""
     has_int8 = INT8_IR_FILES[0] in files.manifest["files"]
     if int8 and not has_int8:
         raise ModelLoadError(f"{files.where} has no int8 engine (none passed its check, or it predates them): "
@@ -252,8 +242,8 @@ def _load_engine(files: ModelFiles, threads: int, int8: Optional[bool]) -> OpenV
 
 
 def _optional_json(files: ModelFiles, name: str) -> dict:
-    """metrics.json or evaluation.json: they only describe the model, so one that is missing, unreadable or not
-    the run's own is left out with a log line."""
+    """metrics.json or evaluation.json: they only describe the model, so one that cannot be used is left out with a log
+    line."""
     try:
         path = files.path(name, required=False) if name in files.manifest["files"] else None
         content = json.loads(path.read_text()) if path else {}
@@ -265,12 +255,11 @@ def _optional_json(files: ModelFiles, name: str) -> dict:
 
 def load_predictor(source: str, batch_size: int = 16, threads: Optional[int] = None,
                    max_megabytes: Optional[float] = None, int8: Optional[bool] = None) -> Predictor:
-    """Load a model from a local folder, "user/repo" or "user/repo@revision", ready to serve with its OpenVINO engine
-    (from the Hub, what it serves: config.py's SPACE_FILES but the engine it does not serve, never the fp32 weights). Every file is
-    checked against the manifest; raises ``ModelLoadError``, and only that, in one line.
-    ``threads``: how many the engine computes with (default: every core this process may use). ``int8``: serve the
-    int8 engine (True), the one with int8 weights alone (False), or (None) the int8 one where the model has one and
-    the CPU has int8 dot products (VNNI or AMX)."""
+    """Load a model from a folder, "user/repo" or "user/repo@revision", every file checked against its manifest; raises
+    ``ModelLoadError`` in one line.
+
+    ``threads``: the engine's (default: every usable core). ``int8``: True or False picks the engine; None, the int8 one
+    where the model has one and the CPU has VNNI or AMX."""
     repo_id, revision = parse_source(source)
     files = ModelFiles(str(source).strip(), repo_id, revision)
     config = files.config()

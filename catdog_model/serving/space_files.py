@@ -1,6 +1,5 @@
-"""What the Space keeps on disk: its own temporary folders, removed at exit, and the files in Gradio's cache,
-bounded in age and in total size. Gradio's app is read, never patched: its cache folder, and the files its
-components keep there for good."""
+"""What the Space keeps on disk: its own temporary folders, removed at exit, and the files in Gradio's cache, bounded in
+age and total size."""
 
 from __future__ import annotations
 
@@ -52,9 +51,8 @@ def remove_expired(paths: Iterable[Path], ttl_s: int, cache: Optional[Path] = No
 
 
 def kept_files(demo: Any, cache: Path) -> list[Path]:
-    """Every file in Gradio's cache but those it keeps for good (the examples, the report's figures): uploads and
-    results, and what Gradio's own clean-up never sees: uploads a client abandoned, pictures an MCP client sent
-    inline."""
+    """Every file in Gradio's cache but those it keeps for good (examples, figures), including what its own clean-up
+    never sees: abandoned uploads, pictures an MCP client sent inline."""
     kept = set().union(*(getattr(block, "keep_in_cache", set()) for block in demo.blocks.values()))
     return [path for path in cache.rglob("*") if path.is_file() and os.path.abspath(path) not in kept]
 
@@ -71,8 +69,8 @@ def keep_under_budget(paths: list[Path], cache: Path, budget_bytes: int) -> None
 
 
 def tidy_cache(demo: Any, ttl_s: int, budget_mb: int) -> None:
-    """Every few seconds, the files in Gradio's cache past the TTL are removed, and the oldest of the rest until they
-    fit the budget (Gradio's own clean-up goes by age alone, and only for the files it made)."""
+    """Every few seconds: files in Gradio's cache past the TTL removed, then the oldest until the rest fit the budget.
+    """
     cache = Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio").resolve()
     while True:
         time.sleep(TIDY_EVERY_S)

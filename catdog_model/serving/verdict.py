@@ -1,5 +1,4 @@
-"""The one rule that turns the model's numbers into an answer: a label, "not sure" or "neither". Every output
-uses it: the page, the batch table and CSV, /predict, /explain, /predict_batch and ``catdog-predict``."""
+"""The one rule that turns the model's numbers into an answer: a label, "not sure" or "neither", for every output."""
 
 from __future__ import annotations
 

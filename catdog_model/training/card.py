@@ -1,5 +1,4 @@
-"""The model card (README.md with Hub metadata) of a finished run, written through the model's own mixin:
-``CatDogClassifier.generate_model_card`` renders catdog_model/model_card.md, the one card template."""
+"""The model card of a finished run, rendered by the model's own mixin from catdog_model/model_card.md."""
 
 from __future__ import annotations
 
@@ -24,8 +23,7 @@ def _dataset_source(metrics: dict) -> str:
 
 def make_model_card(model: CatDogClassifier, metrics: dict, evaluation: dict, repo_id: str,
                     int8_check: Optional[dict] = None) -> ModelCard:
-    """The card of a finished run, from its record (metrics.json), its evaluation (evaluation.json, with its
-    figures) and the check its int8 engine passed, if one did (the manifest's)."""
+    """The card of a finished run: its record, its evaluation and the check its int8 engine passed, if any."""
     trained = "fine-tuned from ImageNet weights" if metrics["pretrained"] else "trained from scratch"
     card = model.generate_model_card(repo_id=repo_id, model_name=repo_id, trained=trained, metrics=metrics,
                                      evaluation=evaluation, dataset_source=_dataset_source(metrics),

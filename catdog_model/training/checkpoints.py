@@ -1,8 +1,7 @@
-"""Checkpoints that survive kills and refuse the wrong run: ``checkpoints/step_<8 digits>/``, what
-``Accelerator.save_state`` writes plus ``checkpoint.json`` (the run's identity and where it stands), written
-into a temporary folder and renamed when whole. Not accelerate's automatic naming: with ``total_limit`` it
-deletes the oldest checkpoint before the new one is written, so a kill mid-save leaves one fewer.
-"""
+"""Checkpoints that survive kills and refuse the wrong run: ``checkpoints/step_<8 digits>/``,
+``Accelerator.save_state``'s files and ``checkpoint.json`` (the run's identity, where it stands), renamed into place
+when whole. Not accelerate's automatic naming: with ``total_limit`` it deletes the oldest checkpoint before the new one
+is written."""
 
 from __future__ import annotations
 
@@ -19,7 +18,7 @@ from safetensors import SafetensorError
 from ..serving.files import TEMPORARY_PREFIX
 from .run_state import CHECKPOINTS, TrainingError, check_best_model
 
-__all__ = ["CHECKPOINTS", "MANIFEST", "CheckpointError", "find_latest", "find_resume_checkpoint",
+__all__ = ["CHECKPOINTS", "MANIFEST", "find_latest", "find_resume_checkpoint",
            "load_checkpoint", "read_manifest", "save_checkpoint"]
 
 logger = logging.getLogger(__name__)
@@ -28,20 +27,16 @@ MANIFEST = "checkpoint.json"
 _NAME = re.compile(r"step_(\d{8})")
 
 
-class CheckpointError(TrainingError):
-    """A checkpoint that cannot be used; the message says which and why."""
-
-
 def read_manifest(folder: Path) -> dict:
-    """The manifest of a checkpoint, or ``CheckpointError`` saying why there is none. A ``step_*`` folder appears by
-    rename once whole (``_publish``), so its files need no check of their own."""
+    """A checkpoint's manifest, or ``TrainingError``. A ``step_*`` folder appears by rename once whole, so its files
+    need no check."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
         manifest["identity"].items(), int(manifest["epoch"]), int(manifest["batches_in_epoch"])
     except FileNotFoundError:
-        raise CheckpointError(f"{folder}: no {MANIFEST}") from None
+        raise TrainingError(f"{folder}: no {MANIFEST}") from None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise CheckpointError(f"{folder}: unreadable {MANIFEST} ({type(error).__name__})") from None
+        raise TrainingError(f"{folder}: unreadable {MANIFEST} ({type(error).__name__})") from None
     return manifest
 
 
@@ -54,17 +49,17 @@ def _steps(checkpoints_dir: Path) -> list[tuple[int, Path]]:
 
 
 def find_latest(checkpoints_dir: Path) -> tuple[Path, dict]:
-    """The newest complete checkpoint and its manifest; incomplete ones are skipped with a warning."""
+    """The newest complete checkpoint and its manifest; incomplete ones skipped with a warning."""
     for _, folder in reversed(_steps(checkpoints_dir)):
         try:
             return folder, read_manifest(folder)
-        except CheckpointError as error:
+        except TrainingError as error:
             logger.warning("skipping incomplete checkpoint %s", error)
-    raise CheckpointError(f"no complete checkpoint in {checkpoints_dir}")
+    raise TrainingError(f"no complete checkpoint in {checkpoints_dir}")
 
 
 def _publish(temp: Path, final: Path, info: dict) -> None:
-    """Write the manifest last, then rename: the folder appears under its real name only when whole."""
+    """The manifest last, then the rename: the folder appears under its name only when whole."""
     (temp / MANIFEST).write_text(json.dumps(info, indent=2))
     if final.exists():  # the same step written again (a rerun from an earlier checkpoint): replace it
         stale = final.with_name(TEMPORARY_PREFIX + "old-" + final.name)
@@ -74,7 +69,7 @@ def _publish(temp: Path, final: Path, info: dict) -> None:
 
 
 def _prune(checkpoints_dir: Path, keep: int) -> None:
-    """Keep the newest ``keep`` complete checkpoints; delete everything older than the oldest one kept."""
+    """Keep the newest ``keep`` complete checkpoints; delete everything older."""
     complete = [folder for _, folder in reversed(_steps(checkpoints_dir)) if (folder / MANIFEST).is_file()]
     if len(complete) <= keep:
         return
@@ -86,8 +81,8 @@ def _prune(checkpoints_dir: Path, keep: int) -> None:
 
 
 def save_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, step: int, info: dict, keep: Optional[int]) -> Path:
-    """``accelerator.save_state`` into a temporary folder, then an atomic rename to ``step_<step>``. Call it on
-    every process; each machine's local main publishes its copy where machines do not share a disk."""
+    """``save_state`` into a temporary folder, then renamed to ``step_<step>``; on every process (each machine's local
+    main publishes where disks are not shared)."""
     final = checkpoints_dir / f"step_{step:08d}"
     temp = checkpoints_dir / f"{TEMPORARY_PREFIX}{final.name}"
     if accelerator.is_local_main_process:
@@ -109,7 +104,7 @@ def save_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, step: int, 
                 _prune(checkpoints_dir, keep)
     except (OSError, SafetensorError) as error:  # a full disk, most often: the half-written folder never becomes one
         reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
-        raise CheckpointError(f"Could not write {final}: {reason}. The earlier checkpoints are kept.") from None
+        raise TrainingError(f"Could not write {final}: {reason}. The earlier checkpoints are kept.") from None
     return final
 
 
@@ -123,9 +118,9 @@ def find_resume_checkpoint(resume_from: Optional[str], output_dir: Path, identit
         else:
             path = Path(resume_from)
             if not path.is_dir():
-                raise CheckpointError(f"no such checkpoint folder: {path}")
+                raise TrainingError(f"no such checkpoint folder: {path}")
             manifest = read_manifest(path)
-    except CheckpointError as error:
+    except TrainingError as error:
         raise TrainingError(f"--resume-from-checkpoint {resume_from}: {error}") from None
     saved = manifest["identity"]  # keys name the flags
     changes = [f"{key} was {saved.get(key)!r}, now {identity.get(key)!r}"
@@ -142,8 +137,7 @@ def find_resume_checkpoint(resume_from: Optional[str], output_dir: Path, identit
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path, output_dir: Path, progress, batches_per_epoch: int) -> None:
-    """``accelerator.load_state`` from a checkpoint ``find_resume_checkpoint`` chose, then the check that the
-    best model saved so far is still the file that run wrote (training.check_best_model)."""
+    """``load_state`` from the chosen checkpoint, then the check that the best model saved so far is untouched."""
     try:
         accelerator.load_state(str(path))
     except (OSError, RuntimeError, ValueError, KeyError) as error:

@@ -18,12 +18,12 @@ from datasets import ClassLabel, Dataset
 from PIL import Image
 from torchvision.transforms import v2
 
-from ..errors import CatdogError
 from ..hardware import usable_cores
 from ..images import ImageError, model_input, open_image
+from . import TrainingError
 
 __all__ = [
-    "DatasetError", "LoadedDataset", "load_image_dataset", "dataset_fingerprint", "split_dataset", "check_classes",
+    "LoadedDataset", "load_image_dataset", "dataset_fingerprint", "split_dataset", "check_classes",
     "make_transform", "undecoded", "collate", "read_split_file", "load_split", "save_split", "SPLIT_FILE",
 ]
 
@@ -32,9 +32,6 @@ logger = logging.getLogger(__name__)
 SPLIT_FILE = "split.json"  # a finished run's rows of each split, in its manifest like every file
 ROW_COLUMN = "__row__"  # the row's index in the original split, kept through filtering and splitting
 _CHECK_THREADS = min(8, usable_cores())
-
-class DatasetError(CatdogError):
-    """The dataset cannot be used as given; the message says why."""
 
 @dataclass
 class LoadedDataset:
@@ -49,7 +46,7 @@ def _find_columns(features: datasets.Features) -> tuple[str, str]:
     labels = [name for name, feature in features.items() if isinstance(feature, ClassLabel)]
     if len(images) != 1 or len(labels) != 1:
         found = ", ".join(f"{name} ({type(feature).__name__})" for name, feature in features.items())
-        raise DatasetError(
+        raise TrainingError(
             "The dataset needs exactly one Image column and one ClassLabel column; "
             f"found {len(images)} and {len(labels)} among: {found or 'no columns'}."
         )
@@ -78,20 +75,20 @@ def _usable_batch(images: list, labels: list) -> list[bool]:
         return list(pool.map(_is_usable, zip(images, labels)))
 
 def load_image_dataset(name: str, revision: Optional[str] = None, split: str = "train") -> LoadedDataset:
-    """Load one split of a two-class image dataset and drop, counted, the rows whose image is missing or cannot be
-    decoded, or whose label is not one of the two."""
+    """One split of a two-class image dataset, without the rows (counted) whose image cannot be decoded or whose label
+    is not one of the two."""
     try:
         dataset = datasets.load_dataset(name, revision=revision, split=split)
     except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
-        raise DatasetError(f"Could not load the dataset {name!r}: {str(error).splitlines()[0]}") from None
+        raise TrainingError(f"Could not load the dataset {name!r}: {str(error).splitlines()[0]}") from None
     except ValueError as error:  # for example an unknown split name
-        raise DatasetError(f"Could not load split {split!r} of {name!r}: {str(error).splitlines()[0]}") from None
+        raise TrainingError(f"Could not load split {split!r} of {name!r}: {str(error).splitlines()[0]}") from None
     except ConnectionError as error:
-        raise DatasetError(f"Could not reach the Hub to load {name!r} ({error}). Pass a local folder.") from None
+        raise TrainingError(f"Could not reach the Hub to load {name!r} ({error}). Pass a local folder.") from None
     image_column, label_column = _find_columns(dataset.features)
     labels = tuple(dataset.features[label_column].names)
     if len(labels) != 2:
-        raise DatasetError(f"The label column {label_column!r} has {len(labels)} classes {labels}; two are needed.")
+        raise TrainingError(f"The label column {label_column!r} has {len(labels)} classes {labels}; two are needed.")
     dataset = dataset.add_column(ROW_COLUMN, list(range(len(dataset))))
     # Checked on the raw bytes once, so that training and the evaluation never meet a broken row.
     raw = dataset.cast_column(image_column, datasets.Image(decode=False))
@@ -104,10 +101,10 @@ def load_image_dataset(name: str, revision: Optional[str] = None, split: str = "
                        "of %s", len(skipped), len(dataset), list(labels))
         dataset = dataset.select(sorted(kept))
     if len(dataset) == 0:
-        raise DatasetError(f"No row of {name!r} has an image that can be decoded and one of the labels {list(labels)}.")
+        raise TrainingError(f"No row of {name!r} has an image that can be decoded and one of the labels {list(labels)}.")
     counts = np.bincount(column(dataset, label_column), minlength=2)
     if not counts.all():
-        raise DatasetError(
+        raise TrainingError(
             f"{name!r} holds {counts[0]} {labels[0]!r} and {counts[1]} {labels[1]!r} images: a classifier needs both."
         )
     return LoadedDataset(dataset, image_column, label_column, labels, skipped)
@@ -120,7 +117,7 @@ def split_dataset(
         first = data.dataset.train_test_split(test_size=test_split, stratify_by_column=data.label_column, seed=seed)
         second = first["train"].train_test_split(test_size=val_split, stratify_by_column=data.label_column, seed=seed)
     except ValueError as error:
-        raise DatasetError(f"Cannot split {len(data.dataset)} rows that way: {error}") from None
+        raise TrainingError(f"Cannot split {len(data.dataset)} rows that way: {error}") from None
     splits = {"train": second["train"], "validation": second["test"], "test": first["test"]}
     check_classes(data, splits)
     return splits
@@ -131,13 +128,13 @@ def check_classes(data: LoadedDataset, splits: dict[str, Dataset], hint: str = "
         counts = np.bincount(column(split, data.label_column), minlength=2)
         for label, count in zip(data.labels, counts):
             if count == 0:
-                raise DatasetError(
+                raise TrainingError(
                     f"The {name} split ({len(split)} images) holds no {label!r} image, too few to train or evaluate{hint}."
                 )
 
 def dataset_fingerprint(name: str, revision: Optional[str] = None) -> str:
-    """What the data is, for a checkpoint's run identity: a content hash of a local folder, or the
-    commit a Hub dataset resolves to (cheap: no data is downloaded)."""
+    """What the data is, for a run's identity: a local folder's content hash, or the commit a Hub dataset resolves to
+    (no download)."""
     folder = Path(name)
     if folder.exists():
         digest = hashlib.sha256()
@@ -149,34 +146,33 @@ def dataset_fingerprint(name: str, revision: Optional[str] = None) -> str:
     try:
         builder = datasets.load_dataset_builder(name, revision=revision)
     except Exception as error:  # any failure here is the dataset's, and load_image_dataset reports it best
-        raise DatasetError(f"Could not load the dataset {name!r}: {str(error).splitlines()[0]}") from None
+        raise TrainingError(f"Could not load the dataset {name!r}: {str(error).splitlines()[0]}") from None
     return f"{name}@{builder.hash or revision or 'main'}"
 
 def column(dataset: Dataset, name: str) -> list:
-    """One column as a list, read in one go: datasets reads a column row by row, a second for a few thousand
-    rows of a shuffled split."""
+    """One column as a list in one go (datasets reads a column row by row)."""
     return dataset.with_format("arrow")[name].to_pylist()
 
 
 def save_split(path: Path, splits: dict[str, Dataset], used: dict[str, Dataset], data: LoadedDataset, **info) -> None:
-    """Write the row indices of each split, and of the rows actually used (``--max-*-samples``),
-    so that the test set can be evaluated again later."""
+    """The row indices of each split, and of the rows used (``--max-*-samples``), so that the test set can be evaluated
+    again."""
     content = dict(info, skipped_rows=data.skipped_rows)
     content.update({name: column(split, ROW_COLUMN) for name, split in splits.items()})
     content["used"] = {name: column(split, ROW_COLUMN) for name, split in used.items()}
     path.write_text(json.dumps(content))
 
 def read_split_file(path: Path) -> dict:
-    """A split.json written by ``save_split``; DatasetError naming what is wrong with any other file."""
+    """A split.json written by ``save_split``; TrainingError naming what is wrong with any other file."""
     try:
         saved = json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise DatasetError(f"{path} does not exist") from None
+        raise TrainingError(f"{path} does not exist") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DatasetError(f"{path} is not a readable split.json ({type(error).__name__})") from None
+        raise TrainingError(f"{path} is not a readable split.json ({type(error).__name__})") from None
     if not isinstance(saved, dict) or not isinstance(saved.get("used"), dict) or not all(
             isinstance(saved.get(name), list) and isinstance(saved["used"].get(name), list) for name in ("train", "test")):
-        raise DatasetError(f"{path} is not a split.json written by train_accelerate.py (no train and test rows)")
+        raise TrainingError(f"{path} is not a split.json written by train_accelerate.py (no train and test rows)")
     return saved
 
 def load_split(path: Path, data: LoadedDataset, name: str, used: bool = False) -> Dataset:
@@ -186,13 +182,12 @@ def load_split(path: Path, data: LoadedDataset, name: str, used: bool = False) -
     try:
         return data.dataset.select([position[row] for row in (saved["used"] if used else saved)[name]])
     except KeyError as error:
-        raise DatasetError(f"{path} names row {error} that this dataset does not have: another dataset or revision?") from None
+        raise TrainingError(f"{path} names row {error} that this dataset does not have: another dataset or revision?") from None
 
 class _Transform:
-    """A ``Dataset.set_transform`` function yielding uint8 ``pixels`` and ``label``, through ``images.model_input``
-    (the serving path's own function); for training, then flipped, rotated and zoomed. Each row's augmentation is
-    seeded by (seed, epoch, row), so order, workers, prefetching and a resume cannot change it: call ``set_epoch``
-    before each epoch's loader iterator is created."""
+    """A ``set_transform`` function: uint8 ``pixels`` (``images.model_input``, as serving) and ``label``; for training,
+    flipped, rotated and zoomed, each row seeded by (seed, epoch, row), so that order, workers and a resume cannot
+    change it. Call ``set_epoch`` before each epoch's loader iterator."""
 
     def __init__(self, data: LoadedDataset, image_size: int, train: bool, seed: int) -> None:
         self.image_column, self.label_column = data.image_column, data.label_column
@@ -208,9 +203,8 @@ class _Transform:
         return image
 
     def _augmented(self, square: np.ndarray, row: int) -> np.ndarray:
-        """Keras-style augmentation of the model's input, with v2.RandomHorizontalFlip's and v2.RandomAffine's
-        parameters (flip, rotation ±20°, zoom 0.8–1.2, nearest), drawn from (seed, epoch, row): torchvision's affine,
-        then the flip, on the picture as Pillow holds it."""
+        """Keras-style augmentation with v2.RandomHorizontalFlip's and v2.RandomAffine's parameters (rotation ±20°, zoom
+        0.8–1.2, nearest), drawn from (seed, epoch, row)."""
         seed = int(np.random.SeedSequence([self.seed, self.epoch, row]).generate_state(1, np.uint64)[0])
         flip, angle, zoom = torch.rand(3, generator=torch.Generator().manual_seed(seed)).tolist()
         picture = Image.fromarray(np.ascontiguousarray(square.transpose(1, 2, 0)))

@@ -1,12 +1,9 @@
-"""An evaluation report anyone can rerun, on any saved or Hub model:
+"""An evaluation report anyone can rerun, on any saved or Hub model, with the engine that serves:
 
     python -m catdog_model.training.evaluate MODEL --dataset DATASET [--split-file split.json] --output-dir DIR
 
-It evaluates the test rows of the model's ``split.json`` (or the whole dataset) with the engine that serves, and
-the "neither" detector on synthetic pictures that are plainly neither. It writes ``evaluation.json`` and three PNG
-figures (confusion matrix, reliability diagram, the most confident mistakes); the training script calls
-``write_report`` on its test split with its fp32 model, so the model card and the page show the same numbers.
-"""
+It writes ``evaluation.json`` and three figures (confusion matrix, reliability, the most confident mistakes). Training
+calls ``write_report`` with its fp32 model, so the card and the page show the same numbers."""
 
 from __future__ import annotations
 
@@ -31,8 +28,9 @@ from ..serving.detector import ood_score
 from ..serving.files import check_writable, no_such_folder, unreachable_hub_message
 from ..serving.predictor import load_predictor
 from ..serving.verdict import NEITHER, NOT_SURE, decide
+from . import TrainingError
 from .calibration import ECE_BINS, calibration_summary
-from .data import (SPLIT_FILE, DatasetError, collate, dataset_fingerprint, load_image_dataset, load_split, make_transform,
+from .data import (SPLIT_FILE, collate, dataset_fingerprint, load_image_dataset, load_split, make_transform,
                    read_split_file, undecoded)
 
 __all__ = ["EVALUATION_FILE", "compute_metrics", "report_training_run", "synthetic_ood_images", "write_report",
@@ -84,8 +82,8 @@ def _auroc(negatives: torch.Tensor, positives: torch.Tensor) -> float:
 
 def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, temperature: float, class_names: Sequence[str],
                     ood: dict) -> dict:
-    """The report's numbers. ``ood``: the detector's {"threshold", "in_scores" (of these images), "out_scores"},
-    and what the out-of-distribution pictures are ("out_images")."""
+    """The report's numbers. ``ood``: the detector's "threshold", "in_scores" (of these images), "out_scores" and
+    "out_images" (what those are)."""
     logits, labels = logits.float().cpu(), labels.long().cpu()
     probabilities = torch.sigmoid(logits / temperature)
     matrix = binary_confusion_matrix(probabilities, labels)
@@ -116,8 +114,8 @@ def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
 
 
 def _verdict_counts(probabilities: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str], ood: dict) -> dict[str, int]:
-    """What the Space would answer for each of these pictures, by the one rule (verdict.py): how many confident
-    and right, confident and wrong, not sure, and neither."""
+    """What the Space would answer for each picture (verdict.py): confident and right, confident and wrong, not sure,
+    neither."""
     counts = {"right": 0, "wrong": 0, NOT_SURE: 0, NEITHER: 0}
     for index, (p, label) in enumerate(zip(probabilities.tolist(), labels.tolist())):
         verdict = decide({class_names[0]: 1 - p, class_names[1]: p}, float(ood["in_scores"][index]) <= ood["threshold"])
@@ -184,11 +182,11 @@ def _save_figures(results: dict, logits: torch.Tensor, labels: torch.Tensor, out
     return written
 
 
-def write_report(output_dir: Path, logits: torch.Tensor, labels: torch.Tensor, temperature: float,
-                 class_names: Sequence[str], ood: dict, image_of: Optional[Callable[[int], Image.Image]] = None) -> dict:
-    """Compute the numbers, draw the figures and write evaluation.json into output_dir. ``image_of(i)``, the picture
-    behind ``logits[i]``, feeds the gallery of the most confident mistakes."""
-    output_dir = Path(output_dir)
+def write_report(output_dir: Path, model, logits: torch.Tensor, labels: torch.Tensor, ood: dict,
+                 image_of: Optional[Callable[[int], Image.Image]] = None) -> dict:
+    """The numbers, the figures and evaluation.json in ``output_dir``. ``model``: the labels and temperature (a model or
+    a predictor); ``image_of(i)``: the picture of ``logits[i]``, for the mistakes."""
+    temperature, class_names, output_dir = model.temperature, model.labels, Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     results = compute_metrics(logits, labels, temperature, class_names, ood)
     p = torch.sigmoid(logits.float().cpu() / temperature)
@@ -202,8 +200,8 @@ def write_report(output_dir: Path, logits: torch.Tensor, labels: torch.Tensor, t
 
 def report_training_run(model, detector: dict, test_outputs: tuple, image_of: Callable[[int], Image.Image],
                         output_dir: Path) -> dict:
-    """The training script's report: its test split's (logits, labels, detector features), and for the
-    "neither" AUROC, synthetic pictures that are plainly neither (noise, flat colours, stripes, text)."""
+    """The training run's report on its test outputs, with synthetic pictures that are plainly neither for the "neither"
+    AUROC."""
     synthetic = torch.stack([torch.from_numpy(model_input(image, model.image_size)) for image in synthetic_ood_images()])
     with torch.no_grad():
         _, _, synthetic_features = model.forward_with_features(synthetic.to(next(model.parameters()).device))
@@ -211,7 +209,7 @@ def report_training_run(model, detector: dict, test_outputs: tuple, image_of: Ca
     ood = {"threshold": model.ood_threshold, "in_scores": torch.from_numpy(ood_score(features, detector)),
            "out_scores": torch.from_numpy(ood_score(synthetic_features, detector)),
            "out_images": SYNTHETIC}
-    results = write_report(output_dir, logits, labels, model.temperature, model.labels, ood, image_of)
+    results = write_report(output_dir, model, logits, labels, ood, image_of)
     logger.info("'neither' detector: threshold %.3f flags %.1f%% of the test split and %.1f%% of %d synthetic pictures "
                 "(AUROC %.3f)", model.ood_threshold, 100 * results["ood"]["flagged_in_distribution"],
                 100 * results["ood"]["flagged_out_of_distribution"], len(synthetic), results["ood"]["auroc"])
@@ -219,8 +217,8 @@ def report_training_run(model, detector: dict, test_outputs: tuple, image_of: Ca
 
 
 def _model_outputs(predictor, rows, data) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and "neither" scores of dataset rows through the serving engine, read as timm's inference.py reads
-    them: a DataLoader with the evaluation transform (data.py)."""
+    """Logits and "neither" scores of dataset rows through the serving engine, read through a DataLoader as timm's
+    inference.py does."""
     pictures = undecoded(rows, data).with_transform(make_transform(data, predictor.image_size, train=False))
     loader = DataLoader(pictures, batch_size=predictor.batch_size, collate_fn=lambda batch: collate(batch)["pixels"])
     logits, scores = [], []
@@ -232,27 +230,26 @@ def _model_outputs(predictor, rows, data) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _check_split_is_the_models(split_file: Path, predictor, fingerprint: str) -> None:
-    """A split file made by another run (another seed or dataset), on data that differs from what it was made on
-    (another revision, rows reordered), or edited (a row repeated, training rows among its test rows) would not
-    measure the model on photos it has not seen, each once: refuse it, naming why."""
+    """Refuse a split file that would not measure the model on photos it has not seen, each once: another run's, made on
+    other data, or edited."""
     saved, metrics = read_split_file(split_file), predictor.metrics
     for key, flag in (("seed", "--seed"), ("dataset", "--dataset")):
         if key in metrics and key in saved and saved[key] != metrics[key]:
-            raise DatasetError(f"--split-file {split_file} was made with {flag} {saved[key]}, but the model was trained "
+            raise TrainingError(f"--split-file {split_file} was made with {flag} {saved[key]}, but the model was trained "
                                f"with {flag} {metrics[key]}: its test rows would include the model's training rows")
     if saved.get("fingerprint") != fingerprint:
-        raise DatasetError(f"--split-file {split_file} was made on other data ({saved.get('fingerprint')}, now "
+        raise TrainingError(f"--split-file {split_file} was made on other data ({saved.get('fingerprint')}, now "
                            f"{fingerprint}): another revision or a reordered copy; its row numbers would point at other rows")
     test = saved["used"]["test"]
     if len(set(test)) != len(test):
-        raise DatasetError(f"{split_file} lists {len(test) - len(set(test))} of its {len(test)} test rows more than once: "
+        raise TrainingError(f"{split_file} lists {len(test) - len(set(test))} of its {len(test)} test rows more than once: "
                            "each photo must count once")
     own = predictor.files.path(SPLIT_FILE, required=False)  # the model's own rows, vouched for by its manifest
     if own is not None:
         model_rows = read_split_file(own)
         seen = set(test) & (set(model_rows["train"]) | set(model_rows.get("validation", [])))
         if seen:
-            raise DatasetError(f"{split_file}: {len(seen)} of its test rows are rows the model was trained or calibrated "
+            raise TrainingError(f"{split_file}: {len(seen)} of its test rows are rows the model was trained or calibrated "
                                "on (its own split.json, which its manifest vouches for, says so)")
 
 
@@ -267,14 +264,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parse_command(parser, argv)
     try:  # every input is checked before the evaluation, which may take a while
         if Path(args.model).is_dir() and Path(args.output_dir).resolve() == Path(args.model).resolve():
-            raise DatasetError(f"--output-dir {args.output_dir} is the model's own folder, whose report the manifest "
+            raise TrainingError(f"--output-dir {args.output_dir} is the model's own folder, whose report the manifest "
                                "vouches for: write the new report elsewhere.")
         check_writable(Path(args.output_dir))
         if missing := no_such_folder("--dataset", args.dataset):
-            raise DatasetError(missing)
+            raise TrainingError(missing)
         predictor = load_predictor(args.model)
         if unreachable := unreachable_hub_message(None if Path(args.dataset).exists() else f"--dataset {args.dataset}"):
-            raise DatasetError(unreachable)
+            raise TrainingError(unreachable)
         data = load_image_dataset(args.dataset, args.dataset_revision)
         # Without --split-file, a local model's own split.json, checked against its manifest like every file it serves.
         split_file = args.split_file or (predictor.files.path(SPLIT_FILE, required=False) if predictor.files.local else None)
@@ -292,8 +289,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     out_scores = torch.tensor([found.ood_score for found in predictor.explain_many(synthetic_ood_images())])
     ood = {"threshold": predictor.ood_threshold, "in_scores": in_scores, "out_scores": out_scores, "out_images": SYNTHETIC}
     try:
-        results = write_report(Path(args.output_dir), logits, torch.tensor(rows[data.label_column]), predictor.temperature,
-                               predictor.labels, ood, lambda i: rows[i][data.image_column])
+        results = write_report(Path(args.output_dir), predictor, logits, torch.tensor(rows[data.label_column]), ood,
+                               lambda i: rows[i][data.image_column])
     except OSError as error:  # a full disk, most often
         exit_with_error(f"Could not write the report in {args.output_dir}: {error.strerror or error}.")
     logger.info("accuracy %.4f, ROC AUC %.4f, ECE %.4f, 'neither' AUROC %.4f on %d images with %s; report in %s",

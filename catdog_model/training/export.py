@@ -1,12 +1,9 @@
-"""The serving engines made from a trained fp32 model: ``ServingGraph`` (logits, Grad-CAM and the detector's features
-in one pass) traced into the OpenVINO IR, by NNCF in two forms: int8 weights (0.28× the bytes of model.safetensors),
-which every CPU serves, and int8 weights and activations, quantized on training photos and kept only where they
-pass a check against the fp32 model on the validation photos, served where the CPU has int8 dot products. For a
-folder whose IR is missing or damaged, the command makes it again from the weights the manifest vouches for (with
-``--int8`` the int8 engine too, from the run's own split.json); or it sets the "neither" threshold:
+"""The serving engines made from a trained fp32 model: ``ServingGraph`` (logits, Grad-CAM, the detector's features)
+converted to OpenVINO and, by NNCF, given int8 weights (every CPU serves it) or int8 weights and activations (kept only
+where it passes a check against fp32; served where the CPU has int8 dot products). The command makes a folder's engines
+again from the weights its manifest vouches for, or sets the "neither" threshold:
 
-    python -m catdog_model.training.export MODEL_FOLDER [--int8 [--dataset D]] [--ood-threshold SCORE]
-"""
+    python -m catdog_model.training.export MODEL_FOLDER [--int8 [--dataset D]] [--ood-threshold SCORE]"""
 
 from __future__ import annotations
 
@@ -34,7 +31,7 @@ from ..hardware import usable_cores
 from ..model import CatDogClassifier
 from ..serving.detector import ood_score
 from ..serving.engine import EngineOutputs, compile_openvino
-from ..serving.files import ModelFiles, ModelLoadError, file_sha256, first_line, manifest_of
+from ..serving.files import ModelFiles, ModelLoadError, first_line, manifest_of
 from ..serving.verdict import decide
 from .run_state import TrainingError, save_atomically
 
@@ -55,9 +52,9 @@ CHECK_PHOTOS = 1000  # at most, of the validation split: minutes of fp32 at 224 
 
 
 class ServingGraph(nn.Module):
-    """pixels (N, 3, S, S) in [0, 1] → logits, Grad-CAM heatmaps (Selvaraju et al., 2017) and the detector's
-    features, in one pass. The head is Linear → ReLU → Linear on the flattened map, so Grad-CAM's mean gradient
-    is exact in closed form, (w2 ⊙ relu'(hidden)) · W1 pooled per channel: no autograd, so the export has it too."""
+    """pixels (N, 3, S, S) in [0, 1] → logits, Grad-CAM heatmaps and the detector's features, in one pass. The head is
+    Linear → ReLU → Linear, so Grad-CAM's mean gradient is exact in closed form, (w2 ⊙ relu'(hidden)) · W1 pooled per
+    channel: no autograd, so the export has it too."""
 
     def __init__(self, model: CatDogClassifier) -> None:
         super().__init__()
@@ -77,7 +74,7 @@ class ServingGraph(nn.Module):
 
 
 def convert(model: CatDogClassifier) -> openvino.Model:
-    """The serving graph of a trained fp32 model as an OpenVINO model in float32 (in memory), its outputs named."""
+    """The serving graph as an OpenVINO model in float32, in memory, its outputs named."""
     size = model.image_size
     with torch.no_grad(), warnings.catch_warnings():
         # OpenVINO's PyTorch frontend traces with TorchScript, which torch now marks as deprecated.
@@ -90,17 +87,14 @@ def convert(model: CatDogClassifier) -> openvino.Model:
 
 
 def int8_weights(converted: openvino.Model) -> openvino.Model:
-    """The engine every CPU serves, from ``convert``'s model: int8 weights, one scale per output channel (NNCF),
-    computed in bf16 or fp32. OpenVINO runs a Linear straight from them (a quarter of the bytes to stream) and
-    expands a convolution's once."""
+    """The engine every CPU serves: int8 weights, one scale per output channel (NNCF)."""
     return nncf.compress_weights(converted.clone(), mode=nncf.CompressWeightsMode.INT8_SYM)
 
 
 def quantize_int8(converted: openvino.Model, calibration: Sequence[np.ndarray]) -> openvino.Model:
-    """int8 weights and activations from ``convert``'s model: NNCF's post-training quantization, its ranges read on
-    ``calibration`` (model inputs of training photos). Left in float, where int8 moved the answers
-    (benchmarks/README.md): the detector's statistics, the first convolution (the normalised photo) and the last
-    Linear (the logit)."""
+    """int8 weights and activations: NNCF's post-training quantization on ``calibration`` (training photos' model
+    inputs). Left in float where int8 moved the answers (benchmarks/README.md): the detector's statistics, the first
+    convolution and the last Linear."""
     first_convolution = next(op.get_friendly_name() for op in converted.get_ordered_ops() if op.get_type_name() == "Convolution")
     kept_in_float = nncf.IgnoredScope(patterns=[*DETECTOR_STATISTICS, LAST_LINEAR], names=[first_convolution])
     # Served only where int8 dot products cannot saturate (VNNI, AMX): no halved range for the first layer.
@@ -111,9 +105,8 @@ def quantize_int8(converted: openvino.Model, calibration: Sequence[np.ndarray]) 
 
 
 def check_int8(model: CatDogClassifier, quantized: openvino.Model, photos: Sequence[np.ndarray], detector: dict) -> dict:
-    """The int8 engine against the fp32 model on ``photos`` (model inputs of validation photos): the share of verdicts
-    that agree, the largest probability error, the "neither" score's and the heatmaps' correlation; and "passed",
-    whether each meets INT8_CHECK."""
+    """The int8 engine against the fp32 model on ``photos``: verdicts that agree, the largest probability error, the
+    "neither" score's and the heatmaps' correlation, and whether each meets INT8_CHECK."""
     engine, graph = compile_openvino(quantized, usable_cores(), int8=True), ServingGraph(model.eval()).eval()
     found = {"int8": [], "fp32": []}
     for start in range(0, len(photos), 16):
@@ -141,9 +134,8 @@ def check_int8(model: CatDogClassifier, quantized: openvino.Model, photos: Seque
 
 def save_openvino(model: CatDogClassifier, folder: str | Path, calibration: Sequence[np.ndarray] = (),
                   photos: Sequence[np.ndarray] = (), detector: Optional[dict] = None) -> Optional[dict]:
-    """Write the engine every CPU serves (``openvino_model.xml`` and ``.bin``) for a trained fp32 model into
-    ``folder``; with ``calibration`` (training photos), ``photos`` (validation photos) and the ``detector``, the int8
-    engine too, where it passes its check. Returns the check (None without one)."""
+    """Write the engine every CPU serves into ``folder``; with ``calibration``, ``photos`` and the ``detector``, the
+    int8 engine too where it passes its check. Returns the check (None without one)."""
     # compress_to_fp16 would not apply: OpenVINO leaves a model that has int8 weights as it is.
     converted = convert(model)
     openvino.save_model(int8_weights(converted), str(Path(folder) / IR_FILES[0]), compress_to_fp16=False)
@@ -166,13 +158,13 @@ def save_openvino(model: CatDogClassifier, folder: str | Path, calibration: Sequ
 
 
 def model_inputs(rows, limit: int) -> list[np.ndarray]:
-    """The first ``limit`` rows of a split that has the evaluation transform, as the model's uint8 inputs."""
+    """The first ``limit`` rows of a split with the evaluation transform, as uint8 model inputs."""
     return [row["pixels"].numpy() for row in rows.select(range(min(limit, len(rows))))]
 
 
 def _photos(files: ModelFiles, image_size: int, dataset: Optional[str]) -> tuple[list, list]:
-    """Training photos to calibrate on and validation photos to check against: the rows the folder's split.json
-    (vouched for by its manifest) names, of the dataset its run read (metrics.json) or ``dataset``."""
+    """Training photos to calibrate on and validation photos to check against: the rows of the folder's split.json, from
+    the dataset its run read (or ``dataset``)."""
     from .data import SPLIT_FILE, load_image_dataset, load_split, make_transform, undecoded
 
     metrics = json.loads(files.path("metrics.json").read_text())
@@ -184,30 +176,23 @@ def _photos(files: ModelFiles, image_size: int, dataset: Optional[str]) -> tuple
 
 
 def reexport(folder: Path, int8: bool = False, dataset: Optional[str] = None) -> None:
-    """The IR of a finished model folder made again from its weights, and its manifest entries with it; with
-    ``int8``, the int8 engine too, calibrated and checked on the rows of the run's own split.json."""
-    try:
-        config = json.loads((folder / "config.json").read_text())
-        manifest = config[MANIFEST_KEY]["files"]
-        weights = manifest[WEIGHTS]["sha256"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise TrainingError(f"{folder} has no config.json with a manifest ({type(error).__name__}): it is not a finished "
-                            "model of train_accelerate.py, so there is nothing to vouch for its weights; retrain it.") from None
-    if not (folder / WEIGHTS).is_file() or file_sha256(folder / WEIGHTS) != weights:
-        raise TrainingError(f"{folder / WEIGHTS} is missing or is not the file its run wrote: retrain the model.")
+    """A finished folder's engine made again from its weights, with its manifest entries; with ``int8``, the int8 engine
+    too."""
+    files = ModelFiles(str(folder), str(folder), None)
+    try:  # the weights and detector its manifest vouches for, or one line saying why not
+        files.config()
+        files.path(WEIGHTS)
+        detector = load_file(str(files.path(OOD_FILE))) if int8 else None
+    except ModelLoadError as error:
+        raise TrainingError(str(error)) from None
+    config = json.loads((folder / "config.json").read_text())
+    manifest = config[MANIFEST_KEY]["files"]
+    weights = manifest[WEIGHTS]["sha256"]
     try:
         model = CatDogClassifier.from_pretrained(str(folder))
     except (OSError, ValueError, RuntimeError) as error:
         raise TrainingError(f"Could not read the model in {folder}: {str(error).splitlines()[0]}") from None
-    calibration, photos, detector = [], [], None
-    if int8:
-        files = ModelFiles(str(folder), str(folder), None)
-        try:
-            files.config()
-            detector = load_file(str(files.path(OOD_FILE)))
-        except ModelLoadError as error:
-            raise TrainingError(str(error)) from None
-        calibration, photos = _photos(files, model.image_size, dataset)
+    calibration, photos = _photos(files, model.image_size, dataset) if int8 else ([], [])
     check = {}
 
     def write(temp: Path) -> None:
@@ -230,8 +215,8 @@ def reexport(folder: Path, int8: bool = False, dataset: Optional[str] = None) ->
 
 
 def set_ood_threshold(folder: Path, threshold: float) -> None:
-    """The score above which a finished model says "neither", in config.json and its manifest alike (so that it is
-    vouched for, as training's own was); the engine and every other file are kept."""
+    """The score above which a finished model says "neither", in config.json and its manifest alike; every other file
+    kept."""
     try:
         ModelFiles(str(folder), str(folder), None).config()
     except ModelLoadError as error:

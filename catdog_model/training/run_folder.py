@@ -51,9 +51,8 @@ def _recorded_names(output_dir: Path) -> tuple[str, ...]:
 
 
 def claim_output_dir(output_dir: Path, overwrite: bool, resuming: bool) -> FileLock:
-    """Lock the folder for this run, once it is known to be writable and new, empty or a previous run's.
-
-    Nothing is deleted here: ``start_run`` clears a previous run once every check has passed."""
+    """Lock the folder for this run, once it is writable and new, empty or a previous run's. Nothing is deleted here:
+    ``start_run`` clears a previous run once every check has passed."""
     check_writable(output_dir)
     recorded = _recorded_names(output_dir)
     foreign = sorted(entry.name for entry in output_dir.iterdir()
@@ -83,16 +82,15 @@ def claim_output_dir(output_dir: Path, overwrite: bool, resuming: bool) -> FileL
 
 
 def remove_unused_folder(output_dir: Path, lock: FileLock) -> None:
-    """A folder this run created and left unused (the run was refused after claiming it): removed again, if it
-    holds only what ``claim_output_dir`` put there."""
+    """A folder this run created, then was refused in: removed, if it holds only what ``claim_output_dir`` put there."""
     lock.release()
     if {entry.name for entry in output_dir.iterdir()} <= {LOCK_FILE, RUN_RECORD}:
         shutil.rmtree(output_dir, ignore_errors=True)
 
 
 def start_run(output_dir: Path, overwrite: bool) -> None:
-    """Every check has passed: remove this script's interrupted writes and, with ``overwrite``, what the
-    previous run recorded writing here. Nothing else is touched."""
+    """Every check has passed: remove interrupted writes and, with ``overwrite``, what the previous run recorded writing
+    here."""
     stale = [entry for entry in output_dir.iterdir() if entry.name.startswith(TEMPORARY_PREFIX)]
     if overwrite:
         stale += [output_dir / name for name in _recorded_names(output_dir) if name not in (LOCK_FILE, RUN_RECORD)]
@@ -108,8 +106,8 @@ def start_run(output_dir: Path, overwrite: bool) -> None:
 
 def publish_run(config, accelerator: Accelerator, model: CatDogClassifier, progress: Progress, fitted: Fitted,
                 run: RunData) -> None:
-    """The finished model in one atomic step, config.json with its manifest last: weights, engine, detector,
-    split.json, the report, metrics.json and the card; files of a previous model not written again are removed."""
+    """The finished model in one atomic step, config.json and its manifest last; a previous model's files not written
+    again are removed."""
     output_dir, best = Path(config.output_dir), Path(config.output_dir) / BEST
     name = config.hub_model_id or output_dir.resolve().name
     model_config = {**json.loads((best / "config.json").read_text()), "temperature": fitted.calibration["temperature"],

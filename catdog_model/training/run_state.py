@@ -1,6 +1,5 @@
-"""What a training run keeps and does between its train steps: progress and running metrics, evaluation and
-calibration, the one atomic save, the precision and workers a machine trains with, and workers that never outlive
-the run."""
+"""What a training run keeps and does between its steps: progress and metrics, evaluation and calibration, the atomic
+save, the precision and workers it trains with."""
 
 from __future__ import annotations
 
@@ -41,13 +40,13 @@ CHECKPOINTS = "checkpoints"  # output_dir/checkpoints/step_<8 digits>, and the b
 BEST = "checkpoints/best"  # out of the files a predictor reads until the run publishes its finished model
 
 class RunningMetrics:
-    """Summed BCE loss and correct answers over gathered batches, kept on the device: only ``result`` syncs."""
+    """Summed BCE loss and correct answers over gathered batches, on the device: only ``result`` syncs."""
 
     def __init__(self) -> None:
         self.loss_sum, self.correct, self.count = 0.0, 0.0, 0
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Add one batch; returns its summed loss (still on the device)."""
+        """Add one batch; returns its summed loss (on the device)."""
         batch_loss = F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="sum")
         self.loss_sum = self.loss_sum + batch_loss
         self.correct = self.correct + ((logits > 0).float() == labels).sum()
@@ -67,8 +66,8 @@ class RunningMetrics:
 
 
 class Progress:
-    """Where training stands, with the running sums of the current epoch; saved inside each checkpoint,
-    so that a run resumed mid-epoch (or at an epoch's last step) continues with complete metrics."""
+    """Where training stands, with the epoch's running sums: saved in each checkpoint, so that a run resumed mid-epoch
+    has complete metrics."""
 
     def __init__(self) -> None:
         self.epoch, self.batches_in_epoch, self.optimizer_steps = 0, 0, 0
@@ -86,8 +85,8 @@ class Progress:
 
 
 def exit_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
-    """Ask Linux to send ``sig`` to this process when its parent dies (prctl PR_SET_PDEATHSIG; a no-op
-    elsewhere): a training process started by a launcher that is killed with -9 must not run on alone."""
+    """Have Linux send ``sig`` to this process when its parent dies (PR_SET_PDEATHSIG): a process whose launcher was
+    killed with -9 must not run on alone."""
     if not sys.platform.startswith("linux"):
         return
     ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
@@ -96,23 +95,23 @@ def exit_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
 
 
 def exit_with_parent_worker(worker_id: int) -> None:
-    """A DataLoader ``worker_init_fn``: the worker dies with its training process. A fork does not inherit
-    the death signal, and torch's own check of the parent only runs while the worker waits for work."""
+    """A DataLoader ``worker_init_fn``: the worker dies with its training process (a fork does not inherit the death
+    signal)."""
     exit_with_parent(os.getppid())
 
 
 # ---- Evaluation, calibration, and what may be saved.
 
 def evaluate(model, loader, accelerator: Accelerator, desc: str) -> dict:
-    """Mean BCE loss and accuracy over the whole loader, gathered across processes."""
+    """Mean BCE loss and accuracy over the loader, gathered across processes."""
     metrics = RunningMetrics()
     metrics.update(*model_outputs(model, loader, accelerator, desc, features=False)[:2])
     return metrics.result()
 
 
 def model_outputs(model, loader, accelerator: Accelerator, desc: str, features: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Every image's logit, label and (with ``features``) "neither"-detector features, gathered across processes
-    (padding of uneven shards dropped). Without features the prepared model runs, in the run's mixed precision."""
+    """Every image's logit, label and (``features``) detector features, gathered across processes; without features the
+    prepared model runs, in the run's precision."""
     model.eval()
     inner = accelerator.unwrap_model(model)
     logits, labels, layers = [], [], {}
@@ -131,8 +130,8 @@ def model_outputs(model, loader, accelerator: Accelerator, desc: str, features: 
 
 @dataclass
 class RunData:
-    """What a run reads: the dataset, its full splits, the rows each split uses as selected (what split.json
-    records), the same rows as the loaders read them (transforms set), and the content's fingerprint."""
+    """What a run reads: the dataset, its full splits, the rows used (what split.json records), the same rows as the
+    loaders read them, and the content's fingerprint."""
 
     data: Any  # data.LoadedDataset
     splits: dict
@@ -150,7 +149,7 @@ class Loaders(NamedTuple):
 
 @dataclass
 class Fitted:
-    """What is fitted after the epochs: the calibration block, the test split's outputs, the "neither" detector."""
+    """What is fitted after the epochs: the calibration, the test split's outputs, the "neither" detector."""
 
     calibration: dict
     test_outputs: tuple
@@ -159,8 +158,8 @@ class Fitted:
 
 def calibrate_and_test(config, accelerator: Accelerator, model, progress: Progress, run: RunData,
                        loaders: Loaders) -> Fitted:
-    """The kept weights calibrated on the validation split, run on the test split, and the "neither" detector fitted
-    on the training split (unaugmented)."""
+    """The kept weights calibrated on validation, run on test, and the "neither" detector fitted on the unaugmented
+    training split."""
     unwrapped = accelerator.unwrap_model(model)
     on_main_process(accelerator, check_best_model, Path(config.output_dir), progress)
     safetensors.torch.load_model(unwrapped, str(Path(config.output_dir) / BEST / WEIGHTS))
@@ -196,7 +195,7 @@ def check_finite(losses: list, model: torch.nn.Module, progress: Progress) -> No
 
 
 def save_atomically(folder: Path, write: Callable[[Path], None]) -> list[str]:
-    """``write_atomically``, a failure (a full disk, most often) as one ``TrainingError``: the files there are kept."""
+    """``write_atomically``, a failure (a full disk, most often) as one ``TrainingError``."""
     try:
         return write_atomically(folder, write)
     except (OSError, SafetensorError, RuntimeError) as error:
@@ -205,8 +204,7 @@ def save_atomically(folder: Path, write: Callable[[Path], None]) -> list[str]:
 
 
 def save_model(model: CatDogClassifier, output_dir: Path) -> str:
-    """The best epoch's weights (save_pretrained) into checkpoints/best, atomically; returns their sha256, which
-    the checkpoints keep so that a resume can check the file."""
+    """The best epoch's weights into checkpoints/best, atomically; returns their sha256 for the checkpoints to keep."""
     best = output_dir / BEST
     best.mkdir(parents=True, exist_ok=True)
     save_atomically(best, lambda temp: model.save_pretrained(temp))
@@ -214,8 +212,8 @@ def save_model(model: CatDogClassifier, output_dir: Path) -> str:
 
 
 def check_best_model(output_dir: Path, progress: Progress, epoch_ended: bool = False) -> None:
-    """The best epoch's weights, which the run tests at the end, must be the very file it saved. A checkpoint from an
-    epoch's last batch (``epoch_ended``) predates that epoch's validation, which the resume repeats: no check then."""
+    """The best weights so far must be the very file this run saved. A checkpoint from an epoch's last batch
+    (``epoch_ended``) predates the validation the resume repeats: no check then."""
     path = output_dir / BEST / WEIGHTS
     if epoch_ended:
         return
@@ -226,7 +224,7 @@ def check_best_model(output_dir: Path, progress: Progress, epoch_ended: bool = F
 
 
 def on_main_process(accelerator: Accelerator, check: Callable, *check_args):
-    """Run ``check`` on the main process only; if it fails, every process fails with its message."""
+    """Run ``check`` on the main process; if it fails, every process fails with its message."""
     result, message = None, None
     if accelerator.is_main_process:
         try:
@@ -242,10 +240,8 @@ def on_main_process(accelerator: Accelerator, check: Callable, *check_args):
 # ---- What a machine trains with.
 
 def configured_mixed_precision(config_file: Optional[Path] = None) -> Optional[str]:
-    """The mixed precision ``accelerate launch`` passed on (ACCELERATE_MIXED_PRECISION), or None where nobody chose
-    one: launch passes "no" by itself when neither its --mixed_precision nor the config file names one, so a "no"
-    counts where the config file (``accelerate config``'s, by default) names a precision. An explicit
-    ``--mixed_precision no`` without a config file looks like nothing chosen: the script's own flag decides then."""
+    """The precision ``accelerate launch`` passed on, or None where nobody chose one: launch passes "no" by itself when
+    nothing names one, so "no" counts only where the config file names a precision."""
     value = os.environ.get("ACCELERATE_MIXED_PRECISION")
     if value != "no":
         return value or None
@@ -260,9 +256,8 @@ def configured_mixed_precision(config_file: Optional[Path] = None) -> Optional[s
 
 def default_mixed_precision(device: "torch.device", configured: str | None = None,
                             flags: frozenset[str] | None = None) -> tuple[str, str]:
-    """The precision to train in when no flag names one, and why: ``accelerate config``'s choice, "no" included
-    (``configured_mixed_precision``), else bf16 autocast where the hardware computes it natively (2.3× per CPU train
-    step on an AVX-512 BF16 EPYC), else float32."""
+    """The precision to train in when no flag names one, and why: accelerate config's, else bf16 where the hardware
+    computes it natively (2.3x a CPU train step on an AVX-512 BF16 EPYC), else float32."""
     if configured:
         return configured, "accelerate config"
     if device.type == "cpu":
@@ -275,8 +270,8 @@ def default_mixed_precision(device: "torch.device", configured: str | None = Non
 
 
 def default_num_workers(device: "torch.device", processes: int = 1) -> int:
-    """DataLoader workers per process: on a GPU the cores, shared among the processes (at most 8), to keep it fed;
-    on a CPU one, since decoding (~2 ms an image) is cheap next to the step (~100 ms) and more take its cores."""
+    """DataLoader workers per process: on a GPU the cores, shared, at most 8; on a CPU one, since decoding (~2 ms) is
+    cheap next to a step (~100 ms)."""
     if device.type == "cpu":
         return 1
     return max(1, min(8, usable_cores() // max(1, processes)))

@@ -1,5 +1,5 @@
-"""A training run's settings: one frozen, typed dataclass, the command line built from its fields, and every
-value checked (the Hub too, where the run needs it) in about a second, before torch is imported."""
+"""A training run's settings: one frozen dataclass, the command line built from its fields, every value checked before
+torch is imported."""
 
 from __future__ import annotations
 
@@ -42,8 +42,8 @@ def _flag(default, help: str = "", group: str = "training", **argparse_options):
 
 @dataclass(frozen=True)
 class TrainingSettings:
-    """Every setting of a run. The command line is built from these fields (their defaults and help), and a
-    value that cannot work is refused here, within seconds, before the dataset is touched."""
+    """Every setting of a run; the command line is built from these fields, and a value that cannot work is refused
+    here."""
 
     dataset: str = _flag("microsoft/cats_vs_dogs", "Hub dataset id or local folder", "data", aliases=("--dataset_name",))
     dataset_revision: Optional[str] = _flag(None, "pin the Hub dataset to a branch, tag or commit", "data")
@@ -180,8 +180,8 @@ def parse_args(argv=None) -> TrainingSettings:
 
 
 def check_hub(config: "TrainingSettings") -> None:
-    """Where the run needs the Hub (a dataset id, ImageNet weights), that the Hub answers: one line in seconds,
-    not minutes of retries."""
+    """Where the run needs the Hub (a dataset id, ImageNet weights), that it answers: one line in seconds, not minutes
+    of retries."""
     if missing := no_such_folder("--dataset", config.dataset):
         raise TrainingError(missing + ".")
     unreachable = unreachable_hub_message(None if Path(config.dataset).exists() else "--dataset " + config.dataset,
@@ -191,8 +191,7 @@ def check_hub(config: "TrainingSettings") -> None:
 
 
 def settings(argv=None) -> TrainingSettings:
-    """The run's settings, checked, and the Hub reached where the run needs it; or one line and exit 2. A second
-    or so, before the training libraries take their seconds to load."""
+    """The run's settings, checked, or one line and exit 2: a second or so, before the training libraries load."""
     setup_logging()
     try:
         config = parse_args(argv)
