@@ -12,8 +12,7 @@ computes it natively, else fp32) and the int8 engine, each in a process of its o
   the Grad-CAM maps.
 - catdog-predict: pictures per second of the command's own code (``predict_files``) on --photos JPEG files, each
   engine in a worker of its own, in turns.
-- cold start: a fresh process, from its start to its first answer, files local, without and with OpenVINO's compile
-  cache (``$CATDOG_COMPILE_CACHE``) already filled.
+- cold start: a fresh process, from its start to its first answer, files local.
 It prints tables and writes --json with the machine: CPU model and flags, cores, threads, load average.
 """
 
@@ -186,23 +185,15 @@ print(loaded, time.time() - start)
 
 def cold_start(model: str, threads: int, runs: int) -> dict:
     """Seconds from a fresh process's start to load_predictor's return and to its first answer: the median of
-    ``runs``, for each engine, without a compile cache and with one filled by the run before."""
+    ``runs``, for each engine."""
     found = {}
-    with tempfile.TemporaryDirectory() as cache:
-        for name in ENGINES:
-            for cached in (False, True):
-                env = {**os.environ, "CATDOG_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
-                env.pop("CATDOG_COMPILE_CACHE", None)
-                if cached:
-                    env["CATDOG_COMPILE_CACHE"] = str(Path(cache) / name)
-                times = []
-                for _ in range(runs + cached):  # with the cache, a first run fills it
-                    out = subprocess.run([sys.executable, "-c", COLD_START, str(time.time()), model, name], env=env,
-                                         capture_output=True, text=True, check=True)
-                    times.append([float(value) for value in out.stdout.split()])
-                loaded, first = zip(*times[cached:])
-                found[f"{name}{', compile cache' if cached else ''}"] = {
-                    "load_predictor_s": statistics.median(loaded), "first_answer_s": statistics.median(first)}
+    for name in ENGINES:
+        env = {**os.environ, "CATDOG_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+        times = [[float(value) for value in subprocess.run(
+            [sys.executable, "-c", COLD_START, str(time.time()), model, name], env=env, capture_output=True, text=True,
+            check=True).stdout.split()] for _ in range(runs)]
+        loaded, first = zip(*times)
+        found[name] = {"load_predictor_s": statistics.median(loaded), "first_answer_s": statistics.median(first)}
     return found
 
 

@@ -3,20 +3,17 @@ and the "neither" detector's features."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
 import openvino
 
 from ..config import FEATURE_NAMES, OUTPUT_NAMES
-from ..hardware import cpu_flags, cpu_name, native_bf16
+from ..hardware import native_bf16
 
 __all__ = ["EngineOutputs", "OpenVINOEngine", "compile_openvino"]
 
@@ -52,30 +49,15 @@ class OpenVINOEngine:
         return EngineOutputs.from_named({name: results[output] for name, output in self._outputs.items()})
 
 
-def compile_cache() -> Optional[Path]:
-    """$CATDOG_COMPILE_CACHE, in a folder per kind of CPU (a blob compiled for one CPU must never load on another); None
-    if unset."""
-    root = os.environ.get("CATDOG_COMPILE_CACHE", "").strip()
-    if not root:
-        return None
-    kind = hashlib.sha256(f"{cpu_name()}\0{' '.join(sorted(cpu_flags()))}".encode()).hexdigest()[:16]
-    return Path(root).expanduser() / kind
-
-
 def compile_openvino(model: "openvino.Model | str | Path", threads: int, int8: bool = False) -> OpenVINOEngine:
     """Compile an IR (its .xml, or a model in memory) for this CPU on ``threads`` threads: in bf16 where the CPU
     computes it natively, else f32; ``int8``: the quantized IR, its float layers in f32."""
     start = time.perf_counter()
-    core = openvino.Core()
-    cache = compile_cache()
-    if cache:  # a model compiled before, on this kind of CPU, loads from its blob: the IR is not even read
-        core.set_property({"CACHE_DIR": str(cache)})
-    elif not isinstance(model, openvino.Model):
-        model = core.read_model(str(model))
     precision = "int8" if int8 else "bf16" if native_bf16() else "f32"
     hint = "bf16" if precision == "bf16" else "f32"
-    compiled = core.compile_model(model if isinstance(model, openvino.Model) else str(model), "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY",
-                                                 "INFERENCE_NUM_THREADS": threads})
+    compiled = openvino.Core().compile_model(model if isinstance(model, openvino.Model) else str(model), "CPU",
+                                             {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY",
+                                              "INFERENCE_NUM_THREADS": threads})
     logger.info("OpenVINO %s compiled the model (%s) in %.2f s", openvino.__version__.split("-")[0], precision,
                 time.perf_counter() - start)
     return OpenVINOEngine(compiled, precision)
