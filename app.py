@@ -24,7 +24,7 @@ from typing import Optional
 
 import gradio as gr
 
-from catdog_model import DEFAULT_LABELS, ImageError, ModelLoadError, PredictionError, Predictor, load_predictor
+from catdog_model import DEFAULT_LABELS, ImageError, ModelLoadError, Predictor, load_predictor
 from catdog_model.cli import debug, exit_with_error, parse_command
 from catdog_model.hardware import cap_malloc_arenas, usable_cores
 from catdog_model.predict import classify_chunk, decode_chunk, neutralised
@@ -96,9 +96,6 @@ class Space:
             return self.predictor.explain(path, heatmap=False)  # neither endpoint returns one
         except ImageError as error:
             raise gr.Error(str(error), title=error.title, print_exception=False) from None
-        except PredictionError as error:
-            logger.error("%s", error)
-            raise gr.Error(str(error), title="The model failed", print_exception=False) from None
 
     def predict(self, upload: str | dict | None) -> dict:
         """Is it a cat or a dog? One of four answers: "cat", "dog", "not sure" (under 70% either way, calibrated) or
@@ -137,9 +134,6 @@ class Space:
             explanation = self.predictor.explain(path)
         except ImageError as error:
             return _page(status=f"⚠️ **{error.title}.** {error}")
-        except PredictionError as error:
-            logger.error("%s", error)
-            return _page(status=f"⚠️ **The model failed on this picture.** {error}")
         verdict = explanation.verdict
         # For "neither", the bars are what the classifier would answer, were it a cat or a dog: labelled so.
         bars = gr.update(value=explanation.probabilities,

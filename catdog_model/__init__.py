@@ -8,10 +8,10 @@ from .config import DEFAULT_LABELS
 from .errors import CatdogError
 from .images import ImageError, open_image, to_rgb
 from .serving.files import ModelLoadError
-from .serving.predictor import Explanation, PredictionError, Predictor, load_predictor
+from .serving.predictor import Explanation, Predictor, load_predictor
 from .serving.verdict import Verdict, decide
 
-__all__ = ["CatDogClassifier", "CatdogError", "DEFAULT_LABELS", "Explanation", "ImageError", "ModelLoadError", "PredictionError",
+__all__ = ["CatDogClassifier", "CatdogError", "DEFAULT_LABELS", "Explanation", "ImageError", "ModelLoadError",
            "Predictor", "Verdict", "decide", "load_predictor", "open_image", "to_rgb"]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["DEFAULTS", "DEFAULT_LABELS", "FEATURE_NAMES", "HIDDEN", "HUB_METADATA", "INT8_IR_FILES", "IR_FILES", "MADE_FROM_WEIGHTS", "OUTPUT_NAMES",
+__all__ = ["DEFAULTS", "DEFAULT_LABELS", "FEATURE_NAMES", "HIDDEN", "HUB_METADATA", "INT8_IR_FILES", "IR_FILES", "OUTPUT_NAMES",
            "MANIFEST_KEY", "OOD_FILE", "REPORT_FIGURES", "SPACE_FILES", "STAGE_FEATURES", "STAT_STAGES", "WEIGHTS", "check_config",
            "check_labels"]
 
@@ -21,7 +21,6 @@ WEIGHTS = "model.safetensors"
 IR_FILES = ("openvino_model.xml", "openvino_model.bin")  # the names the Hub gives OpenVINO files: int8 weights
 INT8_IR_FILES = ("openvino_model_int8.xml", "openvino_model_int8.bin")  # int8 activations too, where it passed its check
 OOD_FILE = "ood.safetensors"
-MADE_FROM_WEIGHTS = (*IR_FILES, *INT8_IR_FILES, OOD_FILE)  # their manifest entries also name the weights' sha256
 MANIFEST_KEY = "manifest"  # config.json's list of every file with its size and sha256
 # The evaluation's figures (training/evaluate.py draws them), with the captions the page shows, in its order.
 REPORT_FIGURES = {"confusion_matrix.png": "Confusion matrix: the test photos, by true and predicted label",

@@ -34,7 +34,7 @@ from .hardware import usable_cores
 from .images import FORMATS as PICTURE_FORMATS, ImageError
 from .predict_dataset import beside_the_split, check_room, dataset_rows, open_split, push_split
 from .serving.files import MODEL_ORDER, resolve_model, write_atomically
-from .serving.predictor import Predictor, PredictionError, load_predictor
+from .serving.predictor import Predictor, load_predictor
 
 __all__ = ["FORMATS", "classify_chunk", "decode_chunk", "main", "neutralised", "predict_files", "row_columns"]
 
@@ -128,11 +128,7 @@ def classify_chunk(predictor: Predictor, chunk: list[tuple[str, object]], decodi
     negative, positive = predictor.labels
     decoded = [future.result() for future in decoding]
     inputs = [value for value in decoded if not isinstance(value, ImageError)]
-    try:
-        explanations = iter(predictor.explain_inputs(inputs) if inputs else [])
-    except PredictionError as error:
-        failed = ImageError(str(error), "The model failed")
-        decoded, explanations = [failed] * len(chunk), iter([])
+    explanations = iter(predictor.explain_inputs(inputs) if inputs else [])
     rows = []
     for (name, _), value in zip(chunk, decoded):
         row = {**dict.fromkeys(row_columns(predictor.labels)), "picture": name, "verdict": "error", "note": ""}
@@ -209,7 +205,7 @@ def predict_files(predictor: Predictor, pictures: Iterator, output: Path, identi
         state.wait_for_everyone()
     written = 0
     bar = tqdm(total=total, unit="picture", desc="classifying", disable=rank != 0, dynamic_ncols=True)
-    with ThreadPoolExecutor(max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))) as pool:
+    with ThreadPoolExecutor(_cores_of_this_process()) as pool:
         pending = None  # the chunk decoding while the model runs on the one before
         for index, chunk in enumerate(_chunks(pictures, CHUNK)):
             written += 1
@@ -251,6 +247,11 @@ def _merge(parts: Path, chunks: int, output: Path, split=None) -> list[dict]:
                 for columns, row in zip(split.remove_columns(pictures).to_list(), rows)], output)
     shutil.rmtree(parts)
     return rows
+
+
+def _cores_of_this_process() -> int:
+    """Each process of an ``accelerate launch`` on this machine its share of the cores."""
+    return max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def _distributed_state():
@@ -343,13 +344,11 @@ def _run(args) -> Optional[Counter]:
         total, pictures = len(listing), iter(listing)
     model, why = resolve_model(args.model)
     logger.info("classifying with %s (%s)", model, why)
-    state = _distributed_state()
-    threads = max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # each process its share of cores
-    predictor = load_predictor(model, threads=threads)
+    predictor = load_predictor(model, threads=_cores_of_this_process())
     if split is not None:
         check_room(split, row_columns(predictor.labels)[1:])
     rows = predict_files(predictor, pictures, output, _identity(predictor, source), total, split=split)
-    if state is not None and not state.is_main_process:
+    if int(os.environ.get("RANK", "0")):  # another process of an accelerate launch: the main one reports
         return None
     counts = Counter(row["verdict"] for row in rows)
     if args.push_to_hub:

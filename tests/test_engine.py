@@ -15,9 +15,9 @@ import torch
 from datasets import load_dataset
 from huggingface_hub import constants
 from safetensors.numpy import load_file as load_file_numpy
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from catdog_model import CatDogClassifier, ModelLoadError, PredictionError, load_predictor
+from catdog_model import CatDogClassifier, ModelLoadError, load_predictor
 from catdog_model import hardware
 from catdog_model.config import HIDDEN, INT8_IR_FILES, IR_FILES, OOD_FILE, STAGE_FEATURES
 from catdog_model.images import model_input
@@ -310,70 +310,14 @@ def test_a_manifest_without_the_models_values_is_not_a_finished_model(small_run,
         load_predictor(str(folder))
 
 
-def test_a_derived_file_must_come_from_the_listed_weights(trained_model, tmp_path):
-    edited = tmp_path / "edited"
-    shutil.copytree(trained_model, edited)
-    config = json.loads((edited / "config.json").read_text())
-    config["manifest"]["files"][IR_FILES[1]]["made_from"] = "0" * 64
-    (edited / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelLoadError, match="openvino_model.bin was made from other weights"):
-        load_predictor(str(edited), int8=False)
-
-
-def _with_nan(folder, tensor_name):
-    weights = load_file(folder / "model.safetensors")
-    weights[tensor_name][0] = float("nan")
-    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
-
-
-@pytest.mark.slow
-def test_an_engine_with_a_non_finite_weight_raises_instead_of_answering(small_run, tmp_path):
-    """Training never saves NaN weights (test_resume); an engine vouched for by hand that holds one gives no answer."""
+def test_a_non_finite_temperature_or_threshold_is_refused(small_run, tmp_path):
     folder = tmp_path / "nan"
     shutil.copytree(small_run, folder)
-    _with_nan(folder, "head.4.weight")
-    model = CatDogClassifier.from_pretrained(str(folder)).eval()
-    save_openvino(model, folder)
-    vouch_for(folder)
-    with pytest.raises(PredictionError):
-        load_predictor(str(folder)).predict([ROOT / "examples" / "chelsea_cat.jpg"])
-
-
-def test_a_non_finite_detector_temperature_or_threshold_is_refused(small_run, tmp_path):
-    folder = tmp_path / "nan"
-    shutil.copytree(small_run, folder)
-    detector = load_file(small_run / OOD_FILE)
-    detector["hidden.precision"][0, 0] = float("nan")
-    save_file(detector, folder / OOD_FILE)
-    vouch_for(folder)
-    with pytest.raises(ModelLoadError, match="ood.safetensors holds non-finite values in hidden.precision"):
-        load_predictor(str(folder))
-    shutil.copy(small_run / OOD_FILE, folder / OOD_FILE)
-    vouch_for(folder)
     config = json.loads((folder / "config.json").read_text())
     for key in ("temperature", "ood_threshold"):
         (folder / "config.json").write_text(json.dumps({**config, key: float("nan")}))
         with pytest.raises(ModelLoadError, match=key):
             load_predictor(str(folder))
-
-
-def test_a_non_finite_output_is_an_error_never_an_answer(trained_model, mini_images):
-    predictor = load_predictor(str(trained_model))
-    real = predictor.engine
-
-    class Broken:
-        name = real.name
-
-        def __call__(self, pixels):
-            outputs = real(pixels)
-            outputs.logits[:] = np.nan
-            return outputs
-
-    predictor.engine = Broken()
-    for ask in (lambda: predictor.predict(mini_images[:2]), lambda: predictor.explain(mini_images[0], heatmap=False),
-                lambda: predictor.explain(mini_images[0])):
-        with pytest.raises(PredictionError, match="non-finite output"):
-            ask()
 
 
 # ---- One predictor, many threads.

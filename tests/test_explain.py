@@ -12,7 +12,6 @@ from PIL import Image, ImageDraw
 from catdog_model import CatDogClassifier, ModelLoadError, load_predictor
 from catdog_model.config import OOD_FILE
 from catdog_model.images import model_input
-from catdog_model.serving.detector import load_detector
 from catdog_model.training.export import ServingGraph
 from conftest import ROOT, complete_folder, vouch_for
 
@@ -74,15 +73,10 @@ def test_a_missing_or_foreign_detector_file_is_a_clear_load_error(trained_model,
     (copy / OOD_FILE).unlink()
     with pytest.raises(ModelLoadError, match="ood.safetensors is missing"):
         load_predictor(str(copy))
-    detector = load_detector(trained_model / OOD_FILE, load_predictor(str(trained_model)).engine.feature_sizes)
-    detector["hidden.means"] = np.ascontiguousarray(detector["hidden.means"][:, :10])
-    from safetensors.numpy import save_file
+    from safetensors.numpy import load_file, save_file
 
-    save_file(detector, str(copy / OOD_FILE))
+    save_file({name: values * 1.5 for name, values in load_file(str(trained_model / OOD_FILE)).items()}, str(copy / OOD_FILE))
     with pytest.raises(ModelLoadError, match="ood.safetensors is not the file its training run wrote"):
-        load_predictor(str(copy))
-    vouch_for(copy)  # as if its own run had written it: the shapes are still checked
-    with pytest.raises(ModelLoadError, match=r"does not fit this model: hidden.means should be \[2, 1024\], found \[2, 10\]"):
         load_predictor(str(copy))
 
 

@@ -4,14 +4,9 @@ largest is the score. catdog_model/README.md says how it works; training/calibra
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-from safetensors.numpy import load_file
 
-from ..config import OOD_FILE
-
-__all__ = ["distance", "load_detector", "ood_score"]
+__all__ = ["distance", "ood_score"]
 
 
 def distance(features, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
@@ -30,18 +25,3 @@ def ood_score(features: dict, detector: dict[str, np.ndarray]) -> np.ndarray:
     scores = [distance(features[layer], detector[f"{layer}.means"], detector[f"{layer}.precision"])
               / detector[f"{layer}.scale"] for layer in layers]
     return np.stack(scores).max(axis=0)
-
-
-def load_detector(path: str | Path, sizes: dict[str, int]) -> dict[str, np.ndarray]:
-    """The arrays of ``ood.safetensors``, checked against the width of each layer the engine gives."""
-    detector = load_file(str(path))
-    for layer, size in sizes.items():
-        expected = {f"{layer}.means": (2, size), f"{layer}.precision": (size, size), f"{layer}.scale": (1,)}
-        for name, shape in expected.items():
-            if name not in detector or tuple(detector[name].shape) != shape:
-                found = list(detector[name].shape) if name in detector else "nothing"
-                raise ValueError(f"{OOD_FILE} does not fit this model: {name} should be {list(shape)}, found {found}")
-    broken = sorted(name for name, values in detector.items() if not np.isfinite(values).all())
-    if broken:  # NaN statistics would call every picture "neither"
-        raise ValueError(f"{OOD_FILE} holds non-finite values in {broken[0]}")
-    return {name: values.astype(np.float32) for name, values in detector.items()}

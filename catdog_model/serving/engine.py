@@ -42,7 +42,6 @@ class OpenVINOEngine:
         self._request = compiled.create_infer_request()
         self._outputs = {name: compiled.output(name) for name in OUTPUT_NAMES}
         self.image_size = compiled.inputs[0].get_partial_shape()[2].get_length()
-        self.feature_sizes = {name: self._outputs[name].get_partial_shape()[1].get_length() for name in FEATURE_NAMES}
 
     def __call__(self, pixels: np.ndarray) -> EngineOutputs:
         results = self._request.infer({0: np.ascontiguousarray(pixels, dtype=np.float32)}, share_outputs=False)

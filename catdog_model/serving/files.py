@@ -16,7 +16,7 @@ from huggingface_hub import constants, get_session, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, HTTPError, LocalEntryNotFoundError
 from huggingface_hub.utils import validate_repo_id
 
-from ..config import DEFAULTS, INT8_IR_FILES, IR_FILES, MADE_FROM_WEIGHTS, MANIFEST_KEY, SPACE_FILES, WEIGHTS, check_config
+from ..config import DEFAULTS, INT8_IR_FILES, IR_FILES, MANIFEST_KEY, SPACE_FILES, WEIGHTS, check_config
 from ..errors import CatdogError
 
 __all__ = ["DEFAULT_MODEL", "HUB_UNREACHABLE", "LOCAL_MODEL", "MODEL_ORDER", "ModelFiles", "ModelLoadError",
@@ -103,14 +103,10 @@ def write_atomically(folder: Path, write: Callable[[Path], None]) -> list[str]:
     return names
 
 
-def manifest_of(folder: Path, names, config: Optional[dict] = None, weights: Optional[str] = None) -> dict:
-    """Each file's size and sha256 (and, if made from the weights, their sha256); with ``config``, the values in it that
-    change answers, since config.json cannot hash itself."""
-    weights, files = weights or file_sha256(folder / WEIGHTS), {}
-    for name in names:
-        files[name] = {"size": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
-        if name in MADE_FROM_WEIGHTS:
-            files[name]["made_from"] = weights
+def manifest_of(folder: Path, names, config: Optional[dict] = None) -> dict:
+    """Each file's size and sha256; with ``config``, the values in it that change answers, since config.json cannot
+    hash itself."""
+    files = {name: {"size": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)} for name in names}
     return {"files": files} if config is None else {"files": files, "config": {key: config[key] for key in DEFAULTS}}
 
 
@@ -212,8 +208,7 @@ class ModelFiles:
         return path
 
     def check(self, name: str, path: Path) -> None:
-        """``ModelLoadError`` unless ``path`` is the manifest's ``name`` (size, sha256) made from the manifest's
-        weights."""
+        """``ModelLoadError`` unless ``path`` is the file the manifest lists as ``name`` (size, then sha256)."""
         entry = self.manifest["files"].get(name)
         if entry is None:
             raise ModelLoadError(f"{self.where}: {name} is not one of the files its training run wrote "
@@ -226,8 +221,6 @@ class ModelFiles:
             raise ModelLoadError(f"{self.where}: {name} is not the file its training run wrote (its size or sha256 "
                                  "differs from the manifest in config.json): it was replaced, mixed in from another "
                                  "run, or damaged.")
-        if "made_from" in entry and entry["made_from"] != self.manifest["files"].get(WEIGHTS, {}).get("sha256"):
-            raise ModelLoadError(f"{self.where}: {name} was made from other weights than the {WEIGHTS} the manifest lists.")
 
     def config(self) -> dict:
         """config.json checked (config.py) against the values its manifest vouches for."""

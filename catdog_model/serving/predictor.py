@@ -17,26 +17,21 @@ from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
-from safetensors import SafetensorError
+from safetensors.numpy import load_file
 
 from ..config import INT8_IR_FILES, IR_FILES, OOD_FILE, WEIGHTS
-from ..errors import CatdogError
 from ..hardware import int8_pays, usable_cores
 from ..images import MAX_PIXELS, decode, model_input, open_image, to_rgb
-from .detector import load_detector, ood_score
+from .detector import ood_score
 from .engine import EngineOutputs, OpenVINOEngine, compile_openvino
 from .files import REEXPORT, ModelFiles, ModelLoadError, first_line, parse_source
 from .verdict import Verdict, decide
 
-__all__ = ["DecodeBudget", "Explanation", "ModelLoadError", "PredictionError", "Predictor", "load_predictor"]
+__all__ = ["DecodeBudget", "Explanation", "ModelLoadError", "Predictor", "load_predictor"]
 
 logger = logging.getLogger(__name__)
 
 Picture = Union[Image.Image, str, Path, bytes]
-
-
-class PredictionError(CatdogError):
-    """The model computed no usable answer (a non-finite output): never passed on as a prediction."""
 
 
 class DecodeBudget:
@@ -179,15 +174,11 @@ class Predictor:
                 for explanation in self._explanations(self.outputs(np.stack(inputs[start : start + self.batch_size])))]
 
     def outputs(self, pixels: np.ndarray) -> EngineOutputs:
-        """The engine's outputs for (N, 3, S, S) uint8 or [0, 1] pixels; ``PredictionError`` if any is not finite."""
+        """The engine's outputs for (N, 3, S, S) uint8 or [0, 1] pixels, one pass at a time."""
         pixels = np.asarray(pixels)
         pixels = pixels.astype(np.float32) / 255 if pixels.dtype == np.uint8 else pixels.astype(np.float32)
         with self._lock:
-            outputs = self.engine(pixels)
-        if not all(np.isfinite(values).all() for values in (outputs.logits, *outputs.features.values())):
-            raise PredictionError(f"The model {self.source} computed a non-finite output: its weights are damaged. "
-                                  "Retrain it, or load another revision.")
-        return outputs
+            return self.engine(pixels)
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """Calibrated P(``labels[1]``): sigmoid(logit / temperature)."""
@@ -264,10 +255,7 @@ def load_predictor(source: str, batch_size: int = 16, threads: Optional[int] = N
     files = ModelFiles(str(source).strip(), repo_id, revision)
     config = files.config()
     engine = _load_engine(files, threads or usable_cores(), int8)
-    try:
-        detector = load_detector(files.path(OOD_FILE), engine.feature_sizes)
-    except (OSError, ValueError, SafetensorError) as error:
-        raise ModelLoadError(f"{files.where}: {first_line(error)}") from None
+    detector = {name: values.astype(np.float32) for name, values in load_file(str(files.path(OOD_FILE))).items()}
     described = {name: config[name] for name in ("labels", "image_size", "backbone", "temperature", "ood_threshold")}
     predictor = Predictor(engine, files, repo_id, revision, **described, detector=detector,
                           metrics=_optional_json(files, "metrics.json"), evaluation=_optional_json(files, "evaluation.json"),

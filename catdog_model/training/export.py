@@ -187,7 +187,6 @@ def reexport(folder: Path, int8: bool = False, dataset: Optional[str] = None) ->
         raise TrainingError(str(error)) from None
     config = json.loads((folder / "config.json").read_text())
     manifest = config[MANIFEST_KEY]["files"]
-    weights = manifest[WEIGHTS]["sha256"]
     try:
         model = CatDogClassifier.from_pretrained(str(folder))
     except (OSError, ValueError, RuntimeError) as error:
@@ -197,7 +196,7 @@ def reexport(folder: Path, int8: bool = False, dataset: Optional[str] = None) ->
 
     def write(temp: Path) -> None:
         check.update(save_openvino(model, temp, calibration, photos, detector) or {})
-        manifest.update(manifest_of(temp, [path.name for path in temp.iterdir()], weights=weights)["files"])
+        manifest.update(manifest_of(temp, [path.name for path in temp.iterdir()])["files"])
         if check.get("passed"):  # the figures it passed on, vouched for beside the file
             manifest[INT8_IR_FILES[0]]["check"] = check
         elif int8:  # an int8 engine made before is not served against this check
