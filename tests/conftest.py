@@ -31,7 +31,7 @@ import pytest  # noqa: E402
 
 import torch  # noqa: E402
 
-from harness import complete_folder, start_app as start_server, torch_reference, vouch_for  # noqa: E402, F401
+from harness import complete_folder, start_app as start_server, torch_reference  # noqa: E402, F401
 
 ROOT = Path(__file__).resolve().parents[1]
 MINI_DATASET = ROOT.parent / "shared" / "data" / "cats_vs_dogs_mini"

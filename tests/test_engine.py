@@ -25,7 +25,7 @@ from catdog_model.serving.describe import details
 from catdog_model.training.calibration import save_detector
 from catdog_model.training import export
 from catdog_model.training.export import save_openvino
-from conftest import ROOT, assert_clean_error, complete_folder, hub_snapshot, in_process, torch_reference, vouch_for
+from conftest import ROOT, assert_clean_error, complete_folder, hub_snapshot, in_process, torch_reference
 
 SERVING_NEEDS = ("config.json", *IR_FILES, OOD_FILE)  # and the int8 engine, where the model has one
 

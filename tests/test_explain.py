@@ -13,7 +13,7 @@ from catdog_model import CatDogClassifier, ModelLoadError, load_predictor
 from catdog_model.config import OOD_FILE
 from catdog_model.images import model_input
 from catdog_model.training.export import ServingGraph
-from conftest import ROOT, complete_folder, vouch_for
+from conftest import ROOT, complete_folder
 
 
 @pytest.fixture(scope="module")

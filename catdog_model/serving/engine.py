@@ -41,7 +41,6 @@ class OpenVINOEngine:
         self.name = f"openvino-{precision}"
         self._request = compiled.create_infer_request()
         self._outputs = {name: compiled.output(name) for name in OUTPUT_NAMES}
-        self.image_size = compiled.inputs[0].get_partial_shape()[2].get_length()
 
     def __call__(self, pixels: np.ndarray) -> EngineOutputs:
         results = self._request.infer({0: np.ascontiguousarray(pixels, dtype=np.float32)}, share_outputs=False)

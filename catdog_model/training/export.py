@@ -31,7 +31,7 @@ from ..hardware import usable_cores
 from ..model import CatDogClassifier
 from ..serving.detector import ood_score
 from ..serving.engine import EngineOutputs, compile_openvino
-from ..serving.files import ModelFiles, ModelLoadError, first_line, manifest_of
+from ..serving.files import ModelFiles, first_line, manifest_of
 from ..serving.verdict import decide
 from .run_state import TrainingError, save_atomically
 
@@ -179,12 +179,9 @@ def reexport(folder: Path, int8: bool = False, dataset: Optional[str] = None) ->
     """A finished folder's engine made again from its weights, with its manifest entries; with ``int8``, the int8 engine
     too."""
     files = ModelFiles(str(folder), str(folder), None)
-    try:  # the weights and detector its manifest vouches for, or one line saying why not
-        files.config()
-        files.path(WEIGHTS)
-        detector = load_file(str(files.path(OOD_FILE))) if int8 else None
-    except ModelLoadError as error:
-        raise TrainingError(str(error)) from None
+    files.config()  # the weights and detector its manifest vouches for, or ModelLoadError's one line
+    files.path(WEIGHTS)
+    detector = load_file(str(files.path(OOD_FILE))) if int8 else None
     config = json.loads((folder / "config.json").read_text())
     manifest = config[MANIFEST_KEY]["files"]
     try:
@@ -216,10 +213,7 @@ def reexport(folder: Path, int8: bool = False, dataset: Optional[str] = None) ->
 def set_ood_threshold(folder: Path, threshold: float) -> None:
     """The score above which a finished model says "neither", in config.json and its manifest alike; every other file
     kept."""
-    try:
-        ModelFiles(str(folder), str(folder), None).config()
-    except ModelLoadError as error:
-        raise TrainingError(str(error)) from None
+    ModelFiles(str(folder), str(folder), None).config()
     config = json.loads((folder / "config.json").read_text())
     config["ood_threshold"] = config[MANIFEST_KEY]["config"]["ood_threshold"] = threshold
     save_atomically(folder, lambda temp: (temp / "config.json").write_text(json.dumps(config, indent=2)))
