@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import platform
 import socket
 import subprocess
 import sys
@@ -20,11 +21,20 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo, or what the platform says."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
 def describe(threads: int | None = None) -> dict:
     """The machine a benchmark ran on: CPU model and flags, cores, and the versions that compute (torch if installed)."""
     import openvino
 
-    from catdog_model.hardware import cpu_flags, cpu_name, native_bf16, usable_cores
+    from catdog_model.hardware import cpu_flags, native_bf16, usable_cores
 
     try:
         import torch

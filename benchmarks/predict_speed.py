@@ -19,8 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.harness import complete_folder
-from catdog_model.hardware import cpu_name
+from benchmarks.harness import complete_folder, cpu_name
 from catdog_model import CatDogClassifier, load_predictor
 
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 import sys
 
-__all__ = ["cap_malloc_arenas", "cpu_flags", "cpu_name", "int8_pays", "native_bf16", "usable_cores"]
+__all__ = ["cap_malloc_arenas", "cpu_flags", "int8_pays", "native_bf16", "usable_cores"]
 
 
 def usable_cores() -> int:
@@ -32,15 +31,6 @@ def cpu_flags() -> frozenset[str]:
             return frozenset(next(line for line in cpuinfo if line.startswith(("flags", "Features"))).split(":", 1)[1].split())
     except (OSError, StopIteration):
         return frozenset()
-
-
-def cpu_name() -> str:
-    """The CPU's model name from /proc/cpuinfo, or what the platform says."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def native_bf16(flags: frozenset[str] | None = None) -> bool:
