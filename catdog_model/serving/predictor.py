@@ -210,11 +210,15 @@ class Predictor:
 
     def model_file(self, name: str) -> Optional[Path]:
         """One of the model's optional files (a figure, say), checked; None, with a log line, if unusable."""
-        try:
-            return self.files.path(name, required=False)
-        except ModelLoadError as error:
-            logger.warning("leaving %s out: %s", name, error)
-            return None
+        return _optional_file(self.files, name)
+
+
+def _optional_file(files: ModelFiles, name: str) -> Optional[Path]:
+    try:
+        return files.path(name, required=False)
+    except ModelLoadError as error:
+        logger.warning("leaving %s out: %s", name, error)
+        return None
 
 
 def _load_engine(files: ModelFiles, threads: int, int8: Optional[bool]) -> OpenVINOEngine:
@@ -233,15 +237,9 @@ def _load_engine(files: ModelFiles, threads: int, int8: Optional[bool]) -> OpenV
 
 
 def _optional_json(files: ModelFiles, name: str) -> dict:
-    """metrics.json or evaluation.json: they only describe the model, so one that cannot be used is left out with a log
-    line."""
-    try:
-        path = files.path(name, required=False) if name in files.manifest["files"] else None
-        content = json.loads(path.read_text()) if path else {}
-    except (ModelLoadError, OSError, ValueError) as error:
-        logger.warning("leaving %s out: %s", name, first_line(error))
-        content = {}
-    return content if isinstance(content, dict) else {}
+    """metrics.json or evaluation.json: they only describe the model, so one its manifest cannot vouch for is left out."""
+    path = _optional_file(files, name)
+    return json.loads(path.read_text()) if path else {}
 
 
 def load_predictor(source: str, batch_size: int = 16, threads: Optional[int] = None,
