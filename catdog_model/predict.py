@@ -62,8 +62,8 @@ def neutralised(cell):
 
 
 def _written_name(name: str) -> str:
-    """A file name every output format can hold, each picture's distinct: non-UTF-8 bytes as \\xNN, line breaks as \\n
-    and \\r, a backslash as \\\\."""
+    """A file name every output format can hold, each picture's distinct: non-UTF-8 bytes (lone surrogates to Python,
+    which no UTF-8 writer takes) as \\xNN, line breaks as \\n and \\r, a backslash as \\\\."""
     name = name.replace("\\", "\\\\").encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     return name.replace("\r", "\\r").replace("\n", "\\n")
 
@@ -173,7 +173,8 @@ def _write(rows: list[dict], path: Path) -> None:
 
 
 def _identity(predictor: Predictor, source: dict) -> dict:
-    """What makes the output what it is: what the inputs hold now, and the model's weights."""
+    """What makes the output what it is: what the inputs hold now (the strings that named them read differently from
+    another folder, or after pictures were added) and the model's weights."""
     return {**source, "model": predictor.source, "revision": predictor.revision,
             "weights": predictor.weights_sha256, "engine": predictor.engine_name}
 
