@@ -15,8 +15,8 @@ def usable_cores() -> int:
 
 
 def cap_malloc_arenas(arenas: int) -> None:
-    """Cap glibc's malloc arenas (0: its default of 8 a core): a server answering on many threads otherwise grew by
-    hundreds of MB without levelling off (benchmarks/load_test.py). Set in-process: a Space starts plain `python app.py`."""
+    """Cap glibc's malloc arenas (0: its default, 8 a core): a server answering on many threads otherwise grew by
+    hundreds of MB (benchmarks/load_test.py). Set in-process: a Space starts plain `python app.py`."""
     if arenas > 0 and sys.platform.startswith("linux"):
         try:
             ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # -8 = M_ARENA_MAX

@@ -108,7 +108,7 @@ class CatDogClassifier(
 
     def inspect(self, pixels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One backbone pass: the last feature map, and each early stage's per-channel mean and spread (textures and
-        colours, which set noise, flat colour and text apart from a photo even where the later layers cannot)."""
+        colours set noise, flat colour and text apart from a photo where later layers cannot)."""
         final, stages = self.backbone.forward_intermediates(self._normalise(pixels), indices=list(STAT_STAGES))
         statistics = {
             STAGE_FEATURES[index]: torch.cat([stage.float().mean(dim=(2, 3)), stage.float().std(dim=(2, 3), correction=0)], dim=1)
@@ -125,14 +125,14 @@ class CatDogClassifier(
         return self.head[3:](hidden).squeeze(-1)
 
     def forward_with_features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """(last feature map, logits, {name in FEATURE_NAMES: features}) from one pass: what the "neither"
-        detector and Grad-CAM read."""
+        """(last feature map, logits, {name in FEATURE_NAMES: features}) from one pass: what the "neither" detector and
+        Grad-CAM read."""
         feature_map, features = self.inspect(pixels)
         features[HIDDEN] = self.hidden(feature_map)
         return feature_map, self.classify(features[HIDDEN]), features
 
     def probability(self, logits: torch.Tensor) -> torch.Tensor:
-        """Calibrated P(``labels[1]``): the sigmoid of the logit divided by the temperature fitted after training."""
+        """Calibrated P(``labels[1]``): sigmoid(logit / temperature)."""
         return torch.sigmoid(logits.float() / self.temperature)
 
     @classmethod
@@ -143,8 +143,8 @@ class CatDogClassifier(
         return super()._from_pretrained(model_id=model_id, strict=True, **kwargs)
 
     def generate_model_card(self, *args, **kwargs):
-        """The mixin's card from model_card.md, with this model's architecture; a finished run adds its results
-        (training/card.py), a bare ``save_pretrained`` writes only what the model itself knows."""
+        """The mixin's card from model_card.md with this model's architecture; a finished run adds its results
+        (training/card.py)."""
         architecture = dict(backbone=self.backbone_name, image_size=self.image_size, labels=self.labels,
                             hidden_size=self.head[1].out_features, dropout=self.head[3].p, model_name="catdog",
                             repo_id="user/repo", trained="trained")

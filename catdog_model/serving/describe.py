@@ -1,6 +1,5 @@
-"""A loaded model described in plain words for the page, from its own config.json, metrics.json and
-evaluation.json only (the files its manifest vouches for; a missing one reads as {}). A field of the reports that
-is missing or has another type (another version may write them) leaves its own sentence out, never the page."""
+"""A loaded model described in plain words for the page, from the files its manifest vouches for. A report field that is
+missing or of another type (another version may write them) leaves out its own sentence, never the page."""
 
 from __future__ import annotations
 
@@ -28,7 +27,7 @@ def _field(report: Any, key: str, kind: type) -> Any:
 
 
 def _dataset(predictor: Predictor) -> Optional[str]:
-    """The dataset it was trained on; a local folder by its name only (its full path means nothing to a visitor)."""
+    """The dataset it was trained on; a local folder by its name only (its path means nothing to a visitor)."""
     dataset = _field(predictor.metrics, "dataset", str)
     return (Path(dataset).name if Path(dataset).exists() else dataset) if dataset else None
 
@@ -47,8 +46,8 @@ def headline(predictor: Predictor) -> str:
 
 
 def demonstration_notice(predictor: Predictor) -> Optional[str]:
-    """A plain warning when the model was not pretrained, or is right on under 90% of its test photos
-    (or never recorded how often): what it is, what it was trained on and what to expect. None otherwise."""
+    """A plain warning where the model was not pretrained, or is right on under 90% of its test photos (or never
+    recorded it): what to expect. None otherwise."""
     accuracy = _field(predictor.evaluation, "accuracy", float)
     trained_on = _field(_field(predictor.metrics, "split_sizes", dict), "train", int)
     from_scratch, dataset = _from_scratch(predictor), _dataset(predictor)

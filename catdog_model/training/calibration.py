@@ -31,8 +31,7 @@ def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, tempe
 
 
 def calibration_summary(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> dict:
-    """ECE and BCE loss before and after dividing by ``temperature``: what the training run records for each
-    split and the evaluation report shows, from this one place."""
+    """ECE and BCE loss before and after dividing by ``temperature``, for metrics.json and the report alike."""
     logits, labels = logits.detach().float().cpu(), labels.detach().float().cpu()
     loss = lambda t: float(F.binary_cross_entropy_with_logits(logits / t, labels))  # noqa: E731
     return {"ece_before": expected_calibration_error(logits, labels), "loss_before": loss(1.0),
@@ -59,8 +58,8 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def calibrate(logits: torch.Tensor, labels: torch.Tensor) -> dict:
-    """The temperature for these validation (logits, labels), kept only where it lowers their ECE (else 1.0),
-    with the ECE and loss before and after: the calibration block metrics.json records."""
+    """The temperature for these validation (logits, labels), kept only where it lowers their ECE (else 1.0), with the
+    ECE and loss before and after."""
     fitted = fit_temperature(logits, labels)
     summary = calibration_summary(logits, labels, fitted)
     kept = fitted if summary["ece_after"] < summary["ece_before"] else 1.0
@@ -87,8 +86,7 @@ def _layer_statistics(features: np.ndarray, labels: np.ndarray, num_classes: int
 
 
 def fit_detector(train: dict, train_labels, validation: dict, num_classes: int = 2) -> tuple[dict[str, np.ndarray], float]:
-    """The detector's arrays (for ood.safetensors) and its threshold, the validation split's 95th percentile, from
-    training and validation features (numpy arrays or torch tensors)."""
+    """The detector's arrays (for ood.safetensors) and its threshold, the validation split's 95th percentile."""
     labels = _array(train_labels).astype(np.int64)
     present = np.unique(labels).tolist()
     if present != list(range(num_classes)):
