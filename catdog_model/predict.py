@@ -349,7 +349,7 @@ def _run(args) -> Optional[Counter]:
     if split is not None:
         check_room(split, row_columns(predictor.labels)[1:])
     rows = predict_files(predictor, pictures, output, _identity(predictor, source), total, split=split)
-    if int(os.environ.get("RANK", "0")):  # another process of an accelerate launch: the main one reports
+    if not rows:  # another process of an accelerate launch (the main one's are never empty): the main one reports
         return None
     counts = Counter(row["verdict"] for row in rows)
     if args.push_to_hub:

@@ -189,8 +189,9 @@ class ModelFiles:
         comes down only when asked for."""
         if self._folder is None:
             self._folder = self._download([file for file in SPACE_FILES if file not in (*IR_FILES, *INT8_IR_FILES)])
-        if self._folder and not self.local and name in SPACE_FILES and not (self._folder / name).is_file():
-            self._download(next((pair for pair in (IR_FILES, INT8_IR_FILES) if name in pair), (name,)))
+        engine = next((pair for pair in (IR_FILES, INT8_IR_FILES) if name in pair), None)
+        if engine and self._folder and not self.local and not (self._folder / name).is_file():
+            self._download(engine)  # engines come when asked for; what else the first snapshot lacks, the commit lacks
         path = self._folder / name if self._folder else None
         if path is None or not path.is_file():
             if not required:

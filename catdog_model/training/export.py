@@ -117,7 +117,7 @@ def check_int8(model: CatDogClassifier, quantized: openvino.Model, photos: Seque
     answers = {}
     for name, outputs in found.items():
         features = {layer: np.concatenate([output.features[layer] for output in outputs]) for layer in FEATURE_NAMES}
-        p = torch.sigmoid(torch.from_numpy(np.concatenate([output.logits for output in outputs])) / model.temperature).numpy()
+        p = model.probability(torch.from_numpy(np.concatenate([output.logits for output in outputs]))).numpy()
         scores = ood_score(features, detector)
         verdicts = [decide(dict(zip(model.labels, (1 - q, q))), score <= model.ood_threshold).answer for q, score in zip(p, scores)]
         answers[name] = (p, scores, verdicts, np.concatenate([output.heatmaps for output in outputs]))
