@@ -15,11 +15,18 @@ def usable_cores() -> int:
 
 
 def cap_malloc_arenas(arenas: int) -> None:
-    """Cap glibc's malloc arenas (0: its default, 8 a core): a server answering on many threads otherwise grew by
-    hundreds of MB (benchmarks/load_test.py). Set in-process: a Space starts plain `python app.py`."""
+    """Cap glibc's malloc arenas (0: its default, 8 a core, and nothing else changed): a server answering on many
+    threads otherwise grew by hundreds of MB (benchmarks/load_test.py). Buffers of 1 MB or more (a decoded picture,
+    Pillow's blocks) are then mapped on their own, so that freeing one returns it to the OS at once (glibc's own
+    threshold rises past them after the first free, and its heap kept them); the heap is trimmed only past 64 MB
+    free, as trimming after every request cost a photo's explain 20%. Set in-process: a Space starts plain
+    `python app.py`."""
     if arenas > 0 and sys.platform.startswith("linux"):
         try:
-            ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # -8 = M_ARENA_MAX
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-8, arenas)  # M_ARENA_MAX
+            libc.mallopt(-3, 2**20)  # M_MMAP_THRESHOLD, fixed from here on
+            libc.mallopt(-1, 64 * 2**20)  # M_TRIM_THRESHOLD: fixed too, so not trimmed after every request
         except (OSError, AttributeError):  # not glibc: nothing to cap
             pass
 

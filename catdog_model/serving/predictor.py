@@ -56,10 +56,11 @@ class DecodeBudget:
 
 def decode_cost(image: Image.Image) -> int:
     """The peak bytes of decoding ``image`` and converting it to RGB, from its header: Pillow's bytes a pixel for its
-    mode, plus the RGB copy's and any working copy's."""
+    mode, plus the RGB copy's and any working copy's, plus a row of the decoder's (a 40,000,000-pixel strip's is
+    160 MB)."""
     stored = 1 if image.mode in ("1", "L", "P") else 2 if image.mode.startswith("I;16") else 4
     working = 8 if image.mode.startswith("I") or image.mode == "F" else 5 if "A" in image.mode or image.mode == "P" else 4
-    return image.width * image.height * (stored + working)
+    return image.width * image.height * (stored + working) + image.width * 4
 
 
 # Two of the largest RGB pictures allowed, decoded and converted, at once.
